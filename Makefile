@@ -1,0 +1,36 @@
+# `make demo` sets up the venv and runs the showcase; `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp
+
+# Keep compiled kernels inside the checkout so runs never touch ~/.cache.
+LAZYMAT_CACHE_DIR ?= $(CURDIR)/.cache/lazymat
+export LAZYMAT_CACHE_DIR
+
+.PHONY: test test-slow demo bench clean
+
+$(VENV): $(STAMP)
+
+# torch is pinned for development/CI only; the package itself accepts torch>=2.0.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(VPY) -m pytest -q -m slow tests
+
+demo: $(STAMP)
+	$(VPY) examples/demo.py
+
+bench: $(STAMP)
+	$(VPY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) .cache build dist src/*.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

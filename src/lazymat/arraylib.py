@@ -1,0 +1,201 @@
+"""The few array functions lazymat needs, for numpy and for torch.
+
+The reference backend and the front ends are written once against this small
+namespace (``xp``) so numpy arrays stay numpy and torch tensors stay torch, on
+their device.
+
+>>> import numpy as np
+>>> xp = lib_of(np.zeros(3))
+>>> xp.name
+'numpy'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import DtypeError
+
+
+class NumpyLib:
+    name = "numpy"
+    exp, log, sqrt, sin, cos, abs, sign, floor = (
+        np.exp, np.log, np.sqrt, np.sin, np.cos, np.abs, np.sign, np.floor)
+    maximum, minimum, where = np.maximum, np.minimum, np.where
+    rint = np.rint
+
+    @staticmethod
+    def cast(a: Any, like: Any) -> Any:
+        return np.asarray(a).astype(like.dtype, copy=False)
+
+    @staticmethod
+    def sum(a, axis, keepdims=False):
+        return np.sum(a, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def amin(a, axis, keepdims=False):
+        return np.min(a, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def amax(a, axis, keepdims=False):
+        return np.max(a, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def argmin(a, axis, keepdims=False):
+        return np.argmin(a, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def argmax(a, axis, keepdims=False):
+        return np.argmax(a, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def concat(arrays, axis):
+        return np.concatenate(arrays, axis=axis)
+
+    @staticmethod
+    def broadcast_to(a, shape):
+        return np.broadcast_to(a, shape)
+
+    @staticmethod
+    def stable_argsort(a, axis):
+        return np.argsort(a, axis=axis, kind="stable")
+
+    @staticmethod
+    def take_along(a, idx, axis):
+        return np.take_along_axis(a, idx, axis=axis)
+
+    @staticmethod
+    def arange(n, like):
+        return np.arange(n, dtype=np.int64)
+
+    @staticmethod
+    def full(shape, value, like, dtype=None):
+        return np.full(shape, value, dtype=like.dtype if dtype is None else dtype)
+
+    @staticmethod
+    def empty(shape, like, dtype=None):
+        return np.empty(shape, dtype=like.dtype if dtype is None else dtype)
+
+    @staticmethod
+    def int64_like(a):
+        return np.asarray(a, dtype=np.int64)
+
+    int64 = np.int64
+
+    @staticmethod
+    def expand_dims(a, axis):
+        return np.expand_dims(a, axis)
+
+    @staticmethod
+    def to_float64(a):
+        return np.asarray(a, dtype=np.float64)
+
+    @staticmethod
+    def isneginf(a):
+        return np.isneginf(a)
+
+    @staticmethod
+    def power(a, b):
+        return np.power(a, b)
+
+    @staticmethod
+    def errstate():
+        return np.errstate(all="ignore")
+
+
+class TorchLib:
+    name = "torch"
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.exp, self.log, self.sqrt, self.sin, self.cos = (
+            torch.exp, torch.log, torch.sqrt, torch.sin, torch.cos)
+        self.abs, self.sign, self.floor, self.rint = torch.abs, torch.sign, torch.floor, torch.round
+        self.maximum, self.minimum, self.where = torch.maximum, torch.minimum, torch.where
+        self.int64 = torch.int64
+
+    def cast(self, a, like):
+        return a.to(like.dtype)
+
+    def sum(self, a, axis, keepdims=False):
+        return self.torch.sum(a, dim=axis, keepdim=keepdims)
+
+    def amin(self, a, axis, keepdims=False):
+        return self.torch.amin(a, dim=axis, keepdim=keepdims)
+
+    def amax(self, a, axis, keepdims=False):
+        return self.torch.amax(a, dim=axis, keepdim=keepdims)
+
+    def argmin(self, a, axis, keepdims=False):
+        return self.torch.argmin(a, dim=axis, keepdim=keepdims)
+
+    def argmax(self, a, axis, keepdims=False):
+        return self.torch.argmax(a, dim=axis, keepdim=keepdims)
+
+    def concat(self, arrays, axis):
+        return self.torch.cat(list(arrays), dim=axis)
+
+    def broadcast_to(self, a, shape):
+        return a.expand(*shape)
+
+    def stable_argsort(self, a, axis):
+        return self.torch.sort(a, dim=axis, stable=True).indices
+
+    def take_along(self, a, idx, axis):
+        return self.torch.take_along_dim(a, idx, dim=axis)
+
+    def arange(self, n, like):
+        return self.torch.arange(n, dtype=self.torch.int64, device=like.device)
+
+    def full(self, shape, value, like, dtype=None):
+        return self.torch.full(shape, value, dtype=like.dtype if dtype is None else dtype,
+                               device=like.device)
+
+    def empty(self, shape, like, dtype=None):
+        return self.torch.empty(shape, dtype=like.dtype if dtype is None else dtype,
+                                device=like.device)
+
+    def int64_like(self, a):
+        return a.to(self.torch.int64)
+
+    def expand_dims(self, a, axis):
+        return a.unsqueeze(axis)
+
+    def to_float64(self, a):
+        return a.to(self.torch.float64)
+
+    def isneginf(self, a):
+        return self.torch.isneginf(a)
+
+    def power(self, a, b):
+        return self.torch.pow(a, b)
+
+    def errstate(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+NUMPY = NumpyLib()
+_torch_lib: TorchLib | None = None
+
+
+def is_torch(a: Any) -> bool:
+    mod = type(a).__module__
+    return mod.startswith("torch") and type(a).__name__ in ("Tensor", "Parameter")
+
+
+def lib_of(a: Any) -> NumpyLib | TorchLib:
+    """The adapter for the library that holds ``a``."""
+    global _torch_lib
+    if is_torch(a):
+        if _torch_lib is None:
+            _torch_lib = TorchLib()
+        return _torch_lib
+    if isinstance(a, np.ndarray):
+        return NUMPY
+    raise DtypeError(f"expected a numpy array or a torch tensor, got {type(a).__name__}")

@@ -1,0 +1,75 @@
+"""Compile generated C++ into shared libraries, cached on disk by content hash.
+
+Example::
+
+    >>> from lazymat.compile import load_library
+    >>> lib = load_library('extern "C" int lm_answer(void) { return 42; }')
+    >>> lib.lm_answer()
+    42
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .cache import LIBRARY_VERSION, cache_clear, cache_dir, load_library, stats
+from .compiler import CompilerInfo, compiler_info
+
+__all__ = [
+    "CompilerInfo",
+    "LIBRARY_VERSION",
+    "cache_clear",
+    "cache_dir",
+    "compiler_info",
+    "health_report",
+    "load_library",
+    "stats",
+]
+
+
+def health_report() -> dict[str, Any]:
+    """What lazymat can use on this machine; never raises.
+
+    Keys: compiler (``"<path> (<version>)"`` or None), openmp, cache_dir,
+    cache_writable, torch (version or None), cuda, numpy (version or None).
+
+    Example::
+
+        >>> health_report()["openmp"]  # doctest: +SKIP
+        True
+    """
+    import os
+    import tempfile
+
+    info = compiler_info()
+    report: dict[str, Any] = {
+        "compiler": f"{info.path} ({info.version})" if info else None,
+        "openmp": bool(info and info.openmp),
+    }
+    try:
+        directory = cache_dir()
+        report["cache_dir"] = str(directory)
+        try:
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+            report["cache_writable"] = True
+        except OSError:
+            report["cache_writable"] = False
+    except Exception:  # noqa: BLE001
+        report["cache_dir"] = os.environ.get("LAZYMAT_CACHE_DIR", "")
+        report["cache_writable"] = False
+    try:
+        import torch
+
+        report["torch"] = str(torch.__version__)
+        report["cuda"] = bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - torch is optional
+        report["torch"] = None
+        report["cuda"] = False
+    try:
+        import numpy
+
+        report["numpy"] = str(numpy.__version__)
+    except Exception:  # noqa: BLE001
+        report["numpy"] = None
+    return report

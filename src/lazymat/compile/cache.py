@@ -1,0 +1,285 @@
+"""Content-addressed cache of compiled kernels.
+
+An entry is ``<key>.cpp`` (the source, for users to read), ``<key>.so`` and
+``<key>.ok`` (size and sha256 of the .so, written last). The key hashes the
+source, the compiler identity and flags, the CPU and the lazymat version, so
+a stale or foreign binary is never reused. Builds go to a temp file that is
+renamed into place, under an ``flock`` so that concurrent processes compile a
+new source once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import CompileError
+from .compiler import NO_COMPILER_MESSAGE, CompilerInfo, compiler_info, cpu_tag
+
+__all__ = ["LIBRARY_VERSION", "load_library", "cache_dir", "cache_clear", "stats"]
+
+#: Part of every cache key; the lead keeps it equal to ``lazymat.__version__``.
+LIBRARY_VERSION = "0.1.0"
+
+#: Counters for tests and diagnostics: compiles (fresh sources), rebuilds
+#: (corrupt entries), disk_hits (valid entry found on disk), memo_hits.
+stats: dict[str, int] = {"compiles": 0, "rebuilds": 0, "disk_hits": 0, "memo_hits": 0}
+
+_SUFFIXES = (".cpp", ".so", ".ok", ".lock", ".tmp", ".json")
+_STDERR_LINES = 40
+
+_memo: dict[str, ctypes.CDLL] = {}
+_dirs: dict[Path, Path] = {}  # preferred dir -> dir in use, so the fallback warns once
+_cpu: str | None = None
+_thread_lock = threading.RLock()
+
+
+def _preferred_dir() -> Path:
+    env = os.environ.get("LAZYMAT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "lazymat"
+
+
+def _writable(path: Path) -> bool:
+    """Really try: ``os.access`` says yes to root on a read-only mount or a chmod 555 dir."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def cache_dir() -> Path:
+    """The directory holding compiled kernels (after falling back to a temp dir if needed).
+
+    ``$LAZYMAT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lazymat``, else ``~/.cache/lazymat``.
+
+    Example::
+
+        >>> cache_dir()  # doctest: +SKIP
+        PosixPath('/home/me/.cache/lazymat')
+    """
+    preferred = _preferred_dir()
+    found = _dirs.get(preferred)
+    if found is not None:
+        return found
+    with _thread_lock:
+        if preferred in _dirs:
+            return _dirs[preferred]
+        found = preferred
+        if not _writable(preferred):
+            found = Path(tempfile.gettempdir()) / f"lazymat-{os.getuid()}"
+            try:
+                found.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError:
+                pass  # surfaces as a clear OSError at build time
+            warnings.warn(
+                f"lazymat cache directory {preferred} is not writable; "
+                f"using {found} instead (set LAZYMAT_CACHE_DIR to choose another)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _dirs[preferred] = found
+        return found
+
+
+def _library_version() -> str:
+    # Read from sys.modules rather than importing: lazymat/__init__ may import us.
+    return str(getattr(sys.modules.get("lazymat"), "__version__", LIBRARY_VERSION))
+
+
+def _key(source: str, info: CompilerInfo) -> str:
+    global _cpu
+    if _cpu is None:
+        _cpu = cpu_tag()
+    parts = [source, info.identity, shlex.join(info.flags), _cpu, _library_version()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _verbose() -> bool:
+    return os.environ.get("LAZYMAT_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _log(msg: str) -> None:
+    print(f"[lazymat] {msg}", file=sys.stderr, flush=True)
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    data = path.read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def _entry_valid(so: Path, ok: Path) -> bool:
+    try:
+        size_s, digest = ok.read_text().split()
+        if so.stat().st_size != int(size_s):  # cheap check before hashing
+            return False
+        return _file_digest(so) == (int(size_s), digest)
+    except (OSError, ValueError):
+        return False
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(Path(tmp))
+        raise
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    # The thread lock too: flock on a fresh fd does exclude other threads, but
+    # serialising in-process avoids piling up blocked fds.
+    with _thread_lock, open(lock_path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _compile(info: CompilerInfo, src: Path, so: Path, name: str) -> None:
+    """Compile ``src`` into a temp file, then rename it to ``so`` (atomic)."""
+    fd, tmp = tempfile.mkstemp(dir=so.parent, prefix=so.stem + ".", suffix=".so.tmp")
+    os.close(fd)
+    cmd = info.command(src, tmp)
+    t0 = time.perf_counter()
+    try:
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except OSError as e:
+            raise CompileError(
+                f"could not run the C++ compiler: {e}\ncommand: {shlex.join(cmd)}\nsource: {src}"
+            ) from e
+        if res.returncode != 0 or os.path.getsize(tmp) == 0:
+            tail = "\n".join((res.stderr or res.stdout or "").strip().splitlines()[-_STDERR_LINES:])
+            raise CompileError(
+                f"C++ compilation of {name!r} failed (exit code {res.returncode})\n"
+                f"command: {shlex.join(cmd)}\n"
+                f"source: {src}\n"
+                f"compiler output (last {_STDERR_LINES} lines):\n{tail}"
+            )
+        os.replace(tmp, so)
+    finally:
+        _unlink(Path(tmp))
+    stats["compiles"] += 1
+    if _verbose():
+        _log(f"compiling {name} -> {src} ... {time.perf_counter() - t0:.2f} s")
+
+
+def _ensure_entry(source: str, name: str = "kernel", *, force: bool = False) -> Path:
+    """Path of a valid ``.so`` for ``source``, compiling it if needed (does not load it)."""
+    info = compiler_info()
+    if info is None:
+        raise CompileError(NO_COMPILER_MESSAGE)
+    return _ensure_entry_for(source, name, info, _key(source, info), force=force)
+
+
+def _ensure_entry_for(
+    source: str, name: str, info: CompilerInfo, key: str, *, force: bool = False
+) -> Path:
+    base = cache_dir() / key
+    src, so, ok = (base.with_suffix(s) for s in (".cpp", ".so", ".ok"))
+    if not force and _entry_valid(so, ok):
+        stats["disk_hits"] += 1
+        return so
+    with _locked(base.with_suffix(".lock")):
+        # Another process may have built it while we waited for the lock.
+        if not force and _entry_valid(so, ok):
+            stats["disk_hits"] += 1
+            return so
+        corrupt = force or so.exists() or ok.exists()
+        if corrupt:
+            stats["rebuilds"] += 1
+            if _verbose():
+                _log(f"rebuilding corrupt cache entry {name} ({so})")
+        _unlink(ok)  # first, so that a crash below never leaves a valid-looking entry
+        _unlink(so)
+        _atomic_write(src, source)
+        _compile(info, src, so, name)
+        size, digest = _file_digest(so)
+        _atomic_write(ok, f"{size} {digest}\n")
+    return so
+
+
+def load_library(source: str, *, name: str = "kernel") -> ctypes.CDLL:
+    """Compile C++ ``source`` into a shared library (or reuse the cached one) and load it.
+
+    A second call with the same source in the same process is a dict lookup.
+    Raises :class:`~lazymat.errors.CompileError` if there is no compiler or it fails.
+
+    Example::
+
+        >>> lib = load_library('extern "C" int f(void) { return 42; }')
+        >>> lib.f()
+        42
+    """
+    info = compiler_info()
+    if info is None:
+        raise CompileError(NO_COMPILER_MESSAGE)
+    key = _key(source, info)
+    lib = _memo.get(key)
+    if lib is not None:
+        stats["memo_hits"] += 1
+        return lib
+    so = _ensure_entry_for(source, name, info, key)
+    try:
+        lib = ctypes.CDLL(str(so))
+    except OSError:
+        # Valid checksum but unloadable (e.g. written by a broken toolchain): rebuild once.
+        so = _ensure_entry_for(source, name, info, key, force=True)
+        try:
+            lib = ctypes.CDLL(str(so))
+        except OSError as e:
+            raise CompileError(f"cannot load compiled kernel {so} (source {so.with_suffix('.cpp')}): {e}") from e
+    _memo[key] = lib
+    return lib
+
+
+def cache_clear() -> None:
+    """Delete every cache entry on disk and forget the in-process memo.
+
+    Libraries already loaded stay valid for the rest of the process.
+
+    Example::
+
+        >>> cache_clear()
+    """
+    with _thread_lock:
+        _memo.clear()
+        directory = cache_dir()
+        try:
+            entries = list(directory.iterdir())
+        except OSError:
+            return
+        for path in entries:
+            if path.is_file() and path.name.endswith(_SUFFIXES):
+                _unlink(path)

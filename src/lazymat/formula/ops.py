@@ -1,0 +1,466 @@
+"""Every formula op, each defined once with all of its facts.
+
+An op's entry holds: its arity, its dim rule, its reference evaluation on
+arrays (numpy or torch through ``xp``), its C code (an elementwise template or
+a small renderer, shared by every C-like backend), its constant folding and its
+simplification rule. Composite ops (SqDist, Normalize, ...) are defined as
+formulas of primitive ones in ``MACROS``.
+
+Adding an op = one ``_elementwise(...)`` or ``_structural(...)`` call here and
+one row in ``tests/test_ops.py``.
+
+>>> from lazymat.formula import Var
+>>> f = SqDist(Var(0, 3, 0), Var(1, 3, 1))
+>>> f.dim
+1
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable
+
+from ..errors import ShapeError
+from .node import Const, Node, as_node, is_one, is_zero, make
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    arity: int | None
+    dim_rule: Callable[[str, list[int], tuple], int]
+    ref: Callable[..., Any]  # (xp, params, *arrays) -> array with last axis = dim
+    c: str | None = None  # elementwise C template: {0} {1} .. args, {T} type, {p0} .. params
+    render: Callable[..., list[str]] | None = None  # structural C renderer (ctx, node)
+    fold: Callable[[list, tuple], Any] | None = None
+    simplify: Callable[[tuple, tuple, int], Node | None] | None = None
+    elementwise: bool = False
+    doc: str = ""
+
+
+OPS: dict[str, OpDef] = {}
+
+
+# --------------------------------------------------------------------------- dim rules
+
+def _broadcast_dims(name: str, dims: list[int], params: tuple) -> int:
+    out = max(dims)
+    for d in dims:
+        if d != 1 and d != out:
+            raise ShapeError(
+                f"{name}: operand dims {dims} do not broadcast (each must be 1 or {out})")
+    return out
+
+
+def _scalar_dim(name: str, dims: list[int], params: tuple) -> int:
+    return 1
+
+
+# --------------------------------------------------------------------------- folding helpers
+
+def _exact_or_float(fn: Callable) -> Callable[[list, tuple], Any]:
+    def fold(values: list, params: tuple):
+        try:
+            return fn(*values, *params)
+        except (ArithmeticError, ValueError, OverflowError):
+            return None
+
+    return fold
+
+
+def _float_fold(fn: Callable) -> Callable[[list, tuple], Any]:
+    return _exact_or_float(lambda *v: fn(*[float(x) for x in v]))
+
+
+def _elementwise(name: str, arity: int, ref: Callable, c: str, fold=None, simplify=None,
+                 doc: str = "") -> None:
+    OPS[name] = OpDef(name, arity, _broadcast_dims, ref, c=c, fold=fold, simplify=simplify,
+                      elementwise=True, doc=doc)
+
+
+def _structural(name: str, arity: int | None, dim_rule, ref, render, fold=None, simplify=None,
+                doc: str = "") -> None:
+    OPS[name] = OpDef(name, arity, dim_rule, ref, render=render, fold=fold, simplify=simplify,
+                      doc=doc)
+
+
+def _with_dim(node: Node, dim: int) -> Node | None:
+    """``node`` if it already has the result's dim (a simplification must not change dims)."""
+    return node if node.dim == dim else None
+
+
+def _cast_bool(xp, cond, like):
+    return xp.cast(cond, like)
+
+
+# --------------------------------------------------------------------------- simplifications
+
+def _simplify_add(args, params, dim):
+    a, b = args
+    if is_zero(b):
+        return _with_dim(a, dim)
+    if is_zero(a):
+        return _with_dim(b, dim)
+    return None
+
+
+def _simplify_sub(args, params, dim):
+    a, b = args
+    if is_zero(b):
+        return _with_dim(a, dim)
+    if is_zero(a) and b.dim == dim:
+        return make("Minus", (b,))
+    return None
+
+
+def _simplify_mult(args, params, dim):
+    a, b = args
+    if is_zero(a) or is_zero(b):
+        return Const(0, dim)
+    if is_one(a):
+        return _with_dim(b, dim)
+    if is_one(b):
+        return _with_dim(a, dim)
+    return None
+
+
+def _simplify_div(args, params, dim):
+    a, b = args
+    if is_one(b):
+        return _with_dim(a, dim)
+    if is_zero(a) and not b.is_const:
+        return Const(0, dim)
+    if b.is_const and isinstance(b.value, Fraction) and b.value != 0 and not a.is_const:
+        # An exact constant divisor becomes an exact multiplier (one mul per pair, not a div).
+        return make("Mult", (Const(1 / b.value, b.dim), a))
+    return None
+
+
+def _simplify_minus(args, params, dim):
+    (a,) = args
+    if a.op == "Minus":
+        return a.args[0]
+    return None
+
+
+# --------------------------------------------------------------------------- elementwise ops
+
+_elementwise("Add", 2, lambda xp, p, a, b: a + b, "({0} + {1})",
+             _exact_or_float(lambda a, b: a + b), _simplify_add, "a + b")
+_elementwise("Subtract", 2, lambda xp, p, a, b: a - b, "({0} - {1})",
+             _exact_or_float(lambda a, b: a - b), _simplify_sub, "a - b")
+_elementwise("Mult", 2, lambda xp, p, a, b: a * b, "({0} * {1})",
+             _exact_or_float(lambda a, b: a * b), _simplify_mult, "a * b")
+_elementwise("Divide", 2, lambda xp, p, a, b: a / b, "({0} / {1})",
+             _exact_or_float(lambda a, b: a / b), _simplify_div, "a / b")
+_elementwise("Minus", 1, lambda xp, p, a: -a, "(-{0})",
+             _exact_or_float(lambda a: -a), _simplify_minus, "-a")
+_elementwise("Exp", 1, lambda xp, p, a: xp.exp(a), "lm_exp({0})", _float_fold(math.exp),
+             doc="exp(a)")
+_elementwise("Log", 1, lambda xp, p, a: xp.log(a), "lm_log({0})", _float_fold(math.log),
+             doc="natural log")
+_elementwise("Sqrt", 1, lambda xp, p, a: xp.sqrt(a), "lm_sqrt({0})", _float_fold(math.sqrt),
+             doc="square root")
+_elementwise(
+    "Rsqrt", 1,
+    lambda xp, p, a: xp.where(a == 0, a * 0, 1 / xp.sqrt(xp.where(a == 0, a * 0 + 1, a))),
+    "lm_rsqrt({0})", _float_fold(lambda a: 0.0 if a == 0 else 1 / math.sqrt(a)),
+    doc="1/sqrt(a), 0 at a = 0")
+_elementwise("Inv", 1, lambda xp, p, a: 1 / a, "(({T})1 / {0})",
+             _exact_or_float(lambda a: 1 / a), doc="1/a")
+_elementwise("Square", 1, lambda xp, p, a: a * a, "({0} * {0})",
+             _exact_or_float(lambda a: a * a), doc="a*a")
+_elementwise("Abs", 1, lambda xp, p, a: xp.abs(a), "lm_abs({0})", _exact_or_float(abs),
+             doc="|a|")
+_elementwise("Sign", 1, lambda xp, p, a: xp.sign(a), "(({T})({0} > 0) - ({T})({0} < 0))",
+             _exact_or_float(lambda a: (a > 0) - (a < 0)), doc="-1, 0 or 1")
+_elementwise("Step", 1, lambda xp, p, a: _cast_bool(xp, a >= 0, a), "(({T})({0} >= 0))",
+             _exact_or_float(lambda a: int(a >= 0)), doc="1 where a >= 0 else 0")
+_elementwise("ReLU", 1, lambda xp, p, a: xp.where(a > 0, a, a * 0), "({0} > 0 ? {0} : ({T})0)",
+             _exact_or_float(lambda a: max(a, 0)), doc="max(a, 0)")
+_elementwise("Sin", 1, lambda xp, p, a: xp.sin(a), "lm_sin({0})", _float_fold(math.sin))
+_elementwise("Cos", 1, lambda xp, p, a: xp.cos(a), "lm_cos({0})", _float_fold(math.cos))
+_elementwise("Powf", 2, lambda xp, p, a, b: xp.power(a, b), "lm_pow({0}, {1})",
+             _float_fold(math.pow), doc="a**b with a real exponent, computed as exp(b log a)")
+_elementwise("Clamp", 3, lambda xp, p, a, lo, hi: xp.minimum(xp.maximum(a, lo), hi),
+             "lm_clamp({0}, {1}, {2})", _exact_or_float(lambda a, lo, hi: min(max(a, lo), hi)),
+             doc="min(max(a, lo), hi)")
+_elementwise("IfElse", 3, lambda xp, p, c, a, b: xp.where(c >= 0, a, b),
+             "({0} >= 0 ? {1} : {2})", _exact_or_float(lambda c, a, b: a if c >= 0 else b),
+             doc="a where c >= 0 else b")
+for _name, _sym, _py in (("LessThan", "<", lambda a, b: a < b),
+                         ("LessOrEqual", "<=", lambda a, b: a <= b),
+                         ("Equal", "==", lambda a, b: a == b),
+                         ("NotEqual", "!=", lambda a, b: a != b)):
+    _elementwise(_name, 2,
+                 (lambda op: lambda xp, p, a, b: _cast_bool(xp, op(a, b), a + b))(_py),
+                 "(({T})({0} %s {1}))" % _sym,
+                 (lambda op: _exact_or_float(lambda a, b: int(op(a, b))))(_py),
+                 doc=f"1 where a {_sym} b else 0")
+
+
+# Pow has an integer parameter, so it has its own dim rule but renders elementwise.
+def _pow_ref(xp, p, a):
+    return a ** p[0] if p[0] >= 0 else 1 / a ** (-p[0])
+
+
+OPS["Pow"] = OpDef("Pow", 1, _broadcast_dims, _pow_ref, c="lm_powi({0}, {p0})",
+                   fold=_exact_or_float(lambda a, n: Fraction(a) ** n if isinstance(a, Fraction)
+                                        else float(a) ** n),
+                   elementwise=True, doc="a**n for an integer n")
+
+
+# --------------------------------------------------------------------------- structural ops
+
+def _sum_render(ctx, node):
+    n = node.args[0].dim
+    return [f"{ctx.T} s = 0;",
+            f"for (int k = 0; k < {n}; k++) s += {ctx.arg(0, 'k')};",
+            f"{ctx.out(0)} = s;"]
+
+
+def _sum_simplify(args, params, dim):
+    (a,) = args
+    if a.dim == 1:
+        return a
+    if a.is_const:
+        return Const(a.value * a.dim, 1)
+    return None
+
+
+_structural("Sum", 1, _scalar_dim, lambda xp, p, a: xp.sum(a, -1, keepdims=True), _sum_render,
+            simplify=_sum_simplify, doc="sum of the components (dim 1)")
+
+
+def _extremum(name: str, better: str, want_index: bool):
+    def render(ctx, node):
+        n = node.args[0].dim
+        return [f"{ctx.T} m = {ctx.arg(0, 0)}; int a = 0;",
+                f"for (int k = 1; k < {n}; k++) {{ {ctx.T} v = {ctx.arg(0, 'k')}; "
+                f"if (v {better} m) {{ m = v; a = k; }} }}",
+                f"{ctx.out(0)} = " + (f"({ctx.T})a;" if want_index else "m;")]
+
+    if want_index:
+        pick = "argmin" if better == "<" else "argmax"
+
+        def ref(xp, p, a):
+            return xp.cast(getattr(xp, pick)(a, -1, keepdims=True), a)
+    else:
+        pick = "amin" if better == "<" else "amax"
+
+        def ref(xp, p, a):
+            return getattr(xp, pick)(a, -1, keepdims=True)
+
+    def simplify(args, params, dim):
+        if args[0].dim == 1:
+            return Const(0, 1) if want_index else args[0]
+        return None
+
+    _structural(name, 1, _scalar_dim, ref, render, simplify=simplify,
+                doc=f"{'index of the' if want_index else 'the'} "
+                    f"{'smallest' if better == '<' else 'largest'} component (dim 1)")
+
+
+_extremum("Min", "<", False)
+_extremum("Max", ">", False)
+_extremum("ArgMin", "<", True)
+_extremum("ArgMax", ">", True)
+
+
+def _bcast_lead(xp, arrays):
+    """Broadcast arrays over every axis but the last (needed before a concat)."""
+    nd = max(a.ndim for a in arrays)
+    lead = [1] * (nd - 1)
+    for a in arrays:
+        for k, s in enumerate(a.shape[:-1]):
+            lead[k] = max(lead[k], s)
+    return [xp.broadcast_to(a, tuple(lead) + (a.shape[-1],)) for a in arrays]
+
+
+def _concat_render(ctx, node):
+    d0, d1 = node.args[0].dim, node.args[1].dim
+    return [f"for (int k = 0; k < {d0}; k++) {ctx.out('k')} = {ctx.arg(0, 'k')};",
+            f"for (int k = 0; k < {d1}; k++) {ctx.out(f'{d0} + k')} = {ctx.arg(1, 'k')};"]
+
+
+_structural("Concat", 2, lambda n, d, p: d[0] + d[1],
+            lambda xp, p, a, b: xp.concat(_bcast_lead(xp, [a, b]), -1), _concat_render,
+            doc="concatenation [a, b]")
+
+
+def _extract_dim(name, dims, params):
+    start, d = params
+    if start < 0 or d < 1 or start + d > dims[0]:
+        raise ShapeError(f"{name}: cannot take components [{start}:{start + d}] "
+                         f"of a formula of dim {dims[0]}")
+    return d
+
+
+def _extract_render(ctx, node):
+    start, d = node.params
+    return [f"for (int k = 0; k < {d}; k++) {ctx.out('k')} = {ctx.arg(0, f'{start} + k')};"]
+
+
+def _extract_simplify(args, params, dim):
+    (a,) = args
+    if params[0] == 0 and params[1] == a.dim:
+        return a
+    if a.is_const:
+        return Const(a.value, dim)
+    return None
+
+
+_structural("Extract", 1, _extract_dim, lambda xp, p, a: a[..., p[0]:p[0] + p[1]],
+            _extract_render, simplify=_extract_simplify, doc="components [start:start+d]")
+
+
+def _onehot_dim(name, dims, params):
+    if dims[0] != 1:
+        raise ShapeError(f"OneHot needs a scalar (dim 1) formula, got dim {dims[0]}")
+    if params[0] < 1:
+        raise ShapeError(f"OneHot needs a length >= 1, got {params[0]}")
+    return params[0]
+
+
+def _onehot_ref(xp, p, a):
+    positions = xp.cast(xp.arange(p[0], like=a), a)
+    return xp.cast(xp.rint(a) == positions, a)
+
+
+_structural("OneHot", 1, _onehot_dim, _onehot_ref,
+            lambda ctx, node: [f"{ctx.T} r = lm_round({ctx.arg(0, 0)});",
+                               f"for (int k = 0; k < {node.params[0]}; k++) "
+                               f"{ctx.out('k')} = ({ctx.T})(r == k);"],
+            doc="one-hot vector of length D at position round(a)")
+
+
+def _matvec_dim(name, dims, params):
+    da, db = dims
+    if da % db != 0:
+        raise ShapeError(f"MatVecMult: matrix dim {da} is not a multiple of vector dim {db}")
+    return da // db
+
+
+def _matvec_ref(xp, p, a, b):
+    n = b.shape[-1]
+    m = a.shape[-1] // n
+    mat = a.reshape(tuple(a.shape[:-1]) + (m, n))
+    return xp.sum(mat * xp.expand_dims(b, -2), -1)
+
+
+def _matvec_render(ctx, node):
+    n = node.args[1].dim
+    return [f"for (int r = 0; r < {node.dim}; r++) {{ {ctx.T} s = 0;",
+            f"  for (int c = 0; c < {n}; c++) s += {ctx.arg(0, f'r * {n} + c')} * "
+            f"{ctx.arg(1, 'c')};",
+            f"  {ctx.out('r')} = s; }}"]
+
+
+_structural("MatVecMult", 2, _matvec_dim, _matvec_ref, _matvec_render,
+            doc="row-major matrix (dim m*n) times vector (dim n)")
+
+
+# --------------------------------------------------------------------------- composite ops
+
+def SqNorm2(f: Node) -> Node:
+    """Σ_k f_k²."""
+    return make("Sum", (make("Square", (f,)),))
+
+
+def Scalprod(f: Node, g: Node) -> Node:
+    """Dot product ⟨f, g⟩ (same dims)."""
+    if f.dim != g.dim:
+        raise ShapeError(f"Scalprod needs operands of the same dim, got {f.dim} and {g.dim}")
+    return make("Sum", (make("Mult", (f, g)),))
+
+
+def SqDist(f: Node, g: Node) -> Node:
+    """‖f − g‖²."""
+    return SqNorm2(make("Subtract", (f, g)))
+
+
+def Norm2(f: Node) -> Node:
+    return make("Sqrt", (SqNorm2(f),))
+
+
+def Normalize(f: Node) -> Node:
+    """f / ‖f‖, 0 where f = 0."""
+    return make("Mult", (make("Rsqrt", (SqNorm2(f),)), f))
+
+
+def SqNormIso(s: Node, f: Node) -> Node:
+    return make("Mult", (s, SqNorm2(f)))
+
+
+def SqNormDiag(s: Node, f: Node) -> Node:
+    return make("Sum", (make("Mult", (s, make("Square", (f,)))),))
+
+
+def SymSqNorm(a: Node, f: Node) -> Node:
+    """Σ_kl A_kl f_k f_l with A a flattened D×D matrix."""
+    return Scalprod(make("MatVecMult", (a, f)), f)
+
+
+def WeightedSqNorm(s: Node, f: Node) -> Node:
+    """SqNormIso, SqNormDiag or SymSqNorm depending on s.dim (1, D or D²)."""
+    if s.dim == 1:
+        return SqNormIso(s, f)
+    if s.dim == f.dim:
+        return SqNormDiag(s, f)
+    if s.dim == f.dim * f.dim:
+        return SymSqNorm(s, f)
+    raise ShapeError(f"WeightedSqNorm: weight dim {s.dim} must be 1, {f.dim} or {f.dim ** 2} "
+                     f"for a formula of dim {f.dim}")
+
+
+def WeightedSqDist(s: Node, f: Node, g: Node) -> Node:
+    return WeightedSqNorm(s, make("Subtract", (f, g)))
+
+
+def Elem(f: Node, m: int) -> Node:
+    return make("Extract", (f,), (int(m), 1))
+
+
+def Extract(f: Node, start: int, d: int) -> Node:
+    return make("Extract", (f,), (int(start), int(d)))
+
+
+def OneHot(f: Node, d: int) -> Node:
+    return make("OneHot", (f,), (int(d),))
+
+
+def Pow(f: Node, n: int) -> Node:
+    n = int(n)
+    if n == 2:
+        return make("Square", (f,))
+    if n == 1:
+        return f
+    return make("Pow", (f,), (n,))
+
+
+def IntInv(n: int) -> Node:
+    return Const(Fraction(1, int(n)))
+
+
+MACROS: dict[str, Callable[..., Node]] = {
+    "SqNorm2": SqNorm2, "Scalprod": Scalprod, "SqDist": SqDist, "Norm2": Norm2,
+    "Normalize": Normalize, "SqNormIso": SqNormIso, "SqNormDiag": SqNormDiag,
+    "SymSqNorm": SymSqNorm, "WeightedSqNorm": WeightedSqNorm, "WeightedSqDist": WeightedSqDist,
+    "Elem": Elem, "Extract": Extract, "OneHot": OneHot, "Pow": Pow, "IntInv": IntInv,
+}
+
+
+def apply(name: str, *args: Any) -> Node:
+    """Build ``name(*args)`` for a primitive or composite op by name.
+
+    Formula arguments come first, integer parameters last (as in KeOps strings).
+    """
+    if name in MACROS:
+        return MACROS[name](*args)
+    opdef = OPS.get(name)
+    if opdef is None:
+        raise KeyError(name)
+    nodes = tuple(as_node(a) for a in args[: opdef.arity])
+    return make(name, nodes, tuple(args[opdef.arity:]))

@@ -1,0 +1,316 @@
+"""Every reduction, defined once: its outputs, its reference rules and its C code.
+
+A reduction folds the values F_ij of one output row i over j. Each one here
+gives, side by side:
+
+- ``out_dims``: the shapes of its outputs (values and/or int64 indices);
+- the reference rules on arrays: ``block`` (the state of a dense block of
+  values, j starting at ``j0``), ``merge`` (two states of the same rows, the
+  second one holding larger j), ``finalize`` (state -> outputs). Tiles,
+  threads, chunks and distributed runs all combine partial states with
+  ``merge``;
+- the C code of the lane kernel: ``c_decl``/``c_init`` (per block of rows),
+  ``c_tile`` (fold one tile of values), ``c_store`` (finalize and write).
+
+>>> REDUCTIONS["Sum"].out_dims(fdim=3, K=None, wdim=None)
+[('value', (3,))]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class ReductionDef:
+    name: str
+    needs_k: bool
+    weight: str  # "none", "optional" or "required": whether formula2 (G) is used
+    scalar_formula: bool  # F must have dim 1 (LogSumExp, SumSoftMaxWeight)
+    out_dims: Callable[..., list[tuple[str, tuple[int, ...]]]]
+    identity: str  # documented value for N = 0
+    block: Callable[..., Any]
+    merge: Callable[..., Any]
+    finalize: Callable[..., tuple]
+    c_decl: Callable[[Any], list[str]]
+    c_tile: Callable[[Any], list[str]]
+    c_store: Callable[[Any], list[str]]
+    doc: str = ""
+
+    @property
+    def has_index(self) -> bool:
+        return any(kind == "index" for kind, _ in self.out_dims(1, 1, 1))
+
+    @property
+    def has_value(self) -> bool:
+        return any(kind == "value" for kind, _ in self.out_dims(1, 1, 1))
+
+
+REDUCTIONS: dict[str, ReductionDef] = {}
+
+# Alternative spellings accepted from users.
+ALIASES = {"LogSumExpWeight": "LogSumExp", "SoftMax": "SumSoftMaxWeight",
+           "MinArgMin": "Min_ArgMin", "MaxArgMax": "Max_ArgMax",
+           "KMinArgKMin": "KMin_ArgKMin", "Kmin": "KMin", "ArgKmin": "ArgKMin",
+           "Kmin_ArgKmin": "KMin_ArgKMin"}
+
+
+def get(name: str) -> ReductionDef:
+    return REDUCTIONS[ALIASES.get(name, name)]
+
+
+def _loop(var: str, n: Any, body: str) -> str:
+    return f"for (int {var} = 0; {var} < {n}; {var}++) {body}"
+
+
+def _lanes(body: str) -> list[str]:
+    """A loop over the lanes (rows) of the block, which the compiler vectorizes."""
+    return ["#pragma omp simd", f"for (int l = 0; l < LANES; l++) {{ {body} }}"]
+
+
+# --------------------------------------------------------------------------- Sum
+
+def _sum_block(xp, values, weights, j0):
+    return xp.sum(values, 1)
+
+
+def _sum_decl(rc):
+    return [f"double acc[{rc.D}][LANES];",
+            _loop("k", rc.D, _loop("l", "LANES", "acc[k][l] = 0;"))]
+
+
+def _sum_tile(rc):
+    # Tile partial sums in T, accumulated into double once per tile: float32 sums over
+    # millions of terms keep ~1e-7 relative error.
+    return [f"for (int k = 0; k < {rc.D}; k++) {{",
+            f"  {rc.T} ts[LANES] = {{0}};",
+            "  for (int jj = 0; jj < tj; jj++) {",
+            *["    " + s for s in _lanes(f"ts[l] += {rc.V('k')};")],
+            "  }",
+            "  for (int l = 0; l < LANES; l++) acc[k][l] += ts[l];",
+            "}"]
+
+
+def _sum_store(rc):
+    return [_loop("k", rc.D, f"out[row * {rc.D} + k] = ({rc.T})acc[k][l];")]
+
+
+REDUCTIONS["Sum"] = ReductionDef(
+    "Sum", False, "none", False,
+    out_dims=lambda fdim, K, wdim: [("value", (fdim,))], identity="0",
+    block=_sum_block, merge=lambda xp, a, b: a + b, finalize=lambda xp, s: (s,),
+    c_decl=_sum_decl, c_tile=_sum_tile, c_store=_sum_store,
+    doc="Σ_j F_ij, per component")
+
+
+# --------------------------------------------------------------------------- Min / Max and arg
+
+def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
+    op = "<" if smaller else ">"
+    pick = xp_pick = "amin" if smaller else "amax"
+    arg_pick = "argmin" if smaller else "argmax"
+    init = "INFINITY_T" if smaller else "-INFINITY_T"
+    identity = "+inf" if smaller else "-inf"
+
+    def block(xp, values, weights, j0):
+        idx = getattr(xp, arg_pick)(values, 1)
+        return getattr(xp, xp_pick)(values, 1), idx + j0
+
+    def merge(xp, a, b):
+        (va, ia), (vb, ib) = a, b
+        # b holds larger j: take it only when strictly better (first index on ties).
+        take_b = (vb < va) if smaller else (vb > va)
+        return xp.where(take_b, vb, va), xp.where(take_b, ib, ia)
+
+    def finalize(xp, state):
+        v, i = state
+        return tuple(v if o == "value" else i for o in outputs)
+
+    def decl(rc):
+        return [f"{rc.T} best[{rc.D}][LANES]; long long arg[{rc.D}][LANES];",
+                _loop("k", rc.D, _loop("l", "LANES", f"{{ best[k][l] = {init}; arg[k][l] = -1; }}"))]
+
+    def tile(rc):
+        return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
+                *["  " + s for s in _lanes(
+                    f"{rc.T} v = {rc.V('k')}; bool b = v {op} best[k][l]; "
+                    f"best[k][l] = b ? v : best[k][l]; arg[k][l] = b ? j0 + jj : arg[k][l];")],
+                "}"]
+
+    def store(rc):
+        lines = []
+        if "value" in outputs:
+            lines.append(_loop("k", rc.D, f"out[row * {rc.D} + k] = best[k][l];"))
+        if "index" in outputs:
+            lines.append(_loop("k", rc.D, f"out_idx[row * {rc.D} + k] = arg[k][l];"))
+        return lines
+
+    REDUCTIONS[name] = ReductionDef(
+        name, False, "none", False,
+        out_dims=lambda fdim, K, wdim: [(o, (fdim,)) for o in outputs],
+        identity=identity if outputs == ("value",) else f"{identity} / index -1",
+        block=block, merge=merge, finalize=finalize, c_decl=decl, c_tile=tile, c_store=store,
+        doc=f"{'min' if smaller else 'max'}_j F_ij per component ({', '.join(outputs)})")
+
+
+_extremum("Min", True, ("value",))
+_extremum("Max", False, ("value",))
+_extremum("ArgMin", True, ("index",))
+_extremum("ArgMax", False, ("index",))
+_extremum("Min_ArgMin", True, ("value", "index"))
+_extremum("Max_ArgMax", False, ("value", "index"))
+
+
+# --------------------------------------------------------------------------- K-min
+
+def _kmin(name: str, outputs: tuple[str, ...]):
+    def block(xp, values, weights, j0, K):
+        # values (m, n, D): the K smallest along n, ascending, first index on ties.
+        order = xp.stable_argsort(values, 1)[:, :K, :]
+        return xp.take_along(values, order, 1), order + j0
+
+    def merge(xp, a, b, K):
+        (va, ia), (vb, ib) = a, b
+        v, i = xp.concat([va, vb], 1), xp.concat([ia, ib], 1)
+        order = xp.stable_argsort(v, 1)[:, :K, :]
+        return xp.take_along(v, order, 1), xp.take_along(i, order, 1)
+
+    def finalize(xp, state):
+        v, i = state
+        return tuple(v if o == "value" else i for o in outputs)
+
+    def decl(rc):
+        return [f"{rc.T} kv[{rc.D}][{rc.K}][LANES]; long long ki[{rc.D}][{rc.K}][LANES];",
+                _loop("k", rc.D, _loop("r", rc.K, _loop(
+                    "l", "LANES", "{ kv[k][r][l] = INFINITY_T; ki[k][r][l] = -1; }")))]
+
+    def tile(rc):
+        # Cheap threshold test against the current K-th value; sorted insertion only
+        # for the rare candidates that pass it.
+        K = rc.K
+        return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++)",
+                "  for (int l = 0; l < LANES; l++) {",
+                f"    {rc.T} v = {rc.V('k')};",
+                f"    if (!(v < kv[k][{K - 1}][l])) continue;",
+                f"    int r = {K - 1};",
+                "    while (r > 0 && v < kv[k][r - 1][l]) {",
+                "      kv[k][r][l] = kv[k][r - 1][l]; ki[k][r][l] = ki[k][r - 1][l]; r--; }",
+                "    kv[k][r][l] = v; ki[k][r][l] = j0 + jj;",
+                "  }"]
+
+    def store(rc):
+        lines = []
+        if "value" in outputs:
+            lines.append(_loop("r", rc.K, _loop(
+                "k", rc.D, f"out[(row * {rc.K} + r) * {rc.D} + k] = kv[k][r][l];")))
+        if "index" in outputs:
+            lines.append(_loop("r", rc.K, _loop(
+                "k", rc.D, f"out_idx[(row * {rc.K} + r) * {rc.D} + k] = ki[k][r][l];")))
+        return lines
+
+    REDUCTIONS[name] = ReductionDef(
+        name, True, "none", False,
+        out_dims=lambda fdim, K, wdim: [(o, (K, fdim)) for o in outputs],
+        identity="+inf / index -1", block=block, merge=merge, finalize=finalize,
+        c_decl=decl, c_tile=tile, c_store=store,
+        doc=f"the K smallest F_ij over j, ascending ({', '.join(outputs)})")
+
+
+_kmin("KMin", ("value",))
+_kmin("ArgKMin", ("index",))
+_kmin("KMin_ArgKMin", ("value", "index"))
+
+
+# --------------------------------------------------------------------------- LogSumExp family
+
+def _shifted_exp_block(xp, values, weights, j0):
+    # values (m, n, 1), weights (m, n, E) or None: (max, Σ exp(F - max) [G])
+    mx = xp.amax(values, 1)  # (m, 1)
+    safe = xp.where(xp.isneginf(mx), mx * 0, mx)
+    e = xp.exp(values - xp.expand_dims(safe, 1))
+    s = xp.sum(e if weights is None else e * weights, 1)
+    s0 = xp.sum(e, 1)
+    return mx, s0, s
+
+
+def _shifted_exp_merge(xp, a, b):
+    (ma, s0a, sa), (mb, s0b, sb) = a, b
+    m = xp.maximum(ma, mb)
+    safe = xp.where(xp.isneginf(m), m * 0, m)
+    fa, fb = xp.exp(ma - safe), xp.exp(mb - safe)
+    return m, s0a * fa + s0b * fb, sa * fa + sb * fb
+
+
+def _lse_decl(rc):
+    return [f"{rc.T} mx[LANES]; double s0[LANES]; double s[{rc.E}][LANES]; {rc.T} ex[TJ][LANES];",
+            _loop("l", "LANES", "{ mx[l] = -INFINITY_T; s0[l] = 0; }"),
+            _loop("e", rc.E, _loop("l", "LANES", "s[e][l] = 0;"))]
+
+
+def _lse_tile(rc):
+    # Two passes over the tile: its max (rescale the running sums once), then the
+    # shifted exponentials, stored once and reused for every weight component.
+    return [f"{rc.T} tm[LANES];",
+            "for (int l = 0; l < LANES; l++) tm[l] = mx[l];",
+            "for (int jj = 0; jj < tj; jj++) {",
+            *["  " + s for s in _lanes(f"{rc.T} v = {rc.V(0)}; tm[l] = v > tm[l] ? v : tm[l];")],
+            "}",
+            "for (int l = 0; l < LANES; l++) {",
+            "  double sc = (mx[l] == tm[l]) ? 1.0 : lm_exp((double)mx[l] - (double)tm[l]);",
+            f"  s0[l] *= sc; for (int e = 0; e < {rc.E}; e++) s[e][l] *= sc; mx[l] = tm[l]; }}",
+            f"{rc.T} ts0[LANES] = {{0}};",
+            "for (int jj = 0; jj < tj; jj++) {",
+            *["  " + s for s in _lanes(
+                f"{rc.T} x = (mx[l] == -INFINITY_T) ? ({rc.T})0 : lm_exp({rc.V(0)} - mx[l]); "
+                "ex[jj][l] = x; ts0[l] += x;")],
+            "}",
+            "for (int l = 0; l < LANES; l++) s0[l] += ts0[l];",
+            f"for (int e = 0; e < {rc.E}; e++) {{",
+            f"  {rc.T} ts[LANES] = {{0}};",
+            "  for (int jj = 0; jj < tj; jj++) {",
+            *["    " + s for s in _lanes(f"ts[l] += ex[jj][l] * {rc.W('e')};")],
+            "  }",
+            "  for (int l = 0; l < LANES; l++) s[e][l] += ts[l];",
+            "}"]
+
+
+def _lse_finalize(xp, state):
+    m, s0, s = state
+    safe = xp.where(xp.isneginf(m), m * 0, m)
+    with xp.errstate():
+        return (xp.where(xp.isneginf(m), m + s * 0, safe + xp.log(s)),)
+
+
+def _lse_store(rc):
+    return [_loop("e", rc.E, f"out[row * {rc.E} + e] = mx[l] == -INFINITY_T ? -INFINITY_T : "
+                             f"({rc.T})((double)mx[l] + lm_log(s[e][l]));")]
+
+
+REDUCTIONS["LogSumExp"] = ReductionDef(
+    "LogSumExp", False, "optional", True,
+    out_dims=lambda fdim, K, wdim: [("value", (wdim or 1,))], identity="-inf",
+    block=_shifted_exp_block, merge=_shifted_exp_merge, finalize=_lse_finalize,
+    c_decl=_lse_decl, c_tile=_lse_tile, c_store=_lse_store,
+    doc="log Σ_j exp(F_ij) [G_ij], computed with a running max (stable)")
+
+
+def _softmax_finalize(xp, state):
+    m, s0, s = state
+    with xp.errstate():
+        return (xp.where(s0 > 0, s / xp.where(s0 > 0, s0, s0 + 1), s * 0),)
+
+
+def _softmax_store(rc):
+    return [_loop("e", rc.E, f"out[row * {rc.E} + e] = s0[l] > 0 ? ({rc.T})(s[e][l] / s0[l]) : "
+                             f"({rc.T})0;")]
+
+
+REDUCTIONS["SumSoftMaxWeight"] = ReductionDef(
+    "SumSoftMaxWeight", False, "required", True,
+    out_dims=lambda fdim, K, wdim: [("value", (wdim,))], identity="0",
+    block=_shifted_exp_block, merge=_shifted_exp_merge, finalize=_softmax_finalize,
+    c_decl=_lse_decl, c_tile=_lse_tile, c_store=_softmax_store,
+    doc="Σ_j exp(F_ij) G_ij / Σ_j exp(F_ij) (attention)")
