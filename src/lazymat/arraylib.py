@@ -23,8 +23,8 @@ class NumpyLib:
     name = "numpy"
     exp, log, sqrt, sin, cos, abs, sign, floor = (
         np.exp, np.log, np.sqrt, np.sin, np.cos, np.abs, np.sign, np.floor)
-    maximum, minimum, where = np.maximum, np.minimum, np.where
-    rint = np.rint
+    maximum, minimum, rint = np.maximum, np.minimum, np.rint
+    where = staticmethod(np.where)
 
     @staticmethod
     def cast(a: Any, like: Any) -> Any:

@@ -31,7 +31,7 @@ class ReductionDef:
     weight: str  # "none", "optional" or "required": whether formula2 (G) is used
     scalar_formula: bool  # F must have dim 1 (LogSumExp, SumSoftMaxWeight)
     out_dims: Callable[..., list[tuple[str, tuple[int, ...]]]]
-    identity: str  # documented value for N = 0
+    identity: tuple[float, ...]  # what each output holds when nothing is reduced (N = 0)
     block: Callable[..., Any]
     merge: Callable[..., Any]
     finalize: Callable[..., tuple]
@@ -73,7 +73,7 @@ def _lanes(body: str) -> list[str]:
 
 # --------------------------------------------------------------------------- Sum
 
-def _sum_block(xp, values, weights, j0):
+def _sum_block(xp, values, weights, j0, K=None):
     return xp.sum(values, 1)
 
 
@@ -100,8 +100,8 @@ def _sum_store(rc):
 
 REDUCTIONS["Sum"] = ReductionDef(
     "Sum", False, "none", False,
-    out_dims=lambda fdim, K, wdim: [("value", (fdim,))], identity="0",
-    block=_sum_block, merge=lambda xp, a, b: a + b, finalize=lambda xp, s: (s,),
+    out_dims=lambda fdim, K, wdim: [("value", (fdim,))], identity=(0.0,),
+    block=_sum_block, merge=lambda xp, a, b, K=None: a + b, finalize=lambda xp, s: (s,),
     c_decl=_sum_decl, c_tile=_sum_tile, c_store=_sum_store,
     doc="Σ_j F_ij, per component")
 
@@ -113,13 +113,13 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
     pick = xp_pick = "amin" if smaller else "amax"
     arg_pick = "argmin" if smaller else "argmax"
     init = "INFINITY_T" if smaller else "-INFINITY_T"
-    identity = "+inf" if smaller else "-inf"
+    worst = INF if smaller else -INF
 
-    def block(xp, values, weights, j0):
+    def block(xp, values, weights, j0, K=None):
         idx = getattr(xp, arg_pick)(values, 1)
         return getattr(xp, xp_pick)(values, 1), idx + j0
 
-    def merge(xp, a, b):
+    def merge(xp, a, b, K=None):
         (va, ia), (vb, ib) = a, b
         # b holds larger j: take it only when strictly better (first index on ties).
         take_b = (vb < va) if smaller else (vb > va)
@@ -151,7 +151,7 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
     REDUCTIONS[name] = ReductionDef(
         name, False, "none", False,
         out_dims=lambda fdim, K, wdim: [(o, (fdim,)) for o in outputs],
-        identity=identity if outputs == ("value",) else f"{identity} / index -1",
+        identity=tuple(worst if o == "value" else -1 for o in outputs),
         block=block, merge=merge, finalize=finalize, c_decl=decl, c_tile=tile, c_store=store,
         doc=f"{'min' if smaller else 'max'}_j F_ij per component ({', '.join(outputs)})")
 
@@ -214,7 +214,7 @@ def _kmin(name: str, outputs: tuple[str, ...]):
     REDUCTIONS[name] = ReductionDef(
         name, True, "none", False,
         out_dims=lambda fdim, K, wdim: [(o, (K, fdim)) for o in outputs],
-        identity="+inf / index -1", block=block, merge=merge, finalize=finalize,
+        identity=tuple(INF if o == "value" else -1 for o in outputs), block=block, merge=merge, finalize=finalize,
         c_decl=decl, c_tile=tile, c_store=store,
         doc=f"the K smallest F_ij over j, ascending ({', '.join(outputs)})")
 
@@ -226,7 +226,7 @@ _kmin("KMin_ArgKMin", ("value", "index"))
 
 # --------------------------------------------------------------------------- LogSumExp family
 
-def _shifted_exp_block(xp, values, weights, j0):
+def _shifted_exp_block(xp, values, weights, j0, K=None):
     # values (m, n, 1), weights (m, n, E) or None: (max, Σ exp(F - max) [G])
     mx = xp.amax(values, 1)  # (m, 1)
     safe = xp.where(xp.isneginf(mx), mx * 0, mx)
@@ -236,7 +236,7 @@ def _shifted_exp_block(xp, values, weights, j0):
     return mx, s0, s
 
 
-def _shifted_exp_merge(xp, a, b):
+def _shifted_exp_merge(xp, a, b, K=None):
     (ma, s0a, sa), (mb, s0b, sb) = a, b
     m = xp.maximum(ma, mb)
     safe = xp.where(xp.isneginf(m), m * 0, m)
@@ -291,7 +291,7 @@ def _lse_store(rc):
 
 REDUCTIONS["LogSumExp"] = ReductionDef(
     "LogSumExp", False, "optional", True,
-    out_dims=lambda fdim, K, wdim: [("value", (wdim or 1,))], identity="-inf",
+    out_dims=lambda fdim, K, wdim: [("value", (wdim or 1,))], identity=(-INF,),
     block=_shifted_exp_block, merge=_shifted_exp_merge, finalize=_lse_finalize,
     c_decl=_lse_decl, c_tile=_lse_tile, c_store=_lse_store,
     doc="log Σ_j exp(F_ij) [G_ij], computed with a running max (stable)")
@@ -310,7 +310,7 @@ def _softmax_store(rc):
 
 REDUCTIONS["SumSoftMaxWeight"] = ReductionDef(
     "SumSoftMaxWeight", False, "required", True,
-    out_dims=lambda fdim, K, wdim: [("value", (wdim,))], identity="0",
+    out_dims=lambda fdim, K, wdim: [("value", (wdim,))], identity=(0.0,),
     block=_shifted_exp_block, merge=_shifted_exp_merge, finalize=_softmax_finalize,
     c_decl=_lse_decl, c_tile=_lse_tile, c_store=_softmax_store,
     doc="Σ_j exp(F_ij) G_ij / Σ_j exp(F_ij) (attention)")

@@ -1,0 +1,1 @@
+"""Backends: ``reference`` (dense numpy/torch blocks, the oracle) and ``cpu`` (compiled C)."""

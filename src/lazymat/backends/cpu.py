@@ -1,0 +1,76 @@
+"""CPU backend: render the kernel, compile it (cached), launch it through ctypes.
+
+ctypes releases the GIL during the call; the kernel threads with OpenMP.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..codegen.cpu import KernelSpec, render
+from ..formula import Node, variables
+from ..reductions import ReductionDef
+
+_kernels: dict[tuple, Any] = {}
+_ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p,
+             ctypes.c_void_p, ctypes.c_int]
+
+
+def kernel_for(spec: KernelSpec) -> Any:
+    """The compiled kernel function for a spec (rendered and compiled once per process)."""
+    key = (spec.reduction.name, spec.formula, spec.weight, spec.K, spec.dtype, spec.arg_dims)
+    fn = _kernels.get(key)
+    if fn is None:
+        from ..compile import load_library
+
+        source = render(spec)
+        lib = load_library(source, name=f"{spec.reduction.name}_{spec.dtype}")
+        fn = lib.lm_kernel
+        fn.argtypes, fn.restype = _ARGTYPES, None
+        _kernels[key] = fn
+    return fn
+
+
+def _arg_dims(roots: list[Node], n_args: int) -> tuple[tuple[int, int], ...]:
+    dims = [(1, 2)] * n_args  # unused arguments: passed, never read
+    for r in roots:
+        for v in variables(r):
+            pos, dim, cat = v.params
+            dims[pos] = (dim, cat)
+    return tuple(dims)
+
+
+def _pointer(a: Any, keep: list) -> int:
+    if isinstance(a, np.ndarray):
+        a = np.ascontiguousarray(a)
+        keep.append(a)
+        return a.ctypes.data
+    a = a.detach()
+    if not a.is_contiguous():
+        a = a.contiguous()
+    keep.append(a)
+    return a.data_ptr()
+
+
+def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
+        arrays: Sequence[Any], M: int, N: int, dtype: str, xp: Any,
+        shapes: list[tuple[str, tuple[int, ...]]]) -> tuple:
+    from ..plan import num_threads
+
+    roots = [formula] + ([weight] if weight is not None else [])
+    spec = KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, len(arrays)))
+    fn = kernel_for(spec)
+    keep: list = []
+    ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[_pointer(a, keep) for a in arrays])
+    like = arrays[0]
+    outs = [xp.empty((M,) + shape, like=like, dtype=xp.int64 if kind == "index" else None)
+            for kind, shape in shapes]
+    values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
+    indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
+    fn(M, N, ptrs, _pointer(values[0], keep) if values else None,
+       _pointer(indices[0], keep) if indices else None, num_threads())
+    return tuple(outs)

@@ -1,0 +1,204 @@
+"""The shared C renderer: turns formula nodes into C statements.
+
+Backends differ in their scaffold (loops, threads, memory), not in how an op
+is spelled: every op's C comes from its one definition in ``formula/ops.py``.
+
+Each node lives at a *level*: which of the two indices its value varies with
+(0: neither, parameters only; 1: the output index i; 2: the reduced index j;
+3: both). A node is computed once per level, so e.g. ``|x_i|²`` is computed
+once per row, not once per pair. A materialized node at level ``lv`` has the
+buffer ``T name[dim][JJ][W]``, with JJ = TJ if the level varies with j else 1
+and W = LANES if it varies with i else 1, read at ``[k][jj][l]``. Single-use
+elementwise nodes are inlined into their consumer instead.
+
+>>> from lazymat.formula import Var, SqDist
+>>> em = Emitter([SqDist(Var(0, 3, 0), Var(1, 3, 1))], "float", lambda v, k: f"v{v.params[0]}[{k}]")
+>>> len(em.materialized)
+1
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Callable
+
+from ..formula import OPS, Node, walk
+
+LEVEL_NAMES = {0: "parameters", 1: "rows (i)", 2: "columns (j)", 3: "pairs (i, j)"}
+
+
+def c_number(value: Fraction | float, T: str) -> str:
+    """A C literal of type T for a Python number."""
+    if isinstance(value, Fraction):
+        if value.denominator == 1:
+            return f"(({T}){value.numerator})"
+        return f"(({T}){value.numerator} / ({T}){value.denominator})"
+    if math.isnan(value):
+        return f"(({T})__builtin_nan(\"\"))"
+    if math.isinf(value):
+        return f"(({T}){'-' if value < 0 else ''}__builtin_inf())"
+    return f"(({T}){value!r})"
+
+
+class _OpContext:
+    """What a structural op's renderer sees: its operands and its output slot."""
+
+    def __init__(self, em: "Emitter", node: Node):
+        self.em, self.node, self.T = em, node, em.T
+
+    def arg(self, i: int, k: int | str) -> str:
+        return self.em.expr(self.node.args[i], k)
+
+    def out(self, k: int | str) -> str:
+        return self.em.access(self.node, k)
+
+
+class Emitter:
+    """Plans and renders the nodes of one or more formulas (the reduction's F and G).
+
+    ``var_access(var, k)`` gives the C expression of component ``k`` of a variable
+    at the current pair; the scaffold defines where variables live.
+    """
+
+    def __init__(self, roots: list[Node], T: str, var_access: Callable[[Node, str], str]):
+        self.T, self.var_access = T, var_access
+        self.nodes: list[Node] = []
+        seen: set[int] = set()
+        for r in roots:
+            for n in walk(r):
+                if id(n) not in seen:
+                    seen.add(id(n))
+                    self.nodes.append(n)
+        uses: dict[int, int] = {}
+        consumer_level: dict[int, int] = {}
+        for n in self.nodes:
+            for a in n.args:
+                uses[id(a)] = uses.get(id(a), 0) + 1
+                consumer_level[id(a)] = n.deps
+        roots_ids = {id(r) for r in roots}
+        self.materialized: dict[int, str] = {}
+        for n in self.nodes:
+            if n.op in ("Var", "Const"):
+                continue
+            if (id(n) in roots_ids or not OPS[n.op].elementwise or uses.get(id(n), 0) > 1
+                    or consumer_level.get(id(n)) != n.deps):
+                self.materialized[id(n)] = f"t{len(self.materialized)}"
+
+    # ------------------------------------------------------------------ expressions
+    def access(self, node: Node, k: int | str) -> str:
+        """C lvalue of component k of a materialized node at the current pair."""
+        k = 0 if node.dim == 1 else k
+        jj = "jj" if node.deps & 2 else "0"
+        lane = "l" if node.deps & 1 else "0"
+        return f"{self.materialized[id(node)]}[{k}][{jj}][{lane}]"
+
+    def expr(self, node: Node, k: int | str) -> str:
+        """C expression of component k of ``node`` at the current pair."""
+        k = 0 if node.dim == 1 else k
+        if node.op == "Var":
+            return self.var_access(node, str(k))
+        if node.op == "Const":
+            return c_number(node.value, self.T)
+        if id(node) in self.materialized:
+            return self.access(node, k)
+        return self._inline(node, k)
+
+    def _inline(self, node: Node, k: int | str) -> str:
+        opdef = OPS[node.op]
+        args = [self.expr(a, k) for a in node.args]
+        params = {f"p{i}": p for i, p in enumerate(node.params)}
+        return opdef.c.format(*args, T=self.T, **params)
+
+    # ------------------------------------------------------------------ statements
+    def body(self, node: Node) -> list[str]:
+        """Statements computing a materialized node at the current pair."""
+        opdef = OPS[node.op]
+        if opdef.render is not None:
+            lines = opdef.render(_OpContext(self, node), node)
+        elif node.dim == 1:
+            lines = [f"{self.access(node, 0)} = {self._inline(node, 0)};"]
+        else:
+            lines = [f"for (int k = 0; k < {node.dim}; k++) "
+                     f"{self.access(node, 'k')} = {self._inline(node, 'k')};"]
+        return ["{ " + " ".join(lines) + " }"]
+
+    def at_level(self, level: int) -> list[Node]:
+        """Materialized nodes of one level, in evaluation order."""
+        return [n for n in self.nodes if id(n) in self.materialized and n.deps == level]
+
+    def declaration(self, node: Node, TJ: int | str, lanes: int | str) -> str:
+        jj = TJ if node.deps & 2 else 1
+        w = lanes if node.deps & 1 else 1
+        return f"{self.T} {self.materialized[id(node)]}[{node.dim}][{jj}][{w}];"
+
+
+def prelude() -> str:
+    """Math helpers for generated kernels: no headers, overloaded for float and double.
+
+    ``lm_exp`` is our own: range reduction by ln 2 (two constants), a polynomial,
+    and the exponent set by integer addition; it vectorizes, has no slow path
+    for large negative arguments, and gives 0 below the smallest normal number.
+    """
+    taylor = ", ".join(repr(1.0 / math.factorial(n)) for n in range(13, -1, -1))
+    return f"""
+#define LM_INLINE static inline __attribute__((always_inline))
+typedef long long i64;
+
+LM_INLINE float lm_exp(float x) {{
+  float xc = x < -87.5f ? -87.5f : (x > 88.75f ? 88.75f : x);
+  float n = __builtin_rintf(xc * 1.44269504088896341f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  int bits = __builtin_bit_cast(int, p) + (int)((unsigned)(int)n << 23);
+  float y = __builtin_bit_cast(float, bits);
+  y = x < -87.33654f ? 0.0f : y;
+  y = x > 88.72283f ? __builtin_inff() : y;
+  return x != x ? x : y;
+}}
+
+LM_INLINE double lm_exp(double x) {{
+  const double c[14] = {{{taylor}}};
+  double xc = x < -708.0 ? -708.0 : (x > 709.7 ? 709.7 : x);
+  double n = __builtin_rint(xc * 1.4426950408889634);
+  double r = xc - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  double p = c[0];
+  for (int q = 1; q < 14; q++) p = p * r + c[q];
+  long long bits = __builtin_bit_cast(long long, p) + (long long)((unsigned long long)(long long)n << 52);
+  double y = __builtin_bit_cast(double, bits);
+  y = x < -708.0 ? 0.0 : y;
+  y = x > 709.78 ? __builtin_inf() : y;
+  return x != x ? x : y;
+}}
+
+LM_INLINE float lm_log(float x) {{ return __builtin_logf(x); }}
+LM_INLINE double lm_log(double x) {{ return __builtin_log(x); }}
+LM_INLINE float lm_sqrt(float x) {{ return __builtin_sqrtf(x); }}
+LM_INLINE double lm_sqrt(double x) {{ return __builtin_sqrt(x); }}
+LM_INLINE float lm_rsqrt(float x) {{ return x == 0.0f ? 0.0f : 1.0f / __builtin_sqrtf(x); }}
+LM_INLINE double lm_rsqrt(double x) {{ return x == 0.0 ? 0.0 : 1.0 / __builtin_sqrt(x); }}
+LM_INLINE float lm_abs(float x) {{ return __builtin_fabsf(x); }}
+LM_INLINE double lm_abs(double x) {{ return __builtin_fabs(x); }}
+LM_INLINE float lm_sin(float x) {{ return __builtin_sinf(x); }}
+LM_INLINE double lm_sin(double x) {{ return __builtin_sin(x); }}
+LM_INLINE float lm_cos(float x) {{ return __builtin_cosf(x); }}
+LM_INLINE double lm_cos(double x) {{ return __builtin_cos(x); }}
+LM_INLINE float lm_pow(float x, float y) {{ return __builtin_powf(x, y); }}
+LM_INLINE double lm_pow(double x, double y) {{ return __builtin_pow(x, y); }}
+LM_INLINE float lm_round(float x) {{ return __builtin_rintf(x); }}
+LM_INLINE double lm_round(double x) {{ return __builtin_rint(x); }}
+template <typename F> LM_INLINE F lm_clamp(F x, F lo, F hi) {{ x = x < lo ? lo : x; return x > hi ? hi : x; }}
+template <typename F> LM_INLINE F lm_powi(F x, int n) {{
+  F base = n < 0 ? (F)1 / x : x; unsigned e = n < 0 ? -n : n; F r = 1;
+  while (e) {{ if (e & 1) r *= base; base *= base; e >>= 1; }}
+  return r;
+}}
+"""

@@ -1,0 +1,149 @@
+"""The CPU scaffold: lane-vectorized, tiled, OpenMP-threaded reduction kernels.
+
+Rows are processed in blocks of LANES (the SIMD lanes: the compiler vectorizes
+every loop over ``l``); columns in tiles of TJ, small enough for the tile
+buffers to stay in L1. Each materialized node of the formula is one stage over
+the whole tile (distances, then exp, then accumulate), which keeps dependency
+chains short. Nodes that depend on the row only are computed once per block,
+on parameters only once per call.
+
+Every kernel has the same C signature::
+
+    void lm_kernel(i64 M, i64 N, void** args, void* out, i64* out_idx, int threads)
+
+where ``args[v]`` points at the contiguous data of variable ``v``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..formula import Node, to_string
+from ..reductions import ReductionDef
+from .c_like import Emitter, prelude
+
+L1_BUDGET = 16 * 1024  # bytes of tile buffers per thread we aim to keep in L1
+MAX_TJ = 64
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything that determines a kernel's source (and so its cache key).
+
+    ``formula`` and ``weight`` use category 0 for the output index and 1 for the
+    reduced index (an axis=0 reduction has its categories swapped before this).
+    """
+
+    reduction: ReductionDef
+    formula: Node
+    weight: Node | None
+    K: int | None
+    dtype: str  # "float32" or "float64"
+    arg_dims: tuple[tuple[int, int], ...]  # (dim, cat) of each argument, by position
+
+
+class _ReductionContext:
+    def __init__(self, spec: KernelSpec, em: Emitter, T: str):
+        self.T, self.K = T, spec.K
+        self.D = spec.formula.dim
+        self.E = spec.weight.dim if spec.weight is not None else 1
+        self._em, self._f, self._g = em, spec.formula, spec.weight
+
+    def V(self, k) -> str:
+        return self._em.expr(self._f, k)
+
+    def W(self, e) -> str:
+        return "1" if self._g is None else self._em.expr(self._g, e)
+
+
+def _var_access(node: Node, k: str) -> str:
+    index, dim, cat = node.params
+    if cat == 0:
+        return f"xv{index}[{k}][l]"
+    if cat == 1:
+        return f"a{index}[(j0 + jj) * {dim} + {k}]"
+    return f"a{index}[{k}]"
+
+
+def _indent(lines: list[str], n: int) -> list[str]:
+    return [" " * n + s for s in lines]
+
+
+def render(spec: KernelSpec) -> str:
+    """C++ source of the kernel for ``spec`` (readable: the formula is in its header)."""
+    T = "float" if spec.dtype == "float32" else "double"
+    lanes = 16 if T == "float" else 8
+    roots = [spec.formula] + ([spec.weight] if spec.weight is not None else [])
+    em = Emitter(roots, T, _var_access)
+    size = 4 if T == "float" else 8
+    per_pair = sum(n.dim for n in em.at_level(3)) * lanes * size + 2 * lanes * size
+    tj = MAX_TJ
+    while tj > 1 and tj * per_pair > L1_BUDGET:
+        tj //= 2
+    rc = _ReductionContext(spec, em, T)
+    red = spec.reduction
+
+    header = [f"// lazymat kernel: {red.name} over j of {to_string(spec.formula)}"]
+    if spec.weight is not None:
+        header.append(f"// weight: {to_string(spec.weight)}")
+    header += [f"// dtype {spec.dtype}, K = {spec.K}, lanes {lanes}, tile {tj}",
+               f"typedef {T} T;",
+               f"#define LANES {lanes}",
+               f"#define TJ {tj}",
+               "#define INFINITY_T ((T)__builtin_inf())"]
+
+    args = [f"const T* a{v} = (const T*)args[{v}];" for v in range(len(spec.arg_dims))]
+    i_vars = [(v, d) for v, (d, c) in enumerate(spec.arg_dims) if c == 0]
+
+    level0 = []
+    for n in em.at_level(0):
+        level0.append(em.declaration(n, tj, lanes))
+        level0 += em.body(n)
+
+    thread_decls = [f"T xv{v}[{d}][LANES];" for v, d in i_vars]
+    thread_decls += [em.declaration(n, tj, lanes) for lv in (1, 2, 3) for n in em.at_level(lv)]
+
+    load = [f"for (int k = 0; k < {d}; k++) for (int l = 0; l < LANES; l++) "
+            f"xv{v}[k][l] = a{v}[(i0 + (l < nl ? l : nl - 1)) * {d} + k];" for v, d in i_vars]
+    level1 = []
+    for n in em.at_level(1):
+        level1 += ["#pragma omp simd", "for (int l = 0; l < LANES; l++)"] + _indent(em.body(n), 2)
+    level2 = []
+    for n in em.at_level(2):
+        level2 += ["for (int jj = 0; jj < tj; jj++)"] + _indent(em.body(n), 2)
+    level3 = []
+    for n in em.at_level(3):
+        level3 += ["for (int jj = 0; jj < tj; jj++) {", "  #pragma omp simd",
+                   "  for (int l = 0; l < LANES; l++)"] + _indent(em.body(n), 4) + ["}"]
+
+    lines = header + [prelude(),
+                      'extern "C" void lm_kernel(i64 M, i64 N, void** args, void* out_v, '
+                      "i64* out_idx, int threads) {",
+                      *_indent(args, 2),
+                      "  T* out = (T*)out_v; (void)out; (void)out_idx;",
+                      *_indent(level0, 2),
+                      "  const i64 nblocks = (M + LANES - 1) / LANES;",
+                      "  #pragma omp parallel num_threads(threads)",
+                      "  {",
+                      *_indent(thread_decls, 4),
+                      "    #pragma omp for schedule(dynamic, 1)",
+                      "    for (i64 ib = 0; ib < nblocks; ib++) {",
+                      "      const i64 i0 = ib * LANES;",
+                      "      const int nl = M - i0 < LANES ? (int)(M - i0) : LANES;",
+                      *_indent(load, 6),
+                      *_indent(level1, 6),
+                      *_indent(red.c_decl(rc), 6),
+                      "      for (i64 j0 = 0; j0 < N; j0 += TJ) {",
+                      "        const int tj = N - j0 < TJ ? (int)(N - j0) : TJ;",
+                      *_indent(level2, 8),
+                      *_indent(level3, 8),
+                      *_indent(red.c_tile(rc), 8),
+                      "      }",
+                      "      for (int l = 0; l < nl; l++) {",
+                      "        const i64 row = i0 + l;",
+                      *_indent(red.c_store(rc), 8),
+                      "      }",
+                      "    }",
+                      "  }",
+                      "}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,246 @@
+"""From a reduction request and its arrays to outputs: checks, backend choice, launch.
+
+Every front end (LazyTensor, Genred) ends here. All user errors are raised
+here *before* anything is compiled, naming the operand and the shapes.
+
+>>> import numpy as np
+>>> from lazymat.formula import Var, SqDist
+>>> req = Request("Sum", SqDist(Var(0, 1, 0), Var(1, 1, 1)), axis=1)
+>>> run(req, [np.zeros((2, 1)), np.ones((3, 1))], names=["x", "y"])[0].ravel().tolist()
+[3.0, 3.0]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import reductions
+from .arraylib import is_torch, lib_of
+from .errors import DtypeError, ShapeError
+from .formula import I_CAT, J_CAT, P_CAT, Node, Var, substitute, variables
+from .reductions import ReductionDef
+
+BACKENDS = ("auto", "cpu", "reference")
+_FLOAT_DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A reduction of a formula: ``reduction`` over j (axis=1) or over i (axis=0).
+
+    Variables are ``Var(position, dim, cat)`` with cat 0 = i, 1 = j, 2 = parameter.
+    """
+
+    reduction: str
+    formula: Node
+    axis: int = 1
+    K: int | None = None
+    weight: Node | None = None
+
+    @property
+    def definition(self) -> ReductionDef:
+        return reductions.get(self.reduction)
+
+
+def _dtype_name(a: Any) -> str:
+    return str(a.dtype).replace("torch.", "")
+
+
+def _device(a: Any) -> str:
+    return str(a.device) if is_torch(a) else "cpu"
+
+
+def check_request(req: Request) -> None:
+    """Checks that need no data: reduction name, axis, K, formula dims."""
+    try:
+        red = req.definition
+    except KeyError:
+        raise ShapeError(f"unknown reduction {req.reduction!r}; known: "
+                         f"{', '.join(sorted(reductions.REDUCTIONS))}") from None
+    if req.axis not in (0, 1):
+        raise ShapeError(f"axis/dim must be 0 (reduce over i) or 1 (reduce over j), "
+                         f"got {req.axis!r}")
+    if red.needs_k:
+        K = req.K
+        if isinstance(K, float) and not math.isfinite(K):
+            raise ShapeError(f"{red.name} needs a finite integer K, got {K!r}")
+        if not isinstance(K, (int, np.integer)) or isinstance(K, bool) or K < 1:
+            raise ShapeError(f"{red.name} needs an integer K >= 1, got {K!r}")
+    if red.scalar_formula and req.formula.dim != 1:
+        raise ShapeError(f"{red.name} needs a scalar formula (dim 1), got dim {req.formula.dim}")
+    if red.weight == "required" and req.weight is None:
+        raise ShapeError(f"{red.name} needs a weight formula (formula2 / weight=)")
+    if red.weight == "none" and req.weight is not None:
+        raise ShapeError(f"{red.name} takes no weight formula")
+
+
+def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str]):
+    """Check the arrays against the formula's variables; return (M, N, dtype, xp)."""
+    vars_ = variables(req.formula) + (variables(req.weight) if req.weight is not None else [])
+    by_pos: dict[int, Node] = {}
+    for v in vars_:
+        pos, dim, cat = v.params
+        if pos in by_pos and by_pos[pos] is not v:
+            raise ShapeError(f"argument {pos} is used with two signatures: "
+                             f"{_sig(by_pos[pos])} and {_sig(v)}")
+        by_pos[pos] = v
+    if by_pos and max(by_pos) >= len(arrays):
+        raise ShapeError(f"the formula uses argument {max(by_pos)} "
+                         f"({names[max(by_pos)] if max(by_pos) < len(names) else '?'}) "
+                         f"but only {len(arrays)} arrays were given")
+    if not arrays:
+        raise ShapeError("a reduction needs at least one array (to know M, N and the dtype)")
+    first = arrays[0]
+    xp = lib_of(first)
+    dtype, device = _dtype_name(first), _device(first)
+    for a, name in zip(arrays, names):
+        if lib_of(a) is not xp:
+            raise DtypeError(f"{name} is a {lib_of(a).name} array but {names[0]} is a "
+                             f"{xp.name} array: do not mix libraries")
+        dt = _dtype_name(a)
+        if dt not in _FLOAT_DTYPES:
+            kind = "complex" if "complex" in dt else "integer" if "int" in dt else dt
+            raise DtypeError(f"{name} has dtype {dt}: lazymat needs float32 or float64 data "
+                             f"({kind} arrays are not supported here); convert it with "
+                             f".astype/.to(float32 or float64)")
+        if dt != dtype:
+            raise DtypeError(f"{name} has dtype {dt} but {names[0]} has dtype {dtype}: "
+                             f"all arrays of a reduction must share one dtype")
+        if _device(a) != device:
+            raise DtypeError(f"{name} is on device {_device(a)} but {names[0]} is on {device}")
+    sizes: dict[int, tuple[int, str]] = {}
+    for pos, v in sorted(by_pos.items()):
+        _, dim, cat = v.params
+        a, name = arrays[pos], names[pos]
+        shape = tuple(a.shape)
+        if cat == P_CAT:
+            if not (len(shape) == 1 and shape[0] == dim) and not (shape == (1, dim)):
+                raise ShapeError(f"{name} is a parameter of dim {dim}: expected shape ({dim},), "
+                                 f"got {shape}")
+            continue
+        if len(shape) != 2 or shape[1] != dim:
+            raise ShapeError(f"{name} is {'an i' if cat == I_CAT else 'a j'}-variable of dim "
+                             f"{dim}: expected shape (n, {dim}), got {shape}")
+        if cat in sizes and sizes[cat][0] != shape[0]:
+            other = sizes[cat][1]
+            letter = "M" if cat == I_CAT else "N"
+            raise ShapeError(f"{name} has {shape[0]} rows but {other} has {sizes[cat][0]}: "
+                             f"all {'i' if cat == I_CAT else 'j'}-variables must share {letter}")
+        sizes.setdefault(cat, (shape[0], name))
+    M = sizes.get(I_CAT, (1, ""))[0]
+    N = sizes.get(J_CAT, (1, ""))[0]
+    return M, N, dtype, xp
+
+
+def _sig(v: Node) -> str:
+    pos, dim, cat = v.params
+    return f"Var({pos},{dim},{cat})"
+
+
+def _swap_categories(f: Node) -> Node:
+    mapping = {}
+    for v in variables(f):
+        pos, dim, cat = v.params
+        if cat in (I_CAT, J_CAT):
+            mapping[v] = Var(pos, dim, J_CAT if cat == I_CAT else I_CAT)
+    return substitute(f, mapping)
+
+
+_warned_reference = False
+
+
+def choose_backend(backend: str, xp: Any, first: Any) -> str:
+    global _warned_reference
+    if backend not in BACKENDS:
+        raise ShapeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    on_gpu = _device(first) != "cpu"
+    if backend == "cpu" and on_gpu:
+        raise DtypeError(f"backend='cpu' needs CPU arrays, got a tensor on {_device(first)}")
+    if backend != "auto":
+        return backend
+    if on_gpu:
+        return "reference"
+    from .compile import compiler_info
+
+    if compiler_info() is None:
+        if not _warned_reference:
+            warnings.warn("lazymat: no C++ compiler found (looked for $CXX, g++, clang++); "
+                          "using the slow reference backend. lazymat.check_health() tells more.",
+                          RuntimeWarning, stacklevel=3)
+            _warned_reference = True
+        return "reference"
+    return "cpu"
+
+
+def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
+        backend: str = "auto", out: Any = None) -> tuple:
+    """Run a reduction; returns a tuple of outputs (values and/or int64 indices)."""
+    check_request(req)
+    names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
+    M, N, dtype, xp = _validate(req, arrays, names)
+    red = req.definition
+    if red.needs_k and req.K > (N if req.axis == 1 else M):
+        raise ShapeError(f"{red.name}: K = {req.K} is larger than the number of "
+                         f"{'columns N' if req.axis == 1 else 'rows M'} = "
+                         f"{N if req.axis == 1 else M} being reduced")
+    formula, weight = req.formula, req.weight
+    if req.axis == 0:
+        formula = _swap_categories(formula)
+        weight = _swap_categories(weight) if weight is not None else None
+        M, N = N, M
+    which = choose_backend(backend, xp, arrays[0])
+    wdim = weight.dim if weight is not None else None
+    shapes = red.out_dims(formula.dim, req.K, wdim)
+    if M == 0 or N == 0:
+        outs = tuple(
+            xp.full((M,) + shape, fill, like=arrays[0], dtype=xp.int64 if kind == "index" else None)
+            for (kind, shape), fill in zip(shapes, red.identity))
+    elif which == "reference":
+        from .backends import reference
+
+        outs = reference.run(red, formula, weight, req.K, arrays, M, N, xp)
+    else:
+        from .backends import cpu
+
+        outs = cpu.run(red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes)
+    outs = tuple(_squeeze_k(o, red) for o in outs)
+    if out is not None:
+        return (_write_out(out, outs[0], xp),) + outs[1:]
+    return outs
+
+
+def _squeeze_k(o: Any, red: ReductionDef) -> Any:
+    # K-reductions give (M, K, D); like KeOps, (M, K) when D = 1.
+    if red.needs_k and o.shape[-1] == 1:
+        return o.reshape(tuple(o.shape[:-1]))
+    return o
+
+
+def _write_out(out: Any, result: Any, xp: Any) -> Any:
+    if tuple(out.shape) != tuple(result.shape):
+        raise ShapeError(f"out= has shape {tuple(out.shape)} but the result has shape "
+                         f"{tuple(result.shape)}")
+    if _dtype_name(out) != _dtype_name(result):
+        raise DtypeError(f"out= has dtype {_dtype_name(out)} but the result has dtype "
+                         f"{_dtype_name(result)}")
+    out[...] = result
+    return out
+
+
+def num_threads() -> int:
+    env = os.environ.get("LAZYMAT_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            pass
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
