@@ -1,0 +1,51 @@
+"""lazymat: reductions of symbolic matrices, compiled on the fly.
+
+>>> import numpy as np, lazymat as lm
+>>> x, y = np.random.randn(1000, 3), np.random.randn(2000, 3)
+>>> K = (-lm.Vi(x).sqdist(lm.Vj(y)) / 2).exp()
+>>> K.sum(dim=1).shape
+(1000, 1)
+"""
+
+from __future__ import annotations
+
+from .errors import (CompileError, DtypeError, FormulaSyntaxError, LazymatError,
+                     ShapeError)
+from .lazy_tensor import LazyTensor, Pm, Vi, Vj
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LazyTensor", "Vi", "Vj", "Pm", "cache_clear", "check_health",
+    "LazymatError", "ShapeError", "DtypeError", "FormulaSyntaxError", "CompileError",
+    "__version__",
+]
+
+
+def cache_clear() -> None:
+    """Delete every compiled kernel of the cache directory (see ``LAZYMAT_CACHE_DIR``)."""
+    from .backends import cpu
+    from .compile import cache_clear as _clear
+
+    _clear()
+    cpu._kernels.clear()
+
+
+def check_health(verbose: bool = True) -> dict:
+    """Report what lazymat can use here: compiler, OpenMP, cache dir, torch, CUDA.
+
+    >>> report = check_health(verbose=False)
+    >>> sorted(report)[:2]
+    ['cache_dir', 'cache_writable']
+    """
+    from .compile import health_report
+
+    report = health_report()
+    if verbose:
+        print("lazymat", __version__)
+        for key, value in report.items():
+            print(f"  {key:15s} {value}")
+        if report.get("compiler") is None:
+            print("  -> no C++ compiler: reductions use the slow reference backend. "
+                  "Install g++ (or set CXX).")
+    return report

@@ -1,0 +1,433 @@
+"""LazyTensor: a symbolic M×N matrix F(p, x_i, y_j), reduced without being stored.
+
+One class for numpy and torch: results come back in the library, device and
+dtype of the inputs.
+
+>>> import numpy as np
+>>> x, y = np.random.randn(5, 3), np.random.randn(7, 3)
+>>> K = (-Vi(x).sqdist(Vj(y))).exp()       # 5 x 7, symbolic
+>>> K.sum(dim=1).shape
+(5, 1)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+from . import plan
+from .arraylib import is_torch, lib_of
+from .errors import ShapeError
+from .formula import I_CAT, J_CAT, P_CAT, Const, Node, Var, apply, make, substitute, variables
+
+_uids = itertools.count()
+_ROLE = {I_CAT: "Vi", J_CAT: "Vj", P_CAT: "Pm"}
+
+
+class _Leaf:
+    """The data behind one variable: an array, or a Python float turned parameter."""
+
+    __slots__ = ("array", "value", "cat")
+
+    def __init__(self, array: Any, value: float | None, cat: int):
+        self.array, self.value, self.cat = array, value, cat
+
+    @property
+    def rows(self) -> int:
+        return int(self.array.shape[0]) if self.array is not None and self.cat != P_CAT else 1
+
+
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype") and (is_torch(x) or type(x).__module__
+                                                            .startswith("numpy"))
+
+
+class LazyTensor:
+    """A symbolic matrix (or, before any i/j variable enters, a symbolic vector).
+
+    Build one with :func:`Vi`, :func:`Vj`, :func:`Pm` or, as in pykeops,
+    ``LazyTensor(x[:, None, :])`` (i), ``LazyTensor(y[None, :, :])`` (j),
+    ``LazyTensor(p)`` for a 1-D array or a float (parameter).
+    """
+
+    __array_ufunc__ = None  # numpy operators defer to ours
+    __array_priority__ = 1000
+
+    def __init__(self, x: Any = None, axis: int | None = None):
+        if isinstance(x, LazyTensor):
+            self.formula, self._leaves = x.formula, x._leaves
+            return
+        node, leaves = _leaf(x, axis)
+        self.formula: Node = node
+        self._leaves: dict[int, _Leaf] = leaves
+
+    @classmethod
+    def _make(cls, formula: Node, leaves: dict[int, _Leaf]) -> "LazyTensor":
+        lt = cls.__new__(cls)
+        lt.formula, lt._leaves = formula, leaves
+        return lt
+
+    # ------------------------------------------------------------------ description
+    @property
+    def ndim(self) -> int:
+        """Number of components of the formula's value (the inner dim), as in pykeops."""
+        return self.formula.dim
+
+    @property
+    def inner_dim(self) -> int:
+        return self.formula.dim
+
+    def _size(self, cat: int) -> int:
+        for leaf in self._leaves.values():
+            if leaf.cat == cat:
+                return leaf.rows
+        return 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(M, N) or (M, N, D): the trailing 1 is dropped, as in pykeops."""
+        base = (self._size(I_CAT), self._size(J_CAT))
+        return base if self.formula.dim == 1 else base + (self.formula.dim,)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor(shape={self.shape}, formula={self.formula!r})"
+
+    def __len__(self) -> int:
+        return self._size(I_CAT)
+
+    # ------------------------------------------------------------------ building
+    def _unary(self, op: str, *params: Any) -> "LazyTensor":
+        return LazyTensor._make(apply(op, self.formula, *params), self._leaves)
+
+    def _combine(self, op: str, *others: Any, params: tuple = (), symbol: str | None = None
+                 ) -> "LazyTensor":
+        operands = [self] + [_as_lazy(o) for o in others]
+        leaves = _merge_leaves(operands)
+        try:
+            node = apply(op, *[o.formula for o in operands], *params)
+        except ShapeError as e:
+            described = ", ".join(f"{_describe(o)}" for o in operands)
+            raise ShapeError(f"{symbol or op}: {described}: {e}") from None
+        return LazyTensor._make(node, leaves)
+
+    def __add__(self, o): return self._combine("Add", o, symbol="+")
+    def __radd__(self, o): return _as_lazy(o)._combine("Add", self, symbol="+")
+    def __sub__(self, o): return self._combine("Subtract", o, symbol="-")
+    def __rsub__(self, o): return _as_lazy(o)._combine("Subtract", self, symbol="-")
+    def __mul__(self, o): return self._combine("Mult", o, symbol="*")
+    def __rmul__(self, o): return _as_lazy(o)._combine("Mult", self, symbol="*")
+    def __truediv__(self, o): return self._combine("Divide", o, symbol="/")
+    def __rtruediv__(self, o): return _as_lazy(o)._combine("Divide", self, symbol="/")
+    def __neg__(self): return self._unary("Minus")
+    def __abs__(self): return self._unary("Abs")
+
+    def __or__(self, o):
+        """``x | y``: dot product (dim 1)."""
+        return self._combine("Scalprod", o, symbol="|")
+
+    def __ror__(self, o): return _as_lazy(o)._combine("Scalprod", self, symbol="|")
+
+    def __lt__(self, o): return self._combine("LessThan", o, symbol="<")
+    def __gt__(self, o): return _as_lazy(o)._combine("LessThan", self, symbol=">")
+    def __le__(self, o): return self._combine("LessOrEqual", o, symbol="<=")
+    def __ge__(self, o): return _as_lazy(o)._combine("LessOrEqual", self, symbol=">=")
+    def __eq__(self, o): return self._combine("Equal", o, symbol="==")  # type: ignore[override]
+    def __ne__(self, o): return self._combine("NotEqual", o, symbol="!=")  # type: ignore[override]
+    __hash__ = object.__hash__
+
+    def __pow__(self, other: Any) -> "LazyTensor":
+        if isinstance(other, int) and not isinstance(other, bool):
+            return self._unary("Pow", other)
+        if isinstance(other, float) and other == 0.5:
+            return self.sqrt()
+        if isinstance(other, float) and other == -0.5:
+            return self.rsqrt()
+        return self._combine("Powf", other, symbol="**")
+
+    def power(self, other: Any) -> "LazyTensor":
+        return self ** other
+
+    def exp(self): return self._unary("Exp")
+    def log(self): return self._unary("Log")
+    def sqrt(self): return self._unary("Sqrt")
+    def rsqrt(self): return self._unary("Rsqrt")
+    def inv(self): return self._unary("Inv")
+    def sin(self): return self._unary("Sin")
+    def cos(self): return self._unary("Cos")
+    def abs(self): return self._unary("Abs")
+    def sign(self): return self._unary("Sign")
+    def step(self): return self._unary("Step")
+    def relu(self): return self._unary("ReLU")
+    def square(self): return self._unary("Square")
+    def sqnorm2(self): return self._unary("SqNorm2")
+    def norm2(self): return self._unary("Norm2")
+    def normalize(self): return self._unary("Normalize")
+    def one_hot(self, D: int): return self._unary("OneHot", int(D))
+
+    def norm(self, dim: int = -1) -> "LazyTensor":
+        if dim != -1:
+            raise ShapeError(f"norm is over the inner (last) dimension only: dim=-1, got {dim}")
+        return self.norm2()
+
+    def sqdist(self, other): return self._combine("SqDist", other, symbol="sqdist")
+    def weightedsqnorm(self, s): return _as_lazy(s)._combine("WeightedSqNorm", self)
+    def weightedsqdist(self, other, s): return _as_lazy(s)._combine("WeightedSqDist", self, other)
+    def clamp(self, lo, hi): return self._combine("Clamp", lo, hi, symbol="clamp")
+    def ifelse(self, a, b): return self._combine("IfElse", a, b, symbol="ifelse")
+    def concat(self, other): return self._combine("Concat", other, symbol="concat")
+
+    def elem(self, i: int) -> "LazyTensor":
+        return self._unary("Elem", _index(i, self.ndim))
+
+    def extract(self, start: int, d: int) -> "LazyTensor":
+        return self._unary("Extract", int(start), int(d))
+
+    def __getitem__(self, key: Any) -> "LazyTensor":
+        if isinstance(key, tuple):
+            if any(k != slice(None) for k in key[:-1]):
+                raise ShapeError("only the inner (last) dimension of a LazyTensor can be indexed")
+            key = key[-1]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.ndim)
+            if step != 1 or stop <= start:
+                raise ShapeError(f"slice {key} of a formula of dim {self.ndim} must be non-empty "
+                                 f"with step 1")
+            return self.extract(start, stop - start)
+        return self.elem(key)
+
+    def t(self) -> "LazyTensor":
+        """The transposed symbolic matrix (i and j swapped)."""
+        mapping = {}
+        for v in variables(self.formula):
+            uid, dim, cat = v.params
+            if cat in (I_CAT, J_CAT):
+                mapping[v] = Var(uid, dim, J_CAT if cat == I_CAT else I_CAT)
+        leaves = {uid: (_Leaf(leaf.array, leaf.value, J_CAT if leaf.cat == I_CAT else I_CAT)
+                        if leaf.cat in (I_CAT, J_CAT) else leaf)
+                  for uid, leaf in self._leaves.items()}
+        return LazyTensor._make(substitute(self.formula, mapping), leaves)
+
+    @property
+    def T(self) -> "LazyTensor":
+        return self.t()
+
+    # ------------------------------------------------------------------ reductions
+    def _reduce(self, name: str, dim: Any, K: int | None = None, weight: Any = None,
+                backend: str = "auto", out: Any = None, axis: Any = None, **unknown: Any):
+        if unknown:
+            raise TypeError(f"{name}: unexpected keyword argument(s) {', '.join(unknown)}")
+        if axis is not None:
+            dim = axis
+        if dim is None:
+            raise ShapeError(f"{name} needs dim=0 (reduce over i) or dim=1 (reduce over j)")
+        if dim not in (0, 1):
+            raise ShapeError(f"{name}: dim must be 0 (reduce over i) or 1 (reduce over j), "
+                             f"got {dim!r}")
+        operands = [self] + ([_as_lazy(weight)] if weight is not None else [])
+        leaves = _merge_leaves(operands)
+        formula, weight_f, arrays, names = _bind(self.formula,
+                                                 operands[1].formula if weight is not None
+                                                 else None, leaves)
+        req = plan.Request(name, formula, axis=dim, K=K, weight=weight_f)
+        outs = plan.run(req, arrays, names=names, backend=backend, out=out)
+        return outs[0] if len(outs) == 1 else outs
+
+    def sum(self, dim: int | None = -1, **kw):
+        """``dim=-1``: sum of the components (a LazyTensor); 0 or 1: reduction over i or j."""
+        return self._inner_or_reduce("Sum", "Sum", dim, kw)
+
+    def _inner_or_reduce(self, inner: str, red: str, dim: Any, kw: dict):
+        # As in pykeops, dim=-1 (the default) is the op over the inner vector, not a reduction.
+        if "axis" in kw:
+            dim = kw.pop("axis")
+        if dim == -1:
+            return self._unary(inner)
+        return self._reduce(red, dim, **kw)
+
+    def min(self, dim: int | None = -1, **kw): return self._inner_or_reduce("Min", "Min", dim, kw)
+    def max(self, dim: int | None = -1, **kw): return self._inner_or_reduce("Max", "Max", dim, kw)
+
+    def argmin(self, dim: int | None = -1, **kw):
+        return self._inner_or_reduce("ArgMin", "ArgMin", dim, kw)
+
+    def argmax(self, dim: int | None = -1, **kw):
+        return self._inner_or_reduce("ArgMax", "ArgMax", dim, kw)
+
+    def min_argmin(self, dim: int | None = None, **kw): return self._reduce("Min_ArgMin", dim, **kw)
+    def max_argmax(self, dim: int | None = None, **kw): return self._reduce("Max_ArgMax", dim, **kw)
+
+    def Kmin(self, K: int, dim: int | None = None, **kw):
+        return self._reduce("KMin", dim, K=K, **kw)
+
+    def argKmin(self, K: int, dim: int | None = None, **kw):
+        return self._reduce("ArgKMin", dim, K=K, **kw)
+
+    def Kmin_argKmin(self, K: int, dim: int | None = None, **kw):
+        return self._reduce("KMin_ArgKMin", dim, K=K, **kw)
+
+    def logsumexp(self, dim: int | None = None, weight: Any = None, **kw):
+        return self._reduce("LogSumExp", dim, weight=weight, **kw)
+
+    def sumsoftmaxweight(self, weight: Any, dim: int | None = None, **kw):
+        return self._reduce("SumSoftMaxWeight", dim, weight=weight, **kw)
+
+    # pykeops spellings
+    sum_reduction = sum
+    min_reduction, max_reduction = min, max
+    argmin_reduction, argmax_reduction = argmin, argmax
+    min_argmin_reduction, max_argmax_reduction = min_argmin, max_argmax
+    Kmin_reduction, argKmin_reduction, Kmin_argKmin_reduction = Kmin, argKmin, Kmin_argKmin
+    logsumexp_reduction, sumsoftmaxweight_reduction = logsumexp, sumsoftmaxweight
+
+    def __matmul__(self, v: Any, **kw):
+        """``K @ v``: Σ_j K_ij v_j for an array v of shape (N,) or (N, E)."""
+        if self.ndim != 1:
+            raise ShapeError(f"K @ v needs a scalar-valued K (inner dim 1), got dim {self.ndim}")
+        if not _is_array(v):
+            raise ShapeError(f"K @ v needs an array v, got {type(v).__name__}")
+        vector = len(v.shape) == 1
+        vj = Vj(v.reshape(-1, 1) if vector else v)
+        if vj._size(J_CAT) != self._size(J_CAT) and any(
+                leaf.cat == J_CAT for leaf in self._leaves.values()):
+            raise ShapeError(f"K @ v: K has N = {self._size(J_CAT)} columns but v has shape "
+                             f"{tuple(v.shape)}")
+        result = (self * vj).sum(dim=1, **kw)
+        return result.reshape(-1) if vector else result
+
+    def matvec(self, v: Any):
+        return self @ v
+
+    def rmatvec(self, v: Any):
+        return self.t() @ v
+
+
+# ---------------------------------------------------------------------- construction helpers
+
+def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
+    uid = next(_uids)
+    if isinstance(x, bool) or x is None:
+        raise ShapeError(f"cannot make a LazyTensor from {x!r}")
+    if isinstance(x, int):
+        return Const(x), {}
+    if isinstance(x, float):
+        return Var(uid, 1, P_CAT), {uid: _Leaf(None, x, P_CAT)}
+    if isinstance(x, (list, tuple)):
+        import numpy as np
+
+        x = np.asarray(x, dtype=float)
+    if not _is_array(x):
+        raise ShapeError(f"cannot make a LazyTensor from a {type(x).__name__}")
+    shape = tuple(int(s) for s in x.shape)
+    if len(shape) == 0:
+        return Var(uid, 1, P_CAT), {uid: _Leaf(x.reshape(1), None, P_CAT)}
+    if len(shape) == 1:
+        if axis in (0, 1):
+            cat, arr = (I_CAT if axis == 0 else J_CAT), x.reshape(-1, 1)
+        else:
+            cat, arr = P_CAT, x
+    elif len(shape) == 2:
+        if axis not in (0, 1):
+            raise ShapeError(f"a 2-D array of shape {shape} needs axis=0 (i-variable) or axis=1 "
+                             f"(j-variable); or use Vi(x) / Vj(x)")
+        cat, arr = (I_CAT if axis == 0 else J_CAT), x
+    elif len(shape) == 3:
+        if shape[0] == 1 and shape[1] == 1:
+            cat, arr = P_CAT, x.reshape(shape[2])
+        elif shape[1] == 1:
+            cat, arr = I_CAT, x.reshape(shape[0], shape[2])
+        elif shape[0] == 1:
+            cat, arr = J_CAT, x.reshape(shape[1], shape[2])
+        else:
+            raise ShapeError(f"a 3-D array must have shape (M, 1, D), (1, N, D) or (1, 1, D), "
+                             f"got {shape}")
+    else:
+        raise ShapeError(f"arrays with batch dimensions (shape {shape}) are not supported yet")
+    dim = int(arr.shape[-1]) if cat != P_CAT else int(arr.shape[0])
+    if dim < 1:
+        raise ShapeError(f"a variable needs at least one component, got shape {shape}")
+    return Var(uid, dim, cat), {uid: _Leaf(arr, None, cat)}
+
+
+def _as_lazy(x: Any) -> LazyTensor:
+    if isinstance(x, LazyTensor):
+        return x
+    if isinstance(x, float) and (x.is_integer() and abs(x) < 2**31):
+        return LazyTensor(int(x))  # exact constants keep simplifications (x*1, x+0) working
+    if _is_array(x) and len(x.shape) == 2:
+        raise ShapeError(f"cannot combine a LazyTensor with a 2-D array of shape "
+                         f"{tuple(x.shape)}: wrap it with Vi(...) or Vj(...)")
+    return LazyTensor(x)
+
+
+def _describe(lt: LazyTensor) -> str:
+    f = lt.formula
+    roles = sorted({_ROLE[leaf.cat] for leaf in lt._leaves.values()})
+    return f"operand of dim {f.dim} ({'/'.join(roles) or 'constant'}, shape {lt.shape})"
+
+
+def _merge_leaves(operands: list[LazyTensor]) -> dict[int, _Leaf]:
+    if len(operands) == 1:
+        return operands[0]._leaves
+    leaves: dict[int, _Leaf] = {}
+    for o in operands:
+        leaves.update(o._leaves)
+    for cat, letter in ((I_CAT, "M"), (J_CAT, "N")):
+        sizes = {leaf.rows for leaf in leaves.values() if leaf.cat == cat}
+        if len(sizes) > 1:
+            raise ShapeError(f"{_ROLE[cat]} variables with different {letter}: "
+                             f"{sorted(sizes)} rows; all {_ROLE[cat]} operands of one formula "
+                             f"must have the same number of rows")
+    return leaves
+
+
+def _bind(formula: Node, weight: Node | None, leaves: dict[int, _Leaf]):
+    """Renumber the variables 0..n-1 and list the arrays, so equal formulas share kernels."""
+    used = variables(formula) + (variables(weight) if weight is not None else [])
+    uids = sorted({v.params[0] for v in used})
+    like = next((leaves[u].array for u in uids if leaves[u].array is not None), None)
+    if like is None:
+        raise ShapeError("this formula has no array variable: nothing to reduce")
+    mapping, arrays, names = {}, [], []
+    for pos, uid in enumerate(uids):
+        leaf = leaves[uid]
+        for v in used:
+            if v.params[0] == uid:
+                mapping[v] = Var(pos, v.params[1], v.params[2])
+        if leaf.array is None:  # a Python float: a parameter in the inputs' dtype and device
+            arrays.append(lib_of(like).full((1,), leaf.value, like=like))
+        else:
+            arrays.append(leaf.array)
+        names.append(f"{_ROLE[leaf.cat]} operand #{pos} (shape {tuple(leaf.array.shape)})"
+                     if leaf.array is not None else f"Pm({leaf.value})")
+    f = substitute(formula, mapping)
+    g = substitute(weight, mapping) if weight is not None else None
+    return f, g, arrays, names
+
+
+def _index(i: int, dim: int) -> int:
+    i = int(i)
+    if not -dim <= i < dim:
+        raise ShapeError(f"index {i} out of range for a formula of dim {dim}")
+    return i % dim
+
+
+def Vi(x: Any) -> LazyTensor:
+    """An i-indexed variable from an (M, D) or (M,) array: x_i."""
+    return LazyTensor(x, axis=0)
+
+
+def Vj(x: Any) -> LazyTensor:
+    """A j-indexed variable from an (N, D) or (N,) array: y_j."""
+    return LazyTensor(x, axis=1)
+
+
+def Pm(x: Any) -> LazyTensor:
+    """A parameter (same for every i and j) from a float or a 1-D array."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return LazyTensor(float(x))
+    if _is_array(x) and len(x.shape) > 1:
+        if math.prod(x.shape) != x.shape[-1]:
+            raise ShapeError(f"Pm needs a float or a 1-D array, got shape {tuple(x.shape)}")
+        x = x.reshape(-1)
+    return LazyTensor(x)
