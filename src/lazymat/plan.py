@@ -157,6 +157,10 @@ _warned_reference = False
 
 def choose_backend(backend: str, xp: Any, first: Any) -> str:
     global _warned_reference
+    backend = str(backend).lower()
+    if backend.startswith("gpu") or backend == "cuda":
+        raise DtypeError(f"backend={backend!r}: the CUDA backend is not available in this "
+                         f"version of lazymat; use 'auto', 'cpu' or 'reference'")
     if backend not in BACKENDS:
         raise ShapeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     on_gpu = _device(first) != "cpu"

@@ -1,0 +1,147 @@
+"""The KeOps string API: Genred and the generic_* shortcuts.
+
+Formula strings are parsed by a real parser (``formula/parser.py``): they can
+name ops, aliases and constants, never run code.
+
+>>> import numpy as np
+>>> gauss = Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"],
+...                reduction_op="Sum", axis=1)
+>>> gauss(np.zeros((2, 3)), np.zeros((4, 3)), np.ones((4, 1))).ravel().tolist()
+[4.0, 4.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from . import plan
+from .errors import FormulaSyntaxError, ShapeError
+from .formula import Node, Var
+
+
+def parse_alias(text: str):
+    from .formula.parser import parse_alias as parse
+
+    return parse(text)
+
+
+def parse_formula(text: str, names: dict[str, Node]) -> Node:
+    from .formula.parser import parse_formula as parse
+
+    return parse(text, names)
+
+_ACC_OPTIONS = ("auto", "float32", "float64", "float16")
+_SUM_SCHEMES = ("auto", "direct_sum", "block_sum", "kahan_scheme")
+
+
+def _parse_aliases(aliases: Sequence[str]) -> tuple[dict[str, Node], list[str]]:
+    """Alias strings -> ({name: Var}, display name of each argument position)."""
+    if isinstance(aliases, str):
+        raise FormulaSyntaxError("aliases must be a list of strings like ['x = Vi(3)', ...], "
+                                 "not a single string")
+    names: dict[str, Node] = {}
+    labels: dict[int, str] = {}
+    for k, text in enumerate(aliases):
+        name, pos, dim, cat = parse_alias(text)
+        pos = k if pos is None else pos
+        if pos in labels:
+            raise FormulaSyntaxError(f"aliases {labels[pos]!r} and {text!r} both claim "
+                                     f"argument position {pos}")
+        labels[pos] = text.strip()
+        if name is not None:
+            if name in names:
+                raise FormulaSyntaxError(f"alias name {name!r} is defined twice")
+            names[name] = Var(pos, dim, cat)
+    n = max(labels) + 1 if labels else 0
+    return names, [labels.get(p, f"argument {p}") for p in range(n)]
+
+
+class Genred:
+    """A generic reduction compiled from a formula string, as in pykeops.
+
+    ``axis=1`` reduces over j (one output row per i), ``axis=0`` over i.
+    ``opt_arg`` is K for the K-min reductions; ``formula2`` the weight of
+    LogSumExp / SumSoftMaxWeight.
+    """
+
+    def __init__(self, formula: str, aliases: Sequence[str], reduction_op: str = "Sum",
+                 axis: int = 0, dtype: Any = None, opt_arg: int | None = None,
+                 formula2: str | None = None, cuda_type: Any = None, dtype_acc: str = "auto",
+                 use_double_acc: bool = False, sum_scheme: str = "auto",
+                 enable_chunks: bool = True, rec_multVar_highdim: bool = False,
+                 use_fast_math: bool = True):
+        if dtype_acc not in _ACC_OPTIONS:
+            raise ShapeError(f"dtype_acc must be one of {_ACC_OPTIONS}, got {dtype_acc!r}")
+        if sum_scheme not in _SUM_SCHEMES:
+            raise ShapeError(f"sum_scheme must be one of {_SUM_SCHEMES}, got {sum_scheme!r}")
+        self.formula_string, self.aliases = formula, list(aliases)
+        self.reduction_op, self.axis, self.opt_arg = reduction_op, axis, opt_arg
+        self.formula2_string = formula2
+        names, self._labels = _parse_aliases(aliases)
+        f = parse_formula(formula, names)
+        g = parse_formula(formula2, names) if formula2 is not None else None
+        self.request = plan.Request(reduction_op, f, axis=axis, K=opt_arg, weight=g)
+        plan.check_request(self.request)
+        self._n_args = max([len(self._labels)] + [v.params[0] + 1 for v in _vars(f, g)])
+
+    def __call__(self, *args: Any, backend: str = "auto", device_id: int = -1,
+                 ranges: Any = None, out: Any = None) -> Any:
+        if ranges is not None:
+            raise ShapeError("block-sparse ranges are not supported yet by lazymat")
+        if len(args) != self._n_args:
+            raise ShapeError(f"this Genred takes {self._n_args} arrays "
+                             f"({', '.join(self._label(p) for p in range(self._n_args))}), "
+                             f"got {len(args)}")
+        names = [self._label(p) for p in range(len(args))]
+        outs = plan.run(self.request, list(args), names=names, backend=backend, out=out)
+        return outs[0] if len(outs) == 1 else outs
+
+    def _label(self, pos: int) -> str:
+        return self._labels[pos] if pos < len(self._labels) else f"argument {pos}"
+
+    def __getstate__(self) -> dict:
+        return {"args": (self.formula_string, self.aliases, self.reduction_op, self.axis),
+                "opt_arg": self.opt_arg, "formula2": self.formula2_string}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(*state["args"], opt_arg=state["opt_arg"], formula2=state["formula2"])
+
+    def __repr__(self) -> str:
+        return (f"Genred({self.formula_string!r}, {self.aliases!r}, "
+                f"reduction_op={self.reduction_op!r}, axis={self.axis})")
+
+
+def _vars(f: Node, g: Node | None) -> list[Node]:
+    from .formula import variables
+
+    return variables(f) + (variables(g) if g is not None else [])
+
+
+def _output_axis(output: str) -> tuple[int, int]:
+    """'a = Vi(D)' -> (axis, D): an i-indexed output is a reduction over j."""
+    _, _, dim, cat = parse_alias(output)
+    if cat not in (0, 1):
+        raise FormulaSyntaxError(f"the output alias {output!r} must be Vi(...) or Vj(...)")
+    return (1 if cat == 0 else 0), dim
+
+
+def generic_sum(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
+    """``generic_sum("Exp(-SqDist(x,y))", "a = Vi(1)", "x = Vi(3)", "y = Vj(3)")``."""
+    axis, _ = _output_axis(output)
+    return Genred(formula, list(aliases), reduction_op="Sum", axis=axis, **kwargs)
+
+
+def generic_logsumexp(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
+    axis, _ = _output_axis(output)
+    return Genred(formula, list(aliases), reduction_op="LogSumExp", axis=axis, **kwargs)
+
+
+def generic_argmin(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
+    axis, _ = _output_axis(output)
+    return Genred(formula, list(aliases), reduction_op="ArgMin", axis=axis, **kwargs)
+
+
+def generic_argkmin(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
+    """The output alias's dim is K: ``generic_argkmin(f, "a = Vi(10)", ...)``."""
+    axis, K = _output_axis(output)
+    return Genred(formula, list(aliases), reduction_op="ArgKMin", axis=axis, opt_arg=K, **kwargs)

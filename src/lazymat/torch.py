@@ -1,0 +1,13 @@
+"""pykeops-style import path: ``from lazymat.torch import LazyTensor, Genred``.
+
+Importing it checks that torch is installed; the classes are the same as for
+numpy: results follow the library, device and dtype of the inputs.
+"""
+
+import torch as _torch  # noqa: F401  (fail here, clearly, when torch is missing)
+
+from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
+from .lazy_tensor import LazyTensor, Pm, Vi, Vj
+
+__all__ = ["LazyTensor", "Vi", "Vj", "Pm", "Genred", "generic_sum", "generic_logsumexp",
+           "generic_argmin", "generic_argkmin"]
