@@ -17,18 +17,7 @@ from typing import Any, Sequence
 from . import plan
 from .errors import FormulaSyntaxError, ShapeError
 from .formula import Node, Var
-
-
-def parse_alias(text: str):
-    from .formula.parser import parse_alias as parse
-
-    return parse(text)
-
-
-def parse_formula(text: str, names: dict[str, Node]) -> Node:
-    from .formula.parser import parse_formula as parse
-
-    return parse(text, names)
+from .formula.parser import parse_alias, parse_formula
 
 _ACC_OPTIONS = ("auto", "float32", "float64", "float16")
 _SUM_SCHEMES = ("auto", "direct_sum", "block_sum", "kahan_scheme")

@@ -201,6 +201,8 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
     which = choose_backend(backend, xp, arrays[0])
     wdim = weight.dim if weight is not None else None
     shapes = red.out_dims(formula.dim, req.K, wdim)
+    if out is not None:
+        _check_out(out, (M,) + _squeezed(shapes[0][1], red), arrays[0], shapes[0][0])
     if M == 0 or N == 0:
         outs = tuple(
             xp.full((M,) + shape, fill, like=arrays[0], dtype=xp.int64 if kind == "index" else None)
@@ -213,28 +215,27 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
         from .backends import cpu
 
         outs = cpu.run(red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes)
-    outs = tuple(_squeeze_k(o, red) for o in outs)
+    outs = tuple(o.reshape((M,) + _squeezed(shape, red)) for o, (_, shape) in zip(outs, shapes))
     if out is not None:
-        return (_write_out(out, outs[0], xp),) + outs[1:]
+        out[...] = outs[0]
+        return (out,) + outs[1:]
     return outs
 
 
-def _squeeze_k(o: Any, red: ReductionDef) -> Any:
+def _squeezed(shape: tuple[int, ...], red: ReductionDef) -> tuple[int, ...]:
     # K-reductions give (M, K, D); like KeOps, (M, K) when D = 1.
-    if red.needs_k and o.shape[-1] == 1:
-        return o.reshape(tuple(o.shape[:-1]))
-    return o
+    return shape[:-1] if red.needs_k and shape[-1] == 1 else shape
 
 
-def _write_out(out: Any, result: Any, xp: Any) -> Any:
-    if tuple(out.shape) != tuple(result.shape):
-        raise ShapeError(f"out= has shape {tuple(out.shape)} but the result has shape "
-                         f"{tuple(result.shape)}")
-    if _dtype_name(out) != _dtype_name(result):
-        raise DtypeError(f"out= has dtype {_dtype_name(out)} but the result has dtype "
-                         f"{_dtype_name(result)}")
-    out[...] = result
-    return out
+def _check_out(out: Any, shape: tuple[int, ...], like: Any, kind: str) -> None:
+    if lib_of(out) is not lib_of(like):
+        raise DtypeError(f"out= is a {lib_of(out).name} array but the inputs are "
+                         f"{lib_of(like).name} arrays")
+    if tuple(out.shape) != shape:
+        raise ShapeError(f"out= has shape {tuple(out.shape)} but the result has shape {shape}")
+    want = "int64" if kind == "index" else _dtype_name(like)
+    if _dtype_name(out) != want:
+        raise DtypeError(f"out= has dtype {_dtype_name(out)} but the result has dtype {want}")
 
 
 def num_threads() -> int:

@@ -47,6 +47,7 @@ _VAR_KINDS: dict[str, tuple[int, str | None]] = {
     "Vi": (I_CAT, None), "Vj": (J_CAT, None), "Pm": (P_CAT, None),
     "Vx": (I_CAT, "Vi"), "Vy": (J_CAT, "Vj"),
 }
+_CURRENT_VAR_KINDS = [k for k, (_, new) in _VAR_KINDS.items() if new is None]
 
 # Binary operators: precedence and right-associativity, as in Python.
 _BINARY: dict[str, tuple[int, bool]] = {
@@ -100,7 +101,7 @@ def _syntax_error(text: str, pos: int, message: str, what: str,
 
 
 def _did_you_mean(word: str, candidates) -> str:
-    close = difflib.get_close_matches(word, sorted(set(candidates)), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(word, sorted(set(candidates)), n=3, cutoff=0.5)
     return f"did you mean {' or '.join(close)}?" if close else ""
 
 
@@ -386,7 +387,7 @@ class _FormulaParser:
             return
         if name in self.names:
             raise self.error(tok.pos, f"'{name}' is a variable, not an op")
-        known = list(OPS) + list(MACROS) + list(_SPECIAL) + list(_VAR_KINDS)
+        known = list(OPS) + list(MACROS) + list(_SPECIAL) + _CURRENT_VAR_KINDS
         raise self.error(tok.pos, f"unknown op '{name}'", _did_you_mean(name, known))
 
     def unary(self, tok: _Tok, value: _Value, pos: int) -> _Value:
@@ -623,7 +624,8 @@ def parse_alias(text: str) -> tuple[str | None, int | None, int, int]:
             raise lx.error(lx.peek().pos, f"expected '=' after the alias name, "
                            f"got {lx.peek().describe()}")
         raise lx.error(tok.pos, f"unknown variable kind '{kind}'",
-                       _did_you_mean(kind, kinds) or "use Vi, Vj, Pm or Var")
+                       _did_you_mean(kind, _CURRENT_VAR_KINDS + ["Var"])
+                       or "use Vi, Vj, Pm or Var")
     paren = lx.next()
     call = _Call(kind, tok.pos, paren.pos)
     if not paren.is_op("("):
