@@ -103,7 +103,7 @@ class Genred:
 def _vars(f: Node, g: Node | None) -> list[Node]:
     from .formula import variables
 
-    return variables(f) + (variables(g) if g is not None else [])
+    return variables(f) + (variables(g) if g is not None else ())
 
 
 def _output_axis(output: str) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import OrderedDict
 from typing import Any
 
 from . import plan
@@ -21,17 +22,23 @@ from .arraylib import is_torch, lib_of
 from .errors import ShapeError
 from .formula import I_CAT, J_CAT, P_CAT, Const, Node, Var, apply, make, substitute, variables
 
-_uids = itertools.count()
 _ROLE = {I_CAT: "Vi", J_CAT: "Vj", P_CAT: "Pm"}
+_float_uids: dict[float, int] = {}
+_float_counter = itertools.count(1)
 
 
 class _Leaf:
-    """The data behind one variable: an array, or a Python float turned parameter."""
+    """The data behind one variable: an array, or a Python float turned parameter.
 
-    __slots__ = ("array", "value", "cat")
+    ``source`` keeps the user's object alive: its ``id`` names the variable, so
+    the same arrays give the same (interned) formula on every call and every
+    per-formula cache hits.
+    """
 
-    def __init__(self, array: Any, value: float | None, cat: int):
-        self.array, self.value, self.cat = array, value, cat
+    __slots__ = ("array", "value", "cat", "source")
+
+    def __init__(self, array: Any, value: float | None, cat: int, source: Any = None):
+        self.array, self.value, self.cat, self.source = array, value, cat, source
 
     @property
     def rows(self) -> int:
@@ -60,7 +67,7 @@ class LazyTensor:
             return
         node, leaves = _leaf(x, axis)
         self.formula: Node = node
-        self._leaves: dict[int, _Leaf] = leaves
+        self._leaves: dict[tuple[int, int], _Leaf] = leaves  # (uid, cat) -> data
 
     @classmethod
     def _make(cls, formula: Node, leaves: dict[int, _Leaf]) -> "LazyTensor":
@@ -203,9 +210,9 @@ class LazyTensor:
             uid, dim, cat = v.params
             if cat in (I_CAT, J_CAT):
                 mapping[v] = Var(uid, dim, J_CAT if cat == I_CAT else I_CAT)
-        leaves = {uid: (_Leaf(leaf.array, leaf.value, J_CAT if leaf.cat == I_CAT else I_CAT)
-                        if leaf.cat in (I_CAT, J_CAT) else leaf)
-                  for uid, leaf in self._leaves.items()}
+        swap = {I_CAT: J_CAT, J_CAT: I_CAT, P_CAT: P_CAT}
+        leaves = {(uid, swap[cat]): _Leaf(leaf.array, leaf.value, swap[cat], leaf.source)
+                  for (uid, cat), leaf in self._leaves.items()}
         return LazyTensor._make(substitute(self.formula, mapping), leaves)
 
     @property
@@ -305,13 +312,20 @@ class LazyTensor:
 # ---------------------------------------------------------------------- construction helpers
 
 def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
-    uid = next(_uids)
     if isinstance(x, bool) or x is None:
         raise ShapeError(f"cannot make a LazyTensor from {x!r}")
     if isinstance(x, int):
         return Const(x), {}
     if isinstance(x, float):
-        return Var(uid, 1, P_CAT), {uid: _Leaf(None, x, P_CAT)}
+        # Equal floats share one parameter (so formulas, and their caches, repeat); the uids
+        # are negative (never an id) and never reused, even after the table is cleared.
+        uid = _float_uids.get(x)
+        if uid is None:
+            if len(_float_uids) >= 4096:
+                _float_uids.clear()
+            uid = _float_uids[x] = -next(_float_counter)
+        return Var(uid, 1, P_CAT), {(uid, P_CAT): _Leaf(None, x, P_CAT)}
+    source = x
     if isinstance(x, (list, tuple)):
         import numpy as np
 
@@ -320,7 +334,8 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
         raise ShapeError(f"cannot make a LazyTensor from a {type(x).__name__}")
     shape = tuple(int(s) for s in x.shape)
     if len(shape) == 0:
-        return Var(uid, 1, P_CAT), {uid: _Leaf(x.reshape(1), None, P_CAT)}
+        return Var(id(source), 1, P_CAT), {(id(source), P_CAT): _Leaf(x.reshape(1), None, P_CAT,
+                                                                      source)}
     if len(shape) == 1:
         if axis in (0, 1):
             cat, arr = (I_CAT if axis == 0 else J_CAT), x.reshape(-1, 1)
@@ -346,7 +361,7 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
     dim = int(arr.shape[-1]) if cat != P_CAT else int(arr.shape[0])
     if dim < 1:
         raise ShapeError(f"a variable needs at least one component, got shape {shape}")
-    return Var(uid, dim, cat), {uid: _Leaf(arr, None, cat)}
+    return Var(id(source), dim, cat), {(id(source), cat): _Leaf(arr, None, cat, source)}
 
 
 def _as_lazy(x: Any) -> LazyTensor:
@@ -366,7 +381,7 @@ def _describe(lt: LazyTensor) -> str:
     return f"operand of dim {f.dim} ({'/'.join(roles) or 'constant'}, shape {lt.shape})"
 
 
-def _merge_leaves(operands: list[LazyTensor]) -> dict[int, _Leaf]:
+def _merge_leaves(operands: list[LazyTensor]) -> dict[tuple[int, int], _Leaf]:
     if len(operands) == 1:
         return operands[0]._leaves
     leaves: dict[int, _Leaf] = {}
@@ -381,27 +396,45 @@ def _merge_leaves(operands: list[LazyTensor]) -> dict[int, _Leaf]:
     return leaves
 
 
-def _bind(formula: Node, weight: Node | None, leaves: dict[int, _Leaf]):
-    """Renumber the variables 0..n-1 and list the arrays, so equal formulas share kernels."""
-    used = variables(formula) + (variables(weight) if weight is not None else [])
-    uids = sorted({v.params[0] for v in used})
-    like = next((leaves[u].array for u in uids if leaves[u].array is not None), None)
-    if like is None:
-        raise ShapeError("this formula has no array variable: nothing to reduce")
-    mapping, arrays, names = {}, [], []
-    for pos, uid in enumerate(uids):
-        leaf = leaves[uid]
-        for v in used:
-            if v.params[0] == uid:
-                mapping[v] = Var(pos, v.params[1], v.params[2])
-        if leaf.array is None:  # a Python float: a parameter in the inputs' dtype and device
-            arrays.append(lib_of(like).full((1,), leaf.value, like=like))
-        else:
-            arrays.append(leaf.array)
-        names.append(f"{_ROLE[leaf.cat]} operand #{pos} (shape {tuple(leaf.array.shape)})"
-                     if leaf.array is not None else f"Pm({leaf.value})")
+_bind_memo: "OrderedDict[tuple, tuple]" = OrderedDict()
+_BIND_MEMO_SIZE = 512
+
+
+def _renumber(formula: Node, weight: Node | None):
+    """Variables renumbered 0..n-1 (so equal formulas share kernels), memoized."""
+    key = (formula, weight)
+    hit = _bind_memo.get(key)
+    if hit is not None:
+        _bind_memo.move_to_end(key)
+        return hit
+    used = variables(formula) + (variables(weight) if weight is not None else ())
+    slots = sorted({(v.params[0], v.params[2]) for v in used})
+    position = {slot: pos for pos, slot in enumerate(slots)}
+    mapping = {v: Var(position[(v.params[0], v.params[2])], v.params[1], v.params[2])
+               for v in used}
     f = substitute(formula, mapping)
     g = substitute(weight, mapping) if weight is not None else None
+    hit = _bind_memo[key] = (f, g, slots)
+    if len(_bind_memo) > _BIND_MEMO_SIZE:
+        _bind_memo.popitem(last=False)
+    return hit
+
+
+def _bind(formula: Node, weight: Node | None, leaves: dict[tuple[int, int], _Leaf]):
+    """The renumbered formulas, their arrays by position, and names for error messages."""
+    f, g, slots = _renumber(formula, weight)
+    chosen = [leaves[slot] for slot in slots]
+    like = next((leaf.array for leaf in chosen if leaf.array is not None), None)
+    if like is None:
+        raise ShapeError("this formula has no array variable: nothing to reduce")
+    arrays, names = [], []
+    for pos, leaf in enumerate(chosen):
+        if leaf.array is None:  # a Python float: a parameter in the inputs' dtype and device
+            arrays.append(lib_of(like).full((1,), leaf.value, like=like))
+            names.append(f"Pm({leaf.value})")
+        else:
+            arrays.append(leaf.array)
+            names.append(f"{_ROLE[leaf.cat]} operand #{pos} (shape {tuple(leaf.array.shape)})")
     return f, g, arrays, names
 
 

@@ -80,16 +80,31 @@ def check_request(req: Request) -> None:
         raise ShapeError(f"{red.name} takes no weight formula")
 
 
-def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str]):
-    """Check the arrays against the formula's variables; return (M, N, dtype, xp)."""
-    vars_ = variables(req.formula) + (variables(req.weight) if req.weight is not None else [])
-    by_pos: dict[int, Node] = {}
-    for v in vars_:
+_signatures: dict[tuple, dict[int, Node]] = {}
+
+
+def _arguments(req: Request) -> dict[int, Node]:
+    """The variable at each argument position (memoized per formula)."""
+    key = (req.formula, req.weight)
+    by_pos = _signatures.get(key)
+    if by_pos is not None:
+        return by_pos
+    by_pos = {}
+    for v in variables(req.formula) + (variables(req.weight) if req.weight is not None else ()):
         pos, dim, cat = v.params
         if pos in by_pos and by_pos[pos] is not v:
             raise ShapeError(f"argument {pos} is used with two signatures: "
                              f"{_sig(by_pos[pos])} and {_sig(v)}")
         by_pos[pos] = v
+    if len(_signatures) > 1024:
+        _signatures.clear()
+    _signatures[key] = by_pos
+    return by_pos
+
+
+def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str]):
+    """Check the arrays against the formula's variables; return (M, N, dtype, xp)."""
+    by_pos = _arguments(req)
     if by_pos and max(by_pos) >= len(arrays):
         raise ShapeError(f"the formula uses argument {max(by_pos)} "
                          f"({names[max(by_pos)] if max(by_pos) < len(names) else '?'}) "
@@ -170,9 +185,7 @@ def choose_backend(backend: str, xp: Any, first: Any) -> str:
         return backend
     if on_gpu:
         return "reference"
-    from .compile import compiler_info
-
-    if compiler_info() is None:
+    if not _have_compiler():
         if not _warned_reference:
             warnings.warn("lazymat: no C++ compiler found (looked for $CXX, g++, clang++); "
                           "using the slow reference backend. lazymat.check_health() tells more.",
@@ -180,6 +193,18 @@ def choose_backend(backend: str, xp: Any, first: Any) -> str:
             _warned_reference = True
         return "reference"
     return "cpu"
+
+
+_compiler_found: bool | None = None
+
+
+def _have_compiler() -> bool:
+    global _compiler_found
+    if _compiler_found is None:
+        from .compile import compiler_info
+
+        _compiler_found = compiler_info() is not None
+    return _compiler_found
 
 
 def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,

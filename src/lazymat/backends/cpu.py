@@ -15,23 +15,18 @@ from ..codegen.cpu import KernelSpec, render
 from ..formula import Node, variables
 from ..reductions import ReductionDef
 
-_kernels: dict[tuple, Any] = {}
+_kernels: dict[tuple, Any] = {}  # per process: (reduction, formula, ...) -> kernel function
 _ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_int]
 
 
 def kernel_for(spec: KernelSpec) -> Any:
-    """The compiled kernel function for a spec (rendered and compiled once per process)."""
-    key = (spec.reduction.name, spec.formula, spec.weight, spec.K, spec.dtype, spec.arg_dims)
-    fn = _kernels.get(key)
-    if fn is None:
-        from ..compile import load_library
+    """The compiled kernel function for a spec (the compile cache makes repeats cheap)."""
+    from ..compile import load_library
 
-        source = render(spec)
-        lib = load_library(source, name=f"{spec.reduction.name}_{spec.dtype}")
-        fn = lib.lm_kernel
-        fn.argtypes, fn.restype = _ARGTYPES, None
-        _kernels[key] = fn
+    lib = load_library(render(spec), name=f"{spec.reduction.name}_{spec.dtype}")
+    fn = lib.lm_kernel
+    fn.argtypes, fn.restype = _ARGTYPES, None
     return fn
 
 
@@ -61,9 +56,12 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         shapes: list[tuple[str, tuple[int, ...]]]) -> tuple:
     from ..plan import num_threads
 
-    roots = [formula] + ([weight] if weight is not None else [])
-    spec = KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, len(arrays)))
-    fn = kernel_for(spec)
+    key = (red.name, formula, weight, K, dtype, len(arrays))
+    fn = _kernels.get(key)
+    if fn is None:
+        roots = [formula] + ([weight] if weight is not None else [])
+        fn = _kernels[key] = kernel_for(
+            KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, len(arrays))))
     keep: list = []
     ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[_pointer(a, keep) for a in arrays])
     like = arrays[0]

@@ -98,13 +98,9 @@ def _rebuild(op: str, args: tuple, params: tuple) -> Node:
     return make(op, args, params)
 
 
-def _intern(op: str, args: tuple[Node, ...], params: tuple, dim: int, deps: int) -> Node:
-    key = (op, args, params)
-    node = _interned.get(key)
-    if node is None:
-        node = object.__new__(Node)
-        node.op, node.args, node.params, node.dim, node.deps = op, args, params, dim, deps
-        _interned[key] = node
+def _new(op: str, args: tuple[Node, ...], params: tuple, dim: int, deps: int) -> Node:
+    node = object.__new__(Node)
+    node.op, node.args, node.params, node.dim, node.deps = op, args, params, dim, deps
     return node
 
 
@@ -113,31 +109,55 @@ def make(op: str, args: tuple[Node, ...], params: tuple = ()) -> Node:
 
     Raises ShapeError when the operands' dims do not fit the op.
     """
-    from .ops import OPS
-
+    args = tuple(a if type(a) is Node else as_node(a) for a in args)
+    params = tuple(params)
+    key = (op, args, params)
+    found = _interned.get(key)  # the request, simplified or not, seen before
+    if found is not None:
+        return found
     if op == "Var":
         index, dim, cat = params
-        return _intern("Var", (), (int(index), int(dim), int(cat)), int(dim), _cat_deps(cat))
-    if op == "Const":
+        node = _new("Var", (), (int(index), int(dim), int(cat)), int(dim), _cat_deps(cat))
+    elif op == "Const":
         value, dim = params
-        return _intern("Const", (), (_normalize_number(value), int(dim)), int(dim), 0)
-    opdef = OPS[op]
+        node = _new("Const", (), (_normalize_number(value), int(dim)), int(dim), 0)
+        if node.params != params:
+            return make("Const", (), node.params)
+    else:
+        node = _build(op, args, params)
+    _interned[key] = node
+    return node
+
+
+def _build(op: str, args: tuple[Node, ...], params: tuple) -> Node:
+    opdef = _ops()[op]
     if opdef.arity is not None and len(args) != opdef.arity:
         raise ShapeError(f"{op} takes {opdef.arity} formula arguments, got {len(args)}")
-    args = tuple(as_node(a) for a in args)
     dim = opdef.dim_rule(op, [a.dim for a in args], params)
     if opdef.simplify is not None:
         simpler = opdef.simplify(args, params, dim)
         if simpler is not None:
             return simpler
-    if args and all(a.is_const for a in args) and opdef.fold is not None:
-        folded = opdef.fold([a.value for a in args], params)
+    if args and opdef.fold is not None and all(a.op == "Const" for a in args):
+        folded = opdef.fold([a.params[0] for a in args], params)
         if folded is not None:
             return Const(folded, dim)
     deps = 0
     for a in args:
         deps |= a.deps
-    return _intern(op, args, tuple(params), dim, deps)
+    return _new(op, args, params, dim, deps)
+
+
+_OPS: dict | None = None
+
+
+def _ops() -> dict:
+    global _OPS
+    if _OPS is None:
+        from .ops import OPS
+
+        _OPS = OPS
+    return _OPS
 
 
 def _cat_deps(cat: int) -> int:
@@ -207,10 +227,17 @@ def walk(root: Node) -> list[Node]:
     return order
 
 
-def variables(root: Node) -> list[Node]:
-    """The Var nodes of a formula, sorted by (index, category)."""
-    vs = [n for n in walk(root) if n.op == "Var"]
-    return sorted(vs, key=lambda v: (v.params[0], v.params[2]))
+_variables_memo: "weakref.WeakKeyDictionary[Node, tuple[Node, ...]]" = weakref.WeakKeyDictionary()
+
+
+def variables(root: Node) -> tuple[Node, ...]:
+    """The Var nodes of a formula, sorted by (index, category); memoized per node."""
+    vs = _variables_memo.get(root)
+    if vs is None:
+        vs = tuple(sorted((n for n in walk(root) if n.op == "Var"),
+                          key=lambda v: (v.params[0], v.params[2])))
+        _variables_memo[root] = vs
+    return vs
 
 
 def substitute(root: Node, mapping: dict[Node, Node]) -> Node:

@@ -1,0 +1,398 @@
+"""Every formula op, one table: compiled CPU backend vs reference backend vs dense numpy.
+
+Each row builds a formula from the variables below, gives the domain its data
+is drawn from, and the dense float64 oracle of F (shape (M, N, dim)). Every
+row is checked through the Sum over j (the simplest reduction), for float32
+and float64, on two sizes, plus once with torch inputs.
+
+Adding an op to ``OPS`` or ``MACROS`` without a row here fails
+``test_table_covers_every_op``.
+
+Variables (position, dim, category):
+    x = Var(0, 3, i)   y = Var(1, 3, j)   s = Var(2, 1, i)   t = Var(3, 1, j)
+    p = Var(4, pdim, parameter)           w = Var(5, 9, i)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from conftest import TORCH, as64, assert_close, check_type, requires_torch, to_lib
+from lazymat.formula import MACROS, OPS, Const, Var, apply, make, walk
+from lazymat.plan import Request, run
+
+# --------------------------------------------------------------------------- the table
+
+NAMES = ("x", "y", "s", "t", "p", "w")
+
+
+def variables(pdim: int) -> SimpleNamespace:
+    return SimpleNamespace(x=Var(0, 3, 0), y=Var(1, 3, 1), s=Var(2, 1, 0), t=Var(3, 1, 1),
+                           p=Var(4, pdim, 2), w=Var(5, 9, 0))
+
+
+@dataclass
+class Row:
+    op: str  # the OPS / MACROS name this row exercises
+    variant: str
+    build: Callable[[SimpleNamespace], object]
+    oracle: Callable[[SimpleNamespace], np.ndarray]
+    dom: dict = field(default_factory=dict)  # variable name -> domain (default "normal")
+    pdim: int = 3
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.variant}" if self.variant else self.op
+
+
+def R(op, build, oracle, variant="", pdim=3, **dom):
+    return Row(op, variant, build, oracle, dom, pdim)
+
+
+def _matvec(a, b):
+    n = b.shape[-1]
+    shape = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    a = np.broadcast_to(a, shape + a.shape[-1:])
+    b = np.broadcast_to(b, shape + b.shape[-1:])
+    mat = a.reshape(shape + (a.shape[-1] // n, n))
+    return (mat * b[..., None, :]).sum(-1)
+
+
+def _sqn(f):
+    return (f * f).sum(-1, keepdims=True)
+
+
+def _symsqnorm(a, f):
+    return (_matvec(a, f) * f).sum(-1, keepdims=True)
+
+
+def _onehot(a, D):
+    return (np.rint(a) == np.arange(D)).astype(np.float64)
+
+
+def _normalize(f):
+    n2 = _sqn(f)
+    return np.where(n2 == 0, 0.0, f / np.sqrt(np.where(n2 == 0, 1.0, n2)))
+
+
+def _argfirst(fn, f):
+    return fn(f, -1)[..., None].astype(np.float64)
+
+
+ROWS = [
+    # ---------------------------------------------------------------- arithmetic
+    R("Add", lambda v: v.x + v.y, lambda a: a.x + a.y),
+    R("Add", lambda v: apply("Add", v.s, v.y), lambda a: a.s + a.y, "bcast"),
+    R("Add", lambda v: apply("Add", v.x - v.y, v.p), lambda a: a.x - a.y + a.p, "param"),
+    R("Subtract", lambda v: v.x - v.y, lambda a: a.x - a.y),
+    R("Subtract", lambda v: apply("Subtract", v.x, v.t), lambda a: a.x - a.t, "bcast"),
+    R("Mult", lambda v: v.x * v.y, lambda a: a.x * a.y),
+    R("Mult", lambda v: apply("Mult", v.s, v.y), lambda a: a.s * a.y, "bcast_i"),
+    R("Mult", lambda v: apply("Mult", v.x, v.t), lambda a: a.x * a.t, "bcast_j"),
+    R("Divide", lambda v: v.x / v.y, lambda a: a.x / a.y, y="nonzero"),
+    R("Divide", lambda v: apply("Divide", v.s, v.y), lambda a: a.s / a.y, "bcast",
+      y="nonzero"),
+    R("Divide", lambda v: apply("Divide", v.x, v.t), lambda a: a.x / a.t, "bcast_j",
+      t="nonzero"),
+    R("Minus", lambda v: -(v.x - v.y), lambda a: -(a.x - a.y)),
+    # ---------------------------------------------------------------- unary math
+    R("Exp", lambda v: apply("Exp", v.x - v.y), lambda a: np.exp(a.x - a.y)),
+    R("Log", lambda v: apply("Log", v.x * v.t), lambda a: np.log(a.x * a.t), x="pos", t="pos"),
+    R("Sqrt", lambda v: apply("Sqrt", v.x * v.t), lambda a: np.sqrt(a.x * a.t),
+      x="posz", t="pos"),
+    R("Rsqrt", lambda v: apply("Rsqrt", v.x * v.t),
+      lambda a: np.where(a.x * a.t == 0, 0.0, 1 / np.sqrt(np.where(a.x == 0, 1, a.x * a.t))),
+      x="posz", t="pos"),
+    R("Inv", lambda v: apply("Inv", v.x * v.y), lambda a: 1 / (a.x * a.y),
+      x="nonzero", y="nonzero"),
+    R("Square", lambda v: apply("Square", v.x - v.y), lambda a: (a.x - a.y) ** 2),
+    R("Abs", lambda v: apply("Abs", v.x - v.y), lambda a: np.abs(a.x - a.y)),
+    R("Sign", lambda v: apply("Sign", v.x - v.y), lambda a: np.sign(a.x - a.y),
+      x="int", y="int"),
+    R("Step", lambda v: apply("Step", v.x - v.y), lambda a: (a.x - a.y >= 0) * 1.0,
+      x="int", y="int"),
+    R("ReLU", lambda v: apply("ReLU", v.x - v.y), lambda a: np.maximum(a.x - a.y, 0)),
+    R("ReLU", lambda v: apply("ReLU", v.x - v.y), lambda a: np.maximum(a.x - a.y, 0), "int",
+      x="int", y="int"),
+    R("Sin", lambda v: apply("Sin", v.x * v.y), lambda a: np.sin(a.x * a.y)),
+    R("Cos", lambda v: apply("Cos", v.x + v.y), lambda a: np.cos(a.x + a.y)),
+    R("Powf", lambda v: apply("Powf", v.x, v.y), lambda a: a.x ** a.y, x="pos", y="small"),
+    R("Powf", lambda v: apply("Powf", v.x, v.t), lambda a: a.x ** a.t, "bcast",
+      x="pos", t="small"),
+    R("Powf", lambda v: apply("Powf", v.s, v.y), lambda a: a.s ** a.y, "bcast_base",
+      s="pos", y="small"),
+    R("Pow", lambda v: make("Pow", (v.x - v.y,), (3,)), lambda a: (a.x - a.y) ** 3),
+    R("Pow", lambda v: make("Pow", (v.x * v.y,), (-3,)), lambda a: (a.x * a.y) ** -3.0, "neg",
+      x="nonzero", y="nonzero"),
+    R("Pow", lambda v: make("Pow", (v.x * v.y,), (0,)), lambda a: (a.x * a.y) ** 0, "zero"),
+    R("Pow", lambda v: apply("Pow", v.x - v.y, 5), lambda a: (a.x - a.y) ** 5, "macro5",
+      x="small", y="small"),
+    R("Pow", lambda v: apply("Pow", v.x - v.y, 2), lambda a: (a.x - a.y) ** 2, "macro2"),
+    # ---------------------------------------------------------------- ternary
+    R("Clamp", lambda v: apply("Clamp", v.x - v.y, Const(-0.5), Const(0.75)),
+      lambda a: np.clip(a.x - a.y, -0.5, 0.75)),
+    R("Clamp", lambda v: apply("Clamp", v.x, v.s, v.t), lambda a: np.minimum(
+        np.maximum(a.x, a.s), a.t), "bcast"),
+    R("IfElse", lambda v: apply("IfElse", v.x - v.y, v.x, v.y),
+      lambda a: np.where(a.x - a.y >= 0, a.x, a.y)),
+    R("IfElse", lambda v: apply("IfElse", v.x - v.y, v.s, v.t),
+      lambda a: np.where(a.x - a.y >= 0, a.s, a.t), "int_bcast", x="int", y="int"),
+    R("IfElse", lambda v: apply("IfElse", v.s, v.x, v.y),
+      lambda a: np.where(a.s >= 0, a.x, a.y), "bcast_cond", s="int"),
+    # ---------------------------------------------------------------- comparisons (ties)
+    *[R(name, (lambda n: lambda v: apply(n, v.x, v.y))(name),
+        (lambda f: lambda a: f(a.x, a.y) * 1.0)(fn), x="int", y="int")
+      for name, fn in (("LessThan", np.less), ("LessOrEqual", np.less_equal),
+                       ("Equal", np.equal), ("NotEqual", np.not_equal))],
+    *[R(name, (lambda n: lambda v: apply(n, v.s, v.y))(name),
+        (lambda f: lambda a: f(a.s, a.y) * 1.0)(fn), "bcast", s="int", y="int")
+      for name, fn in (("LessThan", np.less), ("LessOrEqual", np.less_equal),
+                       ("Equal", np.equal), ("NotEqual", np.not_equal))],
+    R("LessThan", lambda v: apply("LessThan", v.x, v.t), lambda a: (a.x < a.t) * 1.0,
+      "bcast_j", x="int", t="int"),
+    R("Equal", lambda v: apply("Equal", v.x - v.y, v.p), lambda a: (a.x - a.y == a.p) * 1.0,
+      "param", x="int", y="int", p="int"),
+    # ---------------------------------------------------------------- structural
+    R("Sum", lambda v: apply("Sum", v.x * v.y), lambda a: (a.x * a.y).sum(-1, keepdims=True)),
+    R("Min", lambda v: apply("Min", v.x - v.y), lambda a: (a.x - a.y).min(-1, keepdims=True)),
+    R("Max", lambda v: apply("Max", v.x * v.y), lambda a: (a.x * a.y).max(-1, keepdims=True)),
+    R("ArgMin", lambda v: apply("ArgMin", v.x - v.y),
+      lambda a: _argfirst(np.argmin, np.broadcast_to(a.x - a.y, np.broadcast_shapes(
+          a.x.shape, a.y.shape))), x="int", y="int"),
+    R("ArgMax", lambda v: apply("ArgMax", v.x - v.y),
+      lambda a: _argfirst(np.argmax, np.broadcast_to(a.x - a.y, np.broadcast_shapes(
+          a.x.shape, a.y.shape))), x="int", y="int"),
+    R("ArgMin", lambda v: apply("ArgMin", v.x * v.y),
+      lambda a: _argfirst(np.argmin, a.x * a.y), "normal"),
+    R("Concat", lambda v: apply("Concat", v.x, v.t),
+      lambda a: np.concatenate([np.broadcast_to(a.x, (a.x.shape[0], a.t.shape[1], 3)),
+                                np.broadcast_to(a.t, (a.x.shape[0], a.t.shape[1], 1))], -1)),
+    R("Concat", lambda v: apply("Concat", v.t, v.x * v.y),
+      lambda a: np.concatenate([np.broadcast_to(a.t, (a.x.shape[0], a.y.shape[1], 1)),
+                                a.x * a.y], -1), "ji"),
+    R("Extract", lambda v: apply("Extract", v.x * v.y, 1, 2), lambda a: (a.x * a.y)[..., 1:3]),
+    R("Extract", lambda v: apply("Extract", v.w * v.t, 4, 5), lambda a: (a.w * a.t)[..., 4:9],
+      "tail"),
+    R("OneHot", lambda v: apply("OneHot", v.s + v.t, 5), lambda a: _onehot(a.s + a.t, 5),
+      s="onehot", t="onehot"),
+    R("MatVecMult", lambda v: apply("MatVecMult", v.p, v.x - v.y),
+      lambda a: _matvec(a.p, a.x - a.y), pdim=9),
+    R("MatVecMult", lambda v: apply("MatVecMult", v.w, v.y), lambda a: _matvec(a.w, a.y), "ij"),
+    R("MatVecMult", lambda v: apply("MatVecMult", v.x, v.t), lambda a: _matvec(a.x, a.t),
+      "col"),
+    # ---------------------------------------------------------------- composites (MACROS)
+    R("SqNorm2", lambda v: apply("SqNorm2", v.x - v.y), lambda a: _sqn(a.x - a.y)),
+    R("Scalprod", lambda v: apply("Scalprod", v.x, v.y), lambda a: (a.x * a.y).sum(-1)[..., None]),
+    R("SqDist", lambda v: apply("SqDist", v.x, v.y), lambda a: _sqn(a.x - a.y)),
+    R("Norm2", lambda v: apply("Norm2", v.x - v.y), lambda a: np.sqrt(_sqn(a.x - a.y))),
+    R("Norm2", lambda v: apply("Norm2", v.x - v.y), lambda a: np.sqrt(_sqn(a.x - a.y)), "int",
+      x="int1", y="int1"),
+    R("Normalize", lambda v: apply("Normalize", v.x - v.y), lambda a: _normalize(a.x - a.y)),
+    R("Normalize", lambda v: apply("Normalize", v.x - v.y), lambda a: _normalize(a.x - a.y),
+      "zeros", x="int1", y="int1"),
+    R("SqNormIso", lambda v: apply("SqNormIso", v.s, v.x - v.y),
+      lambda a: a.s * _sqn(a.x - a.y)),
+    R("SqNormDiag", lambda v: apply("SqNormDiag", v.p, v.x - v.y),
+      lambda a: (a.p * (a.x - a.y) ** 2).sum(-1, keepdims=True)),
+    R("SymSqNorm", lambda v: apply("SymSqNorm", v.p, v.x - v.y),
+      lambda a: _symsqnorm(a.p, a.x - a.y), pdim=9),
+    R("SymSqNorm", lambda v: apply("SymSqNorm", v.w, v.x - v.y),
+      lambda a: _symsqnorm(a.w, a.x - a.y), "i"),
+    R("WeightedSqNorm", lambda v: apply("WeightedSqNorm", v.p, v.x - v.y),
+      lambda a: a.p * _sqn(a.x - a.y), "iso", pdim=1, p="pos"),
+    R("WeightedSqNorm", lambda v: apply("WeightedSqNorm", v.p, v.x - v.y),
+      lambda a: (a.p * (a.x - a.y) ** 2).sum(-1, keepdims=True), "diag", pdim=3),
+    R("WeightedSqNorm", lambda v: apply("WeightedSqNorm", v.p, v.x - v.y),
+      lambda a: _symsqnorm(a.p, a.x - a.y), "sym", pdim=9),
+    R("WeightedSqDist", lambda v: apply("WeightedSqDist", v.p, v.x, v.y),
+      lambda a: (a.p * (a.x - a.y) ** 2).sum(-1, keepdims=True), pdim=3),
+    R("WeightedSqDist", lambda v: apply("WeightedSqDist", v.s, v.x, v.y),
+      lambda a: a.s * _sqn(a.x - a.y), "iso_i"),
+    R("Elem", lambda v: apply("Elem", v.x * v.y, 2), lambda a: (a.x * a.y)[..., 2:3]),
+    R("Elem", lambda v: apply("Elem", v.y - v.s, 0), lambda a: (a.y - a.s)[..., 0:1], "first"),
+    R("IntInv", lambda v: apply("Mult", apply("IntInv", 3), v.x - v.y),
+      lambda a: (a.x - a.y) / 3),
+]
+
+# Ops that appear in both tables (Extract, OneHot, Pow) are covered by one name.
+ALL_NAMES = sorted(set(OPS) | set(MACROS))
+
+
+def test_table_covers_every_op():
+    covered = {r.op for r in ROWS}
+    missing = [n for n in ALL_NAMES if n not in covered]
+    assert not missing, f"ops without a row in tests/test_ops.py: {missing}"
+    unknown = covered - set(ALL_NAMES)
+    assert not unknown, f"rows naming no op: {unknown}"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_row_uses_its_op(row):
+    """A primitive op's row keeps that op in its formula (no simplification ate it)."""
+    f = row.build(variables(row.pdim))
+    assert f.deps == 3, "each row's F must depend on both i and j (else M or N is 1)"
+    if row.op in OPS and row.variant not in ("macro2",):
+        assert any(n.op == row.op for n in walk(f)), f"{row.op} not in {f}"
+
+
+# --------------------------------------------------------------------------- data
+
+def _draw(rng: np.random.Generator, kind: str, shape: tuple) -> np.ndarray:
+    if kind == "normal":
+        return rng.standard_normal(shape)
+    if kind == "int":
+        return rng.integers(-2, 3, shape).astype(float)
+    if kind == "int1":
+        return rng.integers(-1, 2, shape).astype(float)
+    if kind == "pos":
+        return rng.uniform(0.5, 2.0, shape)
+    if kind == "posz":
+        a = rng.uniform(0.5, 2.0, shape)
+        a[rng.random(shape) < 0.2] = 0.0
+        return a
+    if kind == "nonzero":
+        return rng.uniform(0.5, 2.0, shape) * rng.choice([-1.0, 1.0], shape)
+    if kind == "small":
+        return rng.uniform(-1.5, 1.5, shape)
+    if kind == "onehot":  # near the integers -1..5, never near a .5 rounding boundary
+        return rng.integers(-1, 4, shape) + rng.uniform(-0.2, 0.2, shape)
+    raise ValueError(kind)
+
+
+def make_data(row: Row, M: int, N: int, dtype: str, seed: int = 0) -> dict:
+    """numpy arrays of the row's variables in ``dtype``, with repeated rows (ties)."""
+    rng = np.random.default_rng(seed)
+    shapes = {"x": (M, 3), "y": (N, 3), "s": (M, 1), "t": (N, 1), "p": (row.pdim,),
+              "w": (M, 9)}
+    data = {}
+    for name in NAMES:
+        a = _draw(rng, row.dom.get(name, "normal"), shapes[name])
+        if a.ndim == 2 and a.shape[0] > 2:
+            a[1] = a[0]  # a repeated row
+        data[name] = a.astype(dtype)
+    return data
+
+
+def oracle_sum(row: Row, data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ_j F_ij, Σ_j |F_ij|) in float64 from the (possibly float32) inputs."""
+    a = SimpleNamespace(
+        x=as64(data["x"])[:, None, :], y=as64(data["y"])[None, :, :],
+        s=as64(data["s"])[:, None, :], t=as64(data["t"])[None, :, :],
+        p=as64(data["p"])[None, None, :], w=as64(data["w"])[:, None, :])
+    M, N = data["x"].shape[0], data["y"].shape[0]
+    with np.errstate(all="ignore"):
+        F = np.asarray(row.oracle(a), dtype=np.float64)
+    F = np.broadcast_to(F, (M, N, F.shape[-1]))
+    assert np.isfinite(F).all(), f"row {row.id}: the oracle is not finite on its domain"
+    return F.sum(1), np.abs(F).sum(1)
+
+
+def reduce_sum(row: Row, data: dict, backend: str, lib: str = "numpy", dtype: str = "float64"):
+    f = row.build(variables(row.pdim))
+    arrays = [to_lib(data[n], lib, dtype) for n in NAMES]
+    (out,) = run(Request("Sum", f, axis=1), arrays, backend=backend)
+    return out
+
+
+SIZES = [(7, 1000), (13, 33)]
+
+
+@pytest.mark.parametrize("M,N", SIZES, ids=[f"{m}x{n}" for m, n in SIZES])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_op_sum_cpu_reference_dense(row, dtype, M, N):
+    data = make_data(row, M, N, dtype, seed=M * 7 + N)
+    want, mag = oracle_sum(row, data)
+    cpu = reduce_sum(row, data, "cpu", dtype=dtype)
+    ref = reduce_sum(row, data, "reference", dtype=dtype)
+    check_type(cpu, "numpy", dtype)
+    check_type(ref, "numpy", dtype)
+    assert cpu.shape == want.shape == ref.shape, (cpu.shape, ref.shape, want.shape)
+    assert_close(ref, want, dtype, mag=mag, err_msg=f"reference vs dense, {row.id}")
+    assert_close(cpu, want, dtype, mag=mag, err_msg=f"cpu vs dense, {row.id}")
+    assert_close(cpu, ref, dtype, mag=mag, err_msg=f"cpu vs reference, {row.id}")
+
+
+@requires_torch
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_op_sum_torch(row):
+    dtype = "float32"
+    data = make_data(row, 9, 70, dtype, seed=3)
+    want, mag = oracle_sum(row, data)
+    for backend in ("cpu", "reference"):
+        out = reduce_sum(row, data, backend, lib="torch", dtype=dtype)
+        check_type(out, "torch", dtype)
+        assert_close(out, want, dtype, mag=mag, err_msg=f"torch {backend}, {row.id}")
+
+
+# --------------------------------------------------------------------------- simplifications
+
+X = Var(0, 3, 0)
+Y = Var(1, 3, 1)
+S = Var(2, 1, 0)
+
+
+def test_mult_by_zero_is_zero_constant_of_the_right_dim():
+    z = X * 0
+    assert z.is_const and z.value == 0 and z.dim == 3
+    z = 0 * S
+    assert z.is_const and z.value == 0 and z.dim == 1
+    z = S * Const(0, 3)  # broadcast: the zero keeps dim 3
+    assert z.is_const and z.value == 0 and z.dim == 3
+    assert (X * 0) is Const(0, 3)
+
+
+def test_neutral_elements_return_the_operand():
+    assert (X * 1) is X
+    assert (1 * X) is X
+    assert (X + 0) is X
+    assert (0 + X) is X
+    assert (X - 0) is X
+    assert (X / 1) is X
+    assert (-(-X)) is X
+    assert (0 - X) is (-X)
+
+
+def test_neutral_elements_never_change_the_dim():
+    # s (dim 1) * Const(1, 3) has dim 3: it cannot simplify to s.
+    f = S * Const(1, 3)
+    assert f.dim == 3 and f is not S
+    g = S + Const(0, 3)
+    assert g.dim == 3 and g is not S
+
+
+def test_constant_folding():
+    assert apply("Exp", Const(0)) is Const(1)
+    assert Const(2) + Const(3) is Const(5)
+    assert Const(2) * Const(3) is Const(6)
+    assert apply("Sqrt", Const(4)) is Const(2)
+    assert Const(1) / Const(3) is Const(Fraction(1, 3))
+    assert apply("Cos", Const(0)) is Const(1)
+    c = apply("Exp", Const(1))
+    assert c.is_const and math.isclose(float(c.value), math.e, rel_tol=1e-15)
+    # Not foldable (log of a negative): left as a node, not an exception
+    f = apply("Log", Const(-1))
+    assert f.op == "Log"
+
+
+def test_exact_constant_divisor_becomes_multiplier():
+    assert (X / 2) is (Const(Fraction(1, 2)) * X)
+
+
+def test_hash_consing():
+    assert (X + Y) is (X + Y)
+    assert Var(0, 3, 0) is X
+    assert Var(0, 2, 0) is not X
+    assert apply("SqDist", X, Y) is apply("SqDist", X, Y)
+    assert apply("Exp", -apply("SqDist", X, Y)) is apply("Exp", -apply("SqDist", X, Y))
+    assert (X + Y) is not (Y + X)
+    assert hash(X + Y) == hash(X + Y)
+    d = {X + Y: 1}
+    assert d[X + Y] == 1
