@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import TORCH, as64, assert_close, check_type, requires_torch, to_lib
+from conftest import as64, assert_close, check_type, requires_torch, to_lib
 from lazymat.formula import MACROS, OPS, Const, Var, apply, make, walk
 from lazymat.plan import Request, run
 
@@ -104,6 +104,11 @@ ROWS = [
     R("Minus", lambda v: -(v.x - v.y), lambda a: -(a.x - a.y)),
     # ---------------------------------------------------------------- unary math
     R("Exp", lambda v: apply("Exp", v.x - v.y), lambda a: np.exp(a.x - a.y)),
+    R("Exp", lambda v: apply("Exp", v.p) * apply("SqNorm2", v.x) + apply("Sin", v.y) * v.s,
+      lambda a: np.exp(a.p) * _sqn(a.x) + np.sin(a.y) * a.s, "levels"),  # nodes per p, i, j
+    R("Exp", lambda v: apply("Exp", apply("Sum", v.p) * apply("Sum", v.y - v.p)) * v.x,
+      lambda a: np.exp(a.p.sum(-1, keepdims=True) * (a.y - a.p).sum(-1, keepdims=True)) * a.x,
+      "param_j", p="small", y="small"),
     R("Log", lambda v: apply("Log", v.x * v.t), lambda a: np.log(a.x * a.t), x="pos", t="pos"),
     R("Sqrt", lambda v: apply("Sqrt", v.x * v.t), lambda a: np.sqrt(a.x * a.t),
       x="posz", t="pos"),

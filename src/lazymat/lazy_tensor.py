@@ -20,7 +20,7 @@ from typing import Any
 from . import plan
 from .arraylib import is_torch, lib_of
 from .errors import ShapeError
-from .formula import I_CAT, J_CAT, P_CAT, Const, Node, Var, apply, make, substitute, variables
+from .formula import I_CAT, J_CAT, P_CAT, Const, Node, Var, apply, substitute, variables, walk
 
 _ROLE = {I_CAT: "Vi", J_CAT: "Vj", P_CAT: "Pm"}
 _float_uids: dict[float, int] = {}
@@ -86,10 +86,7 @@ class LazyTensor:
         return self.formula.dim
 
     def _size(self, cat: int) -> int:
-        for leaf in self._leaves.values():
-            if leaf.cat == cat:
-                return leaf.rows
-        return 1
+        return _rows(self._leaves, cat) or 1
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -237,7 +234,9 @@ class LazyTensor:
                                                  operands[1].formula if weight is not None
                                                  else None, leaves)
         req = plan.Request(name, formula, axis=dim, K=K, weight=weight_f)
-        outs = plan.run(req, arrays, names=names, backend=backend, out=out)
+        sizes = (_rows(leaves, I_CAT), _rows(leaves, J_CAT))
+        outs = plan.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
+                        like=next(leaf.array for leaf in leaves.values() if leaf.array is not None))
         return outs[0] if len(outs) == 1 else outs
 
     def sum(self, dim: int | None = -1, **kw):
@@ -407,9 +406,14 @@ def _renumber(formula: Node, weight: Node | None):
     if hit is not None:
         _bind_memo.move_to_end(key)
         return hit
-    used = variables(formula) + (variables(weight) if weight is not None else ())
-    slots = sorted({(v.params[0], v.params[2]) for v in used})
-    position = {slot: pos for pos, slot in enumerate(slots)}
+    # Positions follow the first appearance in a walk of the formula, which depends on its
+    # structure only: the same expression on other arrays gives the same kernel.
+    used = [n for root in (formula, weight) if root is not None for n in walk(root)
+            if n.op == "Var"]
+    position: dict[tuple[int, int], int] = {}
+    for v in used:
+        position.setdefault((v.params[0], v.params[2]), len(position))
+    slots = list(position)
     mapping = {v: Var(position[(v.params[0], v.params[2])], v.params[1], v.params[2])
                for v in used}
     f = substitute(formula, mapping)
@@ -424,7 +428,9 @@ def _bind(formula: Node, weight: Node | None, leaves: dict[tuple[int, int], _Lea
     """The renumbered formulas, their arrays by position, and names for error messages."""
     f, g, slots = _renumber(formula, weight)
     chosen = [leaves[slot] for slot in slots]
-    like = next((leaf.array for leaf in chosen if leaf.array is not None), None)
+    # A simplification (x * 0) may have removed every variable: the leaves still give the
+    # library, dtype and sizes.
+    like = next((leaf.array for leaf in leaves.values() if leaf.array is not None), None)
     if like is None:
         raise ShapeError("this formula has no array variable: nothing to reduce")
     arrays, names = [], []
@@ -436,6 +442,14 @@ def _bind(formula: Node, weight: Node | None, leaves: dict[tuple[int, int], _Lea
             arrays.append(leaf.array)
             names.append(f"{_ROLE[leaf.cat]} operand #{pos} (shape {tuple(leaf.array.shape)})")
     return f, g, arrays, names
+
+
+def _rows(leaves: dict[tuple[int, int], _Leaf], cat: int) -> int | None:
+    """M (cat 0) or N (cat 1) of a set of leaves; None if no leaf has that category."""
+    for leaf in leaves.values():
+        if leaf.cat == cat:
+            return leaf.rows
+    return None
 
 
 def _index(i: int, dim: int) -> int:

@@ -102,16 +102,17 @@ def _arguments(req: Request) -> dict[int, Node]:
     return by_pos
 
 
-def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str]):
+def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str],
+              sizes: tuple[int | None, int | None], like: Any):
     """Check the arrays against the formula's variables; return (M, N, dtype, xp)."""
     by_pos = _arguments(req)
     if by_pos and max(by_pos) >= len(arrays):
         raise ShapeError(f"the formula uses argument {max(by_pos)} "
                          f"({names[max(by_pos)] if max(by_pos) < len(names) else '?'}) "
                          f"but only {len(arrays)} arrays were given")
-    if not arrays:
+    if not arrays and like is None:
         raise ShapeError("a reduction needs at least one array (to know M, N and the dtype)")
-    first = arrays[0]
+    first = arrays[0] if arrays else like
     xp = lib_of(first)
     dtype, device = _dtype_name(first), _device(first)
     for a, name in zip(arrays, names):
@@ -129,7 +130,7 @@ def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str]):
                              f"all arrays of a reduction must share one dtype")
         if _device(a) != device:
             raise DtypeError(f"{name} is on device {_device(a)} but {names[0]} is on {device}")
-    sizes: dict[int, tuple[int, str]] = {}
+    seen: dict[int, tuple[int, str]] = {}
     for pos, v in sorted(by_pos.items()):
         _, dim, cat = v.params
         a, name = arrays[pos], names[pos]
@@ -142,14 +143,14 @@ def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str]):
         if len(shape) != 2 or shape[1] != dim:
             raise ShapeError(f"{name} is {'an i' if cat == I_CAT else 'a j'}-variable of dim "
                              f"{dim}: expected shape (n, {dim}), got {shape}")
-        if cat in sizes and sizes[cat][0] != shape[0]:
-            other = sizes[cat][1]
+        if cat in seen and seen[cat][0] != shape[0]:
+            other = seen[cat][1]
             letter = "M" if cat == I_CAT else "N"
-            raise ShapeError(f"{name} has {shape[0]} rows but {other} has {sizes[cat][0]}: "
+            raise ShapeError(f"{name} has {shape[0]} rows but {other} has {seen[cat][0]}: "
                              f"all {'i' if cat == I_CAT else 'j'}-variables must share {letter}")
-        sizes.setdefault(cat, (shape[0], name))
-    M = sizes.get(I_CAT, (1, ""))[0]
-    N = sizes.get(J_CAT, (1, ""))[0]
+        seen.setdefault(cat, (shape[0], name))
+    M = seen.get(I_CAT, (sizes[0] or 1, ""))[0]
+    N = seen.get(J_CAT, (sizes[1] or 1, ""))[0]
     return M, N, dtype, xp
 
 
@@ -208,11 +209,17 @@ def _have_compiler() -> bool:
 
 
 def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
-        backend: str = "auto", out: Any = None) -> tuple:
-    """Run a reduction; returns a tuple of outputs (values and/or int64 indices)."""
+        backend: str = "auto", out: Any = None,
+        sizes: tuple[int | None, int | None] = (None, None), like: Any = None) -> tuple:
+    """Run a reduction; returns a tuple of outputs (values and/or int64 indices).
+
+    ``sizes`` gives M and N when no i- (or j-) variable is left in the formula (else 1);
+    ``like`` the library and dtype when no array is left at all.
+    """
     check_request(req)
     names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
-    M, N, dtype, xp = _validate(req, arrays, names)
+    M, N, dtype, xp = _validate(req, arrays, names, sizes, like)
+    like = arrays[0] if arrays else like
     red = req.definition
     if red.needs_k and req.K > (N if req.axis == 1 else M):
         raise ShapeError(f"{red.name}: K = {req.K} is larger than the number of "
@@ -223,23 +230,23 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
         formula = _swap_categories(formula)
         weight = _swap_categories(weight) if weight is not None else None
         M, N = N, M
-    which = choose_backend(backend, xp, arrays[0])
+    which = choose_backend(backend, xp, like)
     wdim = weight.dim if weight is not None else None
     shapes = red.out_dims(formula.dim, req.K, wdim)
     if out is not None:
-        _check_out(out, (M,) + _squeezed(shapes[0][1], red), arrays[0], shapes[0][0])
+        _check_out(out, (M,) + _squeezed(shapes[0][1], red), like, shapes[0][0])
     if M == 0 or N == 0:
         outs = tuple(
-            xp.full((M,) + shape, fill, like=arrays[0], dtype=xp.int64 if kind == "index" else None)
+            xp.full((M,) + shape, fill, like=like, dtype=xp.int64 if kind == "index" else None)
             for (kind, shape), fill in zip(shapes, red.identity))
     elif which == "reference":
         from .backends import reference
 
-        outs = reference.run(red, formula, weight, req.K, arrays, M, N, xp)
+        outs = reference.run(red, formula, weight, req.K, arrays, M, N, xp, like)
     else:
         from .backends import cpu
 
-        outs = cpu.run(red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes)
+        outs = cpu.run(red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes, like)
     outs = tuple(o.reshape((M,) + _squeezed(shape, red)) for o, (_, shape) in zip(outs, shapes))
     if out is not None:
         out[...] = outs[0]

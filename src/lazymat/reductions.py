@@ -110,7 +110,7 @@ REDUCTIONS["Sum"] = ReductionDef(
 
 def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
     op = "<" if smaller else ">"
-    pick = xp_pick = "amin" if smaller else "amax"
+    xp_pick = "amin" if smaller else "amax"
     arg_pick = "argmin" if smaller else "argmax"
     init = "INFINITY_T" if smaller else "-INFINITY_T"
     worst = INF if smaller else -INF
@@ -130,8 +130,9 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
         return tuple(v if o == "value" else i for o in outputs)
 
     def decl(rc):
+        # Index 0 to start with: a row whose values are all +inf (-inf) is attained at j = 0.
         return [f"{rc.T} best[{rc.D}][LANES]; long long arg[{rc.D}][LANES];",
-                _loop("k", rc.D, _loop("l", "LANES", f"{{ best[k][l] = {init}; arg[k][l] = -1; }}"))]
+                _loop("k", rc.D, _loop("l", "LANES", f"{{ best[k][l] = {init}; arg[k][l] = 0; }}"))]
 
     def tile(rc):
         return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
@@ -183,9 +184,10 @@ def _kmin(name: str, outputs: tuple[str, ...]):
         return tuple(v if o == "value" else i for o in outputs)
 
     def decl(rc):
+        # Indices 0..K-1 to start with: values equal to +inf keep their first positions.
         return [f"{rc.T} kv[{rc.D}][{rc.K}][LANES]; long long ki[{rc.D}][{rc.K}][LANES];",
                 _loop("k", rc.D, _loop("r", rc.K, _loop(
-                    "l", "LANES", "{ kv[k][r][l] = INFINITY_T; ki[k][r][l] = -1; }")))]
+                    "l", "LANES", "{ kv[k][r][l] = INFINITY_T; ki[k][r][l] = r; }")))]
 
     def tile(rc):
         # Cheap threshold test against the current K-th value; sorted insertion only
@@ -229,7 +231,7 @@ _kmin("KMin_ArgKMin", ("value", "index"))
 def _shifted_exp_block(xp, values, weights, j0, K=None):
     # values (m, n, 1), weights (m, n, E) or None: (max, Σ exp(F - max) [G])
     mx = xp.amax(values, 1)  # (m, 1)
-    safe = xp.where(xp.isneginf(mx), mx * 0, mx)
+    safe = xp.where(xp.isneginf(mx), 0.0, mx)  # a row of -inf values shifts by 0, not NaN
     e = xp.exp(values - xp.expand_dims(safe, 1))
     s = xp.sum(e if weights is None else e * weights, 1)
     s0 = xp.sum(e, 1)
@@ -239,7 +241,7 @@ def _shifted_exp_block(xp, values, weights, j0, K=None):
 def _shifted_exp_merge(xp, a, b, K=None):
     (ma, s0a, sa), (mb, s0b, sb) = a, b
     m = xp.maximum(ma, mb)
-    safe = xp.where(xp.isneginf(m), m * 0, m)
+    safe = xp.where(xp.isneginf(m), 0.0, m)
     fa, fb = xp.exp(ma - safe), xp.exp(mb - safe)
     return m, s0a * fa + s0b * fb, sa * fa + sb * fb
 
@@ -279,7 +281,7 @@ def _lse_tile(rc):
 
 def _lse_finalize(xp, state):
     m, s0, s = state
-    safe = xp.where(xp.isneginf(m), m * 0, m)
+    safe = xp.where(xp.isneginf(m), 0.0, m)
     with xp.errstate():
         return (xp.where(xp.isneginf(m), m + s * 0, safe + xp.log(s)),)
 

@@ -6,7 +6,6 @@ ctypes releases the GIL during the call; the kernel threads with OpenMP.
 from __future__ import annotations
 
 import ctypes
-import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -53,7 +52,7 @@ def _pointer(a: Any, keep: list) -> int:
 
 def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         arrays: Sequence[Any], M: int, N: int, dtype: str, xp: Any,
-        shapes: list[tuple[str, tuple[int, ...]]]) -> tuple:
+        shapes: list[tuple[str, tuple[int, ...]]], like: Any) -> tuple:
     from ..plan import num_threads
 
     key = (red.name, formula, weight, K, dtype, len(arrays))
@@ -64,7 +63,6 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
             KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, len(arrays))))
     keep: list = []
     ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[_pointer(a, keep) for a in arrays])
-    like = arrays[0]
     outs = [xp.empty((M,) + shape, like=like, dtype=xp.int64 if kind == "index" else None)
             for kind, shape in shapes]
     values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]

@@ -50,9 +50,8 @@ def _block_sizes(roots: list[Node], M: int, N: int, itemsize: int) -> tuple[int,
 
 
 def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
-        arrays: Sequence[Any], M: int, N: int, xp: Any) -> tuple:
+        arrays: Sequence[Any], M: int, N: int, xp: Any, like: Any) -> tuple:
     """Outputs of ``red`` over j of ``formula`` (categories already oriented: 0 = output)."""
-    like = arrays[0]
     roots = [formula] + ([weight] if weight is not None else [])
     rows_per, cols_per = _block_sizes(roots, M, N, like.dtype.itemsize)
     pieces: list[tuple] = []
