@@ -85,7 +85,8 @@ def main(full: bool = False) -> None:
     print(f"| cold compile of a new formula (median of {len(colds)}) | "
           f"{statistics.median(colds) * 1e3:.0f} ms (min {min(colds) * 1e3:.0f}, "
           f"max {max(colds) * 1e3:.0f}) | ≤ 1 s (pykeops: 10–25 s) |")
-    print(f"| warm call, M = N = 100, LazyTensor built each call | {warm * 1e6:.0f} µs | ≤ 100 µs |")
+    print(f"| warm call, M = N = 100, LazyTensor built each call | {warm * 1e6:.0f} µs "
+          "| ≤ 100 µs |")
     print(f"| warm call, M = N = 100, K @ b on a built LazyTensor | {warm_bound * 1e6:.0f} µs | |")
     print(f"| warm call, M = N = 100, Genred | {warm_genred * 1e6:.0f} µs | |")
 

@@ -149,6 +149,7 @@ def test_cache_clear_empties_dir() -> None:
 
 def test_health_report_keys() -> None:
     report = health_report()
-    assert set(report) == {"compiler", "openmp", "cache_dir", "cache_writable", "torch", "cuda", "numpy"}
+    assert set(report) == {"compiler", "openmp", "cache_dir", "cache_writable", "torch", "cuda",
+                           "numpy"}
     assert report["cache_writable"] is True
     assert isinstance(report["openmp"], bool)

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import (
+    TORCH,
+    as64,
+    assert_close,
+    check_index,
+    check_type,
+    requires_torch,
+    sqdist,
+    to_lib,
+    to_np,
+)
 
 import lazymat as lm
-from conftest import (TORCH, as64, assert_close, check_index, check_type, requires_torch,
-                      sqdist, to_lib, to_np)
 from lazymat import LazyTensor, Pm, Vi, Vj
 from lazymat.backends import cpu as cpu_backend
 from lazymat.compile import stats

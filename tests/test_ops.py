@@ -23,8 +23,8 @@ from typing import Callable
 
 import numpy as np
 import pytest
-
 from conftest import as64, assert_close, check_type, requires_torch, to_lib
+
 from lazymat.formula import MACROS, OPS, Const, Var, apply, make, walk
 from lazymat.plan import Request, run
 

@@ -13,8 +13,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lazymat.errors import FormulaSyntaxError, ShapeError
-from lazymat.formula import (Const, Elem, Extract, IntInv, Node, OneHot, Pow, Scalprod, SqDist,
-                             SqNorm2, Var, make, to_string)
+from lazymat.formula import (
+    Const,
+    Elem,
+    Extract,
+    IntInv,
+    Node,
+    OneHot,
+    Pow,
+    Scalprod,
+    SqDist,
+    SqNorm2,
+    Var,
+    make,
+    to_string,
+)
 from lazymat.formula.parser import parse_alias, parse_formula
 
 x = Var(0, 3, 0)

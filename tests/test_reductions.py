@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from conftest import TORCH, as64, assert_close, check_index, check_type, requires_torch, to_lib
 
 import lazymat as lm
-from conftest import TORCH, as64, assert_close, check_index, check_type, requires_torch, to_lib
 from lazymat.formula import Var, apply
 from lazymat.plan import Request, run
 from lazymat.reductions import REDUCTIONS

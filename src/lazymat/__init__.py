@@ -9,8 +9,7 @@
 
 from __future__ import annotations
 
-from .errors import (CompileError, DtypeError, FormulaSyntaxError, LazymatError,
-                     ShapeError)
+from .errors import CompileError, DtypeError, FormulaSyntaxError, LazymatError, ShapeError
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
 from .lazy_tensor import LazyTensor, Pm, Vi, Vj
 

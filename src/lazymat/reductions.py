@@ -216,7 +216,8 @@ def _kmin(name: str, outputs: tuple[str, ...]):
     REDUCTIONS[name] = ReductionDef(
         name, True, "none", False,
         out_dims=lambda fdim, K, wdim: [(o, (K, fdim)) for o in outputs],
-        identity=tuple(INF if o == "value" else -1 for o in outputs), block=block, merge=merge, finalize=finalize,
+        identity=tuple(INF if o == "value" else -1 for o in outputs),
+        block=block, merge=merge, finalize=finalize,
         c_decl=decl, c_tile=tile, c_store=store,
         doc=f"the K smallest F_ij over j, ascending ({', '.join(outputs)})")
 

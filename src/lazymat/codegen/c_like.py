@@ -172,7 +172,8 @@ LM_INLINE double lm_exp(double x) {{
   r = r - n * 1.90821492927058770002e-10;
   double p = c[0];
   for (int q = 1; q < 14; q++) p = p * r + c[q];
-  long long bits = __builtin_bit_cast(long long, p) + (long long)((unsigned long long)(long long)n << 52);
+  long long bits = __builtin_bit_cast(long long, p)
+                   + (long long)((unsigned long long)(long long)n << 52);
   double y = __builtin_bit_cast(double, bits);
   y = x < -708.0 ? 0.0 : y;
   y = x > 709.78 ? __builtin_inf() : y;
@@ -195,7 +196,9 @@ LM_INLINE float lm_pow(float x, float y) {{ return __builtin_powf(x, y); }}
 LM_INLINE double lm_pow(double x, double y) {{ return __builtin_pow(x, y); }}
 LM_INLINE float lm_round(float x) {{ return __builtin_rintf(x); }}
 LM_INLINE double lm_round(double x) {{ return __builtin_rint(x); }}
-template <typename F> LM_INLINE F lm_clamp(F x, F lo, F hi) {{ x = x < lo ? lo : x; return x > hi ? hi : x; }}
+template <typename F> LM_INLINE F lm_clamp(F x, F lo, F hi) {{
+  x = x < lo ? lo : x; return x > hi ? hi : x;
+}}
 template <typename F> LM_INLINE F lm_powi(F x, int n) {{
   F base = n < 0 ? (F)1 / x : x; unsigned e = n < 0 ? -n : n; F r = 1;
   while (e) {{ if (e & 1) r *= base; base *= base; e >>= 1; }}

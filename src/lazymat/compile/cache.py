@@ -259,7 +259,8 @@ def load_library(source: str, *, name: str = "kernel") -> ctypes.CDLL:
         try:
             lib = ctypes.CDLL(str(so))
         except OSError as e:
-            raise CompileError(f"cannot load compiled kernel {so} (source {so.with_suffix('.cpp')}): {e}") from e
+            raise CompileError(f"cannot load compiled kernel {so} "
+                               f"(source {so.with_suffix('.cpp')}): {e}") from e
     _memo[key] = lib
     return lib
 
