@@ -224,7 +224,57 @@ ROWS = [
     R("Elem", lambda v: apply("Elem", v.y - v.s, 0), lambda a: (a.y - a.s)[..., 0:1], "first"),
     R("IntInv", lambda v: apply("Mult", apply("IntInv", 3), v.x - v.y),
       lambda a: (a.x - a.y) / 3),
+    R("VecMatMult", lambda v: apply("VecMatMult", v.x - v.y, v.p),
+      lambda a: _vecmat(a.x - a.y, a.p), pdim=9),
+    R("VecMatMult", lambda v: apply("VecMatMult", v.y, v.w), lambda a: _vecmat(a.y, a.w), "ij"),
+    R("TensorProd", lambda v: apply("TensorProd", v.x, v.y - v.t),
+      lambda a: _tensorprod(a.x, a.y - a.t)),
+    # ---------------------------------------------------------------- symbolic calculus
+    # of g(x, y) = exp(-|x - y|^2) s_i t_j, whose derivatives are written by hand here
+    R("Grad", lambda v: apply("Grad", _gauss(v), v.x, v.t),
+      lambda a: -2 * (a.x - a.y) * _gauss_np(a) * a.t),
+    R("Grad", lambda v: apply("Grad", _gauss(v), v.y, Const(1)),
+      lambda a: 2 * (a.x - a.y) * _gauss_np(a), "j"),
+    R("Diff", lambda v: apply("Diff", _gauss(v), v.x, v.y),
+      lambda a: -2 * ((a.x - a.y) * a.y).sum(-1, keepdims=True) * _gauss_np(a)),
+    R("GradMatrix", lambda v: apply("GradMatrix", apply("Exp", v.x - v.y), v.x),
+      lambda a: _diag_rows(np.exp(a.x - a.y))),
+    R("Divergence", lambda v: apply("Divergence", (v.x - v.y) * _gauss(v), v.x),
+      lambda a: (3 - 2 * _sqn(a.x - a.y)) * _gauss_np(a)),
+    R("Laplacian", lambda v: apply("Laplacian", _gauss(v), v.x),
+      lambda a: (4 * _sqn(a.x - a.y) - 6) * _gauss_np(a)),
 ]
+
+
+def _gauss(v):
+    return apply("Exp", -apply("SqDist", v.x, v.y)) * v.s
+
+
+def _gauss_np(a):
+    return np.exp(-_sqn(a.x - a.y)) * a.s
+
+
+def _diag_rows(e):
+    """GradMatrix of an elementwise map: row k = e_k on the k-th basis vector."""
+    out = np.zeros(e.shape[:-1] + (9,))
+    for k in range(3):
+        out[..., 4 * k] = e[..., k]
+    return out
+
+
+def _vecmat(b, a):
+    m = b.shape[-1]
+    shape = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    a = np.broadcast_to(a, shape + a.shape[-1:])
+    b = np.broadcast_to(b, shape + b.shape[-1:])
+    return (a.reshape(shape + (m, a.shape[-1] // m)) * b[..., :, None]).sum(-2)
+
+
+def _tensorprod(a, b):
+    shape = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    a = np.broadcast_to(a, shape + a.shape[-1:])
+    b = np.broadcast_to(b, shape + b.shape[-1:])
+    return (a[..., :, None] * b[..., None, :]).reshape(shape + (a.shape[-1] * b.shape[-1],))
 
 # Ops that appear in both tables (Extract, OneHot, Pow) are covered by one name.
 ALL_NAMES = sorted(set(OPS) | set(MACROS))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from . import plan
+from . import autograd, plan
 from .errors import FormulaSyntaxError, ShapeError
 from .formula import Node, Var
 from .formula.parser import parse_alias, parse_formula
@@ -82,7 +82,7 @@ class Genred:
                              f"({', '.join(self._label(p) for p in range(self._n_args))}), "
                              f"got {len(args)}")
         names = [self._label(p) for p in range(len(args))]
-        outs = plan.run(self.request, list(args), names=names, backend=backend, out=out)
+        outs = autograd.run(self.request, list(args), names=names, backend=backend, out=out)
         return outs[0] if len(outs) == 1 else outs
 
     def _label(self, pos: int) -> str:

@@ -17,7 +17,7 @@ import math
 from collections import OrderedDict
 from typing import Any
 
-from . import plan
+from . import autograd, plan
 from .arraylib import is_torch, lib_of
 from .errors import ShapeError
 from .formula import I_CAT, J_CAT, P_CAT, Const, Node, Var, apply, substitute, variables, walk
@@ -235,7 +235,7 @@ class LazyTensor:
                                                  else None, leaves)
         req = plan.Request(name, formula, axis=dim, K=K, weight=weight_f)
         sizes = (_rows(leaves, I_CAT), _rows(leaves, J_CAT))
-        outs = plan.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
+        outs = autograd.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
                         like=next(leaf.array for leaf in leaves.values() if leaf.array is not None))
         return outs[0] if len(outs) == 1 else outs
 

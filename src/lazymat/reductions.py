@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .formula import Node, make
+
 INF = float("inf")
 
 
@@ -39,6 +41,14 @@ class ReductionDef:
     c_tile: Callable[[Any], list[str]]
     c_store: Callable[[Any], list[str]]
     doc: str = ""
+    # Gradient rule. Sum-like reductions give ``cotangents(F, W, G, O, L)``: the cotangents
+    # of the formula F and the weight W, from the output cotangent G, the saved output O and
+    # (softmax) the log-normalizer L, all formulas in the output index. Selection reductions
+    # (Min, KMin, ...) name ``selects_with``, the reduction that also returns the selected
+    # indices: the gradient flows to those pairs only. Neither: no gradient (Arg*).
+    cotangents: Callable[..., tuple[Node, Node | None]] | None = None
+    selects_with: str | None = None
+    needs_log_normalizer: bool = False
 
     @property
     def has_index(self) -> bool:
@@ -103,7 +113,8 @@ REDUCTIONS["Sum"] = ReductionDef(
     out_dims=lambda fdim, K, wdim: [("value", (fdim,))], identity=(0.0,),
     block=_sum_block, merge=lambda xp, a, b, K=None: a + b, finalize=lambda xp, s: (s,),
     c_decl=_sum_decl, c_tile=_sum_tile, c_store=_sum_store,
-    doc="Σ_j F_ij, per component")
+    doc="Σ_j F_ij, per component",
+    cotangents=lambda F, W, G, O, L: (G, None))
 
 
 # --------------------------------------------------------------------------- Min / Max and arg
@@ -154,7 +165,9 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
         out_dims=lambda fdim, K, wdim: [(o, (fdim,)) for o in outputs],
         identity=tuple(worst if o == "value" else -1 for o in outputs),
         block=block, merge=merge, finalize=finalize, c_decl=decl, c_tile=tile, c_store=store,
-        doc=f"{'min' if smaller else 'max'}_j F_ij per component ({', '.join(outputs)})")
+        doc=f"{'min' if smaller else 'max'}_j F_ij per component ({', '.join(outputs)})",
+        selects_with=(("Min_ArgMin" if smaller else "Max_ArgMax") if "value" in outputs
+                      else None))
 
 
 _extremum("Min", True, ("value",))
@@ -219,7 +232,8 @@ def _kmin(name: str, outputs: tuple[str, ...]):
         identity=tuple(INF if o == "value" else -1 for o in outputs),
         block=block, merge=merge, finalize=finalize,
         c_decl=decl, c_tile=tile, c_store=store,
-        doc=f"the K smallest F_ij over j, ascending ({', '.join(outputs)})")
+        doc=f"the K smallest F_ij over j, ascending ({', '.join(outputs)})",
+        selects_with="KMin_ArgKMin" if "value" in outputs else None)
 
 
 _kmin("KMin", ("value",))
@@ -280,6 +294,20 @@ def _lse_tile(rc):
             "}"]
 
 
+def _lse_cotangents(F, W, G, O):
+    # out_e = log Σ_j exp(F) W_e: ∂out_e/∂F = exp(F - out_e) W_e, ∂out_e/∂W_e = exp(F - out_e).
+    p = make("Exp", (F - O,))
+    if W is None:
+        return G * p, None
+    return make("Sum", (G * p * W,)), G * p
+
+
+def _softmax_cotangents(F, W, G, O, L):
+    # out = Σ_j s_j W_j with s = softmax(F): ∂out/∂W_j = s_j, ∂<G, out>/∂F_j = s_j <G, W_j - out>.
+    s = make("Exp", (F - L,))
+    return s * make("Sum", (G * (W - O),)), s * G
+
+
 def _lse_finalize(xp, state):
     m, s0, s = state
     safe = xp.where(xp.isneginf(m), 0.0, m)
@@ -297,7 +325,8 @@ REDUCTIONS["LogSumExp"] = ReductionDef(
     out_dims=lambda fdim, K, wdim: [("value", (wdim or 1,))], identity=(-INF,),
     block=_shifted_exp_block, merge=_shifted_exp_merge, finalize=_lse_finalize,
     c_decl=_lse_decl, c_tile=_lse_tile, c_store=_lse_store,
-    doc="log Σ_j exp(F_ij) [G_ij], computed with a running max (stable)")
+    doc="log Σ_j exp(F_ij) [G_ij], computed with a running max (stable)",
+    cotangents=lambda F, W, G, O, L: _lse_cotangents(F, W, G, O))
 
 
 def _softmax_finalize(xp, state):
@@ -316,4 +345,6 @@ REDUCTIONS["SumSoftMaxWeight"] = ReductionDef(
     out_dims=lambda fdim, K, wdim: [("value", (wdim,))], identity=(0.0,),
     block=_shifted_exp_block, merge=_shifted_exp_merge, finalize=_softmax_finalize,
     c_decl=_lse_decl, c_tile=_lse_tile, c_store=_softmax_store,
-    doc="Σ_j exp(F_ij) G_ij / Σ_j exp(F_ij) (attention)")
+    doc="Σ_j exp(F_ij) G_ij / Σ_j exp(F_ij) (attention)",
+    cotangents=lambda F, W, G, O, L: _softmax_cotangents(F, W, G, O, L),
+    needs_log_normalizer=True)

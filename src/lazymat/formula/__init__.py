@@ -38,10 +38,12 @@ from .ops import (
                    apply,
 )
 from .printing import to_string
+from .autodiff import diff, divergence, grad, grad_matrix, laplacian  # noqa: E402 (registers)
 
 __all__ = [
     "CAT_NAMES", "DEP_I", "DEP_J", "I_CAT", "J_CAT", "P_CAT", "Const", "Node", "Var", "as_node",
-    "make", "substitute", "variables", "walk", "MACROS", "OPS", "OpDef", "apply", "to_string",
+    "make", "substitute", "variables", "walk", "grad", "diff", "divergence", "grad_matrix",
+    "laplacian", "MACROS", "OPS", "OpDef", "apply", "to_string",
     "Elem", "Extract", "IntInv", "Norm2", "Normalize", "OneHot", "Pow", "Scalprod", "SqDist",
     "SqNorm2", "SqNormDiag", "SqNormIso", "SymSqNorm", "WeightedSqDist", "WeightedSqNorm",
 ]

@@ -38,6 +38,9 @@ class OpDef:
     simplify: Callable[[tuple, tuple, int], Node | None] | None = None
     elementwise: bool = False
     doc: str = ""
+    # vjp(node, g) -> one cotangent formula (or None: no dependence) per formula argument,
+    # each of the node's dim; the autodiff engine sums it for an argument of dim 1.
+    vjp: Callable[[Node, Node], tuple[Node | None, ...]] | None = None
 
 
 OPS: dict[str, OpDef] = {}
@@ -75,15 +78,24 @@ def _float_fold(fn: Callable) -> Callable[[list, tuple], Any]:
 
 
 def _elementwise(name: str, arity: int, ref: Callable, c: str, fold=None, simplify=None,
-                 doc: str = "") -> None:
+                 doc: str = "", vjp=None) -> None:
     OPS[name] = OpDef(name, arity, _broadcast_dims, ref, c=c, fold=fold, simplify=simplify,
-                      elementwise=True, doc=doc)
+                      elementwise=True, doc=doc, vjp=vjp)
 
 
 def _structural(name: str, arity: int | None, dim_rule, ref, render, fold=None, simplify=None,
-                doc: str = "") -> None:
+                doc: str = "", vjp=None) -> None:
     OPS[name] = OpDef(name, arity, dim_rule, ref, render=render, fold=fold, simplify=simplify,
-                      doc=doc)
+                      doc=doc, vjp=vjp)
+
+
+def _m(op: str, *args: Any, params: tuple = ()) -> Node:
+    return make(op, tuple(as_node(a) for a in args), params)
+
+
+def _no_gradient(node: Node, g: Node) -> tuple[None, ...]:
+    """Piecewise-constant ops (comparisons, Sign, Step, Arg*, OneHot) have zero derivative."""
+    return (None,) * len(node.args)
 
 
 def _with_dim(node: Node, dim: int) -> Node | None:
@@ -148,48 +160,70 @@ def _simplify_minus(args, params, dim):
 # --------------------------------------------------------------------------- elementwise ops
 
 _elementwise("Add", 2, lambda xp, p, a, b: a + b, "({0} + {1})",
-             _exact_or_float(lambda a, b: a + b), _simplify_add, "a + b")
+             _exact_or_float(lambda a, b: a + b), _simplify_add, "a + b",
+             vjp=lambda n, g: (g, g))
 _elementwise("Subtract", 2, lambda xp, p, a, b: a - b, "({0} - {1})",
-             _exact_or_float(lambda a, b: a - b), _simplify_sub, "a - b")
+             _exact_or_float(lambda a, b: a - b), _simplify_sub, "a - b",
+             vjp=lambda n, g: (g, -g))
 _elementwise("Mult", 2, lambda xp, p, a, b: a * b, "({0} * {1})",
-             _exact_or_float(lambda a, b: a * b), _simplify_mult, "a * b")
+             _exact_or_float(lambda a, b: a * b), _simplify_mult, "a * b",
+             vjp=lambda n, g: (g * n.args[1], g * n.args[0]))
 _elementwise("Divide", 2, lambda xp, p, a, b: a / b, "({0} / {1})",
-             _exact_or_float(lambda a, b: a / b), _simplify_div, "a / b")
+             _exact_or_float(lambda a, b: a / b), _simplify_div, "a / b",
+             vjp=lambda n, g: (g / n.args[1], -(g * n) / n.args[1]))
 _elementwise("Minus", 1, lambda xp, p, a: -a, "(-{0})",
-             _exact_or_float(lambda a: -a), _simplify_minus, "-a")
+             _exact_or_float(lambda a: -a), _simplify_minus, "-a",
+             vjp=lambda n, g: (-g,))
 _elementwise("Exp", 1, lambda xp, p, a: xp.exp(a), "lm_exp({0})", _float_fold(math.exp),
-             doc="exp(a)")
+             doc="exp(a)", vjp=lambda n, g: (g * n,))
 _elementwise("Log", 1, lambda xp, p, a: xp.log(a), "lm_log({0})", _float_fold(math.log),
-             doc="natural log")
+             doc="natural log", vjp=lambda n, g: (g / n.args[0],))
 _elementwise("Sqrt", 1, lambda xp, p, a: xp.sqrt(a), "lm_sqrt({0})", _float_fold(math.sqrt),
-             doc="square root")
+             doc="square root",
+             # Rsqrt(0) = 0: a finite subgradient at 0 instead of inf * 0 = NaN.
+             vjp=lambda n, g: (g * _m("Rsqrt", n.args[0]) * Fraction(1, 2),))
 _elementwise(
     "Rsqrt", 1,
     lambda xp, p, a: xp.where(a == 0, a * 0, 1 / xp.sqrt(xp.where(a == 0, a * 0 + 1, a))),
     "lm_rsqrt({0})", _float_fold(lambda a: 0.0 if a == 0 else 1 / math.sqrt(a)),
-    doc="1/sqrt(a), 0 at a = 0")
+    doc="1/sqrt(a), 0 at a = 0",
+    vjp=lambda n, g: (g * n * n * n * Fraction(-1, 2),))
 _elementwise("Inv", 1, lambda xp, p, a: 1 / a, "(({T})1 / {0})",
-             _exact_or_float(lambda a: 1 / a), doc="1/a")
+             _exact_or_float(lambda a: 1 / a), doc="1/a", vjp=lambda n, g: (-(g * n * n),))
 _elementwise("Square", 1, lambda xp, p, a: a * a, "({0} * {0})",
-             _exact_or_float(lambda a: a * a), doc="a*a")
+             _exact_or_float(lambda a: a * a), doc="a*a",
+             vjp=lambda n, g: (g * n.args[0] * 2,))
 _elementwise("Abs", 1, lambda xp, p, a: xp.abs(a), "lm_abs({0})", _exact_or_float(abs),
-             doc="|a|")
+             doc="|a|", vjp=lambda n, g: (g * _m("Sign", n.args[0]),))
 _elementwise("Sign", 1, lambda xp, p, a: xp.sign(a), "(({T})({0} > 0) - ({T})({0} < 0))",
-             _exact_or_float(lambda a: (a > 0) - (a < 0)), doc="-1, 0 or 1")
+             _exact_or_float(lambda a: (a > 0) - (a < 0)), doc="-1, 0 or 1",
+             vjp=_no_gradient)
 _elementwise("Step", 1, lambda xp, p, a: _cast_bool(xp, a >= 0, a), "(({T})({0} >= 0))",
-             _exact_or_float(lambda a: int(a >= 0)), doc="1 where a >= 0 else 0")
+             _exact_or_float(lambda a: int(a >= 0)), doc="1 where a >= 0 else 0",
+             vjp=_no_gradient)
 _elementwise("ReLU", 1, lambda xp, p, a: xp.where(a > 0, a, a * 0), "({0} > 0 ? {0} : ({T})0)",
-             _exact_or_float(lambda a: max(a, 0)), doc="max(a, 0)")
-_elementwise("Sin", 1, lambda xp, p, a: xp.sin(a), "lm_sin({0})", _float_fold(math.sin))
-_elementwise("Cos", 1, lambda xp, p, a: xp.cos(a), "lm_cos({0})", _float_fold(math.cos))
+             _exact_or_float(lambda a: max(a, 0)), doc="max(a, 0)",
+             vjp=lambda n, g: (g * _m("LessThan", 0, n.args[0]),))
+_elementwise("Sin", 1, lambda xp, p, a: xp.sin(a), "lm_sin({0})", _float_fold(math.sin),
+             vjp=lambda n, g: (g * _m("Cos", n.args[0]),))
+_elementwise("Cos", 1, lambda xp, p, a: xp.cos(a), "lm_cos({0})", _float_fold(math.cos),
+             vjp=lambda n, g: (-(g * _m("Sin", n.args[0])),))
 _elementwise("Powf", 2, lambda xp, p, a, b: xp.power(a, b), "lm_pow({0}, {1})",
-             _float_fold(math.pow), doc="a**b with a real exponent, computed as exp(b log a)")
+             _float_fold(math.pow), doc="a**b with a real exponent",
+             vjp=lambda n, g: (g * n.args[1] * _m("Powf", n.args[0], n.args[1] - 1),
+                               g * n * _m("Log", n.args[0])))
 _elementwise("Clamp", 3, lambda xp, p, a, lo, hi: xp.minimum(xp.maximum(a, lo), hi),
              "lm_clamp({0}, {1}, {2})", _exact_or_float(lambda a, lo, hi: min(max(a, lo), hi)),
-             doc="min(max(a, lo), hi)")
+             doc="min(max(a, lo), hi)",
+             vjp=lambda n, g: (g * _m("LessOrEqual", n.args[1], n.args[0])
+                               * _m("LessOrEqual", n.args[0], n.args[2]),
+                               g * _m("LessThan", n.args[0], n.args[1]),
+                               g * _m("LessThan", n.args[2], n.args[0])))
 _elementwise("IfElse", 3, lambda xp, p, c, a, b: xp.where(c >= 0, a, b),
              "({0} >= 0 ? {1} : {2})", _exact_or_float(lambda c, a, b: a if c >= 0 else b),
-             doc="a where c >= 0 else b")
+             doc="a where c >= 0 else b",
+             vjp=lambda n, g: (None, g * _m("Step", n.args[0]),
+                               g * (1 - _m("Step", n.args[0]))))
 for _name, _sym, _py in (("LessThan", "<", lambda a, b: a < b),
                          ("LessOrEqual", "<=", lambda a, b: a <= b),
                          ("Equal", "==", lambda a, b: a == b),
@@ -198,7 +232,7 @@ for _name, _sym, _py in (("LessThan", "<", lambda a, b: a < b),
                  (lambda op: lambda xp, p, a, b: _cast_bool(xp, op(a, b), a + b))(_py),
                  "(({T})({0} %s {1}))" % _sym,
                  (lambda op: _exact_or_float(lambda a, b: int(op(a, b))))(_py),
-                 doc=f"1 where a {_sym} b else 0")
+                 doc=f"1 where a {_sym} b else 0", vjp=_no_gradient)
 
 
 # Pow has an integer parameter, so it has its own dim rule but renders elementwise.
@@ -209,7 +243,8 @@ def _pow_ref(xp, p, a):
 OPS["Pow"] = OpDef("Pow", 1, _broadcast_dims, _pow_ref, c="lm_powi({0}, {p0})",
                    fold=_exact_or_float(lambda a, n: Fraction(a) ** n if isinstance(a, Fraction)
                                         else float(a) ** n),
-                   elementwise=True, doc="a**n for an integer n")
+                   elementwise=True, doc="a**n for an integer n",
+                   vjp=lambda n, g: (g * n.params[0] * Pow(n.args[0], n.params[0] - 1),))
 
 
 # --------------------------------------------------------------------------- structural ops
@@ -231,7 +266,8 @@ def _sum_simplify(args, params, dim):
 
 
 _structural("Sum", 1, _scalar_dim, lambda xp, p, a: xp.sum(a, -1, keepdims=True), _sum_render,
-            simplify=_sum_simplify, doc="sum of the components (dim 1)")
+            simplify=_sum_simplify, doc="sum of the components (dim 1)",
+            vjp=lambda n, g: (g,))  # broadcast to the operand's dim by the engine
 
 
 def _extremum(name: str, better: str, want_index: bool):
@@ -258,9 +294,15 @@ def _extremum(name: str, better: str, want_index: bool):
             return Const(0, 1) if want_index else args[0]
         return None
 
+    def vjp(n, g):
+        # The gradient flows to the selected component only.
+        where = _m("ArgMin" if better == "<" else "ArgMax", n.args[0])
+        return (g * OneHot(where, n.args[0].dim),)
+
     _structural(name, 1, _scalar_dim, ref, render, simplify=simplify,
                 doc=f"{'index of the' if want_index else 'the'} "
-                    f"{'smallest' if better == '<' else 'largest'} component (dim 1)")
+                    f"{'smallest' if better == '<' else 'largest'} component (dim 1)",
+                vjp=_no_gradient if want_index else vjp)
 
 
 _extremum("Min", "<", False)
@@ -287,7 +329,9 @@ def _concat_render(ctx, node):
 
 _structural("Concat", 2, lambda n, d, p: d[0] + d[1],
             lambda xp, p, a, b: xp.concat(_bcast_lead(xp, [a, b]), -1), _concat_render,
-            doc="concatenation [a, b]")
+            doc="concatenation [a, b]",
+            vjp=lambda n, g: (Extract(g, 0, n.args[0].dim),
+                              Extract(g, n.args[0].dim, n.args[1].dim)))
 
 
 def _extract_dim(name, dims, params):
@@ -313,7 +357,15 @@ def _extract_simplify(args, params, dim):
 
 
 _structural("Extract", 1, _extract_dim, lambda xp, p, a: a[..., p[0]:p[0] + p[1]],
-            _extract_render, simplify=_extract_simplify, doc="components [start:start+d]")
+            _extract_render, simplify=_extract_simplify, doc="components [start:start+d]",
+            vjp=lambda n, g: (_embed(g, n.params[0], n.args[0].dim),))
+
+
+def _embed(g: Node, start: int, dim: int) -> Node:
+    """g placed at ``start`` in a zero vector of length ``dim`` (the adjoint of Extract)."""
+    before, after = start, dim - start - g.dim
+    out = g if before == 0 else _m("Concat", Const(0, before), g)
+    return out if after == 0 else _m("Concat", out, Const(0, after))
 
 
 def _onehot_dim(name, dims, params):
@@ -333,7 +385,7 @@ _structural("OneHot", 1, _onehot_dim, _onehot_ref,
             lambda ctx, node: [f"{ctx.T} r = lm_round({ctx.arg(0, 0)});",
                                f"for (int k = 0; k < {node.params[0]}; k++) "
                                f"{ctx.out('k')} = ({ctx.T})(r == k);"],
-            doc="one-hot vector of length D at position round(a)")
+            doc="one-hot vector of length D at position round(a)", vjp=_no_gradient)
 
 
 def _matvec_dim(name, dims, params):
@@ -359,7 +411,52 @@ def _matvec_render(ctx, node):
 
 
 _structural("MatVecMult", 2, _matvec_dim, _matvec_ref, _matvec_render,
-            doc="row-major matrix (dim m*n) times vector (dim n)")
+            doc="row-major matrix (dim m*n) times vector (dim n)",
+            vjp=lambda n, g: (_m("TensorProd", g, n.args[1]), _m("VecMatMult", g, n.args[0])))
+
+
+def _vecmat_dim(name, dims, params):
+    db, da = dims
+    if da % db != 0:
+        raise ShapeError(f"VecMatMult: matrix dim {da} is not a multiple of vector dim {db}")
+    return da // db
+
+
+def _vecmat_ref(xp, p, b, a):
+    m = b.shape[-1]
+    n = a.shape[-1] // m
+    mat = a.reshape(tuple(a.shape[:-1]) + (m, n))
+    return xp.sum(mat * xp.expand_dims(b, -1), -2)
+
+
+def _vecmat_render(ctx, node):
+    m, n = node.args[0].dim, node.dim
+    return [f"for (int c = 0; c < {n}; c++) {{ {ctx.T} s = 0;",
+            f"  for (int r = 0; r < {m}; r++) s += {ctx.arg(0, 'r')} * "
+            f"{ctx.arg(1, f'r * {n} + c')};",
+            f"  {ctx.out('c')} = s; }}"]
+
+
+_structural("VecMatMult", 2, _vecmat_dim, _vecmat_ref, _vecmat_render,
+            doc="vector (dim m) times row-major matrix (dim m*n)",
+            vjp=lambda n, g: (_m("MatVecMult", n.args[1], g), _m("TensorProd", n.args[0], g)))
+
+
+def _tensorprod_ref(xp, p, a, b):
+    a, b = _bcast_lead(xp, [a, b])
+    out = xp.expand_dims(a, -1) * xp.expand_dims(b, -2)
+    return out.reshape(tuple(out.shape[:-2]) + (a.shape[-1] * b.shape[-1],))
+
+
+def _tensorprod_render(ctx, node):
+    m, n = node.args[0].dim, node.args[1].dim
+    return [f"for (int r = 0; r < {m}; r++) for (int c = 0; c < {n}; c++) "
+            f"{ctx.out(f'r * {n} + c')} = {ctx.arg(0, 'r')} * {ctx.arg(1, 'c')};"]
+
+
+_structural("TensorProd", 2, lambda name, d, p: d[0] * d[1], _tensorprod_ref,
+            _tensorprod_render, doc="outer product a b^T, row-major (dim m*n)",
+            vjp=lambda n, g: (_m("MatVecMult", g, n.args[1]), _m("VecMatMult", n.args[0], g)))
 
 
 # --------------------------------------------------------------------------- composite ops
@@ -433,6 +530,8 @@ def OneHot(f: Node, d: int) -> Node:
 
 def Pow(f: Node, n: int) -> Node:
     n = int(n)
+    if n == 0:
+        return Const(1, f.dim)
     if n == 2:
         return make("Square", (f,))
     if n == 1:

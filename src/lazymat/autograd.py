@@ -1,0 +1,231 @@
+"""torch.autograd glue: reductions whose backward is made of new lazymat reductions.
+
+The backward of a reduction builds the gradient *formulas* (symbolic VJPs,
+``formula/autodiff.py``) and runs them through :func:`run` again, so they are
+themselves differentiable: ``create_graph=True`` gives derivatives of any order.
+
+- Sum-like reductions (Sum, LogSumExp, SumSoftMaxWeight): the gradient with
+  respect to an i-variable is a reduction over j, to a j-variable a reduction
+  over i, to a parameter a reduction over j summed over i. Variables of the
+  same category share one reduction (their gradients are concatenated).
+- Selection reductions (Min, Max, KMin and the values of Min_ArgMin, ...): the
+  forward also returns the selected indices; the backward gathers the selected
+  j for each i and evaluates the formula's VJP there: O(M·K), not O(M·N).
+- Arg reductions return integer indices: no gradient.
+
+>>> import torch, lazymat as lm
+>>> x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+>>> y = torch.randn(7, 3, dtype=torch.float64)
+>>> lm.Vi(x).sqdist(lm.Vj(y)).sum(dim=1).sum().backward()
+>>> x.grad.shape
+torch.Size([5, 3])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+from . import plan
+from .arraylib import is_torch
+from .errors import DtypeError
+from .formula import I_CAT, J_CAT, P_CAT, Node, Var, grad, make, substitute, variables
+
+
+def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
+        backend: str = "auto", out: Any = None,
+        sizes: tuple[int | None, int | None] = (None, None), like: Any = None) -> tuple:
+    """``plan.run``, recorded by torch autograd when a tensor input requires grad."""
+    if not any(is_torch(a) and a.requires_grad for a in arrays):
+        return plan.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
+                        like=like)
+    import torch
+
+    if not torch.is_grad_enabled():
+        return plan.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
+                        like=like)
+    if out is not None:
+        raise DtypeError("out= cannot be used when an input requires grad "
+                         "(autograd needs the output it creates)")
+    names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
+    spec = _Spec(req, tuple(names), backend, sizes, like if like is not None else arrays[0])
+    return _reduction_function().apply(spec, *arrays)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    req: plan.Request
+    names: tuple[str, ...]
+    backend: str
+    sizes: tuple[int | None, int | None]
+    like: Any
+
+    def run(self, req: plan.Request, arrays: Sequence[Any], names: Sequence[str],
+            sizes: tuple[int | None, int | None]) -> tuple:
+        return run(req, arrays, names=names, backend=self.backend, sizes=sizes, like=self.like)
+
+
+_Function = None
+
+
+def _reduction_function():
+    """The torch.autograd.Function, created on first use so numpy users never import torch."""
+    global _Function
+    if _Function is not None:
+        return _Function
+    import torch
+
+    class LazymatReduction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, spec: _Spec, *arrays):
+            red = spec.req.definition
+            twin = red.selects_with
+            run_req = replace(spec.req, reduction=twin) if twin else spec.req
+            outs = plan.run(run_req, [a.detach() for a in arrays], names=spec.names,
+                            backend=spec.backend, sizes=spec.sizes, like=spec.like)
+            kinds = [k for k, _ in run_req.definition.out_dims(1, 1, 1)]
+            indices = outs[kinds.index("index")] if "index" in kinds else None
+            if twin and twin != red.name:
+                outs = outs[:1]  # the user asked for the values only
+            ctx.spec, ctx.indices, ctx.n_args = spec, indices, len(arrays)
+            values = [o for o, k in zip(outs, kinds) if k == "value"]
+            ctx.save_for_backward(*arrays, *values)
+            ctx.mark_non_differentiable(*[o for o, k in zip(outs, kinds) if k == "index"])
+            return tuple(outs)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            saved = ctx.saved_tensors
+            arrays, values = saved[:ctx.n_args], saved[ctx.n_args:]
+            wanted = [p for p in range(ctx.n_args) if ctx.needs_input_grad[1 + p]]
+            G = grads[0]
+            if G is None or not wanted or not values:
+                return (None,) * (1 + ctx.n_args)
+            red = ctx.spec.req.definition
+            if red.cotangents is not None:
+                result = _sum_like_backward(ctx.spec, arrays, values[0], G, wanted)
+            else:
+                result = _selection_backward(ctx.spec, arrays, ctx.indices, G, wanted)
+            return (None, *[result.get(p) for p in range(ctx.n_args)])
+
+    _Function = LazymatReduction
+    return _Function
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _oriented(req: plan.Request) -> tuple[Node, Node | None]:
+    """F and W with category 0 = the output index (axis=0 reductions swap i and j)."""
+    if req.axis == 1:
+        return req.formula, req.weight
+    swap = plan._swap_categories
+    return swap(req.formula), (swap(req.weight) if req.weight is not None else None)
+
+
+def _var_at(roots: Sequence[Node | None], position: int) -> Node | None:
+    for r in roots:
+        if r is None:
+            continue
+        for v in variables(r):
+            if v.params[0] == position:
+                return v
+    return None
+
+
+def _shape_like(g: Any, a: Any) -> Any:
+    return g.reshape(a.shape)
+
+
+def _concat(nodes: list[Node]) -> Node:
+    out = nodes[0]
+    for n in nodes[1:]:
+        out = make("Concat", (out, n))
+    return out
+
+
+def _split_columns(t: Any, dims: list[int]) -> list[Any]:
+    out, start = [], 0
+    for d in dims:
+        out.append(t[:, start:start + d])
+        start += d
+    return out
+
+
+def _sum_like_backward(spec: _Spec, arrays, O, G, wanted: list[int]) -> dict[int, Any]:
+    red = spec.req.definition
+    F, W = _oriented(spec.req)
+    n = len(arrays)
+    M = O.shape[0]
+    extra = [G.reshape(M, -1), O.reshape(M, -1)]
+    Gv = Var(n, extra[0].shape[1], I_CAT)
+    Ov = Var(n + 1, extra[1].shape[1], I_CAT)
+    Lv = None
+    if red.needs_log_normalizer:
+        L, = spec.run(plan.Request("LogSumExp", F, axis=1), list(arrays), spec.names,
+                      _oriented_sizes(spec))
+        extra.append(L.reshape(M, 1))
+        Lv = Var(n + 2, 1, I_CAT)
+    cF, cW = red.cotangents(F, W, Gv, Ov, Lv)
+    all_arrays = list(arrays) + extra
+    names = list(spec.names) + ["the output gradient", "the saved output", "the log-normalizer"]
+    result: dict[int, Any] = {}
+    # One reduction per category: i-variables and parameters reduce over j, j-variables over i.
+    for cats, axis in (((I_CAT, P_CAT), 1), ((J_CAT,), 0)):
+        group = [(p, v) for p in wanted if (v := _var_at((F, W), p)) is not None
+                 and v.params[2] in cats]
+        if not group:
+            continue
+        formulas = [grad(F, v, cF) + (grad(W, v, cW) if W is not None else 0) for _, v in group]
+        req = plan.Request("Sum", _concat(formulas), axis=axis)
+        g, = spec.run(req, all_arrays, names, _oriented_sizes(spec))
+        for (p, v), part in zip(group, _split_columns(g, [f.dim for f in formulas])):
+            if v.params[2] == P_CAT:
+                part = part.sum(0)
+            result[p] = _shape_like(part, arrays[p])
+    return result
+
+
+def _oriented_sizes(spec: _Spec) -> tuple[int | None, int | None]:
+    M, N = spec.sizes
+    return (M, N) if spec.req.axis == 1 else (N, M)
+
+
+def _selection_backward(spec: _Spec, arrays, indices, G, wanted: list[int]) -> dict[int, Any]:
+    import torch
+
+    F, _ = _oriented(spec.req)
+    n = len(arrays)
+    M = G.shape[0]
+    D = F.dim
+    idx = indices.reshape(M, -1, D)  # (M, K, D): the selected j of each output slot
+    Gs = G.reshape(M, -1, D)
+    M_out, N_red = _oriented_sizes(spec)
+    j_vars = [v for v in variables(F) if v.params[2] == J_CAT]
+    result: dict[int, Any] = {}
+    for r in range(idx.shape[1]):
+        for k in range(D):
+            sel = idx[:, r, k]
+            # The selected j-variables become i-variables: F evaluated at the pairs (i, sel_i).
+            gathered = {v: Var(n + 1 + q, v.params[1], I_CAT) for q, v in enumerate(j_vars)}
+            Fk = substitute(make("Extract", (F,), (k, 1)), gathered)
+            g_var = Var(n, 1, I_CAT)
+            extra = [Gs[:, r, k].reshape(M, 1)] + [arrays[v.params[0]][sel] for v in j_vars]
+            all_arrays = list(arrays) + extra
+            names = list(spec.names) + ["the output gradient"] + [
+                f"{spec.names[v.params[0]]} at the selected indices" for v in j_vars]
+            for p in wanted:
+                v = _var_at((F,), p)
+                if v is None:
+                    continue
+                target = gathered.get(v, v)
+                req = plan.Request("Sum", grad(Fk, target, g_var), axis=1)
+                part, = spec.run(req, all_arrays, names, (M, 1))
+                if v.params[2] == J_CAT:
+                    full = torch.zeros((N_red, part.shape[1]), dtype=part.dtype,
+                                       device=part.device)
+                    part = full.index_add(0, sel, part)
+                elif v.params[2] == P_CAT:
+                    part = part.sum(0)
+                part = _shape_like(part, arrays[p])
+                result[p] = part if p not in result else result[p] + part
+    return result
