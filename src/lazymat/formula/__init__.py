@@ -1,5 +1,6 @@
 """The symbolic language: hash-consed formula nodes and the op table."""
 
+from .autodiff import diff, divergence, grad, grad_matrix, laplacian
 from .node import (
                    CAT_NAMES,
                    DEP_I,
@@ -38,7 +39,6 @@ from .ops import (
                    apply,
 )
 from .printing import to_string
-from .autodiff import diff, divergence, grad, grad_matrix, laplacian  # noqa: E402 (registers)
 
 __all__ = [
     "CAT_NAMES", "DEP_I", "DEP_J", "I_CAT", "J_CAT", "P_CAT", "Const", "Node", "Var", "as_node",
