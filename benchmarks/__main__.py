@@ -5,4 +5,13 @@ import sys
 from . import engine
 
 if __name__ == "__main__":
-    engine.main(full="--full" in sys.argv[1:])
+    full = "--full" in sys.argv[1:]
+    engine.main(full=full)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("\n(torch is not installed: autodiff benchmark skipped)")
+    else:
+        from . import autodiff
+
+        autodiff.main(full=full)

@@ -216,6 +216,31 @@ class LazyTensor:
     def T(self) -> "LazyTensor":
         return self.t()
 
+    # ------------------------------------------------------------------ symbolic calculus
+    def _calculus(self, name: str, v: "LazyTensor", *others: Any) -> "LazyTensor":
+        if not isinstance(v, LazyTensor) or v.formula.op != "Var":
+            raise ShapeError(f"{name}: differentiate with respect to a variable made by Vi, Vj "
+                             f"or Pm, got {v!r}")
+        return self._combine(name, v, *others, symbol=name)
+
+    def grad(self, v: "LazyTensor", gradin: Any) -> "LazyTensor":
+        """gradinᵀ ∂self/∂v, a new LazyTensor of v's dim: ``K.grad(x_i, b_i)``."""
+        return self._calculus("Grad", v, gradin)
+
+    def diff(self, v: "LazyTensor", u: Any) -> "LazyTensor":
+        """The directional derivative (∂self/∂v) u."""
+        return self._calculus("Diff", v, u)
+
+    def grad_matrix(self, v: "LazyTensor") -> "LazyTensor":
+        """The transposed Jacobian ∂self/∂v, flattened (dim self.ndim * v.ndim)."""
+        return self._calculus("GradMatrix", v)
+
+    def divergence(self, v: "LazyTensor") -> "LazyTensor":
+        return self._calculus("Divergence", v)
+
+    def laplacian(self, v: "LazyTensor") -> "LazyTensor":
+        return self._calculus("Laplacian", v)
+
     # ------------------------------------------------------------------ reductions
     def _reduce(self, name: str, dim: Any, K: int | None = None, weight: Any = None,
                 backend: str = "auto", out: Any = None, axis: Any = None, **unknown: Any):

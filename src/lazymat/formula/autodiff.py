@@ -12,6 +12,7 @@ differentiated again (any order).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 from ..errors import ShapeError
@@ -116,6 +117,25 @@ def laplacian(f: Node, v: Node) -> Node:
     return divergence(grad(f, v, Const(1)), v)
 
 
+def _requires_variable(fn):
+    """The user-facing form: differentiating with respect to an absent variable is an error
+    (most likely a mix-up of names), not a silent zero."""
+
+    def checked(f: Node, v: Node, *rest: Node) -> Node:
+        _check_var(v, fn.__name__)
+        if not any(n is v for n in walk(f)):
+            raise ShapeError(f"{fn.__name__}: the formula {f!r} does not contain the variable "
+                             f"{v!r}")
+        return fn(f, v, *rest)
+
+    checked.__name__ = checked.__qualname__ = fn.__name__
+    checked.__doc__ = fn.__doc__
+    checked.__signature__ = inspect.signature(fn)
+    return checked
+
+
 # KeOps formula-string names of the symbolic calculus.
-MACROS.update({"Grad": grad, "Diff": diff, "GradMatrix": grad_matrix,
-               "Divergence": divergence, "Laplacian": laplacian})
+MACROS.update({"Grad": _requires_variable(grad), "Diff": _requires_variable(diff),
+               "GradMatrix": _requires_variable(grad_matrix),
+               "Divergence": _requires_variable(divergence),
+               "Laplacian": _requires_variable(laplacian)})
