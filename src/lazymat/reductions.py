@@ -205,8 +205,13 @@ def _kmin(name: str, outputs: tuple[str, ...]):
     def tile(rc):
         # Cheap threshold test against the current K-th value; sorted insertion only
         # for the rare candidates that pass it.
+        # The test runs on all lanes at once (vectorized); most columns end there.
         K = rc.K
-        return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++)",
+        return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
+                "  int pass = 0;",
+                "  #pragma omp simd reduction(|:pass)",
+                f"  for (int l = 0; l < LANES; l++) pass |= {rc.V('k')} < kv[k][{K - 1}][l];",
+                "  if (!pass) continue;",
                 "  for (int l = 0; l < LANES; l++) {",
                 f"    {rc.T} v = {rc.V('k')};",
                 f"    if (!(v < kv[k][{K - 1}][l])) continue;",
@@ -214,7 +219,8 @@ def _kmin(name: str, outputs: tuple[str, ...]):
                 "    while (r > 0 && v < kv[k][r - 1][l]) {",
                 "      kv[k][r][l] = kv[k][r - 1][l]; ki[k][r][l] = ki[k][r - 1][l]; r--; }",
                 "    kv[k][r][l] = v; ki[k][r][l] = j0 + jj;",
-                "  }"]
+                "  }",
+                "}"]
 
     def store(rc):
         lines = []
