@@ -94,14 +94,15 @@ def _sum_decl(rc):
 
 def _sum_tile(rc):
     # Tile partial sums in T, accumulated into double once per tile: float32 sums over
-    # millions of terms keep ~1e-7 relative error.
-    return [f"for (int k = 0; k < {rc.D}; k++) {{",
-            f"  {rc.T} ts[LANES] = {{0}};",
-            "  for (int jj = 0; jj < tj; jj++) {",
-            *["    " + s for s in _lanes(f"ts[l] += {rc.V('k')};")],
+    # millions of terms keep ~1e-7 relative error. Components innermost but one: their
+    # accumulators are independent chains.
+    return [f"{rc.T} ts[{rc.D}][LANES];",
+            _loop("k", rc.D, _loop("l", "LANES", "ts[k][l] = 0;")),
+            "for (int jj = 0; jj < tj; jj++)",
+            f"  for (int k = 0; k < {rc.D}; k++) {{",
+            *["    " + s for s in _lanes(f"ts[k][l] += {rc.V('k')};")],
             "  }",
-            "  for (int l = 0; l < LANES; l++) acc[k][l] += ts[l];",
-            "}"]
+            _loop("k", rc.D, _loop("l", "LANES", "acc[k][l] += ts[k][l];"))]
 
 
 def _sum_store(rc):
@@ -291,13 +292,13 @@ def _lse_tile(rc):
                 "ex[jj][l] = x; ts0[l] += x;")],
             "}",
             "for (int l = 0; l < LANES; l++) s0[l] += ts0[l];",
-            f"for (int e = 0; e < {rc.E}; e++) {{",
-            f"  {rc.T} ts[LANES] = {{0}};",
-            "  for (int jj = 0; jj < tj; jj++) {",
-            *["    " + s for s in _lanes(f"ts[l] += ex[jj][l] * {rc.W('e')};")],
+            f"{rc.T} ts[{rc.E}][LANES];",
+            _loop("e", rc.E, _loop("l", "LANES", "ts[e][l] = 0;")),
+            "for (int jj = 0; jj < tj; jj++)",
+            f"  for (int e = 0; e < {rc.E}; e++) {{",
+            *["    " + s for s in _lanes(f"ts[e][l] += ex[jj][l] * {rc.W('e')};")],
             "  }",
-            "  for (int l = 0; l < LANES; l++) s[e][l] += ts[l];",
-            "}"]
+            _loop("e", rc.E, _loop("l", "LANES", "s[e][l] += ts[e][l];"))]
 
 
 def _lse_cotangents(F, W, G, O):

@@ -20,6 +20,7 @@ elementwise nodes are inlined into their consumer instead.
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 from typing import Callable
 
@@ -41,17 +42,29 @@ def c_number(value: Fraction | float, T: str) -> str:
     return f"(({T}){value!r})"
 
 
+_JJ = re.compile(r"\bjj\b")
+
+
+def _shift_column(text: str, u: int) -> str:
+    """The same expression ``u`` columns further (for unroll-and-jam over j)."""
+    return text if u == 0 else _JJ.sub(f"(jj + {u})", text)
+
+
 class _OpContext:
-    """What a structural op's renderer sees: its operands and its output slot."""
+    """What a structural op's renderer sees: its operands and its output slot.
 
-    def __init__(self, em: "Emitter", node: Node):
-        self.em, self.node, self.T = em, node, em.T
+    ``copies`` > 1 asks a jam-capable renderer for that many consecutive columns;
+    copy ``u`` reads and writes column ``jj + u``.
+    """
 
-    def arg(self, i: int, k: int | str) -> str:
-        return self.em.expr(self.node.args[i], k)
+    def __init__(self, em: "Emitter", node: Node, copies: int = 1):
+        self.em, self.node, self.T, self.copies = em, node, em.T, copies
 
-    def out(self, k: int | str) -> str:
-        return self.em.access(self.node, k)
+    def arg(self, i: int, k: int | str, u: int = 0) -> str:
+        return _shift_column(self.em.expr(self.node.args[i], k), u)
+
+    def out(self, k: int | str, u: int = 0) -> str:
+        return _shift_column(self.em.access(self.node, k), u)
 
 
 class Emitter:
@@ -111,11 +124,17 @@ class Emitter:
         return opdef.c.format(*args, T=self.T, **params)
 
     # ------------------------------------------------------------------ statements
-    def body(self, node: Node) -> list[str]:
-        """Statements computing a materialized node at the current pair."""
+    def jam_width(self, node: Node) -> int:
+        """How many columns a pair-level node computes at once (long dot products, sums)."""
+        opdef = OPS[node.op]
+        return 4 if opdef.jam and node.deps == 3 and node.args[0].dim >= 8 else 1
+
+    def body(self, node: Node, copies: int = 1) -> list[str]:
+        """Statements computing a materialized node at the current pair (or ``copies``
+        consecutive pairs, for a jam-capable op)."""
         opdef = OPS[node.op]
         if opdef.render is not None:
-            lines = opdef.render(_OpContext(self, node), node)
+            lines = opdef.render(_OpContext(self, node, copies), node)
         elif node.dim == 1:
             lines = [f"{self.access(node, 0)} = {self._inline(node, 0)};"]
         else:

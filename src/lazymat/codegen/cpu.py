@@ -113,7 +113,14 @@ def render(spec: KernelSpec) -> str:
         level2 += ["for (int jj = 0; jj < tj; jj++)"] + _indent(em.body(n), 2)
     level3 = []
     for n in em.at_level(3):
-        level3 += ["for (int jj = 0; jj < tj; jj++) {", "  #pragma omp simd",
+        width = em.jam_width(n)
+        start = "0"
+        if width > 1:  # several columns at once: independent accumulation chains
+            level3 += [f"for (int jj = 0; jj + {width} <= tj; jj += {width}) {{",
+                       "  #pragma omp simd", "  for (int l = 0; l < LANES; l++)"]
+            level3 += _indent(em.body(n, width), 4) + ["}"]
+            start = f"tj - tj % {width}"
+        level3 += [f"for (int jj = {start}; jj < tj; jj++) {{", "  #pragma omp simd",
                    "  for (int l = 0; l < LANES; l++)"] + _indent(em.body(n), 4) + ["}"]
 
     lines = header + [prelude(),

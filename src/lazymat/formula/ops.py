@@ -18,7 +18,7 @@ one row in ``tests/test_ops.py``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Callable
 
@@ -34,6 +34,7 @@ class OpDef:
     ref: Callable[..., Any]  # (xp, params, *arrays) -> array with last axis = dim
     c: str | None = None  # elementwise C template: {0} {1} .. args, {T} type, {p0} .. params
     render: Callable[..., list[str]] | None = None  # structural C renderer (ctx, node)
+    jam: bool = False  # the renderer can do several columns at once (ctx.copies)
     fold: Callable[[list, tuple], Any] | None = None
     simplify: Callable[[tuple, tuple, int], Node | None] | None = None
     elementwise: bool = False
@@ -250,10 +251,12 @@ OPS["Pow"] = OpDef("Pow", 1, _broadcast_dims, _pow_ref, c="lm_powi({0}, {p0})",
 # --------------------------------------------------------------------------- structural ops
 
 def _sum_render(ctx, node):
-    n = node.args[0].dim
-    return [f"{ctx.T} s = 0;",
-            f"for (int k = 0; k < {n}; k++) s += {ctx.arg(0, 'k')};",
-            f"{ctx.out(0)} = s;"]
+    # ctx.copies > 1: that many consecutive columns at once, independent chains of adds.
+    n, copies = node.args[0].dim, range(ctx.copies)
+    adds = " ".join(f"s{u} += {ctx.arg(0, 'k', u)};" for u in copies)
+    return [f"{ctx.T} " + ", ".join(f"s{u} = 0" for u in copies) + ";",
+            f"for (int k = 0; k < {n}; k++) {{ {adds} }}",
+            *[f"{ctx.out(0, u)} = s{u};" for u in copies]]
 
 
 def _sum_simplify(args, params, dim):
@@ -268,6 +271,7 @@ def _sum_simplify(args, params, dim):
 _structural("Sum", 1, _scalar_dim, lambda xp, p, a: xp.sum(a, -1, keepdims=True), _sum_render,
             simplify=_sum_simplify, doc="sum of the components (dim 1)",
             vjp=lambda n, g: (g,))  # broadcast to the operand's dim by the engine
+OPS["Sum"] = replace(OPS["Sum"], jam=True)
 
 
 def _extremum(name: str, better: str, want_index: bool):
