@@ -184,9 +184,16 @@ NUMPY = NumpyLib()
 _torch_lib: TorchLib | None = None
 
 
+_torch_types: dict[type, bool] = {}
+
+
 def is_torch(a: Any) -> bool:
-    mod = type(a).__module__
-    return mod.startswith("torch") and type(a).__name__ in ("Tensor", "Parameter")
+    t = type(a)
+    known = _torch_types.get(t)
+    if known is None:
+        known = _torch_types[t] = (t.__module__.startswith("torch")
+                                   and t.__name__ in ("Tensor", "Parameter"))
+    return known
 
 
 def lib_of(a: Any) -> NumpyLib | TorchLib:

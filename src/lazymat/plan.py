@@ -48,8 +48,15 @@ class Request:
         return reductions.get(self.reduction)
 
 
+_dtype_names: dict[Any, str] = {}
+
+
 def _dtype_name(a: Any) -> str:
-    return str(a.dtype).replace("torch.", "")
+    dt = a.dtype
+    name = _dtype_names.get(dt)  # str(dtype) costs microseconds; this is on every call
+    if name is None:
+        name = _dtype_names[dt] = str(dt).replace("torch.", "")
+    return name
 
 
 def _device(a: Any) -> str:
@@ -115,21 +122,14 @@ def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str],
     first = arrays[0] if arrays else like
     xp = lib_of(first)
     dtype, device = _dtype_name(first), _device(first)
+    if dtype not in _FLOAT_DTYPES:
+        _check_array(first, names[0] if arrays else "the data", xp, dtype, device, names)
+    # Fast path (every call): same type and dtype object, numpy or same device.
+    t, dt0 = type(first), first.dtype
+    numpy_arrays = xp.name == "numpy"
     for a, name in zip(arrays, names):
-        if lib_of(a) is not xp:
-            raise DtypeError(f"{name} is a {lib_of(a).name} array but {names[0]} is a "
-                             f"{xp.name} array: do not mix libraries")
-        dt = _dtype_name(a)
-        if dt not in _FLOAT_DTYPES:
-            kind = "complex" if "complex" in dt else "integer" if "int" in dt else dt
-            raise DtypeError(f"{name} has dtype {dt}: lazymat needs float32 or float64 data "
-                             f"({kind} arrays are not supported here); convert it with "
-                             f".astype/.to(float32 or float64)")
-        if dt != dtype:
-            raise DtypeError(f"{name} has dtype {dt} but {names[0]} has dtype {dtype}: "
-                             f"all arrays of a reduction must share one dtype")
-        if _device(a) != device:
-            raise DtypeError(f"{name} is on device {_device(a)} but {names[0]} is on {device}")
+        if type(a) is not t or a.dtype is not dt0 or not (numpy_arrays or _device(a) == device):
+            _check_array(a, name, xp, dtype, device, names)
     seen: dict[int, tuple[int, str]] = {}
     for pos, v in sorted(by_pos.items()):
         _, dim, cat = v.params
@@ -152,6 +152,25 @@ def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str],
     M = seen.get(I_CAT, (sizes[0] or 1, ""))[0]
     N = seen.get(J_CAT, (sizes[1] or 1, ""))[0]
     return M, N, dtype, xp
+
+
+def _check_array(a: Any, name: str, xp: Any, dtype: str, device: str,
+                 names: Sequence[str]) -> None:
+    """The slow path of the checks: raises the error that explains the mismatch."""
+    if lib_of(a) is not xp:
+        raise DtypeError(f"{name} is a {lib_of(a).name} array but {names[0]} is a "
+                         f"{xp.name} array: do not mix libraries")
+    dt = _dtype_name(a)
+    if dt not in _FLOAT_DTYPES:
+        kind = "complex" if "complex" in dt else "integer" if "int" in dt else dt
+        raise DtypeError(f"{name} has dtype {dt}: lazymat needs float32 or float64 data "
+                         f"({kind} arrays are not supported here); convert it with "
+                         f".astype/.to(float32 or float64)")
+    if dt != dtype:
+        raise DtypeError(f"{name} has dtype {dt} but {names[0]} has dtype {dtype}: "
+                         f"all arrays of a reduction must share one dtype")
+    if _device(a) != device:
+        raise DtypeError(f"{name} is on device {_device(a)} but {names[0]} is on {device}")
 
 
 def _sig(v: Node) -> str:
@@ -270,14 +289,24 @@ def _check_out(out: Any, shape: tuple[int, ...], like: Any, kind: str) -> None:
         raise DtypeError(f"out= has dtype {_dtype_name(out)} but the result has dtype {want}")
 
 
-def num_threads() -> int:
+_cores: int | None = None
+
+
+def num_threads(pairs: int | None = None) -> int:
+    """Threads for a reduction: LAZYMAT_NUM_THREADS, OMP_NUM_THREADS or the usable cores;
+    one for a tiny problem, where waking threads costs more than the work."""
+    global _cores
+    if pairs is not None and pairs < 1 << 15:
+        return 1
     env = os.environ.get("LAZYMAT_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
     if env:
         try:
             return max(1, int(env))
         except ValueError:
             pass
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    if _cores is None:
+        try:
+            _cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not Linux
+            _cores = os.cpu_count() or 1
+    return _cores

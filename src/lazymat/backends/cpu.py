@@ -68,5 +68,5 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
     values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
     indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
     fn(M, N, ptrs, _pointer(values[0], keep) if values else None,
-       _pointer(indices[0], keep) if indices else None, num_threads())
+       _pointer(indices[0], keep) if indices else None, num_threads(M * N))
     return tuple(outs)
