@@ -292,27 +292,26 @@ def _lse_tile(rc):
                 "ex[jj][l] = x; ts0[l] += x;")],
             "}",
             "for (int l = 0; l < LANES; l++) s0[l] += ts0[l];",
-            f"{rc.T} ts[{rc.E}][LANES];",
-            _loop("e", rc.E, _loop("l", "LANES", "ts[e][l] = 0;")),
-            "for (int jj = 0; jj < tj; jj++)",
-            f"  for (int e = 0; e < {rc.E}; e++) {{",
-            *["    " + s for s in _lanes(f"ts[e][l] += ex[jj][l] * {rc.W('e')};")],
-            "  }",
-            _loop("e", rc.E, _loop("l", "LANES", "s[e][l] += ts[e][l];"))]
+            *_weighted_sums(rc)]
 
 
-def _lse_cotangents(F, W, G, O):
-    # out_e = log Σ_j exp(F) W_e: ∂out_e/∂F = exp(F - out_e) W_e, ∂out_e/∂W_e = exp(F - out_e).
-    p = make("Exp", (F - O,))
-    if W is None:
-        return G * p, None
-    return make("Sum", (G * p * W,)), G * p
-
-
-def _softmax_cotangents(F, W, G, O, L):
-    # out = Σ_j s_j W_j with s = softmax(F): ∂out/∂W_j = s_j, ∂<G, out>/∂F_j = s_j <G, W_j - out>.
-    s = make("Exp", (F - L,))
-    return s * make("Sum", (G * (W - O),)), s * G
+def _weighted_sums(rc) -> list[str]:
+    """s[e] += Σ_jj ex[jj] W_e over the tile, four weight components at a time (eight
+    independent vector accumulators, as in a GEMM micro-kernel)."""
+    lines = []
+    for width, first, last in ((4, "0", f"{rc.E} - {rc.E} % 4"), (1, f"{rc.E} - {rc.E} % 4",
+                                                                 str(rc.E))):
+        copies = range(width)
+        update = " ".join(f"w{u}[l] += x * {rc.W(f'(e0 + {u})')};" for u in copies)
+        lines += [f"for (int e0 = {first}; e0 < {last}; e0 += {width}) {{",
+                  f"  {rc.T} " + ", ".join(f"w{u}[LANES] = {{0}}" for u in copies) + ";",
+                  "  for (int jj = 0; jj < tj; jj++) {",
+                  *["    " + s for s in _lanes(f"{rc.T} x = ex[jj][l]; {update}")],
+                  "  }",
+                  "  for (int l = 0; l < LANES; l++) { "
+                  + " ".join(f"s[e0 + {u}][l] += w{u}[l];" for u in copies) + " }",
+                  "}"]
+    return lines
 
 
 def _lse_finalize(xp, state):
