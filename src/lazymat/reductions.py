@@ -314,6 +314,20 @@ def _weighted_sums(rc) -> list[str]:
     return lines
 
 
+def _lse_cotangents(F, W, G, O):
+    # out_e = log Σ_j exp(F) W_e: ∂out_e/∂F = exp(F - out_e) W_e, ∂out_e/∂W_e = exp(F - out_e).
+    p = make("Exp", (F - O,))
+    if W is None:
+        return G * p, None
+    return make("Sum", (G * p * W,)), G * p
+
+
+def _softmax_cotangents(F, W, G, O, L):
+    # out = Σ_j s_j W_j with s = softmax(F): ∂out/∂W_j = s_j, ∂<G, out>/∂F_j = s_j <G, W_j - out>.
+    s = make("Exp", (F - L,))
+    return s * make("Sum", (G * (W - O),)), s * G
+
+
 def _lse_finalize(xp, state):
     m, s0, s = state
     safe = xp.where(xp.isneginf(m), 0.0, m)
