@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..formula import Node, to_string
 from ..reductions import ReductionDef
-from .c_like import Emitter, prelude
+from .c_like import Emitter, has_vector_math, prelude
 
 L1_BUDGET = 16 * 1024  # bytes of tile buffers per thread we aim to keep in L1
 MAX_TJ = 64
@@ -123,7 +123,7 @@ def render(spec: KernelSpec) -> str:
         level3 += [f"for (int jj = {start}; jj < tj; jj++) {{", "  #pragma omp simd",
                    "  for (int l = 0; l < LANES; l++)"] + _indent(em.body(n), 4) + ["}"]
 
-    lines = header + [prelude(),
+    lines = header + [prelude(has_vector_math()),
                       'extern "C" void lm_kernel(i64 M, i64 N, void** args, void* out_v, '
                       "i64* out_idx, int threads) {",
                       *_indent(args, 2),
