@@ -133,8 +133,6 @@ def test_op_gradgradcheck(row):
                                         atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Clamp's VJP assumes lo <= hi; for lo > hi the forward "
-                   "min(max(a, lo), hi) is hi everywhere but the gradient goes to lo where a < lo")
 def test_clamp_gradient_matches_its_forward_when_lo_exceeds_hi():
     """Clamp(a, lo, hi) = min(max(a, lo), hi): for lo > hi the value is hi, whatever a."""
     x, s, t = Var(0, 1, 0), Var(1, 1, 0), Var(2, 1, 1)
@@ -430,10 +428,6 @@ def _broadcast_examples():
             (apply("Sum", apply("Sin", x1 * y3) - x1 * p1), (1, 3, 1), 0)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: grad() drops the broadcast factor D for a dim-1 "
-                   "operand of Add/Subtract reached by a dim-1 (broadcast) cotangent, e.g. "
-                   "Sum(s + x) w.r.t. s gives 1 instead of 3 (see "
-                   "test_grad_of_broadcast_add_under_sum)")
 @settings(_HYP, phases=[Phase.explicit, Phase.generate])  # no shrinking (each candidate
 @given(random_formulas(broadcast_add=True))                # compiles kernels)
 @_examples_of(_broadcast_examples)
@@ -441,8 +435,6 @@ def test_random_formulas_with_broadcast_add_match_dense_torch(case):
     _check_against_dense(*case)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: grad() drops the broadcast factor D for a dim-1 "
-                   "operand of Add/Subtract reached by a dim-1 (broadcast) cotangent")
 def test_grad_of_broadcast_add_under_sum():
     """d/ds Σ_k (s + x_k) = D (= 3): the symbolic gradient says 1."""
     x, s = Var(0, 3, 0), Var(1, 1, 0)
@@ -639,9 +631,6 @@ def test_inputs_without_grad_cost_nothing(monkeypatch, wanted, new_kernels):
 
 # ------------------------------------------------- backward of a formula that loses a category
 
-@pytest.mark.xfail(strict=True, reason="BUG: the backward reductions run without the forward's "
-                   "(M, N) when called without sizes= (Genred, autograd.run): a gradient formula "
-                   "with no j-variable left is summed over N = 1 instead of N")
 def test_backward_without_sizes_genred_i_gradient():
     rng = np.random.default_rng(10)
     s, y = _t(rng.standard_normal((4, 1))), _t(rng.standard_normal((5, 3)), grad=False)
@@ -650,9 +639,6 @@ def test_backward_without_sizes_genred_i_gradient():
     assert_allclose(gs, torch.full((4, 1), 15.0, dtype=torch.float64))  # N * D
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the backward reductions run without the forward's "
-                   "(M, N) when called without sizes= : d/dy of Genred('x + y') crashes with "
-                   "'shape [5, 3] is invalid for input of size 3'")
 def test_backward_without_sizes_genred_j_gradient():
     rng = np.random.default_rng(10)
     x, y = _t(rng.standard_normal((4, 3)), grad=False), _t(rng.standard_normal((5, 3)))

@@ -59,8 +59,8 @@ def grad(f: Node, v: Node, gradin: Node) -> Node:
         for a, c in zip(n.args, rule(n, g)):
             if c is None or id(a) not in depends:
                 continue
-            if a.dim == 1 and c.dim > 1:  # the operand was broadcast: sum its cotangent
-                c = make("Sum", (c,))
+            if opdef.elementwise and a.dim == 1 and n.dim > 1:  # a broadcast operand
+                c = make("Sum", (c,)) if c.dim > 1 else c * n.dim  # (c, ..., c) sums to D c
             previous = cotangent.get(id(a))
             cotangent[id(a)] = c if previous is None else previous + c
     out = cotangent.get(id(v), Const(0, v.dim))

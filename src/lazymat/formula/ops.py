@@ -216,10 +216,15 @@ _elementwise("Powf", 2, lambda xp, p, a, b: xp.power(a, b), "lm_pow({0}, {1})",
 _elementwise("Clamp", 3, lambda xp, p, a, lo, hi: xp.minimum(xp.maximum(a, lo), hi),
              "lm_clamp({0}, {1}, {2})", _exact_or_float(lambda a, lo, hi: min(max(a, lo), hi)),
              doc="min(max(a, lo), hi)",
-             vjp=lambda n, g: (g * _m("LessOrEqual", n.args[1], n.args[0])
-                               * _m("LessOrEqual", n.args[0], n.args[2]),
-                               g * _m("LessThan", n.args[0], n.args[1]),
-                               g * _m("LessThan", n.args[2], n.args[0])))
+             vjp=lambda n, g: _clamp_vjp(g, *n.args))
+
+
+def _clamp_vjp(g: Node, a: Node, lo: Node, hi: Node) -> tuple[Node, Node, Node]:
+    # min(max(a, lo), hi): correct even for lo > hi, where the output is hi everywhere.
+    lo_ok = _m("LessOrEqual", lo, hi)
+    return (g * _m("LessOrEqual", lo, a) * _m("LessOrEqual", a, hi),
+            g * _m("LessThan", a, lo) * lo_ok,
+            g * (1 - _m("LessOrEqual", a, hi) * lo_ok))
 _elementwise("IfElse", 3, lambda xp, p, c, a, b: xp.where(c >= 0, a, b),
              "({0} >= 0 ? {1} : {2})", _exact_or_float(lambda c, a, b: a if c >= 0 else b),
              doc="a where c >= 0 else b",
