@@ -12,12 +12,14 @@ from __future__ import annotations
 from .errors import CompileError, DtypeError, FormulaSyntaxError, LazymatError, ShapeError
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
 from .lazy_tensor import LazyTensor, Pm, Vi, Vj
+from .solve import ConvergenceWarning, KernelSolve
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LazyTensor", "Vi", "Vj", "Pm", "Genred", "generic_sum", "generic_logsumexp",
-    "generic_argmin", "generic_argkmin", "cache_clear", "check_health",
+    "generic_argmin", "generic_argkmin", "KernelSolve", "ConvergenceWarning", "cache_clear",
+    "check_health",
     "LazymatError", "ShapeError", "DtypeError", "FormulaSyntaxError", "CompileError",
     "__version__",
 ]

@@ -326,6 +326,28 @@ class LazyTensor:
         result = (self * vj).sum(dim=1, **kw)
         return result.reshape(-1) if vector else result
 
+    def solve(self, b: Any, alpha: float = 1e-10, eps: float = 1e-6, max_iter: int | None = None,
+              **kw: Any) -> Any:
+        """a with (alpha·Id + K) a = b, by conjugate gradient; K (self) must be a symmetric
+        positive definite scalar matrix (not checked). b: (N,) or (N, E). Differentiable with
+        torch (the backward is another solve)."""
+        from .solve import solve
+
+        if self.ndim != 1:
+            raise ShapeError(f"solve needs a scalar-valued K (inner dim 1), got dim {self.ndim}")
+        if not _is_array(b):
+            raise ShapeError(f"solve needs an array right-hand side, got {type(b).__name__}")
+        M, N = self._size(I_CAT), self._size(J_CAT)
+        if M != N or b.shape[0] != N:
+            raise ShapeError(f"solve needs a square K and b with N rows: K is {M} x {N}, "
+                             f"b has shape {tuple(b.shape)}")
+        vector = len(b.shape) == 1
+        rhs = b.reshape(-1, 1) if vector else b
+        params = list({id(leaf.array): leaf.array for leaf in self._leaves.values()
+                       if leaf.array is not None and is_torch(leaf.array)}.values())
+        a = solve(lambda v: self.__matmul__(v, **kw), rhs, alpha, eps, max_iter, params)
+        return a.reshape(-1) if vector else a
+
     def matvec(self, v: Any):
         return self @ v
 
