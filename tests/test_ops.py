@@ -82,6 +82,13 @@ def _normalize(f):
     return np.where(n2 == 0, 0.0, f / np.sqrt(np.where(n2 == 0, 1.0, n2)))
 
 
+def _placed(f, start, dim):
+    """f at components [start:start+f.dim] of zeros of length dim."""
+    out = np.zeros(f.shape[:-1] + (dim,))
+    out[..., start:start + f.shape[-1]] = f
+    return out
+
+
 def _argfirst(fn, f):
     return fn(f, -1)[..., None].astype(np.float64)
 
@@ -140,6 +147,40 @@ ROWS = [
     R("Pow", lambda v: apply("Pow", v.x - v.y, 5), lambda a: (a.x - a.y) ** 5, "macro5",
       x="small", y="small"),
     R("Pow", lambda v: apply("Pow", v.x - v.y, 2), lambda a: (a.x - a.y) ** 2, "macro2"),
+    # inverse trigonometric: (x - y) * 0.3 stays in (-0.9, 0.9) for "small" data
+    R("Acos", lambda v: apply("Acos", (v.x - v.y) * Fraction(3, 10)),
+      lambda a: np.arccos((a.x - a.y) * 0.3), x="small", y="small"),
+    R("Asin", lambda v: apply("Asin", (v.x - v.y) * Fraction(3, 10)),
+      lambda a: np.arcsin((a.x - a.y) * 0.3), x="small", y="small"),
+    R("Atan", lambda v: apply("Atan", v.x * v.y), lambda a: np.arctan(a.x * a.y)),
+    R("Atan2", lambda v: apply("Atan2", v.x, v.y), lambda a: np.arctan2(a.x, a.y)),
+    R("Atan2", lambda v: apply("Atan2", v.s, v.y - v.x), lambda a: np.arctan2(a.s, a.y - a.x),
+      "bcast"),
+    R("XLogX", lambda v: apply("XLogX", v.x * v.t),
+      lambda a: np.where(a.x * a.t == 0, 0.0, a.x * a.t * np.log(a.x * a.t)),
+      x="posz", t="pos"),
+    R("SinXDivX", lambda v: apply("SinXDivX", v.x - v.y), lambda a: np.sinc((a.x - a.y) / np.pi)),
+    R("SinXDivX", lambda v: apply("SinXDivX", v.x - v.y), lambda a: np.sinc((a.x - a.y) / np.pi),
+      "zeros", x="int", y="int"),
+    # piecewise constant: "frac" data stays away from the jumps (float32 = float64 there)
+    R("Floor", lambda v: apply("Floor", v.x - v.y), lambda a: np.floor(a.x - a.y),
+      x="frac", y="int"),
+    R("Round", lambda v: apply("Round", v.x - v.y, 1), lambda a: np.round(a.x - a.y, 1),
+      x="frac", y="int"),
+    R("Round", lambda v: apply("Round", v.x - v.y, 0), lambda a: np.round(a.x - a.y), "0",
+      x="frac", y="int"),
+    R("Round", lambda v: apply("Round", (v.x - v.y) * 10, -1),
+      lambda a: np.round((a.x - a.y) * 10, -1), "neg", x="frac", y="int"),
+    R("Mod", lambda v: apply("Mod", v.x, v.t, v.s),
+      lambda a: a.x - a.t * np.floor((a.x - a.s) / a.t), t="pos"),
+    R("Mod", lambda v: apply("Mod", v.x - v.y, Const(2), Const(Fraction(-1, 2))),
+      lambda a: a.x - a.y - 2 * np.floor((a.x - a.y + 0.5) / 2), "const", x="frac", y="int"),
+    R("ClampInt", lambda v: apply("ClampInt", v.x - v.y, -1, 1),
+      lambda a: np.clip(a.x - a.y, -1, 1)),
+    R("ClampInt", lambda v: apply("ClampInt", v.x - v.y, -1, 1),
+      lambda a: np.clip(a.x - a.y, -1, 1), "int", x="int", y="int"),
+    R("DiffClampInt", lambda v: apply("DiffClampInt", v.x - v.y, -1, 1),
+      lambda a: ((a.x - a.y >= -1) & (a.x - a.y <= 1)) * 1.0, x="int", y="int"),
     # ---------------------------------------------------------------- ternary
     R("Clamp", lambda v: apply("Clamp", v.x - v.y, Const(-0.5), Const(0.75)),
       lambda a: np.clip(a.x - a.y, -0.5, 0.75)),
@@ -187,6 +228,20 @@ ROWS = [
       "tail"),
     R("OneHot", lambda v: apply("OneHot", v.s + v.t, 5), lambda a: _onehot(a.s + a.t, 5),
       s="onehot", t="onehot"),
+    R("SumT", lambda v: apply("SumT", apply("Sum", v.x * v.y), 4),
+      lambda a: np.repeat((a.x * a.y).sum(-1, keepdims=True), 4, -1)),
+    R("SumT", lambda v: apply("SumT", v.s * v.t, 3) * (v.x - v.y),
+      lambda a: a.s * a.t * (a.x - a.y), "inline"),
+    R("ElemT", lambda v: apply("ElemT", apply("Sum", v.x * v.y), 4, 2),
+      lambda a: _placed((a.x * a.y).sum(-1, keepdims=True), 2, 4)),
+    R("ElemT", lambda v: apply("ElemT", v.s * v.t, 3, 0) + v.x,
+      lambda a: _placed(a.s * a.t, 0, 3) + a.x, "first"),
+    R("ExtractT", lambda v: apply("ExtractT", v.x * v.y, 1, 5),
+      lambda a: _placed(a.x * a.y, 1, 5)),
+    R("ExtractT", lambda v: apply("ExtractT", v.x - v.y, 0, 4), lambda a: _placed(a.x - a.y, 0, 4),
+      "start"),
+    R("ExtractT", lambda v: apply("ExtractT", v.s * v.t, 2, 3), lambda a: _placed(a.s * a.t, 2, 3),
+      "end"),
     R("MatVecMult", lambda v: apply("MatVecMult", v.p, v.x - v.y),
       lambda a: _matvec(a.p, a.x - a.y), pdim=9),
     R("MatVecMult", lambda v: apply("MatVecMult", v.w, v.y), lambda a: _matvec(a.w, a.y), "ij"),
@@ -316,6 +371,8 @@ def _draw(rng: np.random.Generator, kind: str, shape: tuple) -> np.ndarray:
         return rng.uniform(0.5, 2.0, shape) * rng.choice([-1.0, 1.0], shape)
     if kind == "small":
         return rng.uniform(-1.5, 1.5, shape)
+    if kind == "frac":  # k/20 + (0.005 .. 0.045): 0.005 away from multiples of 0.05
+        return rng.integers(-40, 41, shape) / 20 + rng.uniform(0.005, 0.045, shape)
     if kind == "onehot":  # near the integers -1..5, never near a .5 rounding boundary
         return rng.integers(-1, 4, shape) + rng.uniform(-0.2, 0.2, shape)
     raise ValueError(kind)

@@ -24,6 +24,7 @@ class NumpyLib:
     exp, log, sqrt, sin, cos, abs, sign, floor = (
         np.exp, np.log, np.sqrt, np.sin, np.cos, np.abs, np.sign, np.floor)
     maximum, minimum, rint = np.maximum, np.minimum, np.rint
+    arccos, arcsin, arctan, arctan2, clip = np.arccos, np.arcsin, np.arctan, np.arctan2, np.clip
     where = staticmethod(np.where)
 
     @staticmethod
@@ -116,6 +117,8 @@ class TorchLib:
             torch.exp, torch.log, torch.sqrt, torch.sin, torch.cos)
         self.abs, self.sign, self.floor, self.rint = torch.abs, torch.sign, torch.floor, torch.round
         self.maximum, self.minimum, self.where = torch.maximum, torch.minimum, torch.where
+        self.arccos, self.arcsin, self.arctan, self.arctan2, self.clip = (
+            torch.acos, torch.asin, torch.atan, torch.atan2, torch.clamp)
         self.int64 = torch.int64
 
     def cast(self, a, like):

@@ -49,7 +49,7 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
                          "(autograd needs the output it creates)")
     names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
     # The backward needs M and N even when its formulas lose every i- (or j-) variable.
-    M, N, _, _ = plan._validate(req, arrays, names, sizes, like)
+    M, N, _, _, _ = plan._validate(req, arrays, names, sizes, like)
     spec = _Spec(req, tuple(names), backend, (M, N), like if like is not None else arrays[0])
     return _reduction_function().apply(spec, *arrays)
 

@@ -159,6 +159,20 @@ class LazyTensor:
     def inv(self): return self._unary("Inv")
     def sin(self): return self._unary("Sin")
     def cos(self): return self._unary("Cos")
+    def acos(self): return self._unary("Acos")
+    def asin(self): return self._unary("Asin")
+    def atan(self): return self._unary("Atan")
+    def atan2(self, other): return self._combine("Atan2", other, symbol="atan2")
+    def floor(self): return self._unary("Floor")
+    def round(self, d: int = 0): return self._unary("Round", int(d))
+    def mod(self, modulus, offset=0): return self._combine("Mod", modulus, offset, symbol="mod")
+    def xlogx(self): return self._unary("XLogX")
+    def sinxdivx(self): return self._unary("SinXDivX")
+
+    def sinc(self):
+        """sin(πx)/(πx), 1 at 0 (the convention of torch.sinc and numpy.sinc)."""
+        return (self * math.pi)._unary("SinXDivX")
+
     def abs(self): return self._unary("Abs")
     def sign(self): return self._unary("Sign")
     def step(self): return self._unary("Step")

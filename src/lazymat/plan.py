@@ -111,7 +111,11 @@ def _arguments(req: Request) -> dict[int, Node]:
 
 def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str],
               sizes: tuple[int | None, int | None], like: Any):
-    """Check the arrays against the formula's variables; return (M, N, dtype, xp)."""
+    """Check the arrays against the formula's variables; return (M, N, batch, dtype, xp).
+
+    Variables may have leading batch dims, broadcast as in numpy: an i-variable is
+    (..., M, D), a j-variable (..., N, D), a parameter (..., D).
+    """
     by_pos = _arguments(req)
     if by_pos and max(by_pos) >= len(arrays):
         raise ShapeError(f"the formula uses argument {max(by_pos)} "
@@ -131,18 +135,24 @@ def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str],
         if type(a) is not t or a.dtype is not dt0 or not (numpy_arrays or _device(a) == device):
             _check_array(a, name, xp, dtype, device, names)
     seen: dict[int, tuple[int, str]] = {}
+    batch: tuple[int, ...] = ()
+    batch_from: list[tuple[str, tuple[int, ...]]] = []
     for pos, v in sorted(by_pos.items()):
         _, dim, cat = v.params
         a, name = arrays[pos], names[pos]
         shape = tuple(a.shape)
         if cat == P_CAT:
-            if not (len(shape) == 1 and shape[0] == dim) and not (shape == (1, dim)):
-                raise ShapeError(f"{name} is a parameter of dim {dim}: expected shape ({dim},), "
-                                 f"got {shape}")
+            if not shape or shape[-1] != dim:
+                raise ShapeError(f"{name} is a parameter of dim {dim}: expected shape ({dim},) "
+                                 f"(with batch dims: (..., {dim})), got {shape}")
+            batch = _broadcast_batch(batch, shape[:-1], name, batch_from)
             continue
-        if len(shape) != 2 or shape[1] != dim:
+        if len(shape) < 2 or shape[-1] != dim:
             raise ShapeError(f"{name} is {'an i' if cat == I_CAT else 'a j'}-variable of dim "
-                             f"{dim}: expected shape (n, {dim}), got {shape}")
+                             f"{dim}: expected shape (n, {dim}) (with batch dims: "
+                             f"(..., n, {dim})), got {shape}")
+        batch = _broadcast_batch(batch, shape[:-2], name, batch_from)
+        shape = shape[-2:]
         if cat in seen and seen[cat][0] != shape[0]:
             other = seen[cat][1]
             letter = "M" if cat == I_CAT else "N"
@@ -151,7 +161,43 @@ def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str],
         seen.setdefault(cat, (shape[0], name))
     M = seen.get(I_CAT, (sizes[0] or 1, ""))[0]
     N = seen.get(J_CAT, (sizes[1] or 1, ""))[0]
-    return M, N, dtype, xp
+    return M, N, batch, dtype, xp
+
+
+def _broadcast_batch(batch: tuple[int, ...], dims: tuple[int, ...], name: str,
+                     seen: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
+    """numpy broadcasting of batch dims, with an error naming the operands."""
+    n = max(len(batch), len(dims))
+    a, b = (1,) * (n - len(batch)) + batch, (1,) * (n - len(dims)) + dims
+    out = []
+    for x, y in zip(a, b):
+        if x != y and x != 1 and y != 1:
+            described = ", ".join(f"{nm} {d}" for nm, d in seen + [(name, dims)])
+            raise ShapeError(f"batch dims do not broadcast: {described}")
+        out.append(max(x, y))
+    seen.append((name, dims))
+    return tuple(out)
+
+
+def batch_offsets(arrays: Sequence[Any], by_pos: dict[int, Node], batch: tuple[int, ...]
+                  ) -> np.ndarray:
+    """(prod(batch), len(arrays)) element offsets of each batch in each array (0 along
+    broadcast dims), for contiguous arrays."""
+    nbatch = math.prod(batch)
+    offsets = np.zeros((nbatch, max(1, len(arrays))), dtype=np.int64)
+    if not batch:
+        return offsets
+    grid = np.indices(batch).reshape(len(batch), -1)  # (ndims, nbatch) batch multi-indices
+    for pos, v in by_pos.items():
+        shape = tuple(arrays[pos].shape)
+        inner = shape[-1:] if v.params[2] == P_CAT else shape[-2:]
+        own = (1,) * (len(batch) - (len(shape) - len(inner))) + shape[:len(shape) - len(inner)]
+        stride, total = [], math.prod(inner)
+        for d in reversed(own):
+            stride.append(0 if d == 1 else total)
+            total *= d
+        offsets[:, pos] = (np.array(stride[::-1], dtype=np.int64)[:, None] * grid).sum(0)
+    return offsets
 
 
 def _check_array(a: Any, name: str, xp: Any, dtype: str, device: str,
@@ -237,7 +283,7 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
     """
     check_request(req)
     names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
-    M, N, dtype, xp = _validate(req, arrays, names, sizes, like)
+    M, N, batch, dtype, xp = _validate(req, arrays, names, sizes, like)
     like = arrays[0] if arrays else like
     red = req.definition
     if red.needs_k and req.K > (N if req.axis == 1 else M):
@@ -253,20 +299,24 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
     wdim = weight.dim if weight is not None else None
     shapes = red.out_dims(formula.dim, req.K, wdim)
     if out is not None:
-        _check_out(out, (M,) + _squeezed(shapes[0][1], red), like, shapes[0][0])
-    if M == 0 or N == 0:
+        _check_out(out, batch + (M,) + _squeezed(shapes[0][1], red), like, shapes[0][0])
+    if M == 0 or N == 0 or 0 in batch:
         outs = tuple(
-            xp.full((M,) + shape, fill, like=like, dtype=xp.int64 if kind == "index" else None)
+            xp.full(batch + (M,) + shape, fill, like=like,
+                    dtype=xp.int64 if kind == "index" else None)
             for (kind, shape), fill in zip(shapes, red.identity))
     elif which == "reference":
         from .backends import reference
 
-        outs = reference.run(red, formula, weight, req.K, arrays, M, N, xp, like)
+        outs = reference.run(red, formula, weight, req.K, arrays, M, N, xp, like, batch)
     else:
         from .backends import cpu
 
-        outs = cpu.run(red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes, like)
-    outs = tuple(o.reshape((M,) + _squeezed(shape, red)) for o, (_, shape) in zip(outs, shapes))
+        offsets = batch_offsets(arrays, _arguments(req), batch)
+        outs = cpu.run(red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes, like,
+                       batch, offsets)
+    outs = tuple(o.reshape(batch + (M,) + _squeezed(shape, red))
+                 for o, (_, shape) in zip(outs, shapes))
     if out is not None:
         out[...] = outs[0]
         return (out,) + outs[1:]

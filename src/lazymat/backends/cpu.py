@@ -6,6 +6,7 @@ ctypes releases the GIL during the call; the kernel threads with OpenMP.
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,8 +16,8 @@ from ..formula import Node, variables
 from ..reductions import ReductionDef
 
 _kernels: dict[tuple, Any] = {}  # per process: (reduction, formula, ...) -> kernel function
-_ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p,
-             ctypes.c_void_p, ctypes.c_int]
+_ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
+             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
 
 def kernel_for(spec: KernelSpec) -> Any:
@@ -52,7 +53,8 @@ def _pointer(a: Any, keep: list) -> int:
 
 def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         arrays: Sequence[Any], M: int, N: int, dtype: str, xp: Any,
-        shapes: list[tuple[str, tuple[int, ...]]], like: Any) -> tuple:
+        shapes: list[tuple[str, tuple[int, ...]]], like: Any, batch: tuple[int, ...] = (),
+        offsets: Any = None) -> tuple:
     from ..plan import num_threads
 
     key = (red.name, formula, weight, K, dtype, len(arrays))
@@ -63,10 +65,13 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
             KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, len(arrays))))
     keep: list = []
     ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[_pointer(a, keep) for a in arrays])
-    outs = [xp.empty((M,) + shape, like=like, dtype=xp.int64 if kind == "index" else None)
-            for kind, shape in shapes]
+    outs = [xp.empty(batch + (M,) + shape, like=like,
+                     dtype=xp.int64 if kind == "index" else None) for kind, shape in shapes]
     values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
     indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
-    fn(M, N, ptrs, _pointer(values[0], keep) if values else None,
-       _pointer(indices[0], keep) if indices else None, num_threads(M * N))
+    nbatch = math.prod(batch)
+    if offsets is None:
+        offsets = np.zeros((nbatch, max(1, len(arrays))), dtype=np.int64)
+    fn(M, N, nbatch, offsets.ctypes.data, ptrs, _pointer(values[0], keep) if values else None,
+       _pointer(indices[0], keep) if indices else None, num_threads(nbatch * M * N))
     return tuple(outs)

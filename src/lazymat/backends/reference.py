@@ -8,9 +8,10 @@ column blocks are combined with the reduction's own ``merge`` rule.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
-from ..formula import OPS, Node, walk
+from ..formula import OPS, Node, variables, walk
 from ..reductions import ReductionDef
 
 MEMORY_BUDGET = 256 * 2**20
@@ -50,8 +51,37 @@ def _block_sizes(roots: list[Node], M: int, N: int, itemsize: int) -> tuple[int,
 
 
 def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
-        arrays: Sequence[Any], M: int, N: int, xp: Any, like: Any) -> tuple:
-    """Outputs of ``red`` over j of ``formula`` (categories already oriented: 0 = output)."""
+        arrays: Sequence[Any], M: int, N: int, xp: Any, like: Any,
+        batch: tuple[int, ...] = ()) -> tuple:
+    """Outputs of ``red`` over j of ``formula`` (categories already oriented: 0 = output),
+    one batch after the other."""
+    if batch:
+        inner = {v.params[0]: (1 if v.params[2] == 2 else 2)
+                 for r in (formula, weight) if r is not None for v in variables(r)}
+        per_batch = [_run_one(red, formula, weight, K, _batch_slice(arrays, index, inner),
+                              M, N, xp, like)
+                     for index in itertools.product(*[range(b) for b in batch])]
+        return tuple(xp.concat([xp.expand_dims(p[k], 0) for p in per_batch], 0)
+                     .reshape(batch + tuple(per_batch[0][k].shape))
+                     for k in range(len(per_batch[0])))
+    return _run_one(red, formula, weight, K, arrays, M, N, xp, like)
+
+
+def _batch_slice(arrays: Sequence[Any], index: tuple[int, ...], inner: dict[int, int]
+                 ) -> list[Any]:
+    """Each used array at one batch index (index 0 along its broadcast dims)."""
+    out = list(arrays)
+    for pos, n_inner in inner.items():
+        a = arrays[pos]
+        own = tuple(a.shape[:a.ndim - n_inner])
+        if own:
+            mine = index[len(index) - len(own):]
+            out[pos] = a[tuple(i if d != 1 else 0 for i, d in zip(mine, own))]
+    return out
+
+
+def _run_one(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
+             arrays: Sequence[Any], M: int, N: int, xp: Any, like: Any) -> tuple:
     roots = [formula] + ([weight] if weight is not None else [])
     rows_per, cols_per = _block_sizes(roots, M, N, like.dtype.itemsize)
     pieces: list[tuple] = []

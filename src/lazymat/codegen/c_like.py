@@ -159,11 +159,41 @@ def _math_declarations(vector_math: bool) -> str:
         return "#define LM_F(name) __builtin_##name##f\n#define LM_D(name) __builtin_##name"
     attrs = '__attribute__((simd("notinbranch"), const, nothrow))'
     lines = ["#define LM_F(name) name##f", "#define LM_D(name) name"]
-    for name, args in (("sin", 1), ("cos", 1), ("log", 1), ("pow", 2)):
+    for name, args in _LIBM_FUNCTIONS:
+        # Older glibc (< 2.35) has no vector acos/asin/atan/atan2: plain scalar calls then.
+        fn_attrs = attrs if _has_vector_variant(name, args) else "__attribute__((const, nothrow))"
         for T, suffix in (("float", "f"), ("double", "")):
             params = ", ".join([T] * args)
-            lines.append(f'extern "C" {T} {name}{suffix}({params}) {attrs};')
+            lines.append(f'extern "C" {T} {name}{suffix}({params}) {fn_attrs};')
     return "\n".join(lines)
+
+
+#: libm functions called through LM_F / LM_D: (name, number of arguments).
+_LIBM_FUNCTIONS = (("sin", 1), ("cos", 1), ("log", 1), ("pow", 2),
+                   ("acos", 1), ("asin", 1), ("atan", 1), ("atan2", 2))
+_ALWAYS_VECTOR = {"sin", "cos", "log", "pow"}  # in every libmvec (glibc >= 2.22)
+_vector_variants: dict[str, bool] = {}
+
+
+def _has_vector_variant(name: str, args: int) -> bool:
+    """Whether libmvec exports the vector versions of ``name`` (acos & co: glibc >= 2.35)."""
+    if name in _ALWAYS_VECTOR:
+        return True
+    found = _vector_variants.get(name)
+    if found is None:
+        import ctypes
+        import ctypes.util
+
+        found = False
+        path = ctypes.util.find_library("mvec")
+        if path is not None:
+            try:
+                # The SSE variant's symbol; glibc adds every ISA's variant at once.
+                found = hasattr(ctypes.CDLL(path), f"_ZGVbN2{'v' * args}_{name}")
+            except OSError:
+                found = False
+        _vector_variants[name] = found
+    return found
 
 
 _vector_math: bool | None = None
@@ -253,4 +283,21 @@ template <typename F> LM_INLINE F lm_powi(F x, int n) {{
   while (e) {{ if (e & 1) r *= base; base *= base; e >>= 1; }}
   return r;
 }}
+LM_INLINE float lm_floor(float x) {{ return __builtin_floorf(x); }}
+LM_INLINE double lm_floor(double x) {{ return __builtin_floor(x); }}
+LM_INLINE float lm_acos(float x) {{ return LM_F(acos)(x); }}
+LM_INLINE double lm_acos(double x) {{ return LM_D(acos)(x); }}
+LM_INLINE float lm_asin(float x) {{ return LM_F(asin)(x); }}
+LM_INLINE double lm_asin(double x) {{ return LM_D(asin)(x); }}
+LM_INLINE float lm_atan(float x) {{ return LM_F(atan)(x); }}
+LM_INLINE double lm_atan(double x) {{ return LM_D(atan)(x); }}
+LM_INLINE float lm_atan2(float y, float x) {{ return LM_F(atan2)(y, x); }}
+LM_INLINE double lm_atan2(double y, double x) {{ return LM_D(atan2)(y, x); }}
+template <typename F> LM_INLINE F lm_round_dec(F x, int d) {{
+  F s = lm_powi((F)10, d < 0 ? -d : d);
+  return d < 0 ? lm_round(x / s) * s : lm_round(x * s) / s;
+}}
+template <typename F> LM_INLINE F lm_mod(F x, F n, F d) {{ return x - n * lm_floor((x - d) / n); }}
+template <typename F> LM_INLINE F lm_xlogx(F x) {{ return x == (F)0 ? (F)0 : x * lm_log(x); }}
+template <typename F> LM_INLINE F lm_sinxdivx(F x) {{ return x == (F)0 ? (F)1 : lm_sin(x) / x; }}
 """

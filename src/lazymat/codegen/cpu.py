@@ -9,13 +9,18 @@ on parameters only once per call.
 
 Every kernel has the same C signature::
 
-    void lm_kernel(i64 M, i64 N, void** args, void* out, i64* out_idx, int threads)
+    void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, void** args,
+                   void* out, i64* out_idx, int threads)
 
-where ``args[v]`` points at the contiguous data of variable ``v``.
+where ``args[v]`` points at the contiguous data of variable ``v``; batch ``b``
+reads variable ``v`` at ``args[v] + offsets[b * nargs + v]`` (offsets are 0
+along broadcast batch dims) and writes its M output rows after those of batch
+``b - 1``. The threads share the (batch, block of rows) pairs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..formula import Node, to_string
@@ -40,6 +45,15 @@ class KernelSpec:
     K: int | None
     dtype: str  # "float32" or "float64"
     arg_dims: tuple[tuple[int, int], ...]  # (dim, cat) of each argument, by position
+
+    @property
+    def value_row_size(self) -> dict[str, int]:
+        """Numbers per output row of the value output and of the index output."""
+        wdim = self.weight.dim if self.weight is not None else None
+        sizes = {"value": 0, "index": 0}
+        for kind, shape in self.reduction.out_dims(self.formula.dim, self.K, wdim):
+            sizes[kind] = math.prod(shape)
+        return sizes
 
 
 class _ReductionContext:
@@ -92,16 +106,19 @@ def render(spec: KernelSpec) -> str:
                f"#define TJ {tj}",
                "#define INFINITY_T ((T)__builtin_inf())"]
 
-    args = [f"const T* a{v} = (const T*)args[{v}];" for v in range(len(spec.arg_dims))]
+    nargs = len(spec.arg_dims)
+    bases = [f"const T* base{v} = (const T*)args[{v}];" for v in range(nargs)]
+    args = [f"const T* a{v} = base{v} + offsets[b * {nargs} + {v}];" for v in range(nargs)]
     i_vars = [(v, d) for v, (d, c) in enumerate(spec.arg_dims) if c == 0]
 
+    # Parameter-level nodes are computed per block of rows: parameters may differ by batch.
     level0 = []
     for n in em.at_level(0):
-        level0.append(em.declaration(n, tj, lanes))
         level0 += em.body(n)
 
     thread_decls = [f"T xv{v}[{d}][LANES];" for v, d in i_vars]
-    thread_decls += [em.declaration(n, tj, lanes) for lv in (1, 2, 3) for n in em.at_level(lv)]
+    thread_decls += [em.declaration(n, tj, lanes) for lv in (0, 1, 2, 3) for n in em.at_level(lv)]
+    value_row = spec.value_row_size
 
     load = [f"for (int k = 0; k < {d}; k++) for (int l = 0; l < LANES; l++) "
             f"xv{v}[k][l] = a{v}[(i0 + (l < nl ? l : nl - 1)) * {d} + k];" for v, d in i_vars]
@@ -124,17 +141,22 @@ def render(spec: KernelSpec) -> str:
                    "  for (int l = 0; l < LANES; l++)"] + _indent(em.body(n), 4) + ["}"]
 
     lines = header + [prelude(has_vector_math()),
-                      'extern "C" void lm_kernel(i64 M, i64 N, void** args, void* out_v, '
-                      "i64* out_idx, int threads) {",
-                      *_indent(args, 2),
-                      "  T* out = (T*)out_v; (void)out; (void)out_idx;",
-                      *_indent(level0, 2),
+                      'extern "C" void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, '
+                      "void** args, void* out_v, i64* out_idx_v, int threads) {",
+                      *_indent(bases, 2),
                       "  const i64 nblocks = (M + LANES - 1) / LANES;",
                       "  #pragma omp parallel num_threads(threads)",
                       "  {",
                       *_indent(thread_decls, 4),
                       "    #pragma omp for schedule(dynamic, 1)",
-                      "    for (i64 ib = 0; ib < nblocks; ib++) {",
+                      "    for (i64 task = 0; task < nbatch * nblocks; task++) {",
+                      "      const i64 b = task / nblocks, ib = task % nblocks;",
+                      *_indent(args, 6),
+                      f"      T* out = out_v ? (T*)out_v + b * M * {value_row['value']} : 0;",
+                      f"      i64* out_idx = out_idx_v ? out_idx_v + b * M * {value_row['index']} "
+                      ": 0;",
+                      "      (void)out; (void)out_idx;",
+                      *_indent(level0, 6),
                       "      const i64 i0 = ib * LANES;",
                       "      const int nl = M - i0 < LANES ? (int)(M - i0) : LANES;",
                       *_indent(load, 6),

@@ -253,6 +253,107 @@ OPS["Pow"] = OpDef("Pow", 1, _broadcast_dims, _pow_ref, c="lm_powi({0}, {p0})",
                    vjp=lambda n, g: (g * n.params[0] * Pow(n.args[0], n.params[0] - 1),))
 
 
+def _safe_nonzero(xp, a):
+    """``a`` with its zeros replaced by ones (for x / x-style ops defined apart at 0)."""
+    return xp.where(a == 0, a * 0 + 1, a)
+
+
+_elementwise("Acos", 1, lambda xp, p, a: xp.arccos(a), "lm_acos({0})", _float_fold(math.acos),
+             doc="arccos(a)",
+             vjp=lambda n, g: (-(g * _m("Rsqrt", 1 - _m("Square", n.args[0]))),))
+_elementwise("Asin", 1, lambda xp, p, a: xp.arcsin(a), "lm_asin({0})", _float_fold(math.asin),
+             doc="arcsin(a)",
+             vjp=lambda n, g: (g * _m("Rsqrt", 1 - _m("Square", n.args[0])),))
+_elementwise("Atan", 1, lambda xp, p, a: xp.arctan(a), "lm_atan({0})", _float_fold(math.atan),
+             doc="arctan(a)",
+             vjp=lambda n, g: (g / (1 + _m("Square", n.args[0])),))
+_elementwise("Atan2", 2, lambda xp, p, a, b: xp.arctan2(a, b), "lm_atan2({0}, {1})",
+             _float_fold(math.atan2), doc="atan2(a, b): the angle of the point (b, a)",
+             vjp=lambda n, g: _atan2_vjp(g, *n.args))
+
+
+def _atan2_vjp(g: Node, a: Node, b: Node) -> tuple[Node, Node]:
+    r2 = _m("Square", a) + _m("Square", b)
+    return (g * b / r2, -(g * a) / r2)
+
+
+_elementwise("Floor", 1, lambda xp, p, a: xp.floor(a), "lm_floor({0})",
+             _exact_or_float(math.floor), doc="floor(a)", vjp=_no_gradient)
+_elementwise("Mod", 3, lambda xp, p, a, n, d: a - n * xp.floor((a - d) / n),
+             "lm_mod({0}, {1}, {2})",
+             _exact_or_float(lambda a, n, d: a - n * math.floor((a - d) / n)),
+             doc="a - n floor((a - d) / n): a modulo n, in [d, d + n)",
+             vjp=lambda n, g: (g, -(g * _m("Floor", (n.args[0] - n.args[2]) / n.args[1])),
+                               None))
+_elementwise("XLogX", 1,
+             lambda xp, p, a: xp.where(a == 0, a * 0, a * xp.log(_safe_nonzero(xp, a))),
+             "lm_xlogx({0})",
+             _exact_or_float(lambda a: 0 if a == 0 else float(a) * math.log(a)),
+             doc="a log(a), 0 at a = 0",
+             vjp=lambda n, g: (g * (_m("Log", n.args[0]) + 1),))
+_elementwise("SinXDivX", 1,
+             lambda xp, p, a: xp.where(a == 0, a * 0 + 1,
+                                       xp.sin(_safe_nonzero(xp, a)) / _safe_nonzero(xp, a)),
+             "lm_sinxdivx({0})",
+             _exact_or_float(lambda a: 1 if a == 0 else math.sin(a) / float(a)),
+             doc="sin(a)/a, 1 at a = 0",
+             vjp=lambda n, g: (g * _sinxdivx_derivative(n.args[0]),))
+
+
+def _sinxdivx_derivative(a: Node) -> Node:
+    # (cos a - sin(a)/a) / a, 0 at a = 0: the divisor is a + [a == 0] (1 at 0, where the
+    # numerator is 0), so no 0/0 appears, at any order.
+    return (_m("Cos", a) - _m("SinXDivX", a)) / (a + _m("Equal", a, 0))
+
+
+# Round and ClampInt have integer parameters, like Pow: elementwise with {p0} {p1} in C.
+def _round_ref(xp, p, a):
+    s = 10.0 ** abs(p[0])
+    return xp.rint(a / s) * s if p[0] < 0 else xp.rint(a * s) / s
+
+
+def _round_fold(a, d):
+    if isinstance(a, Fraction):
+        return round(a, d)  # exact (half to even, as rint)
+    s = 10.0 ** abs(d)
+    return round(a / s) * s if d < 0 else round(a * s) / s
+
+
+OPS["Round"] = OpDef("Round", 1, _broadcast_dims, _round_ref, c="lm_round_dec({0}, {p0})",
+                     fold=_exact_or_float(_round_fold), elementwise=True,
+                     doc="a rounded to d decimals (d an integer, may be negative; "
+                         "ties to even)", vjp=_no_gradient)
+OPS["ClampInt"] = OpDef(
+    "ClampInt", 1, _broadcast_dims, lambda xp, p, a: xp.clip(a, p[0], p[1]),
+    c="lm_clamp({0}, ({T}){p0}, ({T}){p1})",
+    fold=_exact_or_float(lambda a, lo, hi: min(max(a, lo), hi)), elementwise=True,
+    doc="min(max(a, lo), hi) for integers lo and hi",
+    vjp=lambda n, g: (g * _m("DiffClampInt", n.args[0], params=n.params),))
+OPS["DiffClampInt"] = OpDef(
+    "DiffClampInt", 1, _broadcast_dims,
+    lambda xp, p, a: _cast_bool(xp, (a >= p[0]) & (a <= p[1]), a),
+    c="(({T})({0} >= ({T}){p0} && {0} <= ({T}){p1}))",
+    fold=_exact_or_float(lambda a, lo, hi: int(lo <= a <= hi)), elementwise=True,
+    doc="1 where lo <= a <= hi else 0 (the derivative of ClampInt)", vjp=_no_gradient)
+
+
+def _sumt_dim(name, dims, params):
+    if dims[0] != 1:
+        raise ShapeError(f"SumT needs a scalar (dim 1) formula, got dim {dims[0]}")
+    if params[0] < 1:
+        raise ShapeError(f"SumT needs a dim >= 1, got {params[0]}")
+    return params[0]
+
+
+# SumT is elementwise (component k of the output is the operand's only component), so it
+# is inlined in C, and the autodiff engine sums its cotangent: the VJP of SumT is Sum.
+OPS["SumT"] = OpDef("SumT", 1, _sumt_dim, lambda xp, p, a: xp.concat([a] * p[0], -1),
+                    c="{0}", fold=lambda values, params: values[0],
+                    simplify=lambda args, params, dim: args[0] if dim == 1 else None,
+                    elementwise=True, doc="the scalar a repeated d times (the adjoint of Sum)",
+                    vjp=lambda n, g: (g,))
+
+
 # --------------------------------------------------------------------------- structural ops
 
 def _sum_render(ctx, node):
@@ -375,6 +476,70 @@ def _embed(g: Node, start: int, dim: int) -> Node:
     before, after = start, dim - start - g.dim
     out = g if before == 0 else _m("Concat", Const(0, before), g)
     return out if after == 0 else _m("Concat", out, Const(0, after))
+
+
+def _zeros(xp, a, d: int):
+    """Zeros of shape a.shape[:-1] + (d,), a's dtype and device."""
+    return xp.full(tuple(a.shape[:-1]) + (d,), 0, like=a)
+
+
+def _place(xp, a, start: int, dim: int):
+    """``a`` at ``start`` in a zero vector of length ``dim`` (the last axis)."""
+    parts = [a]
+    if start > 0:
+        parts.insert(0, _zeros(xp, a, start))
+    if dim - start - a.shape[-1] > 0:
+        parts.append(_zeros(xp, a, dim - start - a.shape[-1]))
+    return xp.concat(parts, -1) if len(parts) > 1 else a
+
+
+def _elemt_dim(name, dims, params):
+    n, m = params
+    if dims[0] != 1:
+        raise ShapeError(f"ElemT needs a scalar (dim 1) formula, got dim {dims[0]}")
+    if n < 1 or not 0 <= m < n:
+        raise ShapeError(f"ElemT: cannot place a scalar at position {m} of a vector of "
+                         f"length {n}")
+    return n
+
+
+def _placed_simplify(args, params, dim):
+    (a,) = args
+    if a.dim == dim:  # then placed at 0: nothing to pad
+        return a
+    if is_zero(a):
+        return Const(0, dim)
+    return None
+
+
+def _placed_render(start_of):
+    def render(ctx, node):
+        start, d = start_of(node.params), node.args[0].dim
+        return [f"for (int k = 0; k < {node.dim}; k++) {ctx.out('k')} = ({ctx.T})0;",
+                f"for (int k = 0; k < {d}; k++) {ctx.out(f'{start} + k')} = {ctx.arg(0, 'k')};"]
+
+    return render
+
+
+_structural("ElemT", 1, _elemt_dim, lambda xp, p, a: _place(xp, a, p[1], p[0]),
+            _placed_render(lambda p: p[1]), simplify=_placed_simplify,
+            doc="the scalar a at position m of a zero vector of length n (the adjoint of Elem)",
+            vjp=lambda n, g: (Elem(g, n.params[1]),))
+
+
+def _extractt_dim(name, dims, params):
+    start, d = params
+    if start < 0 or start + dims[0] > d:
+        raise ShapeError(f"ExtractT: cannot place a formula of dim {dims[0]} at position "
+                         f"{start} of a vector of length {d}")
+    return d
+
+
+_structural("ExtractT", 1, _extractt_dim, lambda xp, p, a: _place(xp, a, p[0], p[1]),
+            _placed_render(lambda p: p[0]), simplify=_placed_simplify,
+            doc="a at components [start:start+a.dim] of a zero vector of length d "
+                "(the adjoint of Extract)",
+            vjp=lambda n, g: (Extract(g, n.params[0], n.args[0].dim),))
 
 
 def _onehot_dim(name, dims, params):

@@ -40,6 +40,13 @@ INT_PARAM_SLOTS: dict[str, tuple[int, ...]] = {
     "Extract": (1, 2),
     "OneHot": (1,),
     "IntInv": (0,),
+    # primitive ops with integer parameters after their formula argument
+    "Round": (1,),
+    "ClampInt": (1, 2),
+    "DiffClampInt": (1, 2),
+    "SumT": (1,),
+    "ElemT": (1, 2),
+    "ExtractT": (1, 2),
 }
 
 # Variable spellings: name -> (category, replacement if deprecated).
@@ -536,23 +543,6 @@ class _FormulaParser:
             raise self.error(call.args[0][1], f"Zero needs a dim >= 1, got {d}")
         return Const(0, d)
 
-    def sum_t(self, call: _Call) -> Node:
-        usage = "SumT(constant, dim)"
-        if len(call.args) != 2:
-            raise self.error(call.pos, f"SumT takes 2 arguments, got {len(call.args)}",
-                             f"usage: {usage}")
-        (value, vpos), (d, dpos) = call.args
-        f = self.formula(value, vpos)
-        if not isinstance(d, int):
-            raise self.error(dpos, "SumT expects an integer literal as argument 2",
-                             f"usage: {usage}")
-        if d < 1:
-            raise self.error(dpos, f"SumT needs a dim >= 1, got {d}")
-        if not (f.is_const and f.dim == 1):
-            raise self.error(vpos, "SumT is only supported on a scalar constant for now",
-                             f"usage: {usage}")
-        return Const(f.value, d)
-
 
 def _check_var(lx: _Lexer, call: _Call, index: int, dim: int, cat: int) -> None:
     """Reject impossible variables with the position of the offending number."""
@@ -570,7 +560,6 @@ _SPECIAL: dict[str, Callable[[_FormulaParser, _Call], Node]] = {
     "IntCst": _FormulaParser.intcst,
     "RatCst": _FormulaParser.ratcst,
     "Zero": _FormulaParser.zero,
-    "SumT": _FormulaParser.sum_t,
 }
 
 
