@@ -135,6 +135,13 @@ def _var_at(roots: Sequence[Node | None], position: int) -> Node | None:
 
 
 def _shape_like(g: Any, a: Any) -> Any:
+    """g summed over the batch dims along which ``a`` was broadcast, then in a's shape."""
+    extra = g.ndim - a.ndim
+    if extra > 0:
+        g = g.sum(tuple(range(extra)))
+    dims = tuple(k for k, (ga, aa) in enumerate(zip(g.shape, a.shape)) if aa == 1 and ga != 1)
+    if dims:
+        g = g.sum(dims, keepdim=True)
     return g.reshape(a.shape)
 
 
@@ -148,7 +155,7 @@ def _concat(nodes: list[Node]) -> Node:
 def _split_columns(t: Any, dims: list[int]) -> list[Any]:
     out, start = [], 0
     for d in dims:
-        out.append(t[:, start:start + d])
+        out.append(t[..., start:start + d])
         start += d
     return out
 
@@ -157,15 +164,14 @@ def _sum_like_backward(spec: _Spec, arrays, O, G, wanted: list[int]) -> dict[int
     red = spec.req.definition
     F, W = _oriented(spec.req)
     n = len(arrays)
-    M = O.shape[0]
-    extra = [G.reshape(M, -1), O.reshape(M, -1)]
-    Gv = Var(n, extra[0].shape[1], I_CAT)
-    Ov = Var(n + 1, extra[1].shape[1], I_CAT)
+    extra = [G, O]  # (..., M, E): i-variables, with the batch dims of the output
+    Gv = Var(n, G.shape[-1], I_CAT)
+    Ov = Var(n + 1, O.shape[-1], I_CAT)
     Lv = None
     if red.needs_log_normalizer:
         L, = spec.run(plan.Request("LogSumExp", F, axis=1), list(arrays), spec.names,
                       _oriented_sizes(spec))
-        extra.append(L.reshape(M, 1))
+        extra.append(L)
         Lv = Var(n + 2, 1, I_CAT)
     cF, cW = red.cotangents(F, W, Gv, Ov, Lv)
     all_arrays = list(arrays) + extra
@@ -182,7 +188,7 @@ def _sum_like_backward(spec: _Spec, arrays, O, G, wanted: list[int]) -> dict[int
         g, = spec.run(req, all_arrays, names, _oriented_sizes(spec))
         for (p, v), part in zip(group, _split_columns(g, [f.dim for f in formulas])):
             if v.params[2] == P_CAT:
-                part = part.sum(0)
+                part = part.sum(-2)
             result[p] = _shape_like(part, arrays[p])
     return result
 
@@ -197,37 +203,50 @@ def _selection_backward(spec: _Spec, arrays, indices, G, wanted: list[int]) -> d
 
     F, _ = _oriented(spec.req)
     n = len(arrays)
-    M = G.shape[0]
     D = F.dim
-    idx = indices.reshape(M, -1, D)  # (M, K, D): the selected j of each output slot
-    Gs = G.reshape(M, -1, D)
-    M_out, N_red = _oriented_sizes(spec)
+    # indices: (..., M, D), or (..., M, K, D) for K-min ((..., M, K) when D = 1)
+    per_row = 2 if spec.req.definition.needs_k and D > 1 else 1
+    batch = tuple(indices.shape[:indices.ndim - 1 - per_row])
+    M = indices.shape[len(batch)]
+    idx = indices.reshape(batch + (M, -1, D))  # (..., M, K, D): the selected j of each slot
+    Gs = G.reshape(batch + (M, -1, D))
+    _, N_red = _oriented_sizes(spec)
     j_vars = [v for v in variables(F) if v.params[2] == J_CAT]
+    gathered = {v: Var(n + 1 + q, v.params[1], I_CAT) for q, v in enumerate(j_vars)}
+    names = list(spec.names) + ["the output gradient"] + [
+        f"{spec.names[v.params[0]]} at the selected indices" for v in j_vars]
     result: dict[int, Any] = {}
-    for r in range(idx.shape[1]):
+    for r in range(idx.shape[-2]):
         for k in range(D):
-            sel = idx[:, r, k]
+            sel = idx[..., r, k]  # (..., M)
             # The selected j-variables become i-variables: F evaluated at the pairs (i, sel_i).
-            gathered = {v: Var(n + 1 + q, v.params[1], I_CAT) for q, v in enumerate(j_vars)}
             Fk = substitute(make("Extract", (F,), (k, 1)), gathered)
-            g_var = Var(n, 1, I_CAT)
-            extra = [Gs[:, r, k].reshape(M, 1)] + [arrays[v.params[0]][sel] for v in j_vars]
+            extra = [Gs[..., r, k:k + 1]] + [_gather(arrays[v.params[0]], sel) for v in j_vars]
             all_arrays = list(arrays) + extra
-            names = list(spec.names) + ["the output gradient"] + [
-                f"{spec.names[v.params[0]]} at the selected indices" for v in j_vars]
             for p in wanted:
                 v = _var_at((F,), p)
                 if v is None:
                     continue
-                target = gathered.get(v, v)
-                req = plan.Request("Sum", grad(Fk, target, g_var), axis=1)
+                req = plan.Request("Sum", grad(Fk, gathered.get(v, v), Var(n, 1, I_CAT)), axis=1)
                 part, = spec.run(req, all_arrays, names, (M, 1))
                 if v.params[2] == J_CAT:
-                    full = torch.zeros((N_red, part.shape[1]), dtype=part.dtype,
-                                       device=part.device)
-                    part = full.index_add(0, sel, part)
+                    full = torch.zeros(part.shape[:-2] + (N_red, part.shape[-1]),
+                                       dtype=part.dtype, device=part.device)
+                    where = sel.expand(part.shape[:-1]).unsqueeze(-1).expand(part.shape)
+                    part = full.scatter_add(-2, where, part)
                 elif v.params[2] == P_CAT:
-                    part = part.sum(0)
+                    part = part.sum(-2)
                 part = _shape_like(part, arrays[p])
                 result[p] = part if p not in result else result[p] + part
     return result
+
+
+def _gather(y: Any, sel: Any) -> Any:
+    """Rows sel (..., M) of a j-variable y (..., N, D), with broadcast batch dims."""
+    batch = tuple(sel.shape[:-1])
+    lead = (1,) * (len(batch) - (y.ndim - 2)) + tuple(y.shape[:-2])
+    full = tuple(max(a, b) for a, b in zip(batch, lead))
+    y = y.reshape(lead + tuple(y.shape[-2:])).expand(full + tuple(y.shape[-2:]))
+    where = sel.expand(full + sel.shape[-1:]).unsqueeze(-1).expand(
+        full + (sel.shape[-1], y.shape[-1]))
+    return y.gather(-2, where)
