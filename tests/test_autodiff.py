@@ -101,15 +101,17 @@ def assert_allclose(got, want, rtol=1e-9, atol=1e-9, msg=""):
 
 # Ops whose derivative is zero almost everywhere: nothing for gradcheck to check.
 PIECEWISE_CONSTANT = {"LessThan", "LessOrEqual", "Equal", "NotEqual", "Sign", "Step",
-                      "ArgMin", "ArgMax", "OneHot"}
-# Variants that only differ from another row by data on the kinks (ties, zeros): with
-# normal data they would duplicate that row (the kinks themselves: section 5).
-KINK_VARIANTS = {"ReLU-int", "Norm2-int", "Normalize-zeros"}
+                      "ArgMin", "ArgMax", "OneHot", "Floor", "Round", "DiffClampInt"}
+# Variants that only differ from another row by data on the kinks (ties, zeros) or kept
+# off the jumps ("frac"): with normal data they would duplicate that row (the kinks
+# themselves: section 5).
+KINK_VARIANTS = {"ReLU-int", "Norm2-int", "Normalize-zeros", "ClampInt-int", "SinXDivX-zeros",
+                 "Mod-const"}
 DIFF_ROWS = [r for r in ROWS if r.op not in PIECEWISE_CONSTANT and r.id not in KINK_VARIANTS]
 
 GRADGRAD_IDS = {"Exp", "Log", "Sqrt", "Powf", "Pow", "Divide", "Sin", "Normalize", "SqDist",
                 "Norm2", "MatVecMult", "TensorProd", "Concat", "Extract", "Min",
-                "WeightedSqNorm-sym", "Clamp"}
+                "WeightedSqNorm-sym", "Clamp", "Atan2", "SinXDivX", "Acos"}
 GRADGRAD_ROWS = [r for r in DIFF_ROWS if r.id in GRADGRAD_IDS]
 
 

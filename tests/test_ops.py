@@ -494,6 +494,80 @@ def test_constant_folding():
     assert f.op == "Log"
 
 
+def test_constant_folding_of_the_keops_math_ops():
+    assert apply("Floor", Const(2.5)) is Const(2)
+    assert apply("Floor", Const(Fraction(-1, 3))) is Const(-1)
+    assert apply("Round", Const(Fraction(5, 4)), 1) is Const(Fraction(6, 5))  # ties to even
+    assert apply("Round", Const(1234), -2) is Const(1200)
+    assert apply("Mod", Const(7), Const(3), Const(0)) is Const(1)
+    assert apply("Mod", Const(-1), Const(3), Const(Fraction(1, 2))) is Const(2)
+    assert apply("ClampInt", Const(5), 0, 2) is Const(2)
+    assert apply("DiffClampInt", Const(2), 0, 2) is Const(1)
+    assert apply("DiffClampInt", Const(3), 0, 2) is Const(0)
+    assert apply("XLogX", Const(0)) is Const(0)
+    assert apply("SinXDivX", Const(0)) is Const(1)
+    assert apply("Atan2", Const(0), Const(1)) is Const(0)
+    assert apply("Acos", Const(2)).op == "Acos"  # outside the domain: not folded
+    # the transposes: constants stay constants (a constant vector prints as SumT(c, d))
+    assert apply("SumT", Const(2), 3) is Const(2, 3)
+    assert apply("SumT", S, 1) is S
+    assert apply("ElemT", Const(0), 3, 1) is Const(0, 3)
+    assert apply("ExtractT", X, 0, 3) is X
+    assert apply("ExtractT", Const(0, 3), 1, 5) is Const(0, 5)
+
+
+def test_transposes_are_the_adjoints_of_sum_elem_extract():
+    from lazymat.formula import grad
+
+    e1, e5 = Var(9, 1, 0), Var(9, 5, 0)
+    assert grad(apply("SumT", S, 3), S, Const(1, 3)) is Const(3)
+    assert grad(apply("ElemT", S, 4, 2), S, Var(9, 4, 0)) is apply("Elem", Var(9, 4, 0), 2)
+    assert grad(apply("ExtractT", X, 1, 5), X, e5) is apply("Extract", e5, 1, 3)
+    assert grad(apply("Sum", X), X, e1).dim == 3
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sinxdivx_derivatives_are_finite_at_zero(backend):
+    from lazymat.formula import grad
+
+    s, t = Var(0, 1, 0), Var(1, 1, 1)
+    d1 = grad(apply("SinXDivX", s * t), s, Const(1))  # t * sinc'(s t)
+    d2 = grad(d1, s, Const(1))
+    xs = np.array([[0.0], [1e-3], [0.5], [-2.0]])
+    (g1, g2) = (run(Request("Sum", f, axis=1), [xs, np.ones((1, 1))], backend=backend)[0]
+                for f in (d1, d2))
+    z = xs[:, 0]
+    with np.errstate(all="ignore"):
+        want = np.where(z == 0, 0.0, (np.cos(z) - np.sin(z) / z) / z)
+    np.testing.assert_allclose(g1[:, 0], want, rtol=1e-7, atol=1e-9)
+    assert np.isfinite(g2).all()
+
+
+def test_lazytensor_keops_math_methods():
+    import lazymat as lm
+
+    rng = np.random.default_rng(4)
+    x, y = rng.uniform(-0.9, 0.9, (6, 1)), rng.uniform(0.5, 2.0, (8, 1))
+    x[0] = 0.0  # sinc, sinxdivx and xlogx at 0
+    X, Y = lm.Vi(x), lm.Vj(y)
+    a, b = x[:, None, :], y[None, :, :]
+    ax = np.abs(a)
+    pairs = [
+        (X.acos() * Y, np.arccos(a) * b), (X.asin() * Y, np.arcsin(a) * b),
+        (X.atan() * Y, np.arctan(a) * b), (X.atan2(Y), np.arctan2(a, b)),
+        ((X * Y * 10).floor(), np.floor(a * b * 10)), ((X * Y).round(1), np.round(a * b, 1)),
+        ((X * Y * 10).round(), np.round(a * b * 10)), ((X - Y).mod(0.7), (a - b) % 0.7),
+        (X.mod(Y, 0.25), a - b * np.floor((a - 0.25) / b)),
+        (abs(X).xlogx() * Y, np.where(ax == 0, 0, ax * np.log(np.where(ax == 0, 1, ax))) * b),
+        ((X * Y).sinxdivx(), np.sinc(a * b / np.pi)), ((X * Y).sinc(), np.sinc(a * b)),
+    ]
+    f = pairs[0][0]
+    for lazy, _ in pairs[1:]:
+        f = f.concat(lazy)
+    dense = np.concatenate([np.broadcast_to(w, (6, 8, 1)) for _, w in pairs], -1)
+    np.testing.assert_allclose(f.sum(dim=1), dense.sum(1), rtol=1e-10, atol=1e-10)
+
+
 def test_exact_constant_divisor_becomes_multiplier():
     assert (X / 2) is (Const(Fraction(1, 2)) * X)
 

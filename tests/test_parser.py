@@ -139,6 +139,18 @@ CASES = [
     ("SumT(IntCst(2), 3)", Const(2, 3)),
     ("SumT(-1.5,3)", Const(-1.5, 3)),
     ("SumT(RatCst(1,3),2)", Const(Fraction(1, 3), 2)),
+    # ops with integer parameters
+    ("Round(x, 2)", op("Round", x, params=(2,))),
+    ("Round(x, -1)", op("Round", x, params=(-1,))),
+    ("ClampInt(x, -1, 2)", op("ClampInt", x, params=(-1, 2))),
+    ("DiffClampInt(x, 0, 1)", op("DiffClampInt", x, params=(0, 1))),
+    ("SumT(Elem(x,0), 3)", op("SumT", Elem(x, 0), params=(3,))),
+    ("SumT(s, 1)", s),
+    ("ElemT(Elem(x,0), 3, 1)", op("ElemT", Elem(x, 0), params=(3, 1))),
+    ("ExtractT(x, 1, 5)", op("ExtractT", x, params=(1, 5))),
+    ("ExtractT(Zero(3), 1, 5)", Const(0, 5)),
+    ("Mod(x, 2, 0.5)", op("Mod", x, Const(2), Const(0.5))),
+    ("Atan2(x, y)", op("Atan2", x, y)),
     ("inf", Const(float("inf"))),
     ("-inf", Const(float("-inf"))),
     # whitespace and newlines anywhere
@@ -193,6 +205,12 @@ def _round_trip_formulas() -> list[Node]:
         op("Abs", x), op("Sign", x), op("Step", x), op("ReLU", x), op("Inv", x),
         op("Log", x), op("Sqrt", x), op("Rsqrt", x), op("Sin", x), op("Cos", x),
         op("MatVecMult", op("Concat", x, op("Concat", x, x)), y),
+        op("Acos", x), op("Asin", x), op("Atan", x), op("Atan2", x, s), op("Floor", x),
+        op("XLogX", x), op("SinXDivX", x), op("Mod", x, s, Const(Fraction(1, 2))),
+        op("Round", x, params=(3,)), op("Round", x, params=(-2,)),
+        op("ClampInt", x, params=(-1, 2)), op("DiffClampInt", x, params=(-3, -1)),
+        op("SumT", s, params=(4,)), op("ElemT", s, params=(3, 2)),
+        op("ExtractT", x, params=(2, 6)), op("SumT", Const(2), params=(3,)),
         op("Exp", op("Log", op("Sum", op("Square", x - y)) + 1)) * b,
     ]
 
@@ -213,9 +231,9 @@ def test_round_trip_deep_formula():
 
 
 _UNARY = ["Minus", "Exp", "Log", "Sqrt", "Rsqrt", "Inv", "Square", "Abs", "Sign", "Step",
-          "ReLU", "Sin", "Cos"]
+          "ReLU", "Sin", "Cos", "Acos", "Asin", "Atan", "Floor", "XLogX", "SinXDivX"]
 _BINARY = ["Add", "Subtract", "Mult", "Divide", "Powf", "LessThan", "LessOrEqual", "Equal",
-           "NotEqual"]
+           "NotEqual", "Atan2"]
 
 
 @st.composite
@@ -287,6 +305,9 @@ ERRORS = [
     ("Pow(x, 0.5)", "integer literal", 7),
     ("Pow(x, y)", "integer literal", 7),
     ("Extract(x, 0, y)", "integer literal", 14),
+    ("Round(x)", "Round takes 2 arguments, got 1", 0),
+    ("Round(x, 0.5)", "integer literal", 9),
+    ("ClampInt(x, 0, y)", "integer literal", 15),
     ("Sum([1, 2])", "a list is not a formula", 4),
     ("x + [1]", "a list is not a formula", 4),
     ("[1, x]", "integer literals only", 4),
@@ -295,7 +316,6 @@ ERRORS = [
     ("IntCst(1.5)", "integer literal", 7),
     ("RatCst(1, 0)", "denominator is 0", 10),
     ("Zero(0)", "dim >= 1", 5),
-    ("SumT(x, 3)", "scalar constant", 5),
     ("SumT(2, x)", "integer literal", 8),
     ("Var(0, 3)", "Var takes 3 arguments", 0),
     ("Var(0, 0, 0)", "dim must be >= 1", 7),
@@ -372,6 +392,12 @@ def test_dim_mismatch_stays_a_shape_error():
         parse("Extract(x, 2, 2)")
     with pytest.raises(ShapeError, match="OneHot"):
         parse("OneHot(x, 3)")
+    with pytest.raises(ShapeError, match=r"(?s)SumT needs a scalar.*position 0"):
+        parse("SumT(x, 3)")
+    with pytest.raises(ShapeError, match="ElemT"):
+        parse("ElemT(s, 3, 3)")
+    with pytest.raises(ShapeError, match="ExtractT"):
+        parse("ExtractT(x, 1, 3)")
     with pytest.raises(ShapeError, match=r"(?s)Scalprod.*position 2"):
         parse_formula("x | v", {"x": x, "v": v2})
 

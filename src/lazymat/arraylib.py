@@ -24,7 +24,8 @@ class NumpyLib:
     exp, log, sqrt, sin, cos, abs, sign, floor = (
         np.exp, np.log, np.sqrt, np.sin, np.cos, np.abs, np.sign, np.floor)
     maximum, minimum, rint = np.maximum, np.minimum, np.rint
-    arccos, arcsin, arctan, arctan2, clip = np.arccos, np.arcsin, np.arctan, np.arctan2, np.clip
+    arccos, arcsin, arctan, arctan2 = np.arccos, np.arcsin, np.arctan, np.arctan2
+    clip = staticmethod(np.clip)
     where = staticmethod(np.where)
 
     @staticmethod

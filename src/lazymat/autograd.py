@@ -34,23 +34,25 @@ from .formula import I_CAT, J_CAT, P_CAT, Node, Var, grad, make, substitute, var
 
 def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
         backend: str = "auto", out: Any = None,
-        sizes: tuple[int | None, int | None] = (None, None), like: Any = None) -> tuple:
+        sizes: tuple[int | None, int | None] = (None, None), like: Any = None,
+        ranges: Sequence[Any] | None = None) -> tuple:
     """``plan.run``, recorded by torch autograd when a tensor input requires grad."""
     if not any(is_torch(a) and a.requires_grad for a in arrays):
         return plan.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
-                        like=like)
+                        like=like, ranges=ranges)
     import torch
 
     if not torch.is_grad_enabled():
         return plan.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
-                        like=like)
+                        like=like, ranges=ranges)
     if out is not None:
         raise DtypeError("out= cannot be used when an input requires grad "
                          "(autograd needs the output it creates)")
     names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
     # The backward needs M and N even when its formulas lose every i- (or j-) variable.
     M, N, _, _, _ = plan._validate(req, arrays, names, sizes, like)
-    spec = _Spec(req, tuple(names), backend, (M, N), like if like is not None else arrays[0])
+    spec = _Spec(req, tuple(names), backend, (M, N), like if like is not None else arrays[0],
+                 None if ranges is None else tuple(ranges))
     return _reduction_function().apply(spec, *arrays)
 
 
@@ -61,10 +63,12 @@ class _Spec:
     backend: str
     sizes: tuple[int | None, int | None]
     like: Any
+    ranges: tuple | None = None  # the block-sparse 6-tuple, or None
 
     def run(self, req: plan.Request, arrays: Sequence[Any], names: Sequence[str],
-            sizes: tuple[int | None, int | None]) -> tuple:
-        return run(req, arrays, names=names, backend=self.backend, sizes=sizes, like=self.like)
+            sizes: tuple[int | None, int | None], ranges: Any = None) -> tuple:
+        return run(req, arrays, names=names, backend=self.backend, sizes=sizes, like=self.like,
+                   ranges=ranges)
 
 
 _Function = None
@@ -84,7 +88,8 @@ def _reduction_function():
             twin = red.selects_with
             run_req = replace(spec.req, reduction=twin) if twin else spec.req
             outs = plan.run(run_req, [a.detach() for a in arrays], names=spec.names,
-                            backend=spec.backend, sizes=spec.sizes, like=spec.like)
+                            backend=spec.backend, sizes=spec.sizes, like=spec.like,
+                            ranges=spec.ranges)
             kinds = [k for k, _ in run_req.definition.out_dims(1, 1, 1)]
             indices = outs[kinds.index("index")] if "index" in kinds else None
             if twin and twin != red.name:
@@ -170,7 +175,7 @@ def _sum_like_backward(spec: _Spec, arrays, O, G, wanted: list[int]) -> dict[int
     Lv = None
     if red.needs_log_normalizer:
         L, = spec.run(plan.Request("LogSumExp", F, axis=1), list(arrays), spec.names,
-                      _oriented_sizes(spec))
+                      _oriented_sizes(spec), _oriented_ranges(spec))
         extra.append(L)
         Lv = Var(n + 2, 1, I_CAT)
     cF, cW = red.cotangents(F, W, Gv, Ov, Lv)
@@ -185,12 +190,20 @@ def _sum_like_backward(spec: _Spec, arrays, O, G, wanted: list[int]) -> dict[int
             continue
         formulas = [grad(F, v, cF) + (grad(W, v, cW) if W is not None else 0) for _, v in group]
         req = plan.Request("Sum", _concat(formulas), axis=axis)
-        g, = spec.run(req, all_arrays, names, _oriented_sizes(spec))
+        g, = spec.run(req, all_arrays, names, _oriented_sizes(spec), _oriented_ranges(spec))
         for (p, v), part in zip(group, _split_columns(g, [f.dim for f in formulas])):
             if v.params[2] == P_CAT:
                 part = part.sum(-2)
             result[p] = _shape_like(part, arrays[p])
     return result
+
+
+def _oriented_ranges(spec: _Spec) -> tuple | None:
+    """The block-sparse 6-tuple in the oriented formula's terms (halves swapped for axis=0),
+    so that the backward reductions, over either index, keep the forward's sparsity."""
+    if spec.ranges is None or spec.req.axis == 1:
+        return spec.ranges
+    return tuple(spec.ranges[3:]) + tuple(spec.ranges[:3])
 
 
 def _oriented_sizes(spec: _Spec) -> tuple[int | None, int | None]:
@@ -218,10 +231,13 @@ def _selection_backward(spec: _Spec, arrays, indices, G, wanted: list[int]) -> d
     result: dict[int, Any] = {}
     for r in range(idx.shape[-2]):
         for k in range(D):
-            sel = idx[..., r, k]  # (..., M)
+            sel = idx[..., r, k]  # (..., M); -1 where a row had nothing to select
+            valid = sel >= 0
+            sel = sel.clamp_min(0)
             # The selected j-variables become i-variables: F evaluated at the pairs (i, sel_i).
             Fk = substitute(make("Extract", (F,), (k, 1)), gathered)
-            extra = [Gs[..., r, k:k + 1]] + [_gather(arrays[v.params[0]], sel) for v in j_vars]
+            g_slot = Gs[..., r, k:k + 1] * valid.unsqueeze(-1)
+            extra = [g_slot] + [_gather(arrays[v.params[0]], sel) for v in j_vars]
             all_arrays = list(arrays) + extra
             for p in wanted:
                 v = _var_at((F,), p)

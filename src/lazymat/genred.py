@@ -75,14 +75,13 @@ class Genred:
 
     def __call__(self, *args: Any, backend: str = "auto", device_id: int = -1,
                  ranges: Any = None, out: Any = None) -> Any:
-        if ranges is not None:
-            raise ShapeError("block-sparse ranges are not supported yet by lazymat")
         if len(args) != self._n_args:
             raise ShapeError(f"this Genred takes {self._n_args} arrays "
                              f"({', '.join(self._label(p) for p in range(self._n_args))}), "
                              f"got {len(args)}")
         names = [self._label(p) for p in range(len(args))]
-        outs = autograd.run(self.request, list(args), names=names, backend=backend, out=out)
+        outs = autograd.run(self.request, list(args), names=names, backend=backend, out=out,
+                            ranges=ranges)
         return outs[0] if len(outs) == 1 else outs
 
     def _label(self, pos: int) -> str:

@@ -275,11 +275,13 @@ def _have_compiler() -> bool:
 
 def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
         backend: str = "auto", out: Any = None,
-        sizes: tuple[int | None, int | None] = (None, None), like: Any = None) -> tuple:
+        sizes: tuple[int | None, int | None] = (None, None), like: Any = None,
+        ranges: Sequence[Any] | None = None) -> tuple:
     """Run a reduction; returns a tuple of outputs (values and/or int64 indices).
 
     ``sizes`` gives M and N when no i- (or j-) variable is left in the formula (else 1);
-    ``like`` the library and dtype when no array is left at all.
+    ``like`` the library and dtype when no array is left at all; ``ranges`` the KeOps
+    block-sparse 6-tuple (ranges_i, slices_i, redranges_j, ranges_j, slices_j, redranges_i).
     """
     check_request(req)
     names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
@@ -295,6 +297,7 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
         formula = _swap_categories(formula)
         weight = _swap_categories(weight) if weight is not None else None
         M, N = N, M
+    oriented_ranges = _check_ranges(ranges, req.axis, M, N) if ranges is not None else None
     which = choose_backend(backend, xp, like)
     wdim = weight.dim if weight is not None else None
     shapes = red.out_dims(formula.dim, req.K, wdim)
@@ -308,19 +311,61 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
     elif which == "reference":
         from .backends import reference
 
-        outs = reference.run(red, formula, weight, req.K, arrays, M, N, xp, like, batch)
+        outs = reference.run(red, formula, weight, req.K, arrays, M, N, xp, like, batch,
+                             oriented_ranges)
     else:
         from .backends import cpu
 
         offsets = batch_offsets(arrays, _arguments(req), batch)
         outs = cpu.run(red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes, like,
-                       batch, offsets)
+                       batch, offsets, oriented_ranges)
     outs = tuple(o.reshape(batch + (M,) + _squeezed(shape, red))
                  for o, (_, shape) in zip(outs, shapes))
     if out is not None:
         out[...] = outs[0]
         return (out,) + outs[1:]
     return outs
+
+
+_RANGE_NAMES = ("ranges_i", "slices_i", "redranges_j", "ranges_j", "slices_j", "redranges_i")
+
+
+def _check_ranges(ranges: Sequence[Any], axis: int, M: int, N: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three arrays of the 6-tuple that serve this axis, checked, as int64 numpy arrays.
+
+    M is the number of output rows and N of reduced columns (already oriented).
+    """
+    if len(ranges) != 6:
+        raise ShapeError(f"ranges must be the 6-tuple {_RANGE_NAMES}, got {len(ranges)} items")
+    picked = (0, 1, 2) if axis == 1 else (3, 4, 5)
+    out = []
+    for k in picked:
+        a = ranges[k]
+        a = a.detach().cpu().numpy() if is_torch(a) else np.asarray(a)
+        if a.dtype.kind not in "iu":
+            raise DtypeError(f"{_RANGE_NAMES[k]} must hold integers, got dtype {a.dtype}")
+        out.append(np.ascontiguousarray(a, dtype=np.int64))
+    rows, slices, cols = out
+    names = [_RANGE_NAMES[k] for k in picked]
+    if rows.ndim != 2 or rows.shape[1] != 2 or cols.ndim != 2 or cols.shape[1] != 2:
+        raise ShapeError(f"{names[0]} and {names[2]} must have shape (n, 2), got "
+                         f"{rows.shape} and {cols.shape}")
+    if slices.shape != (len(rows),):
+        raise ShapeError(f"{names[1]} must have one entry per row of {names[0]} "
+                         f"({len(rows)}), got shape {slices.shape}")
+    for arr, name, limit in ((rows, names[0], M), (cols, names[2], N)):
+        if len(arr) and (arr.min() < 0 or arr[:, 1].max() > limit
+                         or (arr[:, 0] > arr[:, 1]).any()):
+            raise ShapeError(f"{name} holds intervals outside [0, {limit}] or reversed ones")
+    if len(slices) and (np.diff(slices).min(initial=0) < 0 or slices[0] < 0
+                        or slices[-1] > len(cols)):
+        raise ShapeError(f"{names[1]} must be non-decreasing end positions in {names[2]} "
+                         f"(at most {len(cols)})")
+    order = np.argsort(rows[:, 0], kind="stable")
+    if (rows[order][1:, 0] < rows[order][:-1, 1]).any():
+        raise ShapeError(f"the output ranges of {names[0]} overlap")
+    return rows, slices, cols
 
 
 def _squeezed(shape: tuple[int, ...], red: ReductionDef) -> tuple[int, ...]:

@@ -142,14 +142,16 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
         return tuple(v if o == "value" else i for o in outputs)
 
     def decl(rc):
-        # Index 0 to start with: a row whose values are all +inf (-inf) is attained at j = 0.
+        # Index -1 = nothing seen yet: the first value seen is always taken, so a row whose
+        # values are all +inf (-inf) gets its first column, and an empty row keeps -1.
         return [f"{rc.T} best[{rc.D}][LANES]; long long arg[{rc.D}][LANES];",
-                _loop("k", rc.D, _loop("l", "LANES", f"{{ best[k][l] = {init}; arg[k][l] = 0; }}"))]
+                _loop("k", rc.D, _loop("l", "LANES",
+                                       f"{{ best[k][l] = {init}; arg[k][l] = -1; }}"))]
 
     def tile(rc):
         return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
                 *["  " + s for s in _lanes(
-                    f"{rc.T} v = {rc.V('k')}; bool b = v {op} best[k][l]; "
+                    f"{rc.T} v = {rc.V('k')}; bool b = (v {op} best[k][l]) | (arg[k][l] < 0); "
                     f"best[k][l] = b ? v : best[k][l]; arg[k][l] = b ? j0 + jj : arg[k][l];")],
                 "}"]
 
@@ -198,10 +200,11 @@ def _kmin(name: str, outputs: tuple[str, ...]):
         return tuple(v if o == "value" else i for o in outputs)
 
     def decl(rc):
-        # Indices 0..K-1 to start with: values equal to +inf keep their first positions.
+        # Index -1 marks an empty slot, larger than any value (+inf included): rows whose
+        # values are +inf keep their first columns, slots of an empty row stay -1.
         return [f"{rc.T} kv[{rc.D}][{rc.K}][LANES]; long long ki[{rc.D}][{rc.K}][LANES];",
                 _loop("k", rc.D, _loop("r", rc.K, _loop(
-                    "l", "LANES", "{ kv[k][r][l] = INFINITY_T; ki[k][r][l] = r; }")))]
+                    "l", "LANES", "{ kv[k][r][l] = INFINITY_T; ki[k][r][l] = -1; }")))]
 
     def tile(rc):
         # Cheap threshold test against the current K-th value; sorted insertion only
@@ -211,13 +214,14 @@ def _kmin(name: str, outputs: tuple[str, ...]):
         return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
                 "  int pass = 0;",
                 "  #pragma omp simd reduction(|:pass)",
-                f"  for (int l = 0; l < LANES; l++) pass |= {rc.V('k')} < kv[k][{K - 1}][l];",
+                f"  for (int l = 0; l < LANES; l++) pass |= ({rc.V('k')} < kv[k][{K - 1}][l]) "
+                f"| (ki[k][{K - 1}][l] < 0);",
                 "  if (!pass) continue;",
                 "  for (int l = 0; l < LANES; l++) {",
                 f"    {rc.T} v = {rc.V('k')};",
-                f"    if (!(v < kv[k][{K - 1}][l])) continue;",
+                f"    if (!(v < kv[k][{K - 1}][l]) && ki[k][{K - 1}][l] >= 0) continue;",
                 f"    int r = {K - 1};",
-                "    while (r > 0 && v < kv[k][r - 1][l]) {",
+                "    while (r > 0 && (v < kv[k][r - 1][l] || ki[k][r - 1][l] < 0)) {",
                 "      kv[k][r][l] = kv[k][r - 1][l]; ki[k][r][l] = ki[k][r - 1][l]; r--; }",
                 "    kv[k][r][l] = v; ki[k][r][l] = j0 + jj;",
                 "  }",

@@ -17,7 +17,9 @@ from ..reductions import ReductionDef
 
 _kernels: dict[tuple, Any] = {}  # per process: (reduction, formula, ...) -> kernel function
 _ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
+             ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+LANES = {"float32": 16, "float64": 8}
 
 
 def kernel_for(spec: KernelSpec) -> Any:
@@ -51,10 +53,21 @@ def _pointer(a: Any, keep: list) -> int:
     return a.data_ptr()
 
 
+def _tasks(ranges_i: np.ndarray, lanes: int) -> np.ndarray:
+    """(start, end, range) of every block of at most ``lanes`` rows of every output range."""
+    starts, ends = ranges_i[:, 0].astype(np.int64), ranges_i[:, 1].astype(np.int64)
+    counts = np.maximum(0, (ends - starts + lanes - 1) // lanes)
+    which = np.repeat(np.arange(len(starts), dtype=np.int64), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    i0 = starts[which] + (np.arange(counts.sum(), dtype=np.int64) - first) * lanes
+    return np.ascontiguousarray(np.stack([i0, np.minimum(i0 + lanes, ends[which]), which], 1))
+
+
 def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         arrays: Sequence[Any], M: int, N: int, dtype: str, xp: Any,
         shapes: list[tuple[str, tuple[int, ...]]], like: Any, batch: tuple[int, ...] = (),
-        offsets: Any = None) -> tuple:
+        offsets: Any = None, ranges: tuple[Any, Any, Any] | None = None) -> tuple:
+    """``ranges``: (ranges_i, slices_i, redranges_j) as int64 numpy arrays, or None."""
     from ..plan import num_threads
 
     key = (red.name, formula, weight, K, dtype, len(arrays))
@@ -65,13 +78,24 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
             KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, len(arrays))))
     keep: list = []
     ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[_pointer(a, keep) for a in arrays])
-    outs = [xp.empty(batch + (M,) + shape, like=like,
-                     dtype=xp.int64 if kind == "index" else None) for kind, shape in shapes]
+    if ranges is None:  # one output range of all rows, one interval of all columns
+        ranges = (np.array([[0, M]], np.int64), np.array([1], np.int64),
+                  np.array([[0, N]], np.int64))
+        outs = [xp.empty(batch + (M,) + shape, like=like,
+                         dtype=xp.int64 if kind == "index" else None) for kind, shape in shapes]
+    else:  # rows outside every range hold the identity
+        outs = [xp.full(batch + (M,) + shape, fill, like=like,
+                        dtype=xp.int64 if kind == "index" else None)
+                for (kind, shape), fill in zip(shapes, red.identity)]
+    tasks = _tasks(ranges[0], LANES[dtype])
+    slices = np.ascontiguousarray(ranges[1], dtype=np.int64)
+    redranges = np.ascontiguousarray(ranges[2], dtype=np.int64)
     values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
     indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
     nbatch = math.prod(batch)
     if offsets is None:
         offsets = np.zeros((nbatch, max(1, len(arrays))), dtype=np.int64)
-    fn(M, N, nbatch, offsets.ctypes.data, ptrs, _pointer(values[0], keep) if values else None,
+    fn(M, N, nbatch, offsets.ctypes.data, len(tasks), tasks.ctypes.data, slices.ctypes.data,
+       redranges.ctypes.data, ptrs, _pointer(values[0], keep) if values else None,
        _pointer(indices[0], keep) if indices else None, num_threads(nbatch * M * N))
     return tuple(outs)

@@ -52,19 +52,19 @@ def _block_sizes(roots: list[Node], M: int, N: int, itemsize: int) -> tuple[int,
 
 def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         arrays: Sequence[Any], M: int, N: int, xp: Any, like: Any,
-        batch: tuple[int, ...] = ()) -> tuple:
+        batch: tuple[int, ...] = (), ranges: tuple[Any, Any, Any] | None = None) -> tuple:
     """Outputs of ``red`` over j of ``formula`` (categories already oriented: 0 = output),
     one batch after the other."""
     if batch:
         inner = {v.params[0]: (1 if v.params[2] == 2 else 2)
                  for r in (formula, weight) if r is not None for v in variables(r)}
         per_batch = [_run_one(red, formula, weight, K, _batch_slice(arrays, index, inner),
-                              M, N, xp, like)
+                              M, N, xp, like, ranges)
                      for index in itertools.product(*[range(b) for b in batch])]
         return tuple(xp.concat([xp.expand_dims(p[k], 0) for p in per_batch], 0)
                      .reshape(batch + tuple(per_batch[0][k].shape))
                      for k in range(len(per_batch[0])))
-    return _run_one(red, formula, weight, K, arrays, M, N, xp, like)
+    return _run_one(red, formula, weight, K, arrays, M, N, xp, like, ranges)
 
 
 def _batch_slice(arrays: Sequence[Any], index: tuple[int, ...], inner: dict[int, int]
@@ -81,22 +81,47 @@ def _batch_slice(arrays: Sequence[Any], index: tuple[int, ...], inner: dict[int,
 
 
 def _run_one(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
-             arrays: Sequence[Any], M: int, N: int, xp: Any, like: Any) -> tuple:
+             arrays: Sequence[Any], M: int, N: int, xp: Any, like: Any,
+             ranges: tuple[Any, Any, Any] | None = None) -> tuple:
     roots = [formula] + ([weight] if weight is not None else [])
     rows_per, cols_per = _block_sizes(roots, M, N, like.dtype.itemsize)
-    pieces: list[tuple] = []
+    if ranges is None:
+        blocks = [((0, M), [(0, N)])]
+    else:  # block-sparse: each output range with its own column intervals
+        ranges_i, slices, redranges = ranges
+        blocks = [((int(ranges_i[c][0]), int(ranges_i[c][1])),
+                   [(int(a), int(b)) for a, b in redranges[(slices[c - 1] if c else 0):slices[c]]])
+                  for c in range(len(ranges_i))]
+    pieces: list[tuple[int, tuple]] = []
     with xp.errstate():
-        for i0 in range(0, M, rows_per):
-            rows = slice(i0, min(M, i0 + rows_per))
-            m = rows.stop - rows.start
-            state = None
-            for j0 in range(0, N, cols_per):
-                cols = slice(j0, min(N, j0 + cols_per))
-                n = cols.stop - cols.start
-                vals = evaluate(roots, arrays, rows, cols, xp, like)
-                f = xp.broadcast_to(vals[0], (m, n, formula.dim))
-                g = xp.broadcast_to(vals[1], (m, n, weight.dim)) if weight is not None else None
-                block = red.block(xp, f, g, j0, K=K)
-                state = block if state is None else red.merge(xp, state, block, K=K)
-            pieces.append(red.finalize(xp, state))
-    return tuple(xp.concat([p[k] for p in pieces], 0) for k in range(len(pieces[0])))
+        for (start, stop), intervals in blocks:
+            for i0 in range(start, stop, rows_per):
+                rows = slice(i0, min(stop, i0 + rows_per))
+                state = None
+                for js, je in intervals:
+                    for j0 in range(js, je, cols_per):
+                        block = _block(red, roots, arrays, rows, slice(j0, min(je, j0 + cols_per)),
+                                       xp, like, K)
+                        state = block if state is None else red.merge(xp, state, block, K=K)
+                if state is not None:
+                    pieces.append((i0, red.finalize(xp, state)))
+    if ranges is None and pieces:
+        return tuple(xp.concat([p[k] for _, p in pieces], 0) for k in range(len(pieces[0][1])))
+    # Rows outside every range (or with no column at all) hold the reduction's identity.
+    wdim = weight.dim if weight is not None else None
+    outs = [xp.full((M,) + shape, fill, like=like, dtype=xp.int64 if kind == "index" else None)
+            for (kind, shape), fill in zip(red.out_dims(formula.dim, K, wdim), red.identity)]
+    for i0, piece in pieces:
+        for out, part in zip(outs, piece):
+            out[i0:i0 + part.shape[0]] = part
+    return tuple(outs)
+
+
+def _block(red: ReductionDef, roots: list[Node], arrays: Sequence[Any], rows: slice, cols: slice,
+           xp: Any, like: Any, K: int | None) -> Any:
+    """The reduction state of one dense block of rows × columns."""
+    m, n = rows.stop - rows.start, cols.stop - cols.start
+    vals = evaluate(roots, arrays, rows, cols, xp, like)
+    f = xp.broadcast_to(vals[0], (m, n, roots[0].dim))
+    g = xp.broadcast_to(vals[1], (m, n, roots[1].dim)) if len(roots) > 1 else None
+    return red.block(xp, f, g, cols.start, K=K)

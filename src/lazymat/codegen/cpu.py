@@ -9,13 +9,18 @@ on parameters only once per call.
 
 Every kernel has the same C signature::
 
-    void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, void** args,
+    void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntasks,
+                   const i64* tasks, const i64* slices, const i64* redranges, void** args,
                    void* out, i64* out_idx, int threads)
 
 where ``args[v]`` points at the contiguous data of variable ``v``; batch ``b``
 reads variable ``v`` at ``args[v] + offsets[b * nargs + v]`` (offsets are 0
 along broadcast batch dims) and writes its M output rows after those of batch
-``b - 1``. The threads share the (batch, block of rows) pairs.
+``b - 1``. The threads share the (batch, task) pairs; a task is a block of at
+most LANES rows ``[tasks[3t], tasks[3t+1])`` of one output range ``c =
+tasks[3t+2]``, reduced over the column intervals ``redranges[slices[c-1] ..
+slices[c]]`` (block-sparse ranges; without them, one range of all rows and
+one interval of all columns).
 """
 
 from __future__ import annotations
@@ -142,31 +147,36 @@ def render(spec: KernelSpec) -> str:
 
     lines = header + [prelude(has_vector_math()),
                       'extern "C" void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, '
+                      "i64 ntasks, const i64* tasks, const i64* slices, const i64* redranges, "
                       "void** args, void* out_v, i64* out_idx_v, int threads) {",
                       *_indent(bases, 2),
-                      "  const i64 nblocks = (M + LANES - 1) / LANES;",
+                      "  (void)N;",
                       "  #pragma omp parallel num_threads(threads)",
                       "  {",
                       *_indent(thread_decls, 4),
                       "    #pragma omp for schedule(dynamic, 1)",
-                      "    for (i64 task = 0; task < nbatch * nblocks; task++) {",
-                      "      const i64 b = task / nblocks, ib = task % nblocks;",
+                      "    for (i64 task = 0; task < nbatch * ntasks; task++) {",
+                      "      const i64 b = task / ntasks, t = task % ntasks;",
+                      "      const i64 i0 = tasks[3 * t], c = tasks[3 * t + 2];",
                       *_indent(args, 6),
                       f"      T* out = out_v ? (T*)out_v + b * M * {value_row['value']} : 0;",
                       f"      i64* out_idx = out_idx_v ? out_idx_v + b * M * {value_row['index']} "
                       ": 0;",
                       "      (void)out; (void)out_idx;",
                       *_indent(level0, 6),
-                      "      const i64 i0 = ib * LANES;",
-                      "      const int nl = M - i0 < LANES ? (int)(M - i0) : LANES;",
+                      "      const int nl = tasks[3 * t + 1] - i0 < LANES ? "
+                      "(int)(tasks[3 * t + 1] - i0) : LANES;",
                       *_indent(load, 6),
                       *_indent(level1, 6),
                       *_indent(red.c_decl(rc), 6),
-                      "      for (i64 j0 = 0; j0 < N; j0 += TJ) {",
-                      "        const int tj = N - j0 < TJ ? (int)(N - j0) : TJ;",
-                      *_indent(level2, 8),
-                      *_indent(level3, 8),
-                      *_indent(red.c_tile(rc), 8),
+                      "      for (i64 q = c ? slices[c - 1] : 0; q < slices[c]; q++) {",
+                      "        const i64 jend = redranges[2 * q + 1];",
+                      "        for (i64 j0 = redranges[2 * q]; j0 < jend; j0 += TJ) {",
+                      "          const int tj = jend - j0 < TJ ? (int)(jend - j0) : TJ;",
+                      *_indent(level2, 10),
+                      *_indent(level3, 10),
+                      *_indent(red.c_tile(rc), 10),
+                      "        }",
                       "      }",
                       "      for (int l = 0; l < nl; l++) {",
                       "        const i64 row = i0 + l;",

@@ -1,0 +1,108 @@
+"""Block-sparse reductions: KeOps' ``ranges`` 6-tuple and the clustering helpers that build it.
+
+A reduction over j with ``ranges=(ranges_i, slices_i, redranges_j, ranges_j, slices_j,
+redranges_i)`` computes, for the rows of each output range ``ranges_i[c]``, only the
+columns of the intervals ``redranges_j[slices_i[c-1]:slices_i[c]]``; the last three
+arrays serve reductions over i (and gradients). Rows outside every range hold the
+reduction's identity. With lazymat, ranges also work with batch dimensions (the same
+ranges for every batch).
+
+>>> import numpy as np
+>>> x = np.random.rand(1000, 2)
+>>> labels = grid_cluster(x, 0.25)
+>>> x, labels = sort_clusters(x, labels)
+>>> ranges, centroids, _ = cluster_ranges_centroids(x, labels)
+>>> keep = ((centroids[:, None] - centroids[None]) ** 2).sum(-1) < 0.3 ** 2
+>>> len(from_matrix(ranges, ranges, keep))
+6
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .arraylib import is_torch
+
+
+def _numpy(a: Any) -> np.ndarray:
+    return a.detach().cpu().numpy() if is_torch(a) else np.asarray(a)
+
+
+def _like(a: np.ndarray, ref: Any) -> Any:
+    if is_torch(ref):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(a)).to(ref.device)
+    return a
+
+
+def grid_cluster(x: Any, size: float | Sequence[float]) -> Any:
+    """Cluster labels (int64, 0..C-1) of the points x (n, D) by cubic cells of side ``size``
+    (a float, or one per dimension). Any D works (KeOps: D ≤ 3)."""
+    pts = _numpy(x)
+    cells = np.floor((pts - pts.min(0)) / np.asarray(size, dtype=pts.dtype)).astype(np.int64)
+    _, labels = np.unique(cells, axis=0, return_inverse=True)
+    return _like(labels.reshape(-1).astype(np.int64), x)
+
+
+def sort_clusters(x: Any, labels: Any) -> tuple[Any, Any]:
+    """x (an array or a tuple of arrays) and labels, reordered so each cluster is contiguous."""
+    order = np.argsort(_numpy(labels), kind="stable")
+    idx = _like(order, labels)
+    if isinstance(x, (tuple, list)):
+        return type(x)(a[idx] for a in x), labels[idx]
+    return x[idx], labels[idx]
+
+
+def cluster_ranges(labels: Any, n_labels: int | None = None) -> Any:
+    """(C, 2) index ranges [start, end) of each cluster of *sorted* labels."""
+    lab = _numpy(labels)
+    counts = np.bincount(lab, minlength=n_labels or 0)
+    ends = np.cumsum(counts)
+    return _like(np.stack([ends - counts, ends], 1).astype(np.int64), labels)
+
+
+def cluster_centroids(x: Any, labels: Any, n_labels: int | None = None, weights: Any = None,
+                      weights_c: Any = None) -> Any:
+    """(Weighted) centroid of each cluster, shape (C, D)."""
+    pts, lab = _numpy(x), _numpy(labels)
+    n = int(n_labels or (lab.max() + 1 if len(lab) else 0))
+    w = np.ones(len(pts), pts.dtype) if weights is None else _numpy(weights).reshape(-1)
+    sums = np.zeros((n, pts.shape[1]), pts.dtype)
+    np.add.at(sums, lab, pts * w[:, None])
+    wc = np.bincount(lab, weights=w, minlength=n) if weights_c is None else _numpy(weights_c)
+    return _like((sums / np.maximum(wc, np.finfo(pts.dtype).tiny)[:, None]).astype(pts.dtype), x)
+
+
+def cluster_ranges_centroids(x: Any, labels: Any, weights: Any = None, min_weight: float = 0
+                             ) -> tuple[Any, Any, Any]:
+    """(ranges, centroids, cluster weights) of *sorted* labels; clusters lighter than
+    ``min_weight`` get an empty range."""
+    pts, lab = _numpy(x), _numpy(labels)
+    n = int(lab.max() + 1) if len(lab) else 0
+    w = np.ones(len(pts), pts.dtype) if weights is None else _numpy(weights).reshape(-1)
+    wc = np.bincount(lab, weights=w, minlength=n).astype(pts.dtype)
+    ranges = _numpy(cluster_ranges(labels, n))
+    ranges[wc < min_weight] = 0
+    centroids = _numpy(cluster_centroids(x, labels, n, weights, wc))
+    return _like(ranges, labels), _like(centroids, x), _like(wc, x)
+
+
+def from_matrix(ranges_i: Any, ranges_j: Any, keep: Any) -> tuple:
+    """The 6-tuple of a block mask: ``keep[a, b]`` says whether row cluster a interacts with
+    column cluster b."""
+    ri, rj, mask = _numpy(ranges_i), _numpy(ranges_j), _numpy(keep).astype(bool)
+    slices_i = np.cumsum(mask.sum(1)).astype(np.int64)
+    redranges_j = rj[np.nonzero(mask)[1]].reshape(-1, 2).astype(np.int64)
+    slices_j = np.cumsum(mask.sum(0)).astype(np.int64)
+    redranges_i = ri[np.nonzero(mask.T)[1]].reshape(-1, 2).astype(np.int64)
+    parts = (ri.astype(np.int64), slices_i, redranges_j, rj.astype(np.int64), slices_j,
+             redranges_i)
+    return tuple(_like(p, ranges_i) for p in parts)
+
+
+def swap_axes(ranges: Sequence[Any]) -> tuple:
+    """The ranges of the transposed matrix (i and j swapped)."""
+    return tuple(ranges[3:]) + tuple(ranges[:3])
