@@ -76,3 +76,45 @@ def test_batched_gradients():
                 req = Request(name, formula, axis=axis, K=K, weight=weight)
                 return autograd.run(req, list(a))[0]
             assert torch.autograd.gradcheck(fn, (X, Y, B, P)), (name, axis)
+
+
+def test_lazytensor_batch_layouts_and_dims():
+    """pykeops layout (..., M, 1, D) / (..., 1, N, D) / (..., 1, 1, D), reductions over
+    dim = nbatch and nbatch + 1, results of shape batch + (rows, D)."""
+    X = rng.standard_normal((2, 3, 7, 1, 3))
+    Y = rng.standard_normal((1, 3, 1, 9, 3))
+    B = rng.standard_normal((2, 1, 1, 9, 2))
+    S = rng.random((2, 3, 1, 1, 1)) + 0.5
+    xi, yj, bj, s = lm.LazyTensor(X), lm.LazyTensor(Y), lm.LazyTensor(B), lm.LazyTensor(S)
+    K = (-xi.sqdist(yj) * s).exp()
+    assert K.shape == (2, 3, 7, 9) and K.nbatchdims == 2
+    d = ((X[..., :, :, :] - Y) ** 2).sum(-1)  # (2, 3, 7, 9)
+    Kd = np.exp(-d * S[..., 0])
+    np.testing.assert_allclose((K * bj).sum(dim=3), Kd @ B[:, :, 0], rtol=1e-12)
+    over_i = (Kd[..., None] * B[:, :, 0][..., None, :, :]).sum(-3)  # (2, 3, 9, 2)
+    np.testing.assert_allclose((K * bj).sum(dim=2), over_i, rtol=1e-12)
+    np.testing.assert_allclose(K @ np.ones((9,)), Kd.sum(-1), rtol=1e-12)
+    np.testing.assert_array_equal(xi.sqdist(yj).argmin(dim=3)[..., 0], d.argmin(-1))
+    np.testing.assert_allclose(K.dense(), Kd, rtol=1e-12)
+    with pytest.raises(lm.ShapeError, match="dim must be 2"):
+        K.sum(dim=1)
+
+
+def test_lazytensor_ranges_and_dense():
+    from test_ranges import block_problem, masked_dense
+
+    arrays, ranges, mask = block_problem(7)
+    X, Y, B = arrays
+    K = (-lm.Vi(X).sqdist(lm.Vj(Y))).exp()
+    from test_ranges import GAUSS as ranges_gauss
+
+    want = masked_dense("Sum", ranges_gauss, None, None, arrays, mask, 1)[0]
+    np.testing.assert_allclose((K * lm.Vj(B)).sum(dim=1, ranges=ranges), want, rtol=1e-12)
+    K.ranges = ranges
+    np.testing.assert_allclose(K @ B, want, rtol=1e-12)
+    # the transpose uses the other half of the 6-tuple
+    np.testing.assert_allclose(K.t() @ np.ones((37, 1)), (np.exp(-((X[:, None] - Y[None]) ** 2)
+                               .sum(-1)) * mask).sum(0)[:, None], rtol=1e-12)
+    np.testing.assert_allclose(lm.Vi(X[:4]).sqdist(lm.Vj(Y[:5])).dense(),
+                               ((X[:4, None] - Y[None, :5]) ** 2).sum(-1), rtol=1e-12)
+

@@ -12,6 +12,15 @@ from __future__ import annotations
 from .errors import CompileError, DtypeError, FormulaSyntaxError, LazymatError, ShapeError
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
 from .lazy_tensor import LazyTensor, Pm, Vi, Vj
+from .ranges import (
+    cluster_centroids,
+    cluster_ranges,
+    cluster_ranges_centroids,
+    from_matrix,
+    grid_cluster,
+    sort_clusters,
+    swap_axes,
+)
 from .solve import ConvergenceWarning, KernelSolve
 
 __version__ = "0.1.0"
@@ -19,7 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "LazyTensor", "Vi", "Vj", "Pm", "Genred", "generic_sum", "generic_logsumexp",
     "generic_argmin", "generic_argkmin", "KernelSolve", "ConvergenceWarning", "cache_clear",
-    "check_health",
+    "check_health", "grid_cluster", "sort_clusters", "cluster_ranges", "cluster_centroids",
+    "cluster_ranges_centroids", "from_matrix", "swap_axes",
     "LazymatError", "ShapeError", "DtypeError", "FormulaSyntaxError", "CompileError",
     "__version__",
 ]

@@ -21,6 +21,23 @@ from .formula.parser import parse_alias, parse_formula
 
 _ACC_OPTIONS = ("auto", "float32", "float64", "float16")
 _SUM_SCHEMES = ("auto", "direct_sum", "block_sum", "kahan_scheme")
+# KeOps options that lazymat accepts and does not need: its sums always accumulate tile partials
+# in float64 (at least as accurate as any of KeOps' schemes), it has no chunk modes to toggle,
+# and device_id is taken from the inputs.
+_ACCEPTED = ("dtype_acc", "use_double_acc", "sum_scheme", "enable_chunks", "use_fast_math",
+             "rec_multVar_highdim", "device_id", "dtype", "cuda_type")
+
+
+def check_options(where: str, options: dict[str, Any]) -> None:
+    """KeOps' accumulation and compilation options: checked, then handled as documented."""
+    unknown = [k for k in options if k not in _ACCEPTED]
+    if unknown:
+        raise TypeError(f"{where}: unexpected keyword argument(s) {', '.join(unknown)}")
+    if options.get("dtype_acc", "auto") not in _ACC_OPTIONS:
+        raise ShapeError(f"dtype_acc must be one of {_ACC_OPTIONS}, got {options['dtype_acc']!r}")
+    if options.get("sum_scheme", "auto") not in _SUM_SCHEMES:
+        raise ShapeError(f"sum_scheme must be one of {_SUM_SCHEMES}, got "
+                         f"{options['sum_scheme']!r}")
 
 
 def _parse_aliases(aliases: Sequence[str]) -> tuple[dict[str, Node], list[str]]:
@@ -59,10 +76,7 @@ class Genred:
                  use_double_acc: bool = False, sum_scheme: str = "auto",
                  enable_chunks: bool = True, rec_multVar_highdim: bool = False,
                  use_fast_math: bool = True):
-        if dtype_acc not in _ACC_OPTIONS:
-            raise ShapeError(f"dtype_acc must be one of {_ACC_OPTIONS}, got {dtype_acc!r}")
-        if sum_scheme not in _SUM_SCHEMES:
-            raise ShapeError(f"sum_scheme must be one of {_SUM_SCHEMES}, got {sum_scheme!r}")
+        check_options("Genred", {"dtype_acc": dtype_acc, "sum_scheme": sum_scheme})
         self.formula_string, self.aliases = formula, list(aliases)
         self.reduction_op, self.axis, self.opt_arg = reduction_op, axis, opt_arg
         self.formula2_string = formula2

@@ -42,7 +42,13 @@ class _Leaf:
 
     @property
     def rows(self) -> int:
-        return int(self.array.shape[0]) if self.array is not None and self.cat != P_CAT else 1
+        return int(self.array.shape[-2]) if self.array is not None and self.cat != P_CAT else 1
+
+    @property
+    def batch(self) -> tuple[int, ...]:
+        if self.array is None:
+            return ()
+        return tuple(self.array.shape[:-1 if self.cat == P_CAT else -2])
 
 
 def _is_array(x: Any) -> bool:
@@ -62,17 +68,20 @@ class LazyTensor:
     __array_priority__ = 1000
 
     def __init__(self, x: Any = None, axis: int | None = None):
+        #: block-sparse ranges (KeOps' 6-tuple) used by the reductions, or None
+        self.ranges: tuple | None = None
         if isinstance(x, LazyTensor):
-            self.formula, self._leaves = x.formula, x._leaves
+            self.formula, self._leaves, self.ranges = x.formula, x._leaves, x.ranges
             return
         node, leaves = _leaf(x, axis)
         self.formula: Node = node
         self._leaves: dict[tuple[int, int], _Leaf] = leaves  # (uid, cat) -> data
 
     @classmethod
-    def _make(cls, formula: Node, leaves: dict[int, _Leaf]) -> "LazyTensor":
+    def _make(cls, formula: Node, leaves: dict[int, _Leaf], ranges: tuple | None = None
+              ) -> "LazyTensor":
         lt = cls.__new__(cls)
-        lt.formula, lt._leaves = formula, leaves
+        lt.formula, lt._leaves, lt.ranges = formula, leaves, ranges
         return lt
 
     # ------------------------------------------------------------------ description
@@ -89,10 +98,42 @@ class LazyTensor:
         return _rows(self._leaves, cat) or 1
 
     @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """The broadcast batch dims of the operands (empty without batch)."""
+        return _batch_shape(self._leaves)
+
+    @property
+    def nbatchdims(self) -> int:
+        return len(self.batch_shape)
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        """(M, N) or (M, N, D): the trailing 1 is dropped, as in pykeops."""
-        base = (self._size(I_CAT), self._size(J_CAT))
+        """(..., M, N) or (..., M, N, D): the trailing 1 is dropped, as in pykeops."""
+        base = self.batch_shape + (self._size(I_CAT), self._size(J_CAT))
         return base if self.formula.dim == 1 else base + (self.formula.dim,)
+
+    def dense(self) -> Any:
+        """The symbolic matrix as an array of shape ``self.shape`` (for small problems)."""
+        from .backends.reference import evaluate
+
+        size = math.prod(self.shape)
+        if size > 2**27:
+            raise ShapeError(f"dense() would build {size:,} numbers (shape {self.shape}); "
+                             f"use a reduction instead")
+        f, _, arrays, _ = _bind(self.formula, None, self._leaves)
+        like = next(leaf.array for leaf in self._leaves.values() if leaf.array is not None)
+        xp = lib_of(like)
+        M, N, nb = self._size(I_CAT), self._size(J_CAT), self.nbatchdims
+        values = []
+        for index in itertools.product(*[range(b) for b in self.batch_shape]):
+            sliced = [a[tuple(i if d != 1 else 0 for i, d in zip(
+                index[len(index) - (a.ndim - (1 if _is_param(f, pos) else 2)):],
+                a.shape))] if a.ndim > (1 if _is_param(f, pos) else 2) else a
+                for pos, a in enumerate(arrays)]
+            v = evaluate([f], sliced, slice(None), slice(None), xp, like)[0]
+            values.append(xp.broadcast_to(v, (M, N, f.dim)))
+        out = xp.concat([xp.expand_dims(v, 0) for v in values], 0) if nb else values[0]
+        return out.reshape(self.shape)
 
     def __repr__(self) -> str:
         return f"LazyTensor(shape={self.shape}, formula={self.formula!r})"
@@ -102,7 +143,7 @@ class LazyTensor:
 
     # ------------------------------------------------------------------ building
     def _unary(self, op: str, *params: Any) -> "LazyTensor":
-        return LazyTensor._make(apply(op, self.formula, *params), self._leaves)
+        return LazyTensor._make(apply(op, self.formula, *params), self._leaves, self.ranges)
 
     def _combine(self, op: str, *others: Any, params: tuple = (), symbol: str | None = None
                  ) -> "LazyTensor":
@@ -113,7 +154,8 @@ class LazyTensor:
         except ShapeError as e:
             described = ", ".join(f"{_describe(o)}" for o in operands)
             raise ShapeError(f"{symbol or op}: {described}: {e}") from None
-        return LazyTensor._make(node, leaves)
+        ranges = next((o.ranges for o in operands if o.ranges is not None), None)
+        return LazyTensor._make(node, leaves, ranges)
 
     def __add__(self, o): return self._combine("Add", o, symbol="+")
     def __radd__(self, o): return _as_lazy(o)._combine("Add", self, symbol="+")
@@ -224,7 +266,8 @@ class LazyTensor:
         swap = {I_CAT: J_CAT, J_CAT: I_CAT, P_CAT: P_CAT}
         leaves = {(uid, swap[cat]): _Leaf(leaf.array, leaf.value, swap[cat], leaf.source)
                   for (uid, cat), leaf in self._leaves.items()}
-        return LazyTensor._make(substitute(self.formula, mapping), leaves)
+        ranges = None if self.ranges is None else tuple(self.ranges[3:]) + tuple(self.ranges[:3])
+        return LazyTensor._make(substitute(self.formula, mapping), leaves, ranges)
 
     @property
     def T(self) -> "LazyTensor":
@@ -257,25 +300,33 @@ class LazyTensor:
 
     # ------------------------------------------------------------------ reductions
     def _reduce(self, name: str, dim: Any, K: int | None = None, weight: Any = None,
-                backend: str = "auto", out: Any = None, axis: Any = None, **unknown: Any):
-        if unknown:
-            raise TypeError(f"{name}: unexpected keyword argument(s) {', '.join(unknown)}")
+                backend: str = "auto", out: Any = None, axis: Any = None, ranges: Any = None,
+                **options: Any):
+        from .genred import check_options
+
+        check_options(name, options)
         if axis is not None:
             dim = axis
-        if dim is None:
-            raise ShapeError(f"{name} needs dim=0 (reduce over i) or dim=1 (reduce over j)")
-        if dim not in (0, 1):
-            raise ShapeError(f"{name}: dim must be 0 (reduce over i) or 1 (reduce over j), "
-                             f"got {dim!r}")
         operands = [self] + ([_as_lazy(weight)] if weight is not None else [])
         leaves = _merge_leaves(operands)
+        nb = len(_batch_shape(leaves))
+        if dim is None:
+            raise ShapeError(f"{name} needs dim={nb} (reduce over i) or dim={nb + 1} "
+                             f"(reduce over j)")
+        if dim not in (nb, nb + 1):
+            raise ShapeError(f"{name}: dim must be {nb} (reduce over i) or {nb + 1} (reduce over "
+                             f"j) for {'no' if not nb else nb} batch dim{'s' if nb != 1 else ''}"
+                             f", got {dim!r}")
+        dim -= nb
         formula, weight_f, arrays, names = _bind(self.formula,
                                                  operands[1].formula if weight is not None
                                                  else None, leaves)
         req = plan.Request(name, formula, axis=dim, K=K, weight=weight_f)
         sizes = (_rows(leaves, I_CAT), _rows(leaves, J_CAT))
         outs = autograd.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
-                        like=next(leaf.array for leaf in leaves.values() if leaf.array is not None))
+                            like=next(leaf.array for leaf in leaves.values()
+                                      if leaf.array is not None),
+                            ranges=ranges if ranges is not None else self.ranges)
         return outs[0] if len(outs) == 1 else outs
 
     def sum(self, dim: int | None = -1, **kw):
@@ -337,8 +388,8 @@ class LazyTensor:
                 leaf.cat == J_CAT for leaf in self._leaves.values()):
             raise ShapeError(f"K @ v: K has N = {self._size(J_CAT)} columns but v has shape "
                              f"{tuple(v.shape)}")
-        result = (self * vj).sum(dim=1, **kw)
-        return result.reshape(-1) if vector else result
+        result = (self * vj).sum(dim=self.nbatchdims + 1, **kw)
+        return result.reshape(tuple(result.shape[:-1])) if vector else result
 
     def solve(self, b: Any, alpha: float = 1e-10, eps: float = 1e-6, max_iter: int | None = None,
               **kw: Any) -> Any:
@@ -401,24 +452,23 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
             cat, arr = (I_CAT if axis == 0 else J_CAT), x.reshape(-1, 1)
         else:
             cat, arr = P_CAT, x
-    elif len(shape) == 2:
-        if axis not in (0, 1):
-            raise ShapeError(f"a 2-D array of shape {shape} needs axis=0 (i-variable) or axis=1 "
-                             f"(j-variable); or use Vi(x) / Vj(x)")
+    elif axis in (0, 1):  # Vi / Vj of an (..., n, D) array
         cat, arr = (I_CAT if axis == 0 else J_CAT), x
-    elif len(shape) == 3:
-        if shape[0] == 1 and shape[1] == 1:
-            cat, arr = P_CAT, x.reshape(shape[2])
-        elif shape[1] == 1:
-            cat, arr = I_CAT, x.reshape(shape[0], shape[2])
-        elif shape[0] == 1:
-            cat, arr = J_CAT, x.reshape(shape[1], shape[2])
+    elif len(shape) == 2:
+        raise ShapeError(f"a 2-D array of shape {shape} needs axis=0 (i-variable) or axis=1 "
+                         f"(j-variable); or use Vi(x) / Vj(x)")
+    else:  # pykeops layout: (..., M, 1, D), (..., 1, N, D) or (..., 1, 1, D)
+        lead = shape[:-3]
+        if shape[-3] == 1 and shape[-2] == 1:
+            cat, arr = P_CAT, x.reshape(lead + (shape[-1],))
+        elif shape[-2] == 1:
+            cat, arr = I_CAT, x.reshape(lead + (shape[-3], shape[-1]))
+        elif shape[-3] == 1:
+            cat, arr = J_CAT, x.reshape(lead + (shape[-2], shape[-1]))
         else:
-            raise ShapeError(f"a 3-D array must have shape (M, 1, D), (1, N, D) or (1, 1, D), "
-                             f"got {shape}")
-    else:
-        raise ShapeError(f"arrays with batch dimensions (shape {shape}) are not supported yet")
-    dim = int(arr.shape[-1]) if cat != P_CAT else int(arr.shape[0])
+            raise ShapeError(f"an array of shape {shape} must be (..., M, 1, D), "
+                             f"(..., 1, N, D) or (..., 1, 1, D)")
+    dim = int(arr.shape[-1])
     if dim < 1:
         raise ShapeError(f"a variable needs at least one component, got shape {shape}")
     return Var(id(source), dim, cat), {(id(source), cat): _Leaf(arr, None, cat, source)}
@@ -453,6 +503,7 @@ def _merge_leaves(operands: list[LazyTensor]) -> dict[tuple[int, int], _Leaf]:
             raise ShapeError(f"{_ROLE[cat]} variables with different {letter}: "
                              f"{sorted(sizes)} rows; all {_ROLE[cat]} operands of one formula "
                              f"must have the same number of rows")
+    _batch_shape(leaves)  # raises when the batch dims do not broadcast
     return leaves
 
 
@@ -503,6 +554,23 @@ def _bind(formula: Node, weight: Node | None, leaves: dict[tuple[int, int], _Lea
             arrays.append(leaf.array)
             names.append(f"{_ROLE[leaf.cat]} operand #{pos} (shape {tuple(leaf.array.shape)})")
     return f, g, arrays, names
+
+
+def _batch_shape(leaves: dict[tuple[int, int], _Leaf]) -> tuple[int, ...]:
+    """numpy broadcast of the leaves' batch dims (an error names them when they clash)."""
+    shapes = [leaf.batch for leaf in leaves.values() if leaf.batch]
+    if not shapes:
+        return ()
+    try:
+        import numpy as np
+
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        raise ShapeError(f"batch dims do not broadcast: {shapes}") from None
+
+
+def _is_param(f: Node, pos: int) -> bool:
+    return any(v.params[0] == pos and v.params[2] == P_CAT for v in variables(f))
 
 
 def _rows(leaves: dict[tuple[int, int], _Leaf], cat: int) -> int | None:
