@@ -167,6 +167,8 @@ def _validate(req: Request, arrays: Sequence[Any], names: Sequence[str],
 def _broadcast_batch(batch: tuple[int, ...], dims: tuple[int, ...], name: str,
                      seen: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
     """numpy broadcasting of batch dims, with an error naming the operands."""
+    if not dims and not batch:
+        return batch
     n = max(len(batch), len(dims))
     a, b = (1,) * (n - len(batch)) + batch, (1,) * (n - len(dims)) + dims
     out = []
@@ -316,7 +318,7 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
     else:
         from .backends import cpu
 
-        offsets = batch_offsets(arrays, _arguments(req), batch)
+        offsets = batch_offsets(arrays, _arguments(req), batch) if batch else None
         outs = cpu.run(red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes, like,
                        batch, offsets, oriented_ranges)
     outs = tuple(o.reshape(batch + (M,) + _squeezed(shape, red))

@@ -53,6 +53,37 @@ def _pointer(a: Any, keep: list) -> int:
     return a.data_ptr()
 
 
+def _layout(tasks: np.ndarray, slices: Any, redranges: Any) -> tuple:
+    """(ntasks, pointers to tasks, slices, redranges, the arrays that own the memory)."""
+    arrays = (tasks, np.ascontiguousarray(slices, dtype=np.int64),
+              np.ascontiguousarray(redranges, dtype=np.int64))
+    return (len(tasks),) + tuple(a.ctypes.data for a in arrays) + (arrays,)
+
+
+_dense_layouts: dict[tuple[int, int, int], tuple] = {}
+_zero_offsets: dict[int, np.ndarray] = {}
+
+
+def _dense_layout(M: int, N: int, lanes: int) -> tuple:
+    """The layout without ranges (cached: it is on the path of every call)."""
+    key = (M, N, lanes)
+    layout = _dense_layouts.get(key)
+    if layout is None:
+        if len(_dense_layouts) > 256:
+            _dense_layouts.clear()
+        ranges_i = np.array([[0, M]], np.int64)
+        layout = _dense_layouts[key] = _layout(_tasks(ranges_i, lanes), [1], [[0, N]])
+    return layout
+
+
+def _no_offsets(nargs: int) -> int:
+    """Pointer to zero offsets for a call without batch dims."""
+    zeros = _zero_offsets.get(nargs)
+    if zeros is None:
+        zeros = _zero_offsets[nargs] = np.zeros(max(1, nargs), dtype=np.int64)
+    return zeros.ctypes.data
+
+
 def _tasks(ranges_i: np.ndarray, lanes: int) -> np.ndarray:
     """(start, end, range) of every block of at most ``lanes`` rows of every output range."""
     starts, ends = ranges_i[:, 0].astype(np.int64), ranges_i[:, 1].astype(np.int64)
@@ -79,23 +110,20 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
     keep: list = []
     ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[_pointer(a, keep) for a in arrays])
     if ranges is None:  # one output range of all rows, one interval of all columns
-        ranges = (np.array([[0, M]], np.int64), np.array([1], np.int64),
-                  np.array([[0, N]], np.int64))
+        layout = _dense_layout(M, N, LANES[dtype])
         outs = [xp.empty(batch + (M,) + shape, like=like,
                          dtype=xp.int64 if kind == "index" else None) for kind, shape in shapes]
     else:  # rows outside every range hold the identity
+        layout = _layout(_tasks(ranges[0], LANES[dtype]), ranges[1], ranges[2])
         outs = [xp.full(batch + (M,) + shape, fill, like=like,
                         dtype=xp.int64 if kind == "index" else None)
                 for (kind, shape), fill in zip(shapes, red.identity)]
-    tasks = _tasks(ranges[0], LANES[dtype])
-    slices = np.ascontiguousarray(ranges[1], dtype=np.int64)
-    redranges = np.ascontiguousarray(ranges[2], dtype=np.int64)
     values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
     indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
     nbatch = math.prod(batch)
-    if offsets is None:
-        offsets = np.zeros((nbatch, max(1, len(arrays))), dtype=np.int64)
-    fn(M, N, nbatch, offsets.ctypes.data, len(tasks), tasks.ctypes.data, slices.ctypes.data,
-       redranges.ctypes.data, ptrs, _pointer(values[0], keep) if values else None,
+    offsets_ptr = _no_offsets(len(arrays)) if offsets is None else offsets.ctypes.data
+    ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
+    fn(M, N, nbatch, offsets_ptr, ntasks, tasks_ptr, slices_ptr, redranges_ptr,
+       ptrs, _pointer(values[0], keep) if values else None,
        _pointer(indices[0], keep) if indices else None, num_threads(nbatch * M * N))
     return tuple(outs)
