@@ -161,3 +161,14 @@ def test_clustering_helpers():
     np.testing.assert_allclose(w2, np.bincount(slab))
     six = from_matrix(r, r, np.eye(len(r), dtype=bool))
     assert len(six) == 6 and swap_axes(swap_axes(six))[0] is six[0]
+
+
+def test_pykeops_style_import_paths():
+    from lazymat.numpy.cluster import from_matrix as f1
+    from lazymat.numpy.cluster import grid_cluster as g1
+
+    assert f1 is from_matrix and g1 is grid_cluster
+    pytest.importorskip("torch")
+    from lazymat.torch.cluster import cluster_ranges_centroids as c2
+
+    assert c2 is cluster_ranges_centroids

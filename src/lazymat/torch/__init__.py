@@ -6,9 +6,9 @@ numpy: results follow the library, device and dtype of the inputs.
 
 import torch as _torch  # noqa: F401  (fail here, clearly, when torch is missing)
 
-from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
-from .lazy_tensor import LazyTensor, Pm, Vi, Vj
-from .solve import KernelSolve
+from ..genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
+from ..lazy_tensor import LazyTensor, Pm, Vi, Vj
+from ..solve import KernelSolve
 
 __all__ = ["LazyTensor", "Vi", "Vj", "Pm", "Genred", "generic_sum", "generic_logsumexp",
            "generic_argmin", "generic_argkmin", "KernelSolve"]
