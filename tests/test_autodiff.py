@@ -107,11 +107,17 @@ PIECEWISE_CONSTANT = {"LessThan", "LessOrEqual", "Equal", "NotEqual", "Sign", "S
 # themselves: section 5).
 KINK_VARIANTS = {"ReLU-int", "Norm2-int", "Normalize-zeros", "ClampInt-int", "SinXDivX-zeros",
                  "Mod-const"}
-DIFF_ROWS = [r for r in ROWS if r.op not in PIECEWISE_CONSTANT and r.id not in KINK_VARIANTS]
+# Not differentiable, as in KeOps (their VJPs raise: tested in section 7).
+NOT_DIFFERENTIABLE = {"BSpline", "GradSoftDTW_SqDist"}
+# Rows with an argument that has no derivative (gamma of SoftDTW_SqDist) but requires grad here.
+NO_GRADIENT_IN_SOME_INPUT = {"SoftDTW_SqDist-gamma_i"}
+DIFF_ROWS = [r for r in ROWS if r.op not in PIECEWISE_CONSTANT | NOT_DIFFERENTIABLE
+             and r.id not in KINK_VARIANTS | NO_GRADIENT_IN_SOME_INPUT]
 
 GRADGRAD_IDS = {"Exp", "Log", "Sqrt", "Powf", "Pow", "Divide", "Sin", "Normalize", "SqDist",
                 "Norm2", "MatVecMult", "TensorProd", "Concat", "Extract", "Min",
-                "WeightedSqNorm-sym", "Clamp", "Atan2", "SinXDivX", "Acos"}
+                "WeightedSqNorm-sym", "Clamp", "Atan2", "SinXDivX", "Acos", "TensorDot-3d",
+                "Kron-rank2"}
 GRADGRAD_ROWS = [r for r in DIFF_ROWS if r.id in GRADGRAD_IDS]
 
 
@@ -719,3 +725,85 @@ def test_numpy_laplacian_and_divergence_strings():
                     axis=0)(x, y)
     np.testing.assert_allclose(div, ((3 - 2 * r2) * k).sum(0), rtol=1e-10, atol=1e-12)
 
+
+
+# --------------------------------------------------------------------------- 9. no derivative
+
+def test_bspline_is_not_differentiable():
+    knots, x, w = Var(0, 6, 1), Var(1, 1, 0), Var(2, 3, 0)
+    F = apply("BSpline", knots, x, 2)
+    for v in (x, knots):
+        with pytest.raises(lm.ShapeError, match="not differentiable in KeOps either"):
+            grad(F, v, Const(1, 3))
+    # Only a path through BSpline to the variable raises: other variables are fine.
+    assert grad(apply("Sum", F) * w, w, Const(1, 3)).dim == 3
+    # The same through torch autograd (an error, not a silent zero gradient).
+    rng = np.random.default_rng(30)
+    K = _t(np.sort(rng.uniform(-2, 2, (N, 6)), -1), grad=False)
+    X = _t(rng.uniform(-1, 1, (M, 1)))
+    out, = run(Request("Sum", F, axis=1), [K, X], sizes=(M, N))
+    with pytest.raises(lm.ShapeError, match="not differentiable in KeOps either"):
+        out.sum().backward()
+    with pytest.raises(lm.ShapeError, match="not differentiable in KeOps either"):
+        lm.Vj(K).bspline(lm.Vi(X), 2).sum(dim=1).sum().backward()
+
+
+def test_softdtw_is_not_differentiable_in_gamma():
+    x, y, s = Var(0, 4, 0), Var(1, 3, 1), Var(2, 1, 0)
+    F = apply("SoftDTW_SqDist", x, y, s)
+    with pytest.raises(lm.ShapeError, match="not differentiable with respect to gamma"):
+        grad(F, s, Const(1))
+    with pytest.raises(lm.ShapeError, match="not differentiable with respect to gamma"):
+        grad(apply("SoftDTW_SqDist", x, y, s * 2 + 1) + s, s, Const(1))  # gamma a formula
+    # gamma shared with x: the error too (not a partial gradient)
+    with pytest.raises(lm.ShapeError, match="not differentiable with respect to gamma"):
+        grad(apply("SoftDTW_SqDist", s, y, s), s, Const(1))
+    # A gamma that depends on the variable only elsewhere is fine: x and y are differentiable.
+    assert grad(F, x, Const(1)).dim == 4 and grad(F, y, Const(1)).dim == 3
+
+
+def test_softdtw_gradient_with_a_variable_gamma():
+    """The gamma_i row (left out of test_op_gradcheck): gradcheck in x and y, gamma fixed."""
+    row = next(r for r in ROWS if r.id == "SoftDTW_SqDist-gamma_i")
+    F = row.build(variables(row.pdim))
+    inputs = row_tensors(row, seed=13)
+    inputs[NAMES.index("s")].requires_grad_(False)
+    assert torch.autograd.gradcheck(sum_fn(F), inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    with pytest.raises(lm.ShapeError, match="not differentiable with respect to gamma"):
+        inputs[NAMES.index("s")].requires_grad_(True)
+        sum_fn(F)(*inputs)[0].sum().backward()
+
+
+def test_softdtw_has_no_second_derivative():
+    x, y = Var(0, 4, 0), Var(1, 3, 1)
+    g1 = grad(apply("SoftDTW_SqDist", x, y, Const(1)), x, Const(1))
+    with pytest.raises(lm.ShapeError, match="second derivatives of SoftDTW_SqDist"):
+        grad(apply("Sum", g1), y, Const(1))
+    # Diff (a VJP of a VJP in the cotangent, linear) needs no second derivative.
+    assert diff(apply("SoftDTW_SqDist", x, y, Const(1)), x, Var(2, 4, 0)).dim == 1
+
+
+def _softdtw_dense(x, y, gamma):
+    """Soft-DTW of every pair (x_i, y_j), in plain torch (autograd-differentiable)."""
+    n, m = x.shape[1], y.shape[1]
+    inf = torch.tensor(float("inf"), dtype=x.dtype)
+    R = [[inf] * (m + 1) for _ in range(n + 1)]
+    R[0][0] = torch.zeros((), dtype=x.dtype)
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            prev = torch.stack(torch.broadcast_tensors(R[i - 1][j - 1], R[i - 1][j],
+                                                       R[i][j - 1]))
+            cost = (x[:, None, i - 1] - y[None, :, j - 1]) ** 2
+            R[i][j] = cost - gamma * torch.logsumexp(-prev / gamma, 0)
+    return R[n][m]
+
+
+def test_softdtw_lazytensor_gradient_matches_dense_torch():
+    rng = np.random.default_rng(31)
+    x, y = _t(rng.standard_normal((M, 5))), _t(rng.standard_normal((N, 4)))
+    got = lm.Vi(x).softdtw_sqdist(lm.Vj(y), 0.7).sum(dim=1)
+    want = _softdtw_dense(x, y, 0.7).sum(1, keepdim=True)
+    assert_allclose(got, want, msg="values")
+    c = torch.tensor(rng.standard_normal((M, 1)))
+    for name, g, w in zip("xy", _grads((got * c).sum(), [x, y]), _grads((want * c).sum(), [x, y])):
+        assert_allclose(g, w, msg=f"d/d{name}")

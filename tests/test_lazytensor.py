@@ -504,7 +504,7 @@ def test_mixed_libraries(no_compile):
 
 
 @pytest.mark.parametrize("dt,word", [("int64", "int64"), ("int32", "int32"),
-                                     ("complex128", "complex128"), ("float16", "float16")])
+                                     ("float16", "float16")])  # complex: tests/test_complex.py
 def test_unsupported_dtypes(dt, word, no_compile):
     bad = Y80.astype(dt)
     with pytest.raises(lm.DtypeError) as e:

@@ -284,6 +284,47 @@ ROWS = [
     R("VecMatMult", lambda v: apply("VecMatMult", v.y, v.w), lambda a: _vecmat(a.y, a.w), "ij"),
     R("TensorProd", lambda v: apply("TensorProd", v.x, v.y - v.t),
       lambda a: _tensorprod(a.x, a.y - a.t)),
+    # ---------------------------------------------------------------- tensor algebra
+    R("TensorDot", lambda v: apply("TensorDot", v.w, v.y, [3, 3], [3], [1], [0]),
+      lambda a: np.einsum("...ab,...b->...a", _sh(a.w, 3, 3), a.y)),
+    R("TensorDot", lambda v: apply("TensorDot", v.w, v.y, [3, 3], [3], [], [], [2, 0, 1]),
+      lambda a: _flat(np.einsum("...ij,...k->...jki", _sh(a.w, 3, 3), a.y), 3), "perm"),
+    R("TensorDot", lambda v: apply("TensorDot", v.w, apply("TensorProd", v.y, v.y), [3, 3],
+                                   [3, 3], [0, 1], [1, 0]),
+      lambda a: np.einsum("...ab,...ba->...", _sh(a.w, 3, 3),
+                          _sh(_tensorprod(a.y, a.y), 3, 3))[..., None], "full"),
+    R("TensorDot", lambda v: apply("TensorDot", v.p, apply("TensorProd", v.y, v.x), [2, 3, 4],
+                                   [3, 3], [1], [1], [1, 2, 0]),
+      lambda a: _flat(np.einsum("...ick,...jc->...jik", _sh(a.p, 2, 3, 4),
+                                _sh(_tensorprod(a.y, a.x), 3, 3)), 3), "3d", pdim=24),
+    R("TensorDot", lambda v: apply("TensorDot", v.s, v.y, [], [3], [], []),
+      lambda a: a.s * a.y, "scalar"),
+    R("Kron", lambda v: apply("Kron", v.x, v.y, [3], [3]),
+      lambda a: _kron(a.x, a.y, (3,), (3,))),
+    R("Kron", lambda v: apply("Kron", v.p, apply("TensorProd", v.x, apply("Extract", v.y, 0, 2)),
+                              [2, 3], [3, 2]),
+      lambda a: _kron(a.p, _tensorprod(a.x, a.y[..., :2]), (2, 3), (3, 2)), "rank2", pdim=6),
+    # ---------------------------------------------------------------- B-splines
+    R("BSpline", lambda v: apply("BSpline", v.w, v.t, 3), lambda a: _bspline(a.w, a.t, 3),
+      w="sorted"),
+    R("BSpline", lambda v: apply("BSpline", v.w, v.t, 0), lambda a: _bspline(a.w, a.t, 0),
+      "order0", w="sorted"),
+    R("BSpline", lambda v: apply("BSpline", v.p, v.t, 2) + v.s,
+      lambda a: _bspline(a.p, a.t, 2) + a.s, "param", pdim=8, p="sorted"),
+    R("BSpline", lambda v: apply("BSpline", v.p, v.t, 2) + v.s,
+      lambda a: _bspline(a.p, a.t, 2) + a.s, "repeated_knots", pdim=8, p="sorted_int",
+      t="frac"),
+    # ---------------------------------------------------------------- soft-DTW
+    R("SoftDTW_SqDist", lambda v: apply("SoftDTW_SqDist", v.x, v.y, Fraction(1, 2)),
+      lambda a: _softdtw(a.x, a.y, 0.5)),
+    R("SoftDTW_SqDist", lambda v: apply("SoftDTW_SqDist", v.y, v.w, Const(1)),
+      lambda a: _softdtw(a.y, a.w, 1.0), "len"),
+    R("SoftDTW_SqDist", lambda v: apply("SoftDTW_SqDist", v.w, v.y, v.s),
+      lambda a: _softdtw(a.w, a.y, a.s), "gamma_i", s="pos"),
+    R("GradSoftDTW_SqDist", lambda v: apply("GradSoftDTW_SqDist", v.x, v.y, Fraction(1, 2)),
+      lambda a: _softdtw_grad(a.x, a.y, 0.5)),
+    R("GradSoftDTW_SqDist", lambda v: apply("GradSoftDTW_SqDist", v.w, v.y, v.s),
+      lambda a: _softdtw_grad(a.w, a.y, a.s), "len", s="pos"),
     # ---------------------------------------------------------------- symbolic calculus
     # of g(x, y) = exp(-|x - y|^2) s_i t_j, whose derivatives are written by hand here
     R("Grad", lambda v: apply("Grad", _gauss(v), v.x, v.t),
@@ -331,8 +372,87 @@ def _tensorprod(a, b):
     b = np.broadcast_to(b, shape + b.shape[-1:])
     return (a[..., :, None] * b[..., None, :]).reshape(shape + (a.shape[-1] * b.shape[-1],))
 
+
+def _sh(a, *shape):
+    """The inner dim of ``a`` as a row-major tensor of ``shape``."""
+    return a.reshape(a.shape[:-1] + shape)
+
+
+def _flat(a, rank):
+    """The last ``rank`` axes flattened (row-major) into one."""
+    return a.reshape(a.shape[:a.ndim - rank] + (-1,))
+
+
+def _lead(*arrays):
+    """The arrays broadcast over all axes but the last."""
+    lead = np.broadcast_shapes(*[a.shape[:-1] for a in arrays])
+    return lead, [np.broadcast_to(a, lead + a.shape[-1:]) for a in arrays]
+
+
+def _kron(a, b, da, db):
+    """np.kron of the tensors a (shape da) and b (shape db), pair by pair."""
+    lead, (a, b) = _lead(a, b)
+    out = np.empty(lead + (a.shape[-1] * b.shape[-1],))
+    for idx in np.ndindex(*lead):
+        out[idx] = np.kron(a[idx].reshape(da), b[idx].reshape(db)).ravel()
+    return out
+
+
+def _ratio(num, den):
+    """num / den, 0 where den = 0 (the B-spline convention 0/0 = 0)."""
+    return np.where(den == 0, 0.0, num / np.where(den == 0, 1.0, den))
+
+
+def _bspline(t, x, order):
+    """Textbook Cox-de Boor: B_i,0 = 1 on [t_i, t_i+1); B_i,k = (x - t_i)/(t_i+k - t_i) B_i,k-1
+    + (t_i+k+1 - x)/(t_i+k+1 - t_i+1) B_i+1,k-1."""
+    lead, (t, x) = _lead(t, x)
+    x = x[..., 0]
+    K = t.shape[-1]
+    B = [((t[..., i] <= x) & (x < t[..., i + 1])).astype(np.float64) for i in range(K - 1)]
+    for k in range(1, order + 1):
+        B = [_ratio(x - t[..., i], t[..., i + k] - t[..., i]) * B[i]
+             + _ratio(t[..., i + k + 1] - x, t[..., i + k + 1] - t[..., i + 1]) * B[i + 1]
+             for i in range(K - 1 - k)]
+    return np.stack(B, -1)
+
+
+def _softdtw_value(x, y, gamma):
+    """Soft-DTW by its definition: R[0][0] = 0, R[i][j] = cost + softmin over the existing
+    predecessors (the others are +inf); complex inputs allowed (for complex-step gradients)."""
+    n, m = x.shape[-1], y.shape[-1]
+    R = {(0, 0): 0.0}
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            preds = [R[q] for q in ((i - 1, j - 1), (i - 1, j), (i, j - 1)) if q in R]
+            shift = np.min(np.stack([np.real(r) * np.ones(x.shape[:-1]) for r in preds]), 0)
+            total = sum(np.exp(-(r - shift) / gamma) for r in preds)
+            R[i, j] = (x[..., i - 1] - y[..., j - 1]) ** 2 + shift - gamma * np.log(total)
+    return R[n, m]
+
+
+def _softdtw(x, y, gamma):
+    lead, (x, y) = _lead(x, y)
+    gamma = np.broadcast_to(gamma, lead + (1,))[..., 0] if np.ndim(gamma) else gamma
+    return _softdtw_value(x, y, gamma)[..., None]
+
+
+def _softdtw_grad(x, y, gamma, h=1e-30):
+    """The gradient in (x, y) by complex steps (exact to rounding, no subtraction)."""
+    lead, (x, y) = _lead(x, y)
+    gamma = np.broadcast_to(gamma, lead + (1,))[..., 0] if np.ndim(gamma) else gamma
+    out = []
+    for which, k in [(0, k) for k in range(x.shape[-1])] + [(1, k) for k in range(y.shape[-1])]:
+        xc, yc = x.astype(complex), y.astype(complex)
+        (xc if which == 0 else yc)[..., k] += 1j * h
+        out.append(np.imag(_softdtw_value(xc, yc, gamma)) / h)
+    return np.stack(out, -1)
+
 # Ops that appear in both tables (Extract, OneHot, Pow) are covered by one name.
-ALL_NAMES = sorted(set(OPS) | set(MACROS))
+# Complex ops have their own table in tests/test_complex.py (which checks it covers them all).
+COMPLEX = {n for n in set(OPS) | set(MACROS) if n.startswith("Complex")
+           or n in ("Conj", "Real2Complex", "Imag2Complex")}
+ALL_NAMES = sorted((set(OPS) | set(MACROS)) - COMPLEX)
 
 
 def test_table_covers_every_op():
@@ -375,6 +495,10 @@ def _draw(rng: np.random.Generator, kind: str, shape: tuple) -> np.ndarray:
         return rng.integers(-40, 41, shape) / 20 + rng.uniform(0.005, 0.045, shape)
     if kind == "onehot":  # near the integers -1..5, never near a .5 rounding boundary
         return rng.integers(-1, 4, shape) + rng.uniform(-0.2, 0.2, shape)
+    if kind == "sorted":  # non-decreasing along the inner dim (B-spline knots)
+        return np.sort(rng.uniform(-1.5, 1.5, shape), -1)
+    if kind == "sorted_int":  # knots with repeats
+        return np.sort(rng.integers(-2, 3, shape), -1).astype(float)
     raise ValueError(kind)
 
 
@@ -582,3 +706,139 @@ def test_hash_consing():
     assert hash(X + Y) == hash(X + Y)
     d = {X + Y: 1}
     assert d[X + Y] == 1
+
+
+# --------------------------------------------------------------------------- tensor algebra,
+# B-splines, soft-DTW: what the table does not show
+
+TENSOR_ROWS = [r for r in ROWS if r.op in ("TensorDot", "Kron")]
+
+
+@pytest.mark.parametrize("row", TENSOR_ROWS, ids=[r.id for r in TENSOR_ROWS])
+def test_tensordot_loops_match_the_unrolled_sums(row, monkeypatch):
+    """Above TENSORDOT_UNROLL_LIMIT products, TensorDot's C code loops over the axes."""
+    from lazymat.backends import cpu
+    from lazymat.formula import ops
+
+    monkeypatch.setattr(ops, "TENSORDOT_UNROLL_LIMIT", 0)
+    monkeypatch.setattr(cpu, "_kernels", {})
+    data = make_data(row, 13, 33, "float64", seed=5)
+    want, mag = oracle_sum(row, data)
+    assert_close(reduce_sum(row, data, "cpu"), want, "float64", mag=mag, err_msg=row.id)
+
+
+def test_tensordot_parameters_are_canonical():
+    a, b = Var(0, 6, 0), Var(1, 3, 1)
+    f = apply("TensorDot", a, b, [2, 3], [3], [1], [0])
+    assert f.params == ((2, 3), (3,), (1,), (0,)) and f.dim == 2
+    assert apply("TensorDot", a, b, (2, 3), 3, 1, 0) is f  # a lone int is a list of one
+    assert apply("TensorDot", a, b, [2, 3], [3], [1], [0], [0, 1]) is f  # identity: dropped
+    assert make("TensorDot", (a, b), ((2, 3), (3,), (1,), (0,), (0, 1))) is f
+    assert apply("Kron", X, Y, [3], [3]) is apply("TensorDot", X, Y, [3], [3], [], [])
+    assert apply("TensorDot", a, Const(0, 3), [2, 3], [3], [1], [0]) is Const(0, 2)
+    assert apply("TensorDot", Const(2, 6), Const(Fraction(1, 2), 3), [2, 3], [3], [1],
+                 [0]) is Const(3, 2)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (([2, 3], [3], [0], [0]), "axis 0 of a \\(size 2\\) cannot be contracted"),
+    (([3, 3], [3], [1], [0]), "a has dim 6 but its shape \\[3, 3\\]"),
+    (([2, 3], [3], [1], []), "same length"),
+    (([2, 3], [3], [2], [0]), "distinct axes"),
+    (([2, 3], [3], [], [], [0, 0, 1]), "permutation of 0..2"),
+    (([2, 3], [3], [1], [0], [1]), "permutation of 0..0"),
+    (([2, 3], [3], [1.5], [0]), "list of integers"),
+])
+def test_tensordot_shape_errors(args, fragment):
+    import lazymat as lm
+
+    with pytest.raises(lm.ShapeError, match=fragment):
+        apply("TensorDot", Var(0, 6, 0), Var(1, 3, 1), *args)
+    with pytest.raises(lm.ShapeError, match="4 or 5 integer lists"):
+        make("TensorDot", (Var(0, 6, 0), Var(1, 3, 1)), ((2, 3), (3,), (1,)))
+
+
+def test_kron_and_bspline_and_softdtw_shape_errors():
+    import lazymat as lm
+
+    with pytest.raises(lm.ShapeError, match="same rank"):
+        apply("Kron", Var(0, 6, 0), Y, [2, 3], [3])
+    with pytest.raises(lm.ShapeError, match="at least 5 knots"):
+        apply("BSpline", Var(0, 4, 0), Var(1, 1, 1), 3)
+    with pytest.raises(lm.ShapeError, match="scalar"):
+        apply("BSpline", Var(0, 6, 0), Y, 1)
+    with pytest.raises(lm.ShapeError, match=">= 0"):
+        apply("BSpline", Var(0, 6, 0), Var(1, 1, 1), -1)
+    with pytest.raises(lm.ShapeError, match="gamma must be a scalar"):
+        apply("SoftDTW_SqDist", X, Y, Var(2, 2, 2))
+    with pytest.raises(lm.ShapeError, match="no integer parameters"):
+        apply("GradSoftDTW_SqDist", X, Y, S, 2)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bspline_matches_scipy(backend):
+    interpolate = pytest.importorskip("scipy.interpolate")
+    rng = np.random.default_rng(6)
+    knots = np.sort(rng.uniform(-2, 2, 9))
+    knots[4] = knots[3]  # a double knot
+    xs = rng.uniform(-2.5, 2.5, (40, 1))
+    for order in (0, 1, 3):
+        f = apply("BSpline", Var(0, 9, 2), Var(1, 1, 0), order) * Var(2, 1, 1)
+        (got,) = run(Request("Sum", f, axis=1), [knots, xs, np.ones((1, 1))], backend=backend)
+        want = np.stack([np.nan_to_num(interpolate.BSpline.basis_element(
+            knots[i:i + order + 2], extrapolate=False)(xs[:, 0])) for i in range(8 - order)], -1)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        if order > 0:  # a partition of unity inside [t_order, t_{K-1-order})
+            inside = (xs[:, 0] >= knots[order]) & (xs[:, 0] < knots[8 - order])
+            np.testing.assert_allclose(got[inside].sum(-1), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("lib", ["numpy", pytest.param("torch", marks=requires_torch)])
+def test_lazytensor_tensor_algebra_methods(lib):
+    import lazymat as lm
+
+    rng = np.random.default_rng(7)
+    M, N = 5, 6
+    a, b = rng.standard_normal((M, 6)), rng.standard_normal((N, 6))
+    A, B = lm.Vi(to_lib(a, lib)), lm.Vj(to_lib(b, lib))
+    ai, bj = a[:, None, :], b[None, :, :]
+    kron2 = np.stack([[np.kron(a[i].reshape(2, 3), b[j].reshape(3, 2)).ravel()
+                       for j in range(N)] for i in range(M)])
+    kron3 = np.stack([[np.kron(a[i].reshape(1, 2, 3), b[j].reshape(3, 1, 2)).ravel()
+                       for j in range(N)] for i in range(M)])
+    c = rng.standard_normal((M, 3 * 4 * 2))  # shape (3, 4, 2) contracted with b (2, 3)
+    C = lm.Vi(to_lib(c, lib))
+    pairs = [
+        (A.keops_kron(B, (2, 3), (3, 2)), kron2),
+        (A.keops_kron(B, [1, 2, 3], [3, 1, 2]), kron3),
+        (A.tensorprod(B), (ai[..., :, None] * bj[..., None, :]).reshape(M, N, 36)),
+        (A.matvecmult(B.extract(0, 3)), np.einsum("...ab,...b->...a", ai.reshape(M, 1, 2, 3),
+                                                  bj[..., :3])),
+        (B.extract(0, 2).vecmatmult(A), np.einsum("...a,...ab->...b", bj[..., :2],
+                                                  ai.reshape(M, 1, 2, 3))),
+        # b as (2, 3): its axis 1 pairs with c's axis 0; kept (c1, c2, b0) go to (1, 2, 0)
+        (C.keops_tensordot(B, (3, 4, 2), (2, 3), (0,), (1,), (1, 2, 0)),
+         np.einsum("...iak,...bi->...bak", c.reshape(M, 1, 3, 4, 2),
+                   b.reshape(1, N, 2, 3)).reshape(M, N, 16)),
+        (C.keops_tensordot(B, (3, 4, 2), (2, 3), (0, 2), (1, 0)),
+         np.einsum("...iak,...ki->...a", c.reshape(M, 1, 3, 4, 2), b.reshape(1, N, 2, 3))),
+    ]
+    for lazy, dense in pairs:
+        got = lazy.sum(dim=1)
+        assert lazy.ndim == dense.shape[-1]
+        np.testing.assert_allclose(as64(got), dense.sum(1), rtol=1e-10, atol=1e-10)
+
+
+def test_lazytensor_bspline_and_softdtw_methods():
+    import lazymat as lm
+
+    rng = np.random.default_rng(8)
+    knots, x = np.sort(rng.uniform(-1, 1, (6, 7)), -1), rng.uniform(-1.2, 1.2, (5, 1))
+    got = lm.Vj(knots).bspline(lm.Vi(x), 2).sum(dim=1)
+    np.testing.assert_allclose(got, _bspline(knots[None], x[:, None], 2).sum(1), rtol=1e-12)
+    assert lm.Vj(knots).bspline(lm.Vi(x)).ndim == 6  # k = 0 by default
+    u, v = rng.standard_normal((5, 4)), rng.standard_normal((6, 3))
+    for gamma in (0.3, 1):
+        got = lm.Vi(u).softdtw_sqdist(lm.Vj(v), gamma).sum(dim=1)
+        want = _softdtw(u[:, None], v[None], float(gamma)).sum(1)
+        np.testing.assert_allclose(got, want, rtol=1e-10)

@@ -212,6 +212,13 @@ def _round_trip_formulas() -> list[Node]:
         op("SumT", s, params=(4,)), op("ElemT", s, params=(3, 2)),
         op("ExtractT", x, params=(2, 6)), op("SumT", Const(2), params=(3,)),
         op("Exp", op("Log", op("Sum", op("Square", x - y)) + 1)) * b,
+        op("TensorDot", x, y, params=((3,), (3,), (0,), (0,))),
+        op("TensorDot", x * 2, y, params=((3,), (3,), (), (), (1, 0))),
+        op("TensorDot", op("TensorProd", x, y), y, params=((3, 3), (3,), (1,), (0,))),
+        op("TensorDot", s, y, params=((), (3,), (), ())),
+        op("BSpline", op("Concat", x, y), s, params=(2,)),
+        op("SoftDTW_SqDist", x, y, p), op("SoftDTW_SqDist", x, y, Const(0.5)),
+        op("GradSoftDTW_SqDist", x, op("Concat", y, b), Const(2)),
     ]
 
 
@@ -309,6 +316,13 @@ ERRORS = [
     ("Round(x, 0.5)", "integer literal", 9),
     ("ClampInt(x, 0, y)", "integer literal", 15),
     ("Sum([1, 2])", "a list is not a formula", 4),
+    ("TensorDot(x, y, [3], [3], [0])", "TensorDot takes 6 to 7 arguments, got 5", 0),
+    ("TensorDot(x, y, x, [3], [0], [0])", "integer literal", 16),
+    ("TensorDot(x, y, [3], [3], [0], [0.5])", "integer literals only", 32),
+    ("Kron(x, y, [3])", "Kron takes 4 arguments, got 3", 0),
+    ("BSpline(x, s)", "BSpline takes 3 arguments, got 2", 0),
+    ("BSpline(x, s, s)", "integer literal", 14),
+    ("SoftDTW_SqDist(x, y, [1])", "a list is not a formula", 21),
     ("x + [1]", "a list is not a formula", 4),
     ("[1, x]", "integer literals only", 4),
     ("IntInv(0)", "IntInv", 0),
@@ -398,8 +412,27 @@ def test_dim_mismatch_stays_a_shape_error():
         parse("ElemT(s, 3, 3)")
     with pytest.raises(ShapeError, match="ExtractT"):
         parse("ExtractT(x, 1, 3)")
+    with pytest.raises(ShapeError, match=r"(?s)TensorDot: axis 0 of a \(size 3\).*position 0"):
+        parse("TensorDot(x, y, [3], [2, 2], [0], [0])")
+    with pytest.raises(ShapeError, match="same rank"):
+        parse("Kron(x, y, [3], [3, 1])")
     with pytest.raises(ShapeError, match=r"(?s)Scalprod.*position 2"):
         parse_formula("x | v", {"x": x, "v": v2})
+
+
+def test_tensordot_and_kron_take_python_lists():
+    f = parse("TensorDot(x, y, [3], [3], [0], [0])")
+    assert f.op == "TensorDot" and f.dim == 1
+    assert f is parse("TensorDot(x, y, [3,], [3], [0], [0], [])")  # identity permute dropped
+    assert to_string(f) == "TensorDot(Var(0,3,0), Var(1,3,1), [3], [3], [0], [0])"
+    assert parse(to_string(f)) is f
+    g = parse("TensorDot(x, y, [3], [3], [], [], [1, 0])")
+    assert g.dim == 9 and to_string(g).endswith("[3], [3], [], [], [1, 0])")
+    k = parse("Kron(x, y, [3], [3])")
+    assert k is parse("TensorDot(x, y, [3], [3], [], [])")
+    assert parse("Kron(Concat(x, y), Concat(x, y), [2, 3], [3, 2])").params[-1] == (0, 2, 1, 3)
+    assert parse("BSpline(Concat(x, y), s, 3)").dim == 2
+    assert parse("SoftDTW_SqDist(x, y, 0.5)").dim == 1
 
 
 def test_malicious_strings_run_nothing(monkeypatch):

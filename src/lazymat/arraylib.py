@@ -106,6 +106,10 @@ class NumpyLib:
     def errstate():
         return np.errstate(all="ignore")
 
+    @staticmethod
+    def einsum(subscripts, *operands):
+        return np.einsum(subscripts, *operands)
+
 
 class TorchLib:
     name = "torch"
@@ -182,6 +186,9 @@ class TorchLib:
         import contextlib
 
         return contextlib.nullcontext()
+
+    def einsum(self, subscripts, *operands):
+        return self.torch.einsum(subscripts, *operands)
 
 
 NUMPY = NumpyLib()

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import autograd, plan
 from .arraylib import is_torch, lib_of
-from .errors import ShapeError
+from .errors import DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, P_CAT, Const, Node, Var, apply, substitute, variables, walk
 
 _ROLE = {I_CAT: "Vi", J_CAT: "Vj", P_CAT: "Pm"}
@@ -35,10 +35,12 @@ class _Leaf:
     per-formula cache hits.
     """
 
-    __slots__ = ("array", "value", "cat", "source")
+    __slots__ = ("array", "value", "cat", "source", "complex")
 
-    def __init__(self, array: Any, value: float | None, cat: int, source: Any = None):
+    def __init__(self, array: Any, value: float | complex | None, cat: int, source: Any = None,
+                 complex: bool = False):
         self.array, self.value, self.cat, self.source = array, value, cat, source
+        self.complex = complex  # array holds interleaved (re, im) pairs of complex data
 
     @property
     def rows(self) -> int:
@@ -72,23 +74,26 @@ class LazyTensor:
         self.ranges: tuple | None = None
         if isinstance(x, LazyTensor):
             self.formula, self._leaves, self.ranges = x.formula, x._leaves, x.ranges
+            self.is_complex = x.is_complex
             return
         node, leaves = _leaf(x, axis)
         self.formula: Node = node
         self._leaves: dict[tuple[int, int], _Leaf] = leaves  # (uid, cat) -> data
+        #: complex values: the formula holds D complex numbers as 2D interleaved reals
+        self.is_complex = any(leaf.complex for leaf in leaves.values())
 
     @classmethod
-    def _make(cls, formula: Node, leaves: dict[int, _Leaf], ranges: tuple | None = None
-              ) -> "LazyTensor":
+    def _make(cls, formula: Node, leaves: dict[int, _Leaf], ranges: tuple | None = None,
+              is_complex: bool = False) -> "LazyTensor":
         lt = cls.__new__(cls)
-        lt.formula, lt._leaves, lt.ranges = formula, leaves, ranges
+        lt.formula, lt._leaves, lt.ranges, lt.is_complex = formula, leaves, ranges, is_complex
         return lt
 
     # ------------------------------------------------------------------ description
     @property
     def ndim(self) -> int:
         """Number of components of the formula's value (the inner dim), as in pykeops."""
-        return self.formula.dim
+        return self.formula.dim // 2 if self.is_complex else self.formula.dim
 
     @property
     def inner_dim(self) -> int:
@@ -110,7 +115,7 @@ class LazyTensor:
     def shape(self) -> tuple[int, ...]:
         """(..., M, N) or (..., M, N, D): the trailing 1 is dropped, as in pykeops."""
         base = self.batch_shape + (self._size(I_CAT), self._size(J_CAT))
-        return base if self.formula.dim == 1 else base + (self.formula.dim,)
+        return base if self.ndim == 1 else base + (self.ndim,)
 
     def dense(self) -> Any:
         """The symbolic matrix as an array of shape ``self.shape`` (for small problems)."""
@@ -142,20 +147,60 @@ class LazyTensor:
         return self._size(I_CAT)
 
     # ------------------------------------------------------------------ building
-    def _unary(self, op: str, *params: Any) -> "LazyTensor":
-        return LazyTensor._make(apply(op, self.formula, *params), self._leaves, self.ranges)
+    def _unary(self, op: str, *params: Any, is_complex: bool = False) -> "LazyTensor":
+        if self.is_complex and op not in _COMPLEX_UNARY and not is_complex:
+            raise DtypeError(f"{op} is not defined for complex LazyTensors; use .real, .imag, "
+                             f".abs(), .angle(), .conj(), .exp() or arithmetic")
+        return LazyTensor._make(apply(op, self.formula, *params), self._leaves, self.ranges,
+                                _COMPLEX_UNARY.get(op, is_complex) if self.is_complex
+                                else is_complex)
 
     def _combine(self, op: str, *others: Any, params: tuple = (), symbol: str | None = None
                  ) -> "LazyTensor":
         operands = [self] + [_as_lazy(o) for o in others]
         leaves = _merge_leaves(operands)
+        is_complex = any(o.is_complex for o in operands)
+        formulas = [o.formula for o in operands]
+        if is_complex:
+            op, formulas = _complex_version(op, operands)
         try:
-            node = apply(op, *[o.formula for o in operands], *params)
+            node = apply(op, *formulas, *params)
         except ShapeError as e:
             described = ", ".join(f"{_describe(o)}" for o in operands)
             raise ShapeError(f"{symbol or op}: {described}: {e}") from None
         ranges = next((o.ranges for o in operands if o.ranges is not None), None)
-        return LazyTensor._make(node, leaves, ranges)
+        return LazyTensor._make(node, leaves, ranges, is_complex)
+
+    # ------------------------------------------------------------------ complex numbers
+    @property
+    def real(self) -> "LazyTensor":
+        return self._unary("ComplexReal") if self.is_complex else self
+
+    @property
+    def imag(self) -> "LazyTensor":
+        if not self.is_complex:
+            return self * 0
+        return self._unary("ComplexImag")
+
+    def conj(self) -> "LazyTensor":
+        return self._unary("Conj") if self.is_complex else self
+
+    def angle(self) -> "LazyTensor":
+        if not self.is_complex:
+            raise DtypeError("angle() needs a complex LazyTensor")
+        return self._unary("ComplexAngle")
+
+    def exp1j(self) -> "LazyTensor":
+        """exp(i·self) for a real LazyTensor: a complex LazyTensor."""
+        if self.is_complex:
+            raise DtypeError("exp1j() needs a real LazyTensor")
+        return self._unary("ComplexExp1j", is_complex=True)
+
+    def real2complex(self) -> "LazyTensor":
+        return self._unary("Real2Complex", is_complex=True)
+
+    def imag2complex(self) -> "LazyTensor":
+        return self._unary("Imag2Complex", is_complex=True)
 
     def __add__(self, o): return self._combine("Add", o, symbol="+")
     def __radd__(self, o): return _as_lazy(o)._combine("Add", self, symbol="+")
@@ -166,7 +211,7 @@ class LazyTensor:
     def __truediv__(self, o): return self._combine("Divide", o, symbol="/")
     def __rtruediv__(self, o): return _as_lazy(o)._combine("Divide", self, symbol="/")
     def __neg__(self): return self._unary("Minus")
-    def __abs__(self): return self._unary("Abs")
+    def __abs__(self): return self.abs()
 
     def __or__(self, o):
         """``x | y``: dot product (dim 1)."""
@@ -194,7 +239,7 @@ class LazyTensor:
     def power(self, other: Any) -> "LazyTensor":
         return self ** other
 
-    def exp(self): return self._unary("Exp")
+    def exp(self): return self._unary("ComplexExp" if self.is_complex else "Exp")
     def log(self): return self._unary("Log")
     def sqrt(self): return self._unary("Sqrt")
     def rsqrt(self): return self._unary("Rsqrt")
@@ -215,7 +260,45 @@ class LazyTensor:
         """sin(πx)/(πx), 1 at 0 (the convention of torch.sinc and numpy.sinc)."""
         return (self * math.pi)._unary("SinXDivX")
 
-    def abs(self): return self._unary("Abs")
+    # tensor algebra, B-splines and soft-DTW on the inner dim (KeOps names)
+    def matvecmult(self, v):
+        """Row-major matrix (self, dim m*n) times vector (v, dim n): dim m."""
+        return self._combine("MatVecMult", v, symbol="matvecmult")
+
+    def vecmatmult(self, v):
+        """Vector (self, dim m) times row-major matrix (v, dim m*n): dim n."""
+        return self._combine("VecMatMult", v, symbol="vecmatmult")
+
+    def tensorprod(self, v):
+        """Outer product, row-major (dim self.ndim * v.ndim)."""
+        return self._combine("TensorProd", v, symbol="tensorprod")
+
+    def keops_tensordot(self, y, dimfa, dimfb, contfa, contfb, *permute):
+        """TensorDot(self, y, dimfa, dimfb, contfa, contfb[, permute]): contraction of the
+        row-major tensors self (shape dimfa) and y (shape dimfb) over the axes contfa of self
+        and contfb of y; kept axis p goes to output axis permute[p] (pykeops passes the
+        permutation as one sequence; separate ints are accepted too)."""
+        if len(permute) == 1 and not isinstance(permute[0], int):
+            permute = () if permute[0] is None else tuple(permute[0])
+        params = (dimfa, dimfb, contfa, contfb) + ((permute,) if permute else ())
+        return self._combine("TensorDot", y, params=params, symbol="keops_tensordot")
+
+    def keops_kron(self, y, dimfa, dimfb):
+        """Kronecker product of the row-major tensors self (shape dimfa) and y (shape dimfb),
+        of the same rank (np.kron)."""
+        return self._combine("Kron", y, params=(dimfa, dimfb), symbol="keops_kron")
+
+    def bspline(self, x, k: int = 0):
+        """The B-spline basis functions of degree k with the knots self (dim K), at the scalar
+        x: dim K - k - 1. Not differentiable (as in KeOps)."""
+        return self._combine("BSpline", x, params=(int(k),), symbol="bspline")
+
+    def softdtw_sqdist(self, y, gamma):
+        """Soft-DTW between the series self and y (squared-difference cost) with smoothing
+        gamma > 0 (a scalar): dim 1. Differentiable in self and y, not in gamma."""
+        return self._combine("SoftDTW_SqDist", y, gamma, symbol="softdtw_sqdist")
+
+    def abs(self): return self._unary("ComplexAbs" if self.is_complex else "Abs")
     def sign(self): return self._unary("Sign")
     def step(self): return self._unary("Step")
     def relu(self): return self._unary("ReLU")
@@ -321,12 +404,17 @@ class LazyTensor:
         formula, weight_f, arrays, names = _bind(self.formula,
                                                  operands[1].formula if weight is not None
                                                  else None, leaves)
+        if self.is_complex and name != "Sum":
+            raise DtypeError(f"{name} of complex values is not defined: only sums are "
+                             f"(take .real, .imag or .abs() first)")
         req = plan.Request(name, formula, axis=dim, K=K, weight=weight_f)
         sizes = (_rows(leaves, I_CAT), _rows(leaves, J_CAT))
         outs = autograd.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
                             like=next(leaf.array for leaf in leaves.values()
                                       if leaf.array is not None),
                             ranges=ranges if ranges is not None else self.ranges)
+        if self.is_complex:
+            return _to_complex(outs[0])
         return outs[0] if len(outs) == 1 else outs
 
     def sum(self, dim: int | None = -1, **kw):
@@ -338,7 +426,7 @@ class LazyTensor:
         if "axis" in kw:
             dim = kw.pop("axis")
         if dim == -1:
-            return self._unary(inner)
+            return self._unary("ComplexSum" if self.is_complex and inner == "Sum" else inner)
         return self._reduce(red, dim, **kw)
 
     def min(self, dim: int | None = -1, **kw): return self._inner_or_reduce("Min", "Min", dim, kw)
@@ -436,6 +524,9 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
                 _float_uids.clear()
             uid = _float_uids[x] = -next(_float_counter)
         return Var(uid, 1, P_CAT), {(uid, P_CAT): _Leaf(None, x, P_CAT)}
+    if isinstance(x, complex):
+        uid = -next(_float_counter)
+        return Var(uid, 2, P_CAT), {(uid, P_CAT): _Leaf(None, x, P_CAT, complex=True)}
     source = x
     if isinstance(x, (list, tuple)):
         import numpy as np
@@ -468,10 +559,66 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
         else:
             raise ShapeError(f"an array of shape {shape} must be (..., M, 1, D), "
                              f"(..., 1, N, D) or (..., 1, 1, D)")
+    is_complex = _is_complex_array(arr)
+    if is_complex:
+        arr = _interleaved(arr)
     dim = int(arr.shape[-1])
     if dim < 1:
         raise ShapeError(f"a variable needs at least one component, got shape {shape}")
-    return Var(id(source), dim, cat), {(id(source), cat): _Leaf(arr, None, cat, source)}
+    return Var(id(source), dim, cat), {(id(source), cat): _Leaf(arr, None, cat, source,
+                                                                is_complex)}
+
+
+def _is_complex_array(a: Any) -> bool:
+    return bool(a.is_complex()) if is_torch(a) else a.dtype.kind == "c"
+
+
+def _interleaved(a: Any) -> Any:
+    """Complex (..., D) data as real (..., 2D): re_0, im_0, re_1, ... (shares memory when it
+    can)."""
+    if is_torch(a):
+        import torch
+
+        pairs = torch.view_as_real(a.resolve_conj() if a.is_conj() else a)
+        return pairs.reshape(tuple(a.shape[:-1]) + (2 * a.shape[-1],))
+    import numpy as np
+
+    a = np.ascontiguousarray(a)
+    return a.view(a.real.dtype).reshape(a.shape[:-1] + (2 * a.shape[-1],))
+
+
+def _to_complex(out: Any) -> Any:
+    """The inverse of _interleaved for a reduction's output."""
+    if is_torch(out):
+        import torch
+
+        return torch.view_as_complex(out.reshape(tuple(out.shape[:-1]) + (-1, 2)).contiguous())
+    import numpy as np
+
+    out = np.ascontiguousarray(out)
+    return out.view(np.complex64 if out.dtype == np.float32 else np.complex128)
+
+
+# Unary ops that keep (True) or drop (False) complex values, for complex LazyTensors.
+_COMPLEX_UNARY = {"ComplexExp": True, "Conj": True, "ComplexSum": True, "ComplexReal": False,
+                  "ComplexImag": False, "ComplexAbs": False, "ComplexSquareAbs": False,
+                  "ComplexAngle": False, "Minus": True, "Extract": True}
+_COMPLEX_BINARY = {"Add": "ComplexAdd", "Subtract": "ComplexSubtract", "Mult": "ComplexMult",
+                   "Divide": "ComplexDivide"}
+
+
+def _complex_version(op: str, operands: list[LazyTensor]) -> tuple[str, list[Node]]:
+    """The complex op for a binary op with a complex operand; real operands are promoted."""
+    if op not in _COMPLEX_BINARY:
+        raise DtypeError(f"{op} is not defined for complex LazyTensors: use + - * /, .exp(), "
+                         f".abs(), .conj(), .real, .imag, .angle()")
+    if op == "Mult" and len(operands) == 2 and not all(o.is_complex for o in operands):
+        real, cplx = (operands[0], operands[1]) if operands[1].is_complex else (operands[1],
+                                                                                operands[0])
+        return "ComplexRealScal", [real.formula, cplx.formula]
+    formulas = [o.formula if o.is_complex else apply("Real2Complex", o.formula)
+                for o in operands]
+    return _COMPLEX_BINARY[op], formulas
 
 
 def _as_lazy(x: Any) -> LazyTensor:
@@ -547,7 +694,13 @@ def _bind(formula: Node, weight: Node | None, leaves: dict[tuple[int, int], _Lea
         raise ShapeError("this formula has no array variable: nothing to reduce")
     arrays, names = [], []
     for pos, leaf in enumerate(chosen):
-        if leaf.array is None:  # a Python float: a parameter in the inputs' dtype and device
+        if leaf.array is None and leaf.complex:  # a Python complex: (re, im)
+            xp = lib_of(like)
+            pair = xp.full((2,), leaf.value.real, like=like)
+            pair[1] = leaf.value.imag
+            arrays.append(pair)
+            names.append(f"Pm({leaf.value})")
+        elif leaf.array is None:  # a Python float: a parameter in the inputs' dtype and device
             arrays.append(lib_of(like).full((1,), leaf.value, like=like))
             names.append(f"Pm({leaf.value})")
         else:

@@ -300,4 +300,8 @@ template <typename F> LM_INLINE F lm_round_dec(F x, int d) {{
 template <typename F> LM_INLINE F lm_mod(F x, F n, F d) {{ return x - n * lm_floor((x - d) / n); }}
 template <typename F> LM_INLINE F lm_xlogx(F x) {{ return x == (F)0 ? (F)0 : x * lm_log(x); }}
 template <typename F> LM_INLINE F lm_sinxdivx(F x) {{ return x == (F)0 ? (F)1 : lm_sin(x) / x; }}
+template <typename F> LM_INLINE F lm_softmin3(F a, F b, F c, F g) {{
+  F m = a < b ? a : b; m = m < c ? m : c;
+  return m - g * lm_log(lm_exp((m - a) / g) + lm_exp((m - b) / g) + lm_exp((m - c) / g));
+}}
 """

@@ -1,5 +1,6 @@
 """The symbolic language: hash-consed formula nodes and the op table."""
 
+from . import complex_ops  # noqa: F401  (registers the complex ops)
 from .autodiff import diff, divergence, grad, grad_matrix, laplacian
 from .node import (
                    CAT_NAMES,

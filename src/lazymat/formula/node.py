@@ -170,9 +170,14 @@ def _normalize_number(value: Any) -> Fraction | float:
     if isinstance(value, (int, Fraction)):
         return Fraction(value)
     value = float(value)
+    if value != value:  # one shared NaN object: NaN != NaN, but interning compares identity first
+        return _NAN
     if value.is_integer() and abs(value) < 2**53:
         return Fraction(int(value))
     return value
+
+
+_NAN = float("nan")
 
 
 def Var(index: int, dim: int, cat: int) -> Node:

@@ -17,7 +17,10 @@ one row in ``tests/test_ops.py``.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+import operator
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Callable
@@ -633,6 +636,481 @@ _structural("TensorProd", 2, lambda name, d, p: d[0] * d[1], _tensorprod_ref,
             vjp=lambda n, g: (_m("MatVecMult", g, n.args[1]), _m("VecMatMult", n.args[0], g)))
 
 
+# --------------------------------------------------------------------------- tensor algebra
+
+#: TensorDot's C code is one unrolled sum of products per output component when there are
+#: at most this many products in all; above, loops over the axes with strides computed at
+#: codegen time.
+TENSORDOT_UNROLL_LIMIT = 4096
+
+
+def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    """A list parameter as a tuple of ints (a lone int is a list of one, as in pykeops)."""
+    if isinstance(value, bool):
+        raise ShapeError(f"{what} must be a list of integers, got {value!r}")
+    try:
+        return (operator.index(value),)
+    except TypeError:
+        pass
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ShapeError(f"{what} must be a list of integers, got {value!r}") from None
+    out = []
+    for v in items:
+        if isinstance(v, bool):
+            raise ShapeError(f"{what} must be a list of integers, got {value!r}")
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise ShapeError(f"{what} must be a list of integers, got {value!r}") from None
+    return tuple(out)
+
+
+def _tensordot_params(params: tuple) -> tuple:
+    """TensorDot's canonical parameters: (dimsa, dimsb, conta, contb) as tuples of ints, plus
+    the permutation only when it is not the identity."""
+    if len(params) not in (4, 5):
+        raise ShapeError(f"TensorDot takes 4 or 5 integer lists after its two formulas "
+                         f"(dimsa, dimsb, conta, contb[, permute]), got {len(params)}")
+    names = ("dimsa", "dimsb", "conta", "contb", "permute")
+    out = [_int_tuple(p, f"TensorDot: {n}") for n, p in zip(names, params)
+           if not (n == "permute" and p is None)]
+    if len(out) == 5 and out[4] == tuple(range(len(out[4]))):
+        out.pop()
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _TensorDotLayout:
+    dimsa: tuple[int, ...]
+    dimsb: tuple[int, ...]
+    conta: tuple[int, ...]
+    contb: tuple[int, ...]
+    permute: tuple[int, ...]  # kept axis p (a's then b's) goes to output axis permute[p]
+    keepa: tuple[int, ...]  # a's axes that are not contracted, in order
+    keepb: tuple[int, ...]
+    outshape: tuple[int, ...]
+    contdims: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _tensordot_layout(params: tuple) -> _TensorDotLayout:
+    """Checked shapes and axes of TensorDot(a, b, *params) (params canonical or not)."""
+    dimsa, dimsb, conta, contb, *rest = _tensordot_params(params)
+    for name, dims in (("dimsa", dimsa), ("dimsb", dimsb)):
+        if any(d < 1 for d in dims):
+            raise ShapeError(f"TensorDot: {name} {list(dims)} must hold sizes >= 1")
+    if len(conta) != len(contb):
+        raise ShapeError(f"TensorDot: conta {list(conta)} and contb {list(contb)} must pair "
+                         f"up the contracted axes (same length)")
+    for name, cont, dims in (("conta", conta, dimsa), ("contb", contb, dimsb)):
+        if any(not 0 <= c < len(dims) for c in cont) or len(set(cont)) != len(cont):
+            raise ShapeError(f"TensorDot: {name} {list(cont)} must list distinct axes of a "
+                             f"tensor of shape {list(dims)}")
+    for ca, cb in zip(conta, contb):
+        if dimsa[ca] != dimsb[cb]:
+            raise ShapeError(f"TensorDot: axis {ca} of a (size {dimsa[ca]}) cannot be "
+                             f"contracted with axis {cb} of b (size {dimsb[cb]})")
+    keepa = tuple(k for k in range(len(dimsa)) if k not in conta)
+    keepb = tuple(k for k in range(len(dimsb)) if k not in contb)
+    nkeep = len(keepa) + len(keepb)
+    permute = rest[0] if rest else tuple(range(nkeep))
+    if sorted(permute) != list(range(nkeep)):
+        raise ShapeError(f"TensorDot: permute {list(permute)} must be a permutation of "
+                         f"0..{nkeep - 1} (the {nkeep} axes left after the contraction)")
+    kept = [dimsa[k] for k in keepa] + [dimsb[k] for k in keepb]
+    outshape = [0] * nkeep
+    for p, q in enumerate(permute):
+        outshape[q] = kept[p]
+    return _TensorDotLayout(dimsa, dimsb, conta, contb, tuple(permute), keepa, keepb,
+                            tuple(outshape), tuple(dimsa[c] for c in conta))
+
+
+def _tensordot_dim(name, dims, params):
+    lay = _tensordot_layout(params)
+    for which, d, shape in (("a", dims[0], lay.dimsa), ("b", dims[1], lay.dimsb)):
+        if d != math.prod(shape):
+            raise ShapeError(f"TensorDot: {which} has dim {d} but its shape {list(shape)} "
+                             f"holds {math.prod(shape)} components")
+    return math.prod(lay.outshape)
+
+
+def _row_major_strides(shape: tuple[int, ...]) -> list[int]:
+    return [math.prod(shape[k + 1:]) for k in range(len(shape))]
+
+
+def _tensordot_loops(lay: _TensorDotLayout):
+    """The loop axes (kept axes in a-then-b order, then contracted axes): per axis its size
+    and its stride in a, in b and in the output (0 where the axis is not one of theirs)."""
+    sa, sb = _row_major_strides(lay.dimsa), _row_major_strides(lay.dimsb)
+    so = _row_major_strides(lay.outshape)
+    la = len(lay.keepa)
+    axes = []
+    for p, k in enumerate(lay.keepa):
+        axes.append((lay.dimsa[k], sa[k], 0, so[lay.permute[p]]))
+    for q, k in enumerate(lay.keepb):
+        axes.append((lay.dimsb[k], 0, sb[k], so[lay.permute[la + q]]))
+    for ca, cb in zip(lay.conta, lay.contb):
+        axes.append((lay.dimsa[ca], sa[ca], sb[cb], 0))
+    return axes
+
+
+def _tensordot_terms(lay: _TensorDotLayout) -> list[list[tuple[int, int]]]:
+    """For each output component, the (a index, b index) pairs of its sum of products."""
+    axes = _tensordot_loops(lay)
+    terms: list[list[tuple[int, int]]] = [[] for _ in range(math.prod(lay.outshape))]
+    for idx in itertools.product(*[range(n) for n, *_ in axes]):
+        ia = sum(i * s for i, (_, s, _, _) in zip(idx, axes))
+        ib = sum(i * s for i, (_, _, s, _) in zip(idx, axes))
+        io = sum(i * s for i, (_, _, _, s) in zip(idx, axes))
+        terms[io].append((ia, ib))
+    return terms
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _tensordot_ref(xp, p, a, b):
+    lay = _tensordot_layout(p)
+    la, nkeep = len(lay.keepa), len(lay.permute)
+    if nkeep + len(lay.conta) > len(_LETTERS):
+        raise ShapeError("TensorDot: too many axes for the reference evaluation")
+    kept, cont = _LETTERS[:nkeep], _LETTERS[nkeep:]
+    sub_a = [""] * len(lay.dimsa)
+    sub_b = [""] * len(lay.dimsb)
+    for p_, k in enumerate(lay.keepa):
+        sub_a[k] = kept[p_]
+    for q, k in enumerate(lay.keepb):
+        sub_b[k] = kept[la + q]
+    for c, (ca, cb) in enumerate(zip(lay.conta, lay.contb)):
+        sub_a[ca] = sub_b[cb] = cont[c]
+    sub_o = [""] * nkeep
+    for p_, q in enumerate(lay.permute):
+        sub_o[q] = kept[p_]
+    A = a.reshape(tuple(a.shape[:-1]) + lay.dimsa)
+    B = b.reshape(tuple(b.shape[:-1]) + lay.dimsb)
+    out = xp.einsum(f"...{''.join(sub_a)},...{''.join(sub_b)}->...{''.join(sub_o)}", A, B)
+    lead = tuple(out.shape[:out.ndim - nkeep])
+    return out.reshape(lead + (math.prod(lay.outshape),))
+
+
+def _tensordot_render(ctx, node):
+    lay = _tensordot_layout(node.params)
+    da, db, T = node.args[0].dim, node.args[1].dim, ctx.T
+    lines = [f"{T} td_a[{da}], td_b[{db}];",
+             f"for (int k = 0; k < {da}; k++) td_a[k] = {ctx.arg(0, 'k')};",
+             f"for (int k = 0; k < {db}; k++) td_b[k] = {ctx.arg(1, 'k')};"]
+    if node.dim * math.prod(lay.contdims) <= TENSORDOT_UNROLL_LIMIT:
+        for o, pairs in enumerate(_tensordot_terms(lay)):
+            total = " + ".join(f"td_a[{i}] * td_b[{j}]" for i, j in pairs)
+            lines.append(f"{ctx.out(o)} = {total};")
+        return lines
+    axes = _tensordot_loops(lay)
+
+    def index(which: int) -> str:
+        parts = [f"v{t} * {ax[which]}" for t, ax in enumerate(axes) if ax[which]]
+        return " + ".join(parts) or "0"
+
+    loops = " ".join(f"for (int v{t} = 0; v{t} < {n}; v{t}++)" for t, (n, *_) in enumerate(axes))
+    return lines + [
+        f"{T} td_o[{node.dim}];",
+        f"for (int k = 0; k < {node.dim}; k++) td_o[k] = ({T})0;",
+        f"{loops} td_o[{index(3)}] += td_a[{index(1)}] * td_b[{index(2)}];",
+        f"for (int k = 0; k < {node.dim}; k++) {ctx.out('k')} = td_o[k];"]
+
+
+def _tensordot_simplify(args, params, dim):
+    canonical = _tensordot_params(params)
+    if canonical != params:
+        return make("TensorDot", args, canonical)
+    if is_zero(args[0]) or is_zero(args[1]):
+        return Const(0, dim)
+    return None
+
+
+def _tensordot_vjp(n: Node, g: Node) -> tuple[Node, Node]:
+    # Output axis permute[p] is kept axis p. The cotangent of a contracts g's axes that come
+    # from b with b's kept axes; what is left (g's axes from a, in output order, then b's
+    # contracted axes, in b's order) is moved back to a's axes. Likewise for b.
+    lay = _tensordot_layout(n.params)
+    a, b = n.args
+    la, lb, nc = len(lay.keepa), len(lay.keepb), len(lay.conta)
+    perm = lay.permute
+    ga = TensorDot(g, b, lay.outshape, lay.dimsb, [perm[la + q] for q in range(lb)], lay.keepb,
+                   [lay.keepa[p] for p in sorted(range(la), key=lambda p: perm[p])]
+                   + [lay.conta[k] for k in sorted(range(nc), key=lambda k: lay.contb[k])])
+    gb = TensorDot(g, a, lay.outshape, lay.dimsa, [perm[p] for p in range(la)], lay.keepa,
+                   [lay.keepb[q] for q in sorted(range(lb), key=lambda q: perm[la + q])]
+                   + [lay.contb[k] for k in sorted(range(nc), key=lambda k: lay.conta[k])])
+    return ga, gb
+
+
+_structural("TensorDot", 2, _tensordot_dim, _tensordot_ref, _tensordot_render,
+            fold=lambda values, params: (values[0] * values[1]
+                                         * math.prod(_tensordot_layout(params).contdims)),
+            simplify=_tensordot_simplify,
+            doc="TensorDot(a, b, dimsa, dimsb, conta, contb[, permute]): a and b are row-major "
+                "tensors of shapes dimsa and dimsb; axes conta of a are contracted with axes "
+                "contb of b; the remaining axes (a's, then b's) are output in that order, or "
+                "kept axis p at output axis permute[p] (the KeOps convention); row-major output",
+            vjp=_tensordot_vjp)
+
+
+def TensorDot(a: Any, b: Any, dimsa: Any, dimsb: Any, conta: Any, contb: Any,
+              permute: Any = None) -> Node:
+    """Generic tensor contraction (see ``OPS['TensorDot'].doc``); lists may be any int
+    sequences (a lone int is a list of one)."""
+    params = (dimsa, dimsb, conta, contb) + (() if permute is None else (permute,))
+    return make("TensorDot", (as_node(a), as_node(b)), _tensordot_params(params))
+
+
+def Kron(a: Any, b: Any, dimsa: Any, dimsb: Any) -> Node:
+    """Kronecker product of two row-major tensors of the same rank (np.kron): TensorDot
+    without contraction, the axes interleaved."""
+    dimsa, dimsb = _int_tuple(dimsa, "Kron: dimsa"), _int_tuple(dimsb, "Kron: dimsb")
+    if len(dimsa) != len(dimsb):
+        raise ShapeError(f"Kron needs two tensors of the same rank, got shapes {list(dimsa)} "
+                         f"and {list(dimsb)}")
+    r = len(dimsa)
+    return TensorDot(a, b, dimsa, dimsb, (), (),
+                     tuple(range(0, 2 * r, 2)) + tuple(range(1, 2 * r, 2)))
+
+
+# --------------------------------------------------------------------------- B-splines
+
+def _bspline_dim(name, dims, params):
+    if len(params) != 1:
+        raise ShapeError(f"BSpline takes one integer parameter (the order), got {len(params)}")
+    order = params[0]
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise ShapeError(f"BSpline: the order must be an integer, got {order!r}")
+    knots, x = dims
+    if x != 1:
+        raise ShapeError(f"BSpline is sampled at a scalar (dim 1), got dim {x}")
+    if order < 0:
+        raise ShapeError(f"BSpline: the order must be >= 0, got {order}")
+    if knots < order + 2:
+        raise ShapeError(f"BSpline of order {order} needs at least {order + 2} knots, got "
+                         f"{knots}")
+    return knots - order - 1
+
+
+def _bspline_ref(xp, p, t, x):
+    order, K = p[0], t.shape[-1]
+    b = xp.cast((t[..., :-1] <= x) & (x < t[..., 1:]), t)
+    for k in range(1, order + 1):
+        nb = K - 1 - k
+        ti, tik = t[..., :nb], t[..., k:k + nb]
+        ti1, tik1 = t[..., 1:1 + nb], t[..., k + 1:k + 1 + nb]
+        w1 = xp.where(ti < tik, (x - ti) / xp.where(ti < tik, tik - ti, tik * 0 + 1), ti * 0)
+        w2 = xp.where(ti1 < tik1, (x - ti1) / xp.where(ti1 < tik1, tik1 - ti1, tik1 * 0 + 1),
+                      ti1 * 0)
+        b = w1 * b[..., :nb] + (1 - w2) * b[..., 1:nb + 1]
+    return b
+
+
+def _bspline_render(ctx, node):
+    K, order, T = node.args[0].dim, node.params[0], ctx.T
+    return [
+        f"const {T} bs_x = {ctx.arg(1, 0)}; {T} bs_t[{K}], bs_b[{K - 1}];",
+        f"for (int k = 0; k < {K}; k++) bs_t[k] = {ctx.arg(0, 'k')};",
+        f"for (int k = 0; k < {K - 1}; k++) "
+        f"bs_b[k] = ({T})(bs_t[k] <= bs_x && bs_x < bs_t[k + 1]);",
+        f"for (int r = 1; r <= {order}; r++) for (int k = 0; k < {K - 1} - r; k++) {{",
+        f"  {T} w1 = bs_t[k] < bs_t[k + r] ? (bs_x - bs_t[k]) / (bs_t[k + r] - bs_t[k]) : ({T})0;",
+        f"  {T} w2 = bs_t[k + 1] < bs_t[k + r + 1] ? "
+        f"(bs_x - bs_t[k + 1]) / (bs_t[k + r + 1] - bs_t[k + 1]) : ({T})0;",
+        f"  bs_b[k] = w1 * bs_b[k] + (({T})1 - w2) * bs_b[k + 1]; }}",
+        f"for (int k = 0; k < {node.dim}; k++) {ctx.out('k')} = bs_b[k];"]
+
+
+def _bspline_vjp(n: Node, g: Node):
+    raise ShapeError("BSpline is not differentiable in KeOps either: detach its knots and "
+                     "its sampling point (or do not ask for gradients through it)")
+
+
+_structural("BSpline", 2, _bspline_dim, _bspline_ref, _bspline_render,
+            doc="BSpline(knots, x, order): the K - order - 1 B-spline basis functions of "
+                "degree `order` with the K (non-decreasing) knots, at the scalar x (Cox-de Boor "
+                "recursion; order 0: 1 on [t_k, t_k+1), half-open, so all are 0 at the last "
+                "knot). Not differentiable, as in KeOps",
+            vjp=_bspline_vjp)
+
+
+# --------------------------------------------------------------------------- soft-DTW
+
+class _NoGradient(Node):
+    """A cotangent that raises as soon as the autodiff engine uses it: for an argument an op
+    has no derivative for, reached only when that argument depends on the differentiated
+    variable (otherwise the engine drops it unseen)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __getattr__(self, name: str):  # every Node field (dim, op, args ...) is unset
+        if name.startswith("__"):  # copy, pickle & co. probing for hooks
+            raise AttributeError(name)
+        raise ShapeError(self.message)
+
+    def __repr__(self) -> str:
+        return f"<no gradient: {self.message}>"
+
+
+def _softdtw_dim(out_dim: Callable[[int, int], int]):
+    def rule(name, dims, params):
+        if params:
+            raise ShapeError(f"{name} takes no integer parameters, got {list(params)}")
+        if dims[2] != 1:
+            raise ShapeError(f"{name}: gamma must be a scalar (dim 1), got dim {dims[2]}")
+        return out_dim(dims[0], dims[1])
+
+    return rule
+
+
+def _softdtw_table(xp, x, y, gamma):
+    """R[i][j]: the soft-DTW value of x[:i+1] and y[:j+1] (arrays over the leading axes),
+    and the cost function."""
+    n, m = x.shape[-1], y.shape[-1]
+    gam = gamma[..., 0]
+
+    def cost(i, j):
+        d = x[..., i] - y[..., j]
+        return d * d
+
+    R: list[list[Any]] = [[None] * m for _ in range(n)]
+    for i in range(n):
+        for j in range(m):
+            c = cost(i, j)
+            if i == 0 and j == 0:
+                R[i][j] = c
+            elif i == 0:
+                R[i][j] = c + R[0][j - 1]
+            elif j == 0:
+                R[i][j] = c + R[i - 1][0]
+            else:
+                a, b, d = R[i - 1][j - 1], R[i - 1][j], R[i][j - 1]
+                mn = xp.minimum(xp.minimum(a, b), d)
+                R[i][j] = c + mn - gam * xp.log(xp.exp((mn - a) / gam) + xp.exp((mn - b) / gam)
+                                                + xp.exp((mn - d) / gam))
+    return R, cost
+
+
+def _softdtw_ref(xp, p, x, y, gamma):
+    R, _ = _softdtw_table(xp, x, y, gamma)
+    return xp.expand_dims(R[-1][-1], -1)
+
+
+def _grad_softdtw_ref(xp, p, x, y, gamma):
+    n, m = x.shape[-1], y.shape[-1]
+    R, cost = _softdtw_table(xp, x, y, gamma)
+    gam = gamma[..., 0]
+    # E[i][j] = dR[n-1][m-1] / dR[i][j], backwards over the successors of (i, j); a successor
+    # on the first row or column has a single predecessor (derivative 1).
+    E: list[list[Any]] = [[None] * m for _ in range(n)]
+    for i in reversed(range(n)):
+        for j in reversed(range(m)):
+            if i == n - 1 and j == m - 1:
+                E[i][j] = xp.full(tuple(R[i][j].shape), 1, like=R[i][j])
+                continue
+            e = 0
+            if i + 1 < n:
+                e = e + E[i + 1][j] * (1 if j == 0 else xp.exp(
+                    (R[i + 1][j] - cost(i + 1, j) - R[i][j]) / gam))
+            if j + 1 < m:
+                e = e + E[i][j + 1] * (1 if i == 0 else xp.exp(
+                    (R[i][j + 1] - cost(i, j + 1) - R[i][j]) / gam))
+            if i + 1 < n and j + 1 < m:
+                e = e + E[i + 1][j + 1] * xp.exp((R[i + 1][j + 1] - cost(i + 1, j + 1)
+                                                  - R[i][j]) / gam)
+            E[i][j] = e
+    gx = [sum(2 * (x[..., i] - y[..., j]) * E[i][j] for j in range(m)) for i in range(n)]
+    gy = [sum(-2 * (x[..., i] - y[..., j]) * E[i][j] for i in range(n)) for j in range(m)]
+    return xp.concat(_bcast_lead(xp, [xp.expand_dims(v, -1) for v in gx + gy]), -1)
+
+
+def _softdtw_loads(ctx, n: int, m: int) -> list[str]:
+    return [f"{ctx.T} dtw_x[{n}], dtw_y[{m}];",
+            f"for (int k = 0; k < {n}; k++) dtw_x[k] = {ctx.arg(0, 'k')};",
+            f"for (int k = 0; k < {m}; k++) dtw_y[k] = {ctx.arg(1, 'k')};",
+            f"const {ctx.T} dtw_g = {ctx.arg(2, 0)};"]
+
+
+def _softdtw_render(ctx, node):
+    # Column by column: dtw_r[i] holds R[i][j - 1], then R[i][j].
+    n, m, T = node.args[0].dim, node.args[1].dim, ctx.T
+    return _softdtw_loads(ctx, n, m) + [
+        f"{T} dtw_r[{n}], dtw_acc = 0;",
+        f"for (int i = 0; i < {n}; i++) {{ {T} d = dtw_x[i] - dtw_y[0]; dtw_acc += d * d; "
+        f"dtw_r[i] = dtw_acc; }}",
+        f"for (int j = 1; j < {m}; j++) {{",
+        f"  {T} d = dtw_x[0] - dtw_y[j]; {T} diag = dtw_r[0]; dtw_r[0] += d * d; "
+        f"{T} up = dtw_r[0];",
+        f"  for (int i = 1; i < {n}; i++) {{",
+        "    d = dtw_x[i] - dtw_y[j];",
+        f"    {T} v = d * d + lm_softmin3(diag, up, dtw_r[i], dtw_g);",
+        "    diag = dtw_r[i]; dtw_r[i] = v; up = v; } }",
+        f"{ctx.out(0)} = dtw_r[{n - 1}];"]
+
+
+def _grad_softdtw_render(ctx, node):
+    n, m, T = node.args[0].dim, node.args[1].dim, ctx.T
+    R = lambda i, j: f"dtw_R[({i}) * {m} + ({j})]"  # noqa: E731
+    E = lambda i, j: f"dtw_E[({i}) * {m} + ({j})]"  # noqa: E731
+    return _softdtw_loads(ctx, n, m) + [
+        f"{T} dtw_R[{n * m}], dtw_E[{n * m}], dtw_gx[{n}], dtw_gy[{m}];",
+        f"for (int i = 0; i < {n}; i++) for (int j = 0; j < {m}; j++) {{",
+        f"  {T} d = dtw_x[i] - dtw_y[j]; d = d * d;",
+        f"  {R('i', 'j')} = i == 0 && j == 0 ? d : i == 0 ? d + {R(0, 'j - 1')} : "
+        f"j == 0 ? d + {R('i - 1', 0)} : "
+        f"d + lm_softmin3({R('i - 1', 'j - 1')}, {R('i - 1', 'j')}, {R('i', 'j - 1')}, dtw_g); }}",
+        f"for (int k = 0; k < {n}; k++) dtw_gx[k] = 0;",
+        f"for (int k = 0; k < {m}; k++) dtw_gy[k] = 0;",
+        f"for (int i = {n - 1}; i >= 0; i--) for (int j = {m - 1}; j >= 0; j--) {{",
+        f"  {T} e = i == {n - 1} && j == {m - 1} ? ({T})1 : ({T})0, d;",
+        f"  if (i + 1 < {n}) {{ d = dtw_x[i + 1] - dtw_y[j]; e += {E('i + 1', 'j')} * "
+        f"(j == 0 ? ({T})1 : lm_exp(({R('i + 1', 'j')} - d * d - {R('i', 'j')}) / dtw_g)); }}",
+        f"  if (j + 1 < {m}) {{ d = dtw_x[i] - dtw_y[j + 1]; e += {E('i', 'j + 1')} * "
+        f"(i == 0 ? ({T})1 : lm_exp(({R('i', 'j + 1')} - d * d - {R('i', 'j')}) / dtw_g)); }}",
+        f"  if (i + 1 < {n} && j + 1 < {m}) {{ d = dtw_x[i + 1] - dtw_y[j + 1]; "
+        f"e += {E('i + 1', 'j + 1')} * lm_exp(({R('i + 1', 'j + 1')} - d * d - {R('i', 'j')}) "
+        f"/ dtw_g); }}",
+        f"  {E('i', 'j')} = e; d = dtw_x[i] - dtw_y[j];",
+        "  dtw_gx[i] += 2 * d * e; dtw_gy[j] -= 2 * d * e; }",
+        f"for (int k = 0; k < {n}; k++) {ctx.out('k')} = dtw_gx[k];",
+        f"for (int k = 0; k < {m}; k++) {ctx.out(f'{n} + k')} = dtw_gy[k];"]
+
+
+def _softdtw_vjp(n: Node, g: Node):
+    x, y, gamma = n.args
+    G = make("GradSoftDTW_SqDist", (x, y, gamma))
+    return (Extract(G, 0, x.dim) * g, Extract(G, x.dim, y.dim) * g,
+            _NoGradient("SoftDTW_SqDist is not differentiable with respect to gamma (KeOps has "
+                        "no such gradient either): keep gamma constant or detach it"))
+
+
+def _grad_softdtw_vjp(n: Node, g: Node):
+    raise ShapeError("second derivatives of SoftDTW_SqDist are not implemented (KeOps has "
+                     "none either): GradSoftDTW_SqDist is not differentiable")
+
+
+_structural("SoftDTW_SqDist", 3, _softdtw_dim(lambda n, m: 1), _softdtw_ref, _softdtw_render,
+            doc="SoftDTW_SqDist(x, y, gamma): soft-DTW discrepancy between the series x (length "
+                "x.dim) and y (length y.dim) with the cost (x_i - y_j)^2 and the smoothing "
+                "gamma > 0 (a scalar): R[0][0] = 0, R[i][0] = R[0][j] = inf, R[i][j] = "
+                "cost(i, j) + softmin_gamma(R[i-1][j-1], R[i-1][j], R[i][j-1]), value R[n][m] "
+                "(dim 1). Differentiable in x and y (through GradSoftDTW_SqDist, once), not in "
+                "gamma (an error if gamma depends on the differentiated variable, as in KeOps)",
+            vjp=_softdtw_vjp)
+_structural("GradSoftDTW_SqDist", 3, _softdtw_dim(lambda n, m: n + m), _grad_softdtw_ref,
+            _grad_softdtw_render,
+            doc="GradSoftDTW_SqDist(x, y, gamma): the gradient of SoftDTW_SqDist(x, y, gamma) "
+                "with respect to x, then y (dim x.dim + y.dim); not differentiable",
+            vjp=_grad_softdtw_vjp)
+
+
 # --------------------------------------------------------------------------- composite ops
 
 def SqNorm2(f: Node) -> Node:
@@ -722,6 +1200,7 @@ MACROS: dict[str, Callable[..., Node]] = {
     "Normalize": Normalize, "SqNormIso": SqNormIso, "SqNormDiag": SqNormDiag,
     "SymSqNorm": SymSqNorm, "WeightedSqNorm": WeightedSqNorm, "WeightedSqDist": WeightedSqDist,
     "Elem": Elem, "Extract": Extract, "OneHot": OneHot, "Pow": Pow, "IntInv": IntInv,
+    "TensorDot": TensorDot, "Kron": Kron,
 }
 
 

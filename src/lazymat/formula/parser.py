@@ -47,6 +47,10 @@ INT_PARAM_SLOTS: dict[str, tuple[int, ...]] = {
     "SumT": (1,),
     "ElemT": (1, 2),
     "ExtractT": (1, 2),
+    "BSpline": (2,),
+    # integer lists: TensorDot(a, b, dimsa, dimsb, conta, contb[, permute]), Kron(a, b, da, db)
+    "TensorDot": (2, 3, 4, 5, 6),
+    "Kron": (2, 3),
 }
 
 # Variable spellings: name -> (category, replacement if deprecated).

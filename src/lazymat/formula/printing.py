@@ -21,6 +21,13 @@ def const_to_string(value, dim: int) -> str:
     return text if dim == 1 else f"SumT({text},{dim})"
 
 
+def _param_to_string(p) -> str:
+    """An integer parameter, or a list parameter (TensorDot's shapes) as ``[2, 3]``."""
+    if isinstance(p, tuple):
+        return "[" + ", ".join(str(v) for v in p) + "]"
+    return str(p)
+
+
 def to_string(root: Node) -> str:
     texts: dict[int, str] = {}
     for node in walk(root):
@@ -30,6 +37,7 @@ def to_string(root: Node) -> str:
         elif node.op == "Const":
             texts[id(node)] = const_to_string(node.params[0], node.params[1])
         else:
-            parts = [texts[id(a)] for a in node.args] + [str(p) for p in node.params]
+            parts = [texts[id(a)] for a in node.args] + [_param_to_string(p)
+                                                         for p in node.params]
             texts[id(node)] = f"{node.op}({', '.join(parts)})"
     return texts[id(root)]
