@@ -277,6 +277,9 @@ ROWS = [
       lambda a: a.s * _sqn(a.x - a.y), "iso_i"),
     R("Elem", lambda v: apply("Elem", v.x * v.y, 2), lambda a: (a.x * a.y)[..., 2:3]),
     R("Elem", lambda v: apply("Elem", v.y - v.s, 0), lambda a: (a.y - a.s)[..., 0:1], "first"),
+    R("Factorize", lambda v: apply("Factorize", apply("Exp", -apply("SqDist", v.x, v.y)) * apply(
+        "SqDist", v.x, v.y), apply("SqDist", v.x, v.y)),
+      lambda a: np.exp(-_sqn(a.x - a.y)) * _sqn(a.x - a.y)),
     R("IntInv", lambda v: apply("Mult", apply("IntInv", 3), v.x - v.y),
       lambda a: (a.x - a.y) / 3),
     R("VecMatMult", lambda v: apply("VecMatMult", v.x - v.y, v.p),
@@ -453,6 +456,23 @@ def _softdtw_grad(x, y, gamma, h=1e-30):
 COMPLEX = {n for n in set(OPS) | set(MACROS) if n.startswith("Complex")
            or n in ("Conj", "Real2Complex", "Imag2Complex")}
 ALL_NAMES = sorted((set(OPS) | set(MACROS)) - COMPLEX)
+
+
+def test_factorize_is_hash_consing():
+    """A repeated sub-formula is one node: rendered and computed once (what KeOps' Factorize
+    does by hand)."""
+    from lazymat.codegen.c_like import Emitter
+
+    x, y = Var(0, 3, 0), Var(1, 3, 1)
+    d = apply("SqDist", x, y)
+    f = apply("Exp", -d) * apply("Sin", d) + d
+    assert apply("Factorize", f, d) is f
+    em = Emitter([f], "float", lambda v, k: f"v{v.params[0]}[{k}]")
+    assert sum(1 for n in em.nodes if n is d) == 1 and id(d) in em.materialized
+    import lazymat as lm
+
+    K = lm.Vi(np.ones((2, 3)))
+    assert K.factorize() is K and K.auto_factorize() is K
 
 
 def test_table_covers_every_op():

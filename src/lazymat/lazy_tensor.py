@@ -171,6 +171,13 @@ class LazyTensor:
         ranges = next((o.ranges for o in operands if o.ranges is not None), None)
         return LazyTensor._make(node, leaves, ranges, is_complex)
 
+    def factorize(self, other: "LazyTensor | None" = None) -> "LazyTensor":
+        """KeOps' factorize/auto_factorize: a no-op here, since formulas are hash-consed (a
+        repeated sub-formula is one node, computed once per pair)."""
+        return self
+
+    auto_factorize = factorize
+
     # ------------------------------------------------------------------ complex numbers
     @property
     def real(self) -> "LazyTensor":

@@ -1195,12 +1195,18 @@ def IntInv(n: int) -> Node:
     return Const(Fraction(1, int(n)))
 
 
+def Factorize(f: Node, g: Node) -> Node:
+    """KeOps' Factorize(f, g): compute g once inside f. Formulas are hash-consed, so every
+    repeated sub-formula is already one node, computed once by every backend: f itself."""
+    return f
+
+
 MACROS: dict[str, Callable[..., Node]] = {
     "SqNorm2": SqNorm2, "Scalprod": Scalprod, "SqDist": SqDist, "Norm2": Norm2,
     "Normalize": Normalize, "SqNormIso": SqNormIso, "SqNormDiag": SqNormDiag,
     "SymSqNorm": SymSqNorm, "WeightedSqNorm": WeightedSqNorm, "WeightedSqDist": WeightedSqDist,
     "Elem": Elem, "Extract": Extract, "OneHot": OneHot, "Pow": Pow, "IntInv": IntInv,
-    "TensorDot": TensorDot, "Kron": Kron,
+    "TensorDot": TensorDot, "Kron": Kron, "Factorize": Factorize,
 }
 
 
