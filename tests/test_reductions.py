@@ -489,3 +489,18 @@ def test_float32_gaussian_sum_accuracy_1e6_terms():
     rel = np.abs(got[:, 0] - want) / want
     assert rel.max() <= 1e-5, f"max relative error {rel.max():.2e}"
     assert elapsed < 30, elapsed
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_large_dimension_gaussian_sum(dtype):
+    """D = 1000: the tile over D keeps working (no failure, no crawl) and stays accurate."""
+    import lazymat as lm
+
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((50, 1000)) / 30).astype(dtype)
+    y = (rng.standard_normal((70, 1000)) / 30).astype(dtype)
+    b = rng.random((70, 2)).astype(dtype)
+    got = (-lm.Vi(x).sqdist(lm.Vj(y))).exp() @ b
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    want = np.exp(-((x64[:, None] - y64[None]) ** 2).sum(-1)) @ b.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == "float32" else 1e-12)
