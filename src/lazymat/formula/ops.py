@@ -386,10 +386,15 @@ OPS["Sum"] = replace(OPS["Sum"], jam=True)
 def _extremum(name: str, better: str, want_index: bool):
     def render(ctx, node):
         n = node.args[0].dim
+        if not want_index:
+            return [f"{ctx.T} m = {ctx.arg(0, 0)};",
+                    f"for (int k = 1; k < {n}; k++) {{ {ctx.T} v = {ctx.arg(0, 'k')}; "
+                    f"if (v {better} m) m = v; }}",
+                    f"{ctx.out(0)} = m;"]
         return [f"{ctx.T} m = {ctx.arg(0, 0)}; int a = 0;",
                 f"for (int k = 1; k < {n}; k++) {{ {ctx.T} v = {ctx.arg(0, 'k')}; "
                 f"if (v {better} m) {{ m = v; a = k; }} }}",
-                f"{ctx.out(0)} = " + (f"({ctx.T})a;" if want_index else "m;")]
+                f"{ctx.out(0)} = ({ctx.T})a;"]
 
     if want_index:
         pick = "argmin" if better == "<" else "argmax"
