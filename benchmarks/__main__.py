@@ -2,11 +2,13 @@
 
 import sys
 
-from . import engine
+from . import engine, sparse_batch_solve, suite
 
 if __name__ == "__main__":
     full = "--full" in sys.argv[1:]
     engine.main(full=full)
+    suite.main(full=full)
+    sparse_batch_solve.main(full=full)
     try:
         import torch  # noqa: F401
     except ImportError:

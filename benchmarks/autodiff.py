@@ -7,22 +7,13 @@ Target (issue 3): forward + backward ≤ 3× forward.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import torch
 
 import lazymat as lm
 
-
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from .timing import median_time
 
 
 def lazymat_forward(x, y, b):

@@ -18,14 +18,7 @@ import numpy as np
 
 import lazymat as lm
 
-
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from .timing import median_time
 
 
 def cold_compile(n: int = 5) -> list[float]:

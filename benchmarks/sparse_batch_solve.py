@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 
@@ -20,15 +19,7 @@ import numpy as np
 
 import lazymat as lm
 
-
-def median_time(fn, repeat: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from .timing import median_time
 
 
 def ranges_table() -> None:
@@ -41,7 +32,7 @@ def ranges_table() -> None:
     ranges, centroids, _ = lm.cluster_ranges_centroids(x, labels)
     dist = ((centroids[:, None] - centroids[None]) ** 2).sum(-1)
     K = (-lm.Vi(x).sqdist(lm.Vj(x)) * 50).exp()
-    full = median_time(lambda: K @ b)
+    full = median_time(lambda: K @ b, warm_up=True)
     print(f"\nGaussian kernel sum, N = {n:,}, D = 3, float32, {len(ranges)} clusters (about "
           f"{clusters}): time against the density of the block mask\n")
     print("| kept blocks | time | vs dense |\n|---|---|---|")
@@ -49,7 +40,7 @@ def ranges_table() -> None:
     for q in (0.5, 0.2, 0.05):
         keep = dist <= np.quantile(dist, q)
         six = lm.from_matrix(ranges, ranges, keep)
-        t = median_time(lambda: (K * lm.Vj(b)).sum(dim=1, ranges=six))
+        t = median_time(lambda: (K * lm.Vj(b)).sum(dim=1, ranges=six), warm_up=True)
         print(f"| {100 * keep.mean():.0f} % | {t:.3f} s | {t / full:.2f} |")
 
 
@@ -72,7 +63,7 @@ def batch_table() -> None:
     def one_problem():  # 10,000 x 10,000: the same number of pairs as the batch
         return (-lm.Vi(xs).sqdist(lm.Vj(ys))).exp() @ bs
 
-    t_batch, t_loop, t_one = median_time(batched), median_time(looped), median_time(one_problem)
+    t_batch, t_loop, t_one = (median_time(f, warm_up=True) for f in (batched, looped, one_problem))
     print(f"\nA batch of {B} Gaussian sums of {n} x {n} points (D = 3, float32) against one "
           f"problem with as many pairs\n")
     print("| | time | G pairs/s |\n|---|---|---|")
