@@ -19,13 +19,23 @@ from .errors import FormulaSyntaxError, ShapeError
 from .formula import Node, Var
 from .formula.parser import parse_alias, parse_formula
 
-_ACC_OPTIONS = ("auto", "float32", "float64", "float16")
+_ACC_OPTIONS = ("auto", "float32", "float64")
 _SUM_SCHEMES = ("auto", "direct_sum", "block_sum", "kahan_scheme")
-# KeOps options that lazymat accepts and does not need: its sums always accumulate tile partials
-# in float64 (at least as accurate as any of KeOps' schemes), it has no chunk modes to toggle,
-# and device_id is taken from the inputs.
+# KeOps options: dtype_acc, use_double_acc and sum_scheme choose how sums accumulate; the others
+# lazymat accepts and does not need (it has no chunk modes to toggle, device_id is taken from the
+# inputs, the dtype from the data).
 _ACCEPTED = ("dtype_acc", "use_double_acc", "sum_scheme", "enable_chunks", "use_fast_math",
              "rec_multVar_highdim", "device_id", "dtype", "cuda_type")
+
+
+def accumulation_options(options: dict[str, Any]) -> dict[str, str]:
+    """The Request fields for KeOps' accumulation options (use_double_acc = float64)."""
+    dtype_acc = options.get("dtype_acc", "auto")
+    if options.get("use_double_acc"):
+        if dtype_acc not in ("auto", "float64"):
+            raise ShapeError(f"use_double_acc=True conflicts with dtype_acc={dtype_acc!r}")
+        dtype_acc = "float64"
+    return {"dtype_acc": dtype_acc, "sum_scheme": options.get("sum_scheme", "auto")}
 
 
 def check_options(where: str, options: dict[str, Any]) -> None:
@@ -76,14 +86,18 @@ class Genred:
                  use_double_acc: bool = False, sum_scheme: str = "auto",
                  enable_chunks: bool = True, rec_multVar_highdim: bool = False,
                  use_fast_math: bool = True):
-        check_options("Genred", {"dtype_acc": dtype_acc, "sum_scheme": sum_scheme})
+        options = {"dtype_acc": dtype_acc, "sum_scheme": sum_scheme,
+                   "use_double_acc": use_double_acc}
+        check_options("Genred", options)
         self.formula_string, self.aliases = formula, list(aliases)
         self.reduction_op, self.axis, self.opt_arg = reduction_op, axis, opt_arg
         self.formula2_string = formula2
         names, self._labels = _parse_aliases(aliases)
         f = parse_formula(formula, names)
         g = parse_formula(formula2, names) if formula2 is not None else None
-        self.request = plan.Request(reduction_op, f, axis=axis, K=opt_arg, weight=g)
+        self.request = plan.Request(reduction_op, f, axis=axis, K=opt_arg, weight=g,
+                                    **accumulation_options(options))
+        self.options = options
         plan.check_request(self.request)
         self._n_args = max([len(self._labels)] + [v.params[0] + 1 for v in _vars(f, g)])
 
@@ -103,10 +117,12 @@ class Genred:
 
     def __getstate__(self) -> dict:
         return {"args": (self.formula_string, self.aliases, self.reduction_op, self.axis),
-                "opt_arg": self.opt_arg, "formula2": self.formula2_string}
+                "opt_arg": self.opt_arg, "formula2": self.formula2_string,
+                "options": self.options}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(*state["args"], opt_arg=state["opt_arg"], formula2=state["formula2"])
+        self.__init__(*state["args"], opt_arg=state["opt_arg"], formula2=state["formula2"],
+                      **state.get("options", {}))
 
     def __repr__(self) -> str:
         return (f"Genred({self.formula_string!r}, {self.aliases!r}, "

@@ -392,7 +392,7 @@ class LazyTensor:
     def _reduce(self, name: str, dim: Any, K: int | None = None, weight: Any = None,
                 backend: str = "auto", out: Any = None, axis: Any = None, ranges: Any = None,
                 **options: Any):
-        from .genred import check_options
+        from .genred import accumulation_options, check_options
 
         check_options(name, options)
         if axis is not None:
@@ -414,7 +414,8 @@ class LazyTensor:
         if self.is_complex and name != "Sum":
             raise DtypeError(f"{name} of complex values is not defined: only sums are "
                              f"(take .real, .imag or .abs() first)")
-        req = plan.Request(name, formula, axis=dim, K=K, weight=weight_f)
+        req = plan.Request(name, formula, axis=dim, K=K, weight=weight_f,
+                           **accumulation_options(options))
         sizes = (_rows(leaves, I_CAT), _rows(leaves, J_CAT))
         outs = autograd.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
                             like=next(leaf.array for leaf in leaves.values()

@@ -42,10 +42,22 @@ class Request:
     axis: int = 1
     K: int | None = None
     weight: Node | None = None
+    dtype_acc: str = "auto"  # "auto", "float32" or "float64" (sums)
+    sum_scheme: str = "auto"  # "auto", "block_sum", "direct_sum" or "kahan_scheme" (Sum)
 
     @property
     def definition(self) -> ReductionDef:
         return reductions.get(self.reduction)
+
+    def accumulation(self, dtype: str) -> tuple[str, str]:
+        """The C accumulator type and scheme of the kernel's sums. The default (auto) is
+        block sums into double: at least as accurate as any of KeOps' schemes, at no cost."""
+        if self.dtype_acc == "float32" and dtype == "float64":
+            raise DtypeError("dtype_acc='float32' cannot accumulate float64 data")
+        acc = "float" if self.dtype_acc == "float32" else "double"
+        scheme = {"auto": "block", "block_sum": "block", "direct_sum": "direct",
+                  "kahan_scheme": "kahan"}[self.sum_scheme]
+        return acc, scheme
 
 
 _dtype_names: dict[Any, str] = {}
@@ -320,7 +332,7 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
 
         offsets = batch_offsets(arrays, _arguments(req), batch) if batch else None
         outs = cpu.run(red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes, like,
-                       batch, offsets, oriented_ranges)
+                       batch, offsets, oriented_ranges, req.accumulation(dtype))
     outs = tuple(o.reshape(batch + (M,) + _squeezed(shape, red))
                  for o, (_, shape) in zip(outs, shapes))
     if out is not None:

@@ -88,14 +88,31 @@ def _sum_block(xp, values, weights, j0, K=None):
 
 
 def _sum_decl(rc):
-    return [f"double acc[{rc.D}][LANES];",
-            _loop("k", rc.D, _loop("l", "LANES", "acc[k][l] = 0;"))]
+    lines = [f"{rc.acc} acc[{rc.D}][LANES];",
+             _loop("k", rc.D, _loop("l", "LANES", "acc[k][l] = 0;"))]
+    if rc.scheme == "kahan":
+        lines += [f"{rc.acc} comp[{rc.D}][LANES];",
+                  _loop("k", rc.D, _loop("l", "LANES", "comp[k][l] = 0;"))]
+    return lines
 
 
 def _sum_tile(rc):
-    # Tile partial sums in T, accumulated into double once per tile: float32 sums over
-    # millions of terms keep ~1e-7 relative error. Components innermost but one: their
-    # accumulators are independent chains.
+    if rc.scheme == "direct":  # every term straight into the accumulator
+        return ["for (int jj = 0; jj < tj; jj++)",
+                f"  for (int k = 0; k < {rc.D}; k++) {{",
+                *["    " + s for s in _lanes(f"acc[k][l] += ({rc.acc}){rc.V('k')};")],
+                "  }"]
+    if rc.scheme == "kahan":  # compensated: the rounding error of each addition is kept
+        return ["for (int jj = 0; jj < tj; jj++)",
+                f"  for (int k = 0; k < {rc.D}; k++) {{",
+                *["    " + s for s in _lanes(
+                    f"{rc.acc} v = ({rc.acc}){rc.V('k')} - comp[k][l]; "
+                    f"{rc.acc} t = acc[k][l] + v; comp[k][l] = (t - acc[k][l]) - v; "
+                    "acc[k][l] = t;")],
+                "  }"]
+    # Block sums (the default): tile partial sums in T, accumulated into the accumulator
+    # (double by default) once per tile: float32 sums over millions of terms keep ~1e-7
+    # relative error. Components innermost but one: their accumulators are independent.
     return [f"{rc.T} ts[{rc.D}][LANES];",
             _loop("k", rc.D, _loop("l", "LANES", "ts[k][l] = 0;")),
             "for (int jj = 0; jj < tj; jj++)",

@@ -97,16 +97,18 @@ def _tasks(ranges_i: np.ndarray, lanes: int) -> np.ndarray:
 def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         arrays: Sequence[Any], M: int, N: int, dtype: str, xp: Any,
         shapes: list[tuple[str, tuple[int, ...]]], like: Any, batch: tuple[int, ...] = (),
-        offsets: Any = None, ranges: tuple[Any, Any, Any] | None = None) -> tuple:
+        offsets: Any = None, ranges: tuple[Any, Any, Any] | None = None,
+        accumulation: tuple[str, str] = ("double", "block")) -> tuple:
     """``ranges``: (ranges_i, slices_i, redranges_j) as int64 numpy arrays, or None."""
     from ..plan import num_threads
 
-    key = (red.name, formula, weight, K, dtype, len(arrays))
+    key = (red.name, formula, weight, K, dtype, len(arrays), accumulation)
     fn = _kernels.get(key)
     if fn is None:
         roots = [formula] + ([weight] if weight is not None else [])
         fn = _kernels[key] = kernel_for(
-            KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, len(arrays))))
+            KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, len(arrays)),
+                       accumulation))
     keep: list = []
     ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[_pointer(a, keep) for a in arrays])
     if ranges is None:  # one output range of all rows, one interval of all columns

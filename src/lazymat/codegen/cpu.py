@@ -50,6 +50,8 @@ class KernelSpec:
     K: int | None
     dtype: str  # "float32" or "float64"
     arg_dims: tuple[tuple[int, int], ...]  # (dim, cat) of each argument, by position
+    # Sums: the accumulator's C type and the scheme ("block", "direct" or "kahan").
+    accumulation: tuple[str, str] = ("double", "block")
 
     @property
     def value_row_size(self) -> dict[str, int]:
@@ -64,6 +66,7 @@ class KernelSpec:
 class _ReductionContext:
     def __init__(self, spec: KernelSpec, em: Emitter, T: str):
         self.T, self.K = T, spec.K
+        self.acc, self.scheme = spec.accumulation
         self.D = spec.formula.dim
         self.E = spec.weight.dim if spec.weight is not None else 1
         self._em, self._f, self._g = em, spec.formula, spec.weight
@@ -105,7 +108,8 @@ def render(spec: KernelSpec) -> str:
     header = [f"// lazymat kernel: {red.name} over j of {to_string(spec.formula)}"]
     if spec.weight is not None:
         header.append(f"// weight: {to_string(spec.weight)}")
-    header += [f"// dtype {spec.dtype}, K = {spec.K}, lanes {lanes}, tile {tj}",
+    header += [f"// dtype {spec.dtype}, K = {spec.K}, lanes {lanes}, tile {tj}, accumulation "
+               f"{' '.join(spec.accumulation)}",
                f"typedef {T} T;",
                f"#define LANES {lanes}",
                f"#define TJ {tj}",
