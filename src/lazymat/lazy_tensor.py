@@ -119,7 +119,7 @@ class LazyTensor:
 
     def dense(self) -> Any:
         """The symbolic matrix as an array of shape ``self.shape`` (for small problems)."""
-        from .backends.reference import evaluate
+        from .backends.reference import batch_slices, evaluate, stack_batches
 
         size = math.prod(self.shape)
         if size > 2**27:
@@ -128,16 +128,11 @@ class LazyTensor:
         f, _, arrays, _ = _bind(self.formula, None, self._leaves)
         like = next(leaf.array for leaf in self._leaves.values() if leaf.array is not None)
         xp = lib_of(like)
-        M, N, nb = self._size(I_CAT), self._size(J_CAT), self.nbatchdims
-        values = []
-        for index in itertools.product(*[range(b) for b in self.batch_shape]):
-            sliced = [a[tuple(i if d != 1 else 0 for i, d in zip(
-                index[len(index) - (a.ndim - (1 if _is_param(f, pos) else 2)):],
-                a.shape))] if a.ndim > (1 if _is_param(f, pos) else 2) else a
-                for pos, a in enumerate(arrays)]
-            v = evaluate([f], sliced, slice(None), slice(None), xp, like)[0]
-            values.append(xp.broadcast_to(v, (M, N, f.dim)))
-        out = xp.concat([xp.expand_dims(v, 0) for v in values], 0) if nb else values[0]
+        M, N, batch = self._size(I_CAT), self._size(J_CAT), self.batch_shape
+        values = [xp.broadcast_to(evaluate([f], sliced, slice(None), slice(None), xp, like)[0],
+                                  (M, N, f.dim))
+                  for sliced in batch_slices([f], arrays, batch)]
+        out = stack_batches(xp, values, batch) if batch else values[0]
         return out.reshape(self.shape)
 
     def __repr__(self) -> str:
@@ -728,10 +723,6 @@ def _batch_shape(leaves: dict[tuple[int, int], _Leaf]) -> tuple[int, ...]:
         return tuple(np.broadcast_shapes(*shapes))
     except ValueError:
         raise ShapeError(f"batch dims do not broadcast: {shapes}") from None
-
-
-def _is_param(f: Node, pos: int) -> bool:
-    return any(v.params[0] == pos and v.params[2] == P_CAT for v in variables(f))
 
 
 def _rows(leaves: dict[tuple[int, int], _Leaf], cat: int) -> int | None:

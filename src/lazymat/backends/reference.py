@@ -56,15 +56,25 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
     """Outputs of ``red`` over j of ``formula`` (categories already oriented: 0 = output),
     one batch after the other."""
     if batch:
-        inner = {v.params[0]: (1 if v.params[2] == 2 else 2)
-                 for r in (formula, weight) if r is not None for v in variables(r)}
-        per_batch = [_run_one(red, formula, weight, K, _batch_slice(arrays, index, inner),
-                              M, N, xp, like, ranges)
-                     for index in itertools.product(*[range(b) for b in batch])]
-        return tuple(xp.concat([xp.expand_dims(p[k], 0) for p in per_batch], 0)
-                     .reshape(batch + tuple(per_batch[0][k].shape))
+        per_batch = [_run_one(red, formula, weight, K, sliced, M, N, xp, like, ranges)
+                     for sliced in batch_slices([formula, weight], arrays, batch)]
+        return tuple(stack_batches(xp, [p[k] for p in per_batch], batch)
                      for k in range(len(per_batch[0])))
     return _run_one(red, formula, weight, K, arrays, M, N, xp, like, ranges)
+
+
+def batch_slices(roots: Sequence[Node | None], arrays: Sequence[Any], batch: tuple[int, ...]):
+    """The arrays of each batch in turn (row-major over the batch dims)."""
+    inner = {v.params[0]: (1 if v.params[2] == 2 else 2)
+             for r in roots if r is not None for v in variables(r)}
+    for index in itertools.product(*[range(b) for b in batch]):
+        yield _batch_slice(arrays, index, inner)
+
+
+def stack_batches(xp: Any, parts: list[Any], batch: tuple[int, ...]) -> Any:
+    """One array of shape batch + part shape from the per-batch parts."""
+    stacked = xp.concat([xp.expand_dims(p, 0) for p in parts], 0)
+    return stacked.reshape(batch + tuple(parts[0].shape))
 
 
 def _batch_slice(arrays: Sequence[Any], index: tuple[int, ...], inner: dict[int, int]
