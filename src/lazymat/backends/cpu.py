@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..codegen.cpu import KernelSpec, render
+from ..codegen.cpu import LANES, KernelSpec, render
 from ..formula import Node, variables
 from ..reductions import ReductionDef
 
@@ -19,7 +19,6 @@ _kernels: dict[tuple, Any] = {}  # per process: (reduction, formula, ...) -> ker
 _ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
              ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-LANES = {"float32": 16, "float64": 8}
 
 
 def kernel_for(spec: KernelSpec) -> Any:
