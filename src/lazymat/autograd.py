@@ -36,13 +36,14 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
         backend: str = "auto", out: Any = None,
         sizes: tuple[int | None, int | None] = (None, None), like: Any = None,
         ranges: Sequence[Any] | None = None) -> tuple:
-    """``plan.run``, recorded by torch autograd when a tensor input requires grad."""
-    if not any(is_torch(a) and a.requires_grad for a in arrays):
+    """``plan.run``, recorded by torch autograd when a tensor input requires grad (or seen
+    through a torch.func transform)."""
+    if not any(is_torch(a) and (a.requires_grad or _transformed(a)) for a in arrays):
         return plan.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
                         like=like, ranges=ranges)
     import torch
 
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and not any(_transformed(a) for a in arrays):
         return plan.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
                         like=like, ranges=ranges)
     if out is not None:
@@ -53,7 +54,25 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
     M, N, _, _, _ = plan._validate(req, arrays, names, sizes, like)
     spec = _Spec(req, tuple(names), backend, (M, N), like if like is not None else arrays[0],
                  None if ranges is None else tuple(ranges))
-    return _reduction_function().apply(spec, *arrays)
+    outs = _reduction_function().apply(spec, *arrays)
+    red = req.definition
+    if red.selects_with and red.selects_with != red.name:
+        outs = outs[:1]  # the forward also returned the selected indices, for the backward
+    return outs
+
+
+def _transformed(t: Any) -> bool:
+    """Whether a tensor is wrapped by a torch.func transform (vmap, grad, ...): it has no
+    storage of its own and must go through the Function, whose rules unwrap it."""
+    import torch
+
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def _forward_request(req: plan.Request) -> plan.Request:
+    """The reduction the forward runs: selections also return the selected indices."""
+    twin = req.definition.selects_with
+    return replace(req, reduction=twin) if twin else req
 
 
 @dataclass(frozen=True)
@@ -82,23 +101,28 @@ def _reduction_function():
     import torch
 
     class LazymatReduction(torch.autograd.Function):
+        # forward / setup_context / vmap, so that torch.func (grad, vjp, jacrev, vmap) works.
         @staticmethod
-        def forward(ctx, spec: _Spec, *arrays):
-            red = spec.req.definition
-            twin = red.selects_with
-            run_req = replace(spec.req, reduction=twin) if twin else spec.req
-            outs = plan.run(run_req, [a.detach() for a in arrays], names=spec.names,
-                            backend=spec.backend, sizes=spec.sizes, like=spec.like,
-                            ranges=spec.ranges)
-            kinds = [k for k, _ in run_req.definition.out_dims(1, 1, 1)]
-            indices = outs[kinds.index("index")] if "index" in kinds else None
-            if twin and twin != red.name:
-                outs = outs[:1]  # the user asked for the values only
-            ctx.spec, ctx.indices, ctx.n_args = spec, indices, len(arrays)
-            values = [o for o, k in zip(outs, kinds) if k == "value"]
-            ctx.save_for_backward(*arrays, *values)
-            ctx.mark_non_differentiable(*[o for o, k in zip(outs, kinds) if k == "index"])
-            return tuple(outs)
+        def forward(spec: _Spec, *arrays):
+            return tuple(plan.run(_forward_request(spec.req), [a.detach() for a in arrays],
+                                  names=spec.names, backend=spec.backend, sizes=spec.sizes,
+                                  like=spec.like, ranges=spec.ranges))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            spec, *arrays = inputs
+            kinds = [k for k, _ in _forward_request(spec.req).definition.out_dims(1, 1, 1)]
+            ctx.spec, ctx.n_args = spec, len(arrays)
+            ctx.indices = output[kinds.index("index")] if "index" in kinds else None
+            ctx.save_for_backward(*arrays, *[o for o, k in zip(output, kinds) if k == "value"])
+            ctx.mark_non_differentiable(*[o for o, k in zip(output, kinds) if k == "index"])
+
+        @staticmethod
+        def vmap(info, in_dims, spec: _Spec, *arrays):
+            # The mapped dim becomes the outermost batch dim; unmapped arrays broadcast.
+            moved = [a if d is None else a.movedim(d, 0) for a, d in zip(arrays, in_dims[1:])]
+            outs = LazymatReduction.apply(spec, *moved)
+            return outs, tuple(0 for _ in outs)
 
         @staticmethod
         def backward(ctx, *grads):
