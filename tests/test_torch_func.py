@@ -60,3 +60,29 @@ def test_vmap_of_selections():
     close(vmap(grad(lambda x: nearest(x).sum()))(XS),
           torch.stack([grad(lambda x: ((x[:, None] - Y[None]) ** 2).sum(-1).topk(
               2, largest=False).values.sum())(x) for x in XS]))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # raised inside torch
+def test_forward_mode_jvp_jacfwd_hessian():
+    from torch.func import hessian, jacfwd, jvp
+
+    t = torch.randn_like(X)
+    close(jvp(lambda x: ours(x, Y, B), (X,), (t,))[1], jvp(lambda x: dense(x, Y, B), (X,), (t,))[1])
+    close(jacfwd(lambda y: ours(X, y, B))(Y), jacfwd(lambda y: dense(X, y, B))(Y))
+    close(hessian(lambda x: ours(x, Y, B).sum())(X), hessian(lambda x: dense(x, Y, B).sum())(X))
+
+    def lse(x):
+        return (-lm.Vi(x).sqdist(lm.Vj(Y))).logsumexp(dim=0)
+
+    def lse_dense(x):
+        return torch.logsumexp(-((x[:, None] - Y[None]) ** 2).sum(-1), 0)[:, None]
+
+    close(jvp(lse, (X,), (t,))[1], jvp(lse_dense, (X,), (t,))[1])
+    close(hessian(lambda x: lse(x).sum())(X), hessian(lambda x: lse_dense(x).sum())(X))
+
+
+def test_forward_mode_of_other_reductions_is_a_clear_error():
+    from torch.func import jvp
+
+    with pytest.raises(NotImplementedError, match="reverse mode"):
+        jvp(lambda x: lm.Vi(x).sqdist(lm.Vj(Y)).min(dim=1), (X,), (torch.randn_like(X),))

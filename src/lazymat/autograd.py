@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from . import plan
 from .arraylib import is_torch
 from .errors import DtypeError
-from .formula import I_CAT, J_CAT, P_CAT, Node, Var, grad, make, substitute, variables
+from .formula import I_CAT, J_CAT, P_CAT, Node, Var, diff, grad, make, substitute, variables
 
 
 def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
@@ -114,8 +114,18 @@ def _reduction_function():
             kinds = [k for k, _ in _forward_request(spec.req).definition.out_dims(1, 1, 1)]
             ctx.spec, ctx.n_args = spec, len(arrays)
             ctx.indices = output[kinds.index("index")] if "index" in kinds else None
-            ctx.save_for_backward(*arrays, *[o for o, k in zip(output, kinds) if k == "value"])
+            values = [o for o, k in zip(output, kinds) if k == "value"]
+            ctx.save_for_backward(*arrays, *values)
+            ctx.save_for_forward(*arrays, *values)
             ctx.mark_non_differentiable(*[o for o, k in zip(output, kinds) if k == "index"])
+
+        @staticmethod
+        def jvp(ctx, spec_tangent, *tangents):
+            saved = ctx.saved_tensors
+            arrays, values = saved[:ctx.n_args], saved[ctx.n_args:]
+            out = _sum_like_jvp(ctx.spec, arrays, values[0] if values else None, tangents)
+            kinds = [k for k, _ in _forward_request(ctx.spec.req).definition.out_dims(1, 1, 1)]
+            return tuple(out if k == "value" else None for k in kinds)
 
         @staticmethod
         def vmap(info, in_dims, spec: _Spec, *arrays):
@@ -228,6 +238,38 @@ def _oriented_ranges(spec: _Spec) -> tuple | None:
     if spec.ranges is None or spec.req.axis == 1:
         return spec.ranges
     return tuple(spec.ranges[3:]) + tuple(spec.ranges[:3])
+
+
+def _sum_like_jvp(spec: _Spec, arrays, O, tangents) -> Any:
+    """Forward mode: the output's tangent, one reduction of the directional derivatives
+    Σ_v Diff(F, v, t_v). Sum and (unweighted) LogSumExp; other reductions raise."""
+    red = spec.req.definition
+    if red.name not in ("Sum", "LogSumExp") or spec.req.weight is not None:
+        raise NotImplementedError(f"forward-mode derivatives (jvp, jacfwd) of {red.name} are "
+                                  f"not implemented; use reverse mode (grad, vjp, jacrev)")
+    F = spec.req.formula
+    n = len(arrays)
+    extra, dF = [], None
+    for p, t in enumerate(tangents):
+        v = _var_at((F,), p)
+        if t is None or v is None:
+            continue
+        tv = Var(n + len(extra), v.params[1], v.params[2])
+        extra.append(t)
+        term = diff(F, v, tv)
+        dF = term if dF is None else dF + term
+    if dF is None:
+        return None
+    if red.name == "LogSumExp":  # d log Σ exp(F) = Σ softmax · dF
+        extra.append(O)
+        out_cat = I_CAT if spec.req.axis == 1 else J_CAT
+        dF = make("Exp", (F - Var(n + len(extra) - 1, 1, out_cat),)) * dF
+    names = list(spec.names) + [f"tangent {k}" for k in range(len(extra))]
+    req = plan.Request("Sum", dF, axis=spec.req.axis)
+    out, = spec.run(req, list(arrays) + extra, names, spec.sizes, spec.ranges)
+    if O is not None and tuple(out.shape) != tuple(O.shape) and out.numel() == O.numel():
+        out = out.reshape(O.shape)  # size-1 batch dims that torch.func's nesting added
+    return out
 
 
 def _oriented_sizes(spec: _Spec) -> tuple[int | None, int | None]:
