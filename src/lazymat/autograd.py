@@ -101,7 +101,8 @@ def _reduction_function():
     import torch
 
     class LazymatReduction(torch.autograd.Function):
-        # forward / setup_context / vmap, so that torch.func (grad, vjp, jacrev, vmap) works.
+        # forward / setup_context / jvp / vmap: torch.func transforms (grad, vjp, jacrev, jvp,
+        # jacfwd, hessian, vmap) work through it.
         @staticmethod
         def forward(spec: _Spec, *arrays):
             return tuple(plan.run(_forward_request(spec.req), [a.detach() for a in arrays],
