@@ -25,6 +25,9 @@ import numpy as np
 
 from .arraylib import is_torch
 
+__all__ = ["grid_cluster", "sort_clusters", "cluster_ranges", "cluster_centroids",
+           "cluster_ranges_centroids", "from_matrix", "swap_axes"]
+
 
 def _numpy(a: Any) -> np.ndarray:
     return a.detach().cpu().numpy() if is_torch(a) else np.asarray(a)
