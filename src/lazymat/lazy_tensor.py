@@ -95,10 +95,6 @@ class LazyTensor:
         """Number of components of the formula's value (the inner dim), as in pykeops."""
         return self.formula.dim // 2 if self.is_complex else self.formula.dim
 
-    @property
-    def inner_dim(self) -> int:
-        return self.formula.dim
-
     def _size(self, cat: int) -> int:
         return _rows(self._leaves, cat) or 1
 

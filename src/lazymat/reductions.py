@@ -50,14 +50,6 @@ class ReductionDef:
     selects_with: str | None = None
     needs_log_normalizer: bool = False
 
-    @property
-    def has_index(self) -> bool:
-        return any(kind == "index" for kind, _ in self.out_dims(1, 1, 1))
-
-    @property
-    def has_value(self) -> bool:
-        return any(kind == "value" for kind, _ in self.out_dims(1, 1, 1))
-
 
 REDUCTIONS: dict[str, ReductionDef] = {}
 

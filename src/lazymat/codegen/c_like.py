@@ -26,8 +26,6 @@ from typing import Callable
 
 from ..formula import OPS, Node, walk
 
-LEVEL_NAMES = {0: "parameters", 1: "rows (i)", 2: "columns (j)", 3: "pairs (i, j)"}
-
 
 def c_number(value: Fraction | float, T: str) -> str:
     """A C literal of type T for a Python number."""
