@@ -295,8 +295,10 @@ extern "C" void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntas
     if (omp_get_num_threads() != %(block)d) { lm_team_ok = 0; }
     else {
       threadIdx.x = omp_get_thread_num();
-      lm_cuda_scope::lm_cuda(M, N, nbatch, offsets, ntasks, tasks, slices, redranges, args,
-                             out, out_idx);
+      lm_cuda_scope::Args by_value;  // the kernel takes the pointers by value
+      memcpy(by_value.p, args, sizeof by_value.p);
+      lm_cuda_scope::lm_cuda(M, N, nbatch, offsets, ntasks, tasks, slices, redranges,
+                             by_value, out, out_idx);
     }
   }
 }

@@ -23,3 +23,8 @@ class FormulaSyntaxError(LazymatError, ValueError):
 
 class CompileError(LazymatError, RuntimeError):
     """The system compiler failed; the message shows the command and the source path."""
+
+
+class CudaUnavailableError(LazymatError, RuntimeError):
+    """The CUDA backend was asked for but cannot run here; the message says what is missing
+    (torch with CUDA, a GPU, cuda-bindings, the driver or NVRTC)."""

@@ -22,12 +22,14 @@ import numpy as np
 
 from . import reductions
 from .arraylib import is_torch, lib_of
-from .errors import DtypeError, ShapeError
+from .errors import CudaUnavailableError, DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, P_CAT, Node, Var, substitute, variables
 from .reductions import ReductionDef
 
-BACKENDS = ("auto", "cpu", "reference")
-_FLOAT_DTYPES = ("float32", "float64")
+BACKENDS = ("auto", "cpu", "cuda", "reference")  # and KeOps' "GPU", "GPU_1D"...: "cuda"
+#: float16 and bfloat16 data are reduced in float32 and the results returned in their dtype.
+_HALF_DTYPES = ("float16", "bfloat16")
+_FLOAT_DTYPES = ("float32", "float64") + _HALF_DTYPES
 
 
 @dataclass(frozen=True)
@@ -223,9 +225,10 @@ def _check_array(a: Any, name: str, xp: Any, dtype: str, device: str,
     dt = _dtype_name(a)
     if dt not in _FLOAT_DTYPES:
         kind = "complex" if "complex" in dt else "integer" if "int" in dt else dt
-        raise DtypeError(f"{name} has dtype {dt}: lazymat needs float32 or float64 data "
+        raise DtypeError(f"{name} has dtype {dt}: lazymat needs floating-point data "
                          f"({kind} arrays are not supported here); convert it with "
-                         f".astype/.to(float32 or float64)")
+                         f".astype/.to(float32 or float64; float16 and bfloat16 are "
+                         f"computed in float32)")
     if dt != dtype:
         raise DtypeError(f"{name} has dtype {dt} but {names[0]} has dtype {dtype}: "
                          f"all arrays of a reduction must share one dtype")
@@ -248,22 +251,53 @@ def _swap_categories(f: Node) -> Node:
 
 
 _warned_reference = False
+_cuda_reason: list[str | None] = []  # memo of backends.cuda.unavailable_reason()
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA backend cannot run (None when it can); looked up once per process."""
+    if not _cuda_reason:
+        from .backends import cuda
+
+        _cuda_reason.append(cuda.unavailable_reason())
+    return _cuda_reason[0]
 
 
 def choose_backend(backend: str, xp: Any, first: Any) -> str:
+    """"cpu", "cuda" or "reference" for the backend asked for and the data's device.
+
+    "auto" is CUDA for CUDA tensors (the reference backend, with a warning, when the CUDA
+    backend cannot run) and the compiled CPU backend otherwise.
+    """
     global _warned_reference
     backend = str(backend).lower()
-    if backend.startswith("gpu") or backend == "cuda":
-        raise DtypeError(f"backend={backend!r}: the CUDA backend is not available in this "
-                         f"version of lazymat; use 'auto', 'cpu' or 'reference'")
+    if backend.startswith("gpu"):  # KeOps' names: "GPU", "GPU_1D", "GPU_2D"
+        backend = "cuda"
     if backend not in BACKENDS:
         raise ShapeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     on_gpu = _device(first) != "cpu"
     if backend == "cpu" and on_gpu:
         raise DtypeError(f"backend='cpu' needs CPU arrays, got a tensor on {_device(first)}")
+    if backend == "cuda":
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise CudaUnavailableError(f"backend='cuda' cannot run here: {reason}. "
+                                       "lazymat.check_health() tells more.")
+        if on_gpu and not _device(first).startswith("cuda"):
+            raise DtypeError(f"backend='cuda' needs CUDA tensors or CPU arrays, got a "
+                             f"tensor on {_device(first)}")
+        return "cuda"
     if backend != "auto":
         return backend
     if on_gpu:
+        reason = cuda_unavailable_reason() if _device(first).startswith("cuda") else "not CUDA"
+        if reason is None:
+            return "cuda"
+        if not _warned_reference:
+            warnings.warn(f"lazymat: tensors on {_device(first)} but the CUDA backend cannot "
+                          f"run ({reason}); using the slow reference backend. "
+                          "lazymat.check_health() tells more.", RuntimeWarning, stacklevel=3)
+            _warned_reference = True
         return "reference"
     if not _have_compiler():
         if not _warned_reference:
@@ -301,6 +335,8 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
     names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
     M, N, batch, dtype, xp = _validate(req, arrays, names, sizes, like)
     like = arrays[0] if arrays else like
+    if dtype in _HALF_DTYPES:
+        return _run_half(req, arrays, names, backend, out, sizes, like, ranges)
     red = req.definition
     if red.needs_k and req.K > (N if req.axis == 1 else M):
         raise ShapeError(f"{red.name}: K = {req.K} is larger than the number of "
@@ -328,14 +364,53 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
         outs = reference.run(red, formula, weight, req.K, arrays, M, N, xp, like, batch,
                              oriented_ranges)
     else:
-        from .backends import cpu
-
         offsets = batch_offsets(arrays, _arguments(req), batch) if batch else None
-        outs = cpu.run(red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes, like,
-                       batch, offsets, oriented_ranges, req.accumulation(dtype))
+        args = (red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes, like, batch,
+                offsets, oriented_ranges, req.accumulation(dtype))
+        if which == "cpu":
+            from .backends import cpu
+
+            outs = cpu.run(*args)
+        else:
+            outs = _run_cuda(args)
     outs = tuple(o.reshape(batch + (M,) + _squeezed(shape, red))
                  for o, (_, shape) in zip(outs, shapes))
     if out is not None:
+        out[...] = outs[0]
+        return (out,) + outs[1:]
+    return outs
+
+
+def _run_cuda(args: tuple) -> tuple:
+    """The CUDA backend; numpy arrays go to the current GPU and their results come back."""
+    from .backends import cuda
+
+    xp, like = args[8], args[10]
+    if xp.name == "torch":
+        return cuda.run(*args)
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    arrays = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in args[4]]
+    like = arrays[0] if arrays else torch.from_numpy(np.asarray(like)).to(device)
+    outs = cuda.run(*args[:4], arrays, *args[5:8], lib_of(like), args[9], like, *args[11:])
+    return tuple(o.cpu().numpy() for o in outs)
+
+
+def _run_half(req: Request, arrays: Sequence[Any], names: Sequence[str], backend: str,
+              out: Any, sizes: tuple[int | None, int | None], like: Any,
+              ranges: Sequence[Any] | None) -> tuple:
+    """float16/bfloat16 data: reduce in float32, return the values in the data's dtype."""
+    def widen(a: Any) -> Any:
+        return a.float() if is_torch(a) else np.asarray(a, dtype=np.float32)
+
+    outs = run(req, [widen(a) for a in arrays], names=names, backend=backend, sizes=sizes,
+               like=widen(like), ranges=ranges)
+    outs = tuple(o if _dtype_name(o) == "int64" else
+                 (o.to(like.dtype) if is_torch(o) else o.astype(like.dtype)) for o in outs)
+    if out is not None:
+        _check_out(out, tuple(outs[0].shape), like, "index" if _dtype_name(outs[0]) == "int64"
+                   else "value")
         out[...] = outs[0]
         return (out,) + outs[1:]
     return outs

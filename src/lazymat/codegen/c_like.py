@@ -209,19 +209,30 @@ def has_vector_math() -> bool:
     return _vector_math
 
 
-def prelude(vector_math: bool = False) -> str:
+def prelude(vector_math: bool = False, target: str = "cpu") -> str:
     """Math helpers for generated kernels: no headers, overloaded for float and double.
 
-    ``lm_exp`` is our own: range reduction by ln 2 (two constants), a polynomial,
-    and the exponent set by integer addition; it vectorizes, has no slow path
-    for large negative arguments, and gives 0 below the smallest normal number.
+    On the CPU, ``lm_exp`` is our own: range reduction by ln 2 (two constants), a
+    polynomial, and the exponent set by integer addition; it vectorizes, has no slow
+    path for large negative arguments, and gives 0 below the smallest normal number.
+    For ``target="cuda"`` the helpers are ``__device__`` functions, libm names are
+    CUDA's, and ``lm_exp`` is CUDA's own (a few instructions around the hardware exp2).
     """
+    if target == "cuda":
+        return _PRELUDE.format(
+            inline="__device__ __forceinline__", exp=_CUDA_EXP,
+            math="#define LM_F(name) name##f\n#define LM_D(name) name")
+    if target != "cpu":
+        raise ValueError(f"unknown target {target!r}: 'cpu' or 'cuda'")
     taylor = ", ".join(repr(1.0 / math.factorial(n)) for n in range(13, -1, -1))
-    return f"""
-#define LM_INLINE static inline __attribute__((always_inline))
-typedef long long i64;
+    return _PRELUDE.format(inline="static inline __attribute__((always_inline))",
+                           exp=_CPU_EXP.replace("TAYLOR", taylor),
+                           math=_math_declarations(vector_math))
 
-LM_INLINE float lm_exp(float x) {{
+
+_CUDA_EXP = """LM_INLINE float lm_exp(float x) { return expf(x); }
+LM_INLINE double lm_exp(double x) { return exp(x); }"""
+_CPU_EXP = """LM_INLINE float lm_exp(float x) {
   float xc = x < -87.5f ? -87.5f : (x > 88.75f ? 88.75f : x);
   float n = __builtin_rintf(xc * 1.44269504088896341f);
   float r = xc - n * 0.693359375f;
@@ -238,10 +249,10 @@ LM_INLINE float lm_exp(float x) {{
   y = x < -87.33654f ? 0.0f : y;
   y = x > 88.72283f ? __builtin_inff() : y;
   return x != x ? x : y;
-}}
+}
 
-LM_INLINE double lm_exp(double x) {{
-  const double c[14] = {{{taylor}}};
+LM_INLINE double lm_exp(double x) {
+  const double c[14] = {TAYLOR};
   double xc = x < -708.0 ? -708.0 : (x > 709.7 ? 709.7 : x);
   double n = __builtin_rint(xc * 1.4426950408889634);
   double r = xc - n * 6.93147180369123816490e-01;
@@ -254,9 +265,14 @@ LM_INLINE double lm_exp(double x) {{
   y = x < -708.0 ? 0.0 : y;
   y = x > 709.78 ? __builtin_inf() : y;
   return x != x ? x : y;
-}}
+}"""
+_PRELUDE = """
+#define LM_INLINE {inline}
+typedef long long i64;
 
-{_math_declarations(vector_math)}
+{exp}
+
+{math}
 LM_INLINE float lm_log(float x) {{ return LM_F(log)(x); }}
 LM_INLINE double lm_log(double x) {{ return LM_D(log)(x); }}
 LM_INLINE float lm_sqrt(float x) {{ return __builtin_sqrtf(x); }}

@@ -23,22 +23,24 @@ When one column of the staged data does not fit the shared-memory budget
 (huge dims), j-variables are read from global memory and j-only nodes computed
 per thread, as in the CPU kernel.
 
-Every kernel has the CPU kernel's signature, without the thread count::
+Every kernel has the CPU kernel's signature, except that the array pointers are
+passed by value (a struct of ``nargs`` pointers, so a launch uploads nothing) and
+there is no thread count::
 
+    namespace NAME_scope { struct Args { const void* p[nargs]; }; }
     extern "C" __global__ void NAME(i64 M, i64 N, i64 nbatch, const i64* offsets,
         i64 ntasks, const i64* tasks, const i64* slices, const i64* redranges,
-        void* const* args, void* out, i64* out_idx)
+        NAME_scope::Args args, void* out, i64* out_idx)
 
-(``i64`` is ``long long``.) Every pointer is device memory, ``args`` included (an array of ``nargs``
-device pointers). The launch uses ``blockDim = (BLOCK, 1, 1)`` (the value
-rendered into the kernel's header comment and ``BLOCK`` constant) and any
-number of blocks (a grid-stride loop covers the ``nbatch * ntasks`` pairs of
-(batch, task); ``min(nbatch * ntasks, 65535 * 32)`` is a fine choice, never 0).
-Tasks, slices, redranges and offsets mean what they mean on the CPU, except
-that the tasks are blocks of at most ``BLOCK`` rows (build them with ``BLOCK``
-in place of the CPU's lane count). Batch ``b`` reads variable ``v`` at
-``args[v] + offsets[b * nargs + v]`` and writes its M output rows after those of
-batch ``b - 1``.
+(``i64`` is ``long long``.) Every pointer is device memory. The launch uses
+``blockDim = (BLOCK, 1, 1)`` (the value rendered into the kernel's header comment
+and ``BLOCK`` constant) and any number of blocks (a grid-stride loop covers the
+``nbatch * ntasks`` pairs of (batch, task); ``min(nbatch * ntasks, 65535 * 32)``
+is a fine choice, never 0). Tasks, slices, redranges and offsets mean what they
+mean on the CPU, except that the tasks are blocks of at most ``BLOCK`` rows (build
+them with ``BLOCK`` in place of the CPU's lane count). Batch ``b`` reads variable
+``v`` at ``args.p[v] + offsets[b * nargs + v]`` and writes its M output rows after
+those of batch ``b - 1``. :mod:`lazymat.backends.cuda` launches them.
 
 >>> from lazymat.formula import Var, SqDist, apply
 >>> from lazymat.reductions import REDUCTIONS
@@ -74,11 +76,6 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # --------------------------------------------------------------------------- spellings
-
-_LM_MACROS_CPU = "#define LM_F(name) __builtin_##name##f\n#define LM_D(name) __builtin_##name"
-_LM_MACROS_CUDA = "#define LM_F(name) name##f\n#define LM_D(name) name"
-_INLINE_CPU = "static inline __attribute__((always_inline))"
-_INLINE_CUDA = "__device__ __forceinline__"
 
 #: ``__builtin_bit_cast(type, x)`` -> the CUDA intrinsic reinterpreting x as ``type``.
 _BIT_CASTS = {"int": "__float_as_int", "float": "__int_as_float",
@@ -118,12 +115,7 @@ def _cuda_spelling(source: str) -> str:
 
 def cuda_prelude() -> str:
     """The C prelude (lm_exp & co, float and double overloads) as ``__device__`` functions."""
-    text = prelude(vector_math=False)
-    for cpu, cuda in ((_LM_MACROS_CPU, _LM_MACROS_CUDA), (_INLINE_CPU, _INLINE_CUDA)):
-        if cpu not in text:  # the shared prelude changed: say where, not a cryptic nvcc error
-            raise AssertionError(f"c_like.prelude() no longer contains {cpu!r}")
-        text = text.replace(cpu, cuda)
-    return _cuda_spelling(text)
+    return _cuda_spelling(prelude(target="cuda"))
 
 
 # --------------------------------------------------------------------------- planning
@@ -275,7 +267,7 @@ def _kernel(spec: KernelSpec, name: str, block: int) -> list[str]:
 
     body = [
         *_indent(shared, 2),
-        *[f"  const T* base{v} = (const T*)args[{v}];" for v in used],
+        *[f"  const T* base{v} = (const T*)args.p[{v}];" for v in used],
         "  (void)N;",
         *_indent(decls, 2),
         "  for (i64 task = blockIdx.x; task < nbatch * ntasks; task += gridDim.x) {",
@@ -313,11 +305,11 @@ def _kernel(spec: KernelSpec, name: str, block: int) -> list[str]:
         f"constexpr int BLOCK = {block};  // threads per block = rows per task",
         f"constexpr int JT = {jt};  // columns per tile",
         f"constexpr int TJ = {tj};  // columns per stage pass",
+        f"struct Args {{ const void* p[{max(1, nargs)}]; }};  // by value: no upload per call",
         f'extern "C" __global__ void __launch_bounds__(BLOCK) {name}(',
         "    i64 M, i64 N, i64 nbatch, const i64* __restrict__ offsets, i64 ntasks,",
         "    const i64* __restrict__ tasks, const i64* __restrict__ slices,",
-        "    const i64* __restrict__ redranges, void* const* __restrict__ args, void* out_v,",
-        "    i64* out_idx_v) {",
+        "    const i64* __restrict__ redranges, Args args, void* out_v, i64* out_idx_v) {",
         *body,
         "}",
         f"}}  // namespace {name}_scope",

@@ -31,7 +31,8 @@ def health_report() -> dict[str, Any]:
     """What lazymat can use on this machine; never raises.
 
     Keys: compiler (``"<path> (<version>)"`` or None), openmp, cache_dir,
-    cache_writable, torch (version or None), cuda, numpy (version or None).
+    cache_writable, torch (version or None), cuda (whether torch sees a GPU),
+    cuda_backend ("ready: <GPUs>, NVRTC <version>" or why it cannot run), numpy.
 
     Example::
 
@@ -66,6 +67,7 @@ def health_report() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - torch is optional
         report["torch"] = None
         report["cuda"] = False
+    report["cuda_backend"] = _cuda_backend_report()
     try:
         import numpy
 
@@ -73,3 +75,21 @@ def health_report() -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         report["numpy"] = None
     return report
+
+
+def _cuda_backend_report() -> str:
+    try:
+        from ..backends.cuda import unavailable_reason
+        from . import nvrtc
+
+        reason = unavailable_reason()
+        if reason is not None:
+            return f"unavailable: {reason}"
+        import torch
+
+        gpus = ", ".join(f"{k}: {torch.cuda.get_device_name(k)} (sm_"
+                         f"{''.join(map(str, torch.cuda.get_device_capability(k)))})"
+                         for k in range(torch.cuda.device_count()))
+        return f"ready: {gpus}; NVRTC {'.'.join(map(str, nvrtc.version() or ()))}"
+    except Exception as e:  # noqa: BLE001 - a health report never raises
+        return f"unavailable: {e}"

@@ -1,0 +1,236 @@
+"""CUDA backend: kernels from ``codegen/cuda.py``, compiled by NVRTC for the GPU's own
+architecture, launched with cuda-bindings on torch's current stream of the inputs' device.
+
+Nothing synchronises and no data goes through the host: the launch is queued on
+``torch.cuda.current_stream(device)`` like a torch op, outputs are torch tensors
+allocated on that stream, the array pointers travel by value in the kernel's
+parameters, and the small tables of a call with ranges or batch dims (tasks,
+intervals, offsets) are copied from pinned memory on the same stream. The GIL is
+not held while the kernel runs (a launch only queues it). Each device has its own
+loaded modules (its primary context, the one torch uses).
+
+>>> import torch, lazymat as lm  # doctest: +SKIP
+>>> x = torch.rand(10**6, 3, device="cuda")
+>>> (-lm.Vi(x).sqdist(lm.Vj(x))).exp().sum(1).device  # reduced on the GPU
+device(type='cuda', index=0)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..codegen import cuda as codegen
+from ..codegen.cuda import KernelSpec, render
+from ..errors import CompileError, CudaUnavailableError
+from ..formula import Node
+from ..reductions import ReductionDef
+from .cpu import _arg_dims, _tasks
+
+_lock = threading.Lock()
+_functions: dict[tuple, Any] = {}  # (kernel key, device index) -> CUfunction
+_modules: list[Any] = []  # loaded modules, kept alive for the process
+_contexts: dict[int, Any] = {}  # device index -> its primary context
+_dense: dict[tuple, tuple] = {}  # (device, M, N, nargs, block) -> _table() without ranges
+_driver_module: Any = None
+#: Blocks of one launch (a grid-stride loop covers more tasks).
+MAX_GRID = 65535 * 32
+
+
+def _driver() -> Any:
+    """``cuda.bindings.driver``, initialised; raises :class:`CudaUnavailableError` saying
+    what was missing."""
+    global _driver_module
+    if _driver_module is None:
+        try:
+            from cuda.bindings import driver
+        except ImportError as e:
+            raise CudaUnavailableError(
+                "the CUDA backend needs cuda-bindings (looked for the Python module "
+                f"cuda.bindings: {e}); pip install 'lazymat[cuda]'") from None
+        try:
+            result = driver.cuInit(0)
+        except Exception as e:  # noqa: BLE001 - libcuda.so missing: no driver installed
+            raise CudaUnavailableError(f"the CUDA driver library (libcuda.so) could not be "
+                                       f"loaded: {e}") from None
+        err = result[0] if isinstance(result, tuple) else result
+        if int(err) != 0:
+            raise CudaUnavailableError(f"cuInit failed: {_error_name(driver, err)} (no GPU, "
+                                       "or the driver does not match?)")
+        _driver_module = driver
+    return _driver_module
+
+
+def _error_name(driver: Any, err: Any) -> str:
+    try:
+        _, name = driver.cuGetErrorName(err)
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001
+        return repr(err)
+
+
+def _check(result: Any, what: str) -> Any:
+    """Unpack a cuda-bindings ``(err, *values)`` result, raising on an error code."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA {what} failed: {_error_name(_driver_module, err)}")
+    return values[0] if len(values) == 1 else values
+
+
+def unavailable_reason() -> str | None:
+    """Why the CUDA backend cannot run here (None when it can): torch with CUDA, a GPU,
+    cuda-bindings, the driver and NVRTC are each looked for."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed (the CUDA backend works on torch CUDA tensors)"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA GPU"
+    try:
+        _driver()
+    except CudaUnavailableError as e:
+        return str(e)
+    from ..compile import nvrtc
+
+    if not nvrtc.available():
+        return ("NVRTC is not available (looked for cuda.bindings.nvrtc and libnvrtc); "
+                "pip install 'lazymat[cuda]'")
+    return None
+
+
+def _context(index: int) -> Any:
+    ctx = _contexts.get(index)
+    if ctx is None:
+        driver = _driver()
+        device = _check(driver.cuDeviceGet(index), f"cuDeviceGet({index})")
+        ctx = _contexts[index] = _check(driver.cuDevicePrimaryCtxRetain(device),
+                                        "cuDevicePrimaryCtxRetain")
+    return ctx
+
+
+def _arch(index: int) -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def _function(key: tuple, spec: KernelSpec, index: int, block: int) -> Any:
+    """The kernel of ``spec`` loaded on device ``index`` (compiled once per architecture)."""
+    fn = _functions.get((key, index))
+    if fn is not None:
+        return fn
+    from ..compile import nvrtc
+
+    name = f"lm_{spec.reduction.name.lower()}_{spec.dtype}"
+    if not nvrtc.available():
+        raise CompileError("the CUDA backend needs NVRTC: pip install 'lazymat[cuda]'")
+    cubin = nvrtc.compile_cubin(render(spec, name=name, block=block), arch=_arch(index),
+                                name=f"{name}.cu")
+    driver = _driver()
+    with _lock:
+        fn = _functions.get((key, index))
+        if fn is None:
+            _check(driver.cuCtxSetCurrent(_context(index)), "cuCtxSetCurrent")
+            module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+            _modules.append(module)
+            fn = _functions[(key, index)] = _check(
+                driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction")
+    return fn
+
+
+def _upload(table: np.ndarray, device: Any) -> Any:
+    """An int64 table on the device, copied on the current stream from pinned memory
+    (torch keeps the pinned buffer until the copy is done)."""
+    import torch
+
+    host = torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64).reshape(-1))
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _table(ranges: Sequence[Any], nargs: int, device: Any, block: int) -> tuple[Any, int, tuple]:
+    """(tensor, ntasks, pointers to zero offsets, tasks, slices, redranges) on the device,
+    for ``ranges`` = (ranges_i, slices_i, redranges_j)."""
+    tasks = _tasks(np.asarray(ranges[0], np.int64), block)
+    parts = [np.zeros(max(1, nargs), np.int64), tasks.reshape(-1),
+             np.asarray(ranges[1], np.int64).reshape(-1),
+             np.asarray(ranges[2], np.int64).reshape(-1)]
+    table = _upload(np.concatenate(parts), device)
+    starts = np.cumsum([0] + [8 * len(p) for p in parts[:-1]])
+    return table, len(tasks), tuple(table.data_ptr() + int(s) for s in starts)
+
+
+def _dense_table(index: int, M: int, N: int, nargs: int, device: Any, block: int) -> tuple:
+    """The table of a call without ranges (cached per device and sizes: every call needs it)."""
+    key = (index, M, N, nargs, block)
+    found = _dense.get(key)
+    if found is None:
+        if len(_dense) > 256:
+            _dense.clear()
+        found = _dense[key] = _table(([[0, M]], [1], [[0, N]]), nargs, device, block)
+    return found
+
+
+def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
+        arrays: Sequence[Any], M: int, N: int, dtype: str, xp: Any,
+        shapes: list[tuple[str, tuple[int, ...]]], like: Any, batch: tuple[int, ...] = (),
+        offsets: Any = None, ranges: tuple[Any, Any, Any] | None = None,
+        accumulation: tuple[str, str] = ("double", "block")) -> tuple:
+    """The CPU backend's ``run`` on torch CUDA tensors (all on ``like``'s device)."""
+    import torch
+
+    device = like.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    block = codegen.BLOCK  # read per call, so that a benchmark can try other sizes
+    key = (red.name, formula, weight, K, dtype, len(arrays), accumulation, block)
+    fn = _functions.get((key, index))
+    if fn is None:
+        roots = [formula] + ([weight] if weight is not None else [])
+        spec = KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, len(arrays)),
+                          accumulation)
+        fn = _function(key, spec, index, block)
+    driver = _driver_module
+    with torch.cuda.device(index):
+        stream = torch.cuda.current_stream(index)
+        tensors = [a.detach().contiguous() for a in arrays]
+        if ranges is None:
+            outs = [torch.empty(batch + (M,) + shape, device=device,
+                                dtype=torch.int64 if kind == "index" else like.dtype)
+                    for kind, shape in shapes]
+        else:  # rows outside every range hold the identity
+            outs = [torch.full(batch + (M,) + shape, fill, device=device,
+                               dtype=torch.int64 if kind == "index" else like.dtype)
+                    for (kind, shape), fill in zip(shapes, red.identity)]
+        values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
+        indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
+        table, ntasks, (offsets_ptr, tasks_ptr, slices_ptr, redranges_ptr) = (
+            _dense_table(index, M, N, len(arrays), device, block) if ranges is None
+            else _table(ranges, len(arrays), device, block))
+        keep = [table]
+        if offsets is not None:  # batch dims: per-array offsets of every batch
+            keep.append(_upload(offsets, device))
+            offsets_ptr = keep[-1].data_ptr()
+        nbatch = math.prod(batch)
+        params = [ctypes.c_longlong(M), ctypes.c_longlong(N), ctypes.c_longlong(nbatch),
+                  ctypes.c_void_p(offsets_ptr), ctypes.c_longlong(ntasks),
+                  ctypes.c_void_p(tasks_ptr), ctypes.c_void_p(slices_ptr),
+                  ctypes.c_void_p(redranges_ptr),
+                  (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() for t in tensors]),
+                  ctypes.c_void_p(values[0].data_ptr() if values else None),
+                  ctypes.c_void_p(indices[0].data_ptr() if indices else None)]
+        pointers = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
+        grid = max(1, min(nbatch * ntasks, MAX_GRID))
+        _check(driver.cuCtxSetCurrent(_contexts[index]), "cuCtxSetCurrent")
+        _check(driver.cuLaunchKernel(fn, grid, 1, 1, block, 1, 1, 0,
+                                     driver.CUstream(stream.cuda_stream),
+                                     ctypes.addressof(pointers), 0), "cuLaunchKernel")
+        # A cached table may have been allocated on another stream: tell torch's allocator
+        # this one reads it, so its memory is not reused before the kernel is done. (Inputs
+        # follow torch's rule for any op: the caller orders their streams.)
+        for t in keep:
+            t.record_stream(stream)
+    return tuple(outs)
