@@ -143,6 +143,23 @@ def _function(key: tuple, spec: KernelSpec, index: int, block: int) -> Any:
     return fn
 
 
+_multiprocessors: dict[int, int] = {}
+
+
+def _block_size(M: int, index: int) -> int:
+    """Threads per block (= rows per task): ``codegen.BLOCK``, or half of it when there are
+    too few rows to give every multiprocessor two blocks (one thread reduces one row, so
+    small M would leave most of the GPU idle). Read per call: a benchmark can change it."""
+    sms = _multiprocessors.get(index)
+    if sms is None:
+        import torch
+
+        sms = _multiprocessors[index] = torch.cuda.get_device_properties(
+            index).multi_processor_count
+    block = codegen.BLOCK
+    return block if M >= 2 * block * sms or block < 64 else block // 2
+
+
 def _upload(table: np.ndarray, device: Any) -> Any:
     """An int64 table on the device, copied on the current stream from pinned memory
     (torch keeps the pinned buffer until the copy is done)."""
@@ -185,7 +202,7 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
 
     device = like.device
     index = device.index if device.index is not None else torch.cuda.current_device()
-    block = codegen.BLOCK  # read per call, so that a benchmark can try other sizes
+    block = _block_size(M, index)
     key = (red.name, formula, weight, K, dtype, len(arrays), accumulation, block)
     fn = _functions.get((key, index))
     if fn is None:

@@ -68,9 +68,10 @@ SHARED_BUDGET = 32 * 1024
 #: At most this many columns per stage pass, and about this many registers for their buffers.
 MAX_TJ = 4
 REGISTER_BUDGET = 48
-#: An i-variable of at most this dim is copied to registers once per task; longer ones are
-#: read in place.
-MAX_ROW_REGISTERS = 32
+#: An i-variable of at most this dim is copied to a per-thread array once per task (registers,
+#: or local memory, whose accesses are coalesced across a warp); longer ones are read in place,
+#: where each thread reads its own row: a strided access, a cache line per thread.
+MAX_ROW_REGISTERS = 128
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
