@@ -150,6 +150,6 @@ def test_cache_clear_empties_dir() -> None:
 def test_health_report_keys() -> None:
     report = health_report()
     assert set(report) == {"compiler", "openmp", "cache_dir", "cache_writable", "torch", "cuda",
-                           "numpy"}
+                           "cuda_backend", "numpy"}
     assert report["cache_writable"] is True
     assert isinstance(report["openmp"], bool)

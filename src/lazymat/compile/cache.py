@@ -1,7 +1,8 @@
 """Content-addressed cache of compiled kernels.
 
 An entry is ``<key>.cpp`` (the source, for users to read), ``<key>.so`` and
-``<key>.ok`` (size and sha256 of the .so, written last). The key hashes the
+``<key>.ok`` (size and sha256 of the .so, written last); a CUDA kernel's is
+``<key>.cu``, ``<key>.cubin`` and ``<key>.ok`` (see :func:`ensure_artifact`). The key hashes the
 source, the compiler identity and flags, the CPU and the lazymat version, so
 a stale or foreign binary is never reused. Builds go to a temp file that is
 renamed into place, under an ``flock`` so that concurrent processes compile a
@@ -23,12 +24,13 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import CompileError
 from .compiler import NO_COMPILER_MESSAGE, CompilerInfo, compiler_info, cpu_tag
 
-__all__ = ["LIBRARY_VERSION", "load_library", "cache_dir", "cache_clear", "stats"]
+__all__ = ["LIBRARY_VERSION", "load_library", "ensure_artifact", "cache_dir", "cache_clear",
+           "stats"]
 
 #: Part of every cache key; the lead keeps it equal to ``lazymat.__version__``.
 LIBRARY_VERSION = "0.1.0"
@@ -37,7 +39,7 @@ LIBRARY_VERSION = "0.1.0"
 #: (corrupt entries), disk_hits (valid entry found on disk), memo_hits.
 stats: dict[str, int] = {"compiles": 0, "rebuilds": 0, "disk_hits": 0, "memo_hits": 0}
 
-_SUFFIXES = (".cpp", ".so", ".ok", ".lock", ".tmp", ".json")
+_SUFFIXES = (".cpp", ".so", ".cu", ".cubin", ".ok", ".lock", ".tmp", ".json")
 _STDERR_LINES = 40
 
 _memo: dict[str, ctypes.CDLL] = {}
@@ -166,33 +168,23 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _compile(info: CompilerInfo, src: Path, so: Path, name: str) -> None:
-    """Compile ``src`` into a temp file, then rename it to ``so`` (atomic)."""
-    fd, tmp = tempfile.mkstemp(dir=so.parent, prefix=so.stem + ".", suffix=".so.tmp")
-    os.close(fd)
-    cmd = info.command(src, tmp)
-    t0 = time.perf_counter()
+def _compile(info: CompilerInfo, src: Path, out: Path, name: str) -> None:
+    """Compile ``src`` into the shared library ``out``."""
+    cmd = info.command(src, str(out))
     try:
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        except OSError as e:
-            raise CompileError(
-                f"could not run the C++ compiler: {e}\ncommand: {shlex.join(cmd)}\nsource: {src}"
-            ) from e
-        if res.returncode != 0 or os.path.getsize(tmp) == 0:
-            tail = "\n".join((res.stderr or res.stdout or "").strip().splitlines()[-_STDERR_LINES:])
-            raise CompileError(
-                f"C++ compilation of {name!r} failed (exit code {res.returncode})\n"
-                f"command: {shlex.join(cmd)}\n"
-                f"source: {src}\n"
-                f"compiler output (last {_STDERR_LINES} lines):\n{tail}"
-            )
-        os.replace(tmp, so)
-    finally:
-        _unlink(Path(tmp))
-    stats["compiles"] += 1
-    if _verbose():
-        _log(f"compiling {name} -> {src} ... {time.perf_counter() - t0:.2f} s")
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise CompileError(
+            f"could not run the C++ compiler: {e}\ncommand: {shlex.join(cmd)}\nsource: {src}"
+        ) from e
+    if res.returncode != 0 or os.path.getsize(out) == 0:
+        tail = "\n".join((res.stderr or res.stdout or "").strip().splitlines()[-_STDERR_LINES:])
+        raise CompileError(
+            f"C++ compilation of {name!r} failed (exit code {res.returncode})\n"
+            f"command: {shlex.join(cmd)}\n"
+            f"source: {src}\n"
+            f"compiler output (last {_STDERR_LINES} lines):\n{tail}"
+        )
 
 
 def _ensure_entry(source: str, name: str = "kernel", *, force: bool = False) -> Path:
@@ -206,28 +198,59 @@ def _ensure_entry(source: str, name: str = "kernel", *, force: bool = False) -> 
 def _ensure_entry_for(
     source: str, name: str, info: CompilerInfo, key: str, *, force: bool = False
 ) -> Path:
+    return ensure_artifact(key, source, lambda src, out: _compile(info, src, out, name),
+                           name=name, force=force)
+
+
+def ensure_artifact(key: str, source: str, build: Callable[[Path, Path], None], *,
+                    name: str = "kernel", source_suffix: str = ".cpp", suffix: str = ".so",
+                    force: bool = False) -> Path:
+    """Path of the valid cached artifact ``<key><suffix>`` built from ``source``.
+
+    A missing or corrupt entry is rebuilt under the entry's lock: ``source`` is written
+    to ``<key><source_suffix>`` (for users to read, and for error messages), then
+    ``build(source_path, temp_path)`` writes the artifact to a temp file, renamed into
+    place; ``<key>.ok`` (size and sha256) is written last. The CPU's shared libraries
+    and the CUDA backend's cubins both live here.
+
+    Example::
+
+        >>> def build(src, out): out.write_bytes(src.read_bytes().upper())
+        >>> ensure_artifact("0" * 32, "hello", build, suffix=".txt").read_text()  # doctest: +SKIP
+        'HELLO'
+    """
     base = cache_dir() / key
-    src, so, ok = (base.with_suffix(s) for s in (".cpp", ".so", ".ok"))
-    if not force and _entry_valid(so, ok):
+    src, out, ok = (base.with_suffix(s) for s in (source_suffix, suffix, ".ok"))
+    if not force and _entry_valid(out, ok):
         stats["disk_hits"] += 1
-        return so
+        return out
     with _locked(base.with_suffix(".lock")):
         # Another process may have built it while we waited for the lock.
-        if not force and _entry_valid(so, ok):
+        if not force and _entry_valid(out, ok):
             stats["disk_hits"] += 1
-            return so
-        corrupt = force or so.exists() or ok.exists()
+            return out
+        corrupt = force or out.exists() or ok.exists()
         if corrupt:
             stats["rebuilds"] += 1
             if _verbose():
-                _log(f"rebuilding corrupt cache entry {name} ({so})")
+                _log(f"rebuilding corrupt cache entry {name} ({out})")
         _unlink(ok)  # first, so that a crash below never leaves a valid-looking entry
-        _unlink(so)
+        _unlink(out)
         _atomic_write(src, source)
-        _compile(info, src, so, name)
-        size, digest = _file_digest(so)
+        fd, tmp = tempfile.mkstemp(dir=base.parent, prefix=out.name + ".", suffix=".tmp")
+        os.close(fd)
+        t0 = time.perf_counter()
+        try:
+            build(src, Path(tmp))
+            os.replace(tmp, out)
+        finally:
+            _unlink(Path(tmp))
+        stats["compiles"] += 1
+        if _verbose():
+            _log(f"compiling {name} -> {src} ... {time.perf_counter() - t0:.2f} s")
+        size, digest = _file_digest(out)
         _atomic_write(ok, f"{size} {digest}\n")
-    return so
+    return out
 
 
 def load_library(source: str, *, name: str = "kernel") -> ctypes.CDLL:

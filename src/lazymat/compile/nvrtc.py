@@ -1,9 +1,10 @@
 """Compile CUDA C source to a cubin with NVRTC (``cuda-bindings``: no CUDA toolkit needed).
 
 Install with ``pip install 'lazymat[cuda]'`` (``cuda-bindings`` and the NVRTC
-library wheel). Cubins are cached on disk under ``cache_dir() / "cuda"``, keyed
-by the source, the NVRTC version, the architecture, the options and the
-lazymat version; a file is written to a temp name, then renamed into place.
+library wheel). Cubins are cached with the CPU's kernels (``cache_dir()``, by
+:func:`lazymat.compile.cache.ensure_artifact`: lock, atomic install, checksum),
+keyed by the source, the NVRTC version, the architecture, the options and the
+lazymat version.
 
 Example::
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +30,7 @@ __all__ = ["available", "version", "compile_cubin", "DEFAULT_ARCH", "OPTIONS"]
 
 #: Architecture used when none is given (H100); a launcher passes the device's own.
 DEFAULT_ARCH = "sm_90"
-#: Options always passed. No fast-math: the prelude's lm_exp relies on IEEE rounding.
+#: Options always passed. No fast-math: results must match the CPU backend to rounding.
 OPTIONS: tuple[str, ...] = ("-std=c++17",)
 _LOG_LINES = 40
 _ELF = b"\x7fELF"
@@ -76,31 +76,6 @@ def _check(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def _cache_path(key: str) -> Path | None:
-    from .cache import cache_dir
-
-    directory = cache_dir() / "cuda"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return directory / key
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def compile_cubin(source: str, *, arch: str = DEFAULT_ARCH, name: str = "lazymat.cu",
                   options: Sequence[str] = (), cache: bool = True) -> bytes:
     """The cubin (ELF bytes) of CUDA C ``source`` for ``arch`` (e.g. ``"sm_90"``).
@@ -113,22 +88,32 @@ def compile_cubin(source: str, *, arch: str = DEFAULT_ARCH, name: str = "lazymat
         raise CompileError("NVRTC is not available: pip install 'lazymat[cuda]' "
                            "(cuda-bindings and nvidia-cuda-nvrtc)")
     opts = [f"--gpu-architecture={arch}", *OPTIONS, *options]
-    from .cache import LIBRARY_VERSION
+    from .cache import LIBRARY_VERSION, ensure_artifact
 
     key = hashlib.sha256("\0".join([source, repr(version()), *opts, LIBRARY_VERSION])
                          .encode()).hexdigest()[:32]
     found = _memo.get(key)
     if found is not None:
         return found
-    base = _cache_path(key) if cache else None
-    if base is not None:
-        try:
-            data = base.with_suffix(".cubin").read_bytes()
-            if data.startswith(_ELF):
-                _memo[key] = data
-                return data
-        except OSError:
-            pass
+    if not cache:
+        data = _compile(source, name, opts, "(not saved: cache=False)")
+    else:
+        def build(src: Path, out: Path) -> None:
+            out.write_bytes(_compile(source, name, opts, str(src)))
+
+        path = ensure_artifact(key, source, build, name=name, source_suffix=".cu",
+                               suffix=".cubin")
+        data = path.read_bytes()
+        if not data.startswith(_ELF):  # a valid checksum of something else: rebuild once
+            data = ensure_artifact(key, source, build, name=name, source_suffix=".cu",
+                                   suffix=".cubin", force=True).read_bytes()
+    _memo[key] = data
+    return data
+
+
+def _compile(source: str, name: str, opts: list[str], where: str) -> bytes:
+    """NVRTC's cubin of ``source``; ``where`` the source's path, for the error message."""
+    nvrtc = _nvrtc()
     t0 = time.perf_counter()
     prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []),
                   "program creation")
@@ -139,7 +124,6 @@ def compile_cubin(source: str, *, arch: str = DEFAULT_ARCH, name: str = "lazymat
             size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
             log = b" " * size
             _check(nvrtc.nvrtcGetProgramLog(prog, log), "log")
-            where = _save_failed(source, key)
             tail = "\n".join(log.decode(errors="replace").strip().splitlines()[-_LOG_LINES:])
             raise CompileError(f"NVRTC compilation of {name!r} failed ({err!r})\n"
                                f"options: {' '.join(opts)}\nsource: {where}\n"
@@ -150,25 +134,6 @@ def compile_cubin(source: str, *, arch: str = DEFAULT_ARCH, name: str = "lazymat
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     if os.environ.get("LAZYMAT_VERBOSE", "").strip().lower() not in ("", "0", "false", "no"):
-        print(f"[lazymat] NVRTC {name} ({arch}) ... {time.perf_counter() - t0:.2f} s",
+        print(f"[lazymat] NVRTC {name} ({opts[0]}) ... {time.perf_counter() - t0:.2f} s",
               file=sys.stderr, flush=True)
-    if base is not None:
-        try:
-            _write_atomic(base.with_suffix(".cu"), source.encode())
-            _write_atomic(base.with_suffix(".cubin"), data)
-        except OSError:
-            pass  # a read-only cache only costs a recompile next time
-    _memo[key] = data
     return data
-
-
-def _save_failed(source: str, key: str) -> str:
-    """Where the failing source was written (for the error message)."""
-    base = _cache_path(key)
-    try:
-        path = (base.with_suffix(".failed.cu") if base is not None
-                else Path(tempfile.gettempdir()) / f"lazymat-{key}.cu")
-        path.write_text(source)
-        return str(path)
-    except OSError:
-        return "(not saved)"
