@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
 from ..formula import OPS, Node, walk
+from ..reductions import ReductionDef
 
 
 def c_number(value: Fraction | float, T: str) -> str:
@@ -148,6 +150,62 @@ class Emitter:
         jj = TJ if node.deps & 2 else 1
         w = lanes if node.deps & 1 else 1
         return f"{self.T} {self.materialized[id(node)]}[{node.dim}][{jj}][{w}];"
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything that determines a kernel's source (and so its cache key).
+
+    ``formula`` and ``weight`` use category 0 for the output index and 1 for the
+    reduced index (an axis=0 reduction has its categories swapped before this).
+    """
+
+    reduction: ReductionDef
+    formula: Node
+    weight: Node | None
+    K: int | None
+    dtype: str  # "float32" or "float64"
+    arg_dims: tuple[tuple[int, int], ...]  # (dim, cat) of each argument, by position
+    # Sums: the accumulator's C type and the scheme ("block", "direct" or "kahan").
+    accumulation: tuple[str, str] = ("double", "block")
+
+    @property
+    def value_row_size(self) -> dict[str, int]:
+        """Numbers per output row of the value output and of the index output."""
+        wdim = self.weight.dim if self.weight is not None else None
+        sizes = {"value": 0, "index": 0}
+        for kind, shape in self.reduction.out_dims(self.formula.dim, self.K, wdim):
+            sizes[kind] = math.prod(shape)
+        return sizes
+
+
+class ReductionContext:
+    """What a reduction's C code (``c_decl``, ``c_tile``, ``c_store`` in reductions.py)
+    is given: ``T`` (the data's C type), ``K``, ``D`` (the formula's dim), ``E`` (the
+    weight's), ``acc``/``scheme`` (sums' accumulation), and ``V(k)``/``W(e)``: the C
+    expressions of component k of the formula and e of the weight at the current pair.
+
+    The scaffold (CPU or CUDA) around that code provides these C names, and nothing else
+    may be assumed: ``T``, ``LANES`` (rows per block; 1 on CUDA), ``TJ`` (the most columns
+    in one stage pass, a constant) and ``tj`` (the columns of this pass), ``l`` (the lane,
+    in ``for (int l = 0; l < LANES; l++)`` loops the reduction writes itself), ``jj`` (the
+    column in the pass, in loops the reduction writes itself), ``j0`` (the global index
+    of the pass's first column), ``row`` (in ``c_store``: the row of lane ``l``), ``out``
+    and ``out_idx`` (the batch's outputs, rows of ``value_row_size``), ``INFINITY_T`` and
+    the prelude's ``lm_*`` helpers. ``#pragma omp`` lines are dropped on CUDA.
+    """
+
+    def __init__(self, spec: KernelSpec, em: Emitter, T: str):
+        self.T, self.K = T, spec.K
+        self.acc, self.scheme = spec.accumulation
+        self.D = spec.formula.dim
+        self.E = spec.weight.dim if spec.weight is not None else 1
+        self._em, self._f, self._g = em, spec.formula, spec.weight
+
+    def V(self, k) -> str:
+        return self._em.expr(self._f, k)
+
+    def W(self, e) -> str:
+        return "1" if self._g is None else self._em.expr(self._g, e)
 
 
 def _math_declarations(vector_math: bool) -> str:

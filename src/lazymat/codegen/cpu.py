@@ -25,58 +25,12 @@ one interval of all columns).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 from ..formula import Node, to_string
-from ..reductions import ReductionDef
-from .c_like import Emitter, has_vector_math, prelude
+from .c_like import Emitter, KernelSpec, ReductionContext, has_vector_math, prelude
 
 L1_BUDGET = 16 * 1024  # bytes of tile buffers per thread we aim to keep in L1
 LANES = {"float32": 16, "float64": 8}  # rows per block: two AVX2 registers
 MAX_TJ = 64
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """Everything that determines a kernel's source (and so its cache key).
-
-    ``formula`` and ``weight`` use category 0 for the output index and 1 for the
-    reduced index (an axis=0 reduction has its categories swapped before this).
-    """
-
-    reduction: ReductionDef
-    formula: Node
-    weight: Node | None
-    K: int | None
-    dtype: str  # "float32" or "float64"
-    arg_dims: tuple[tuple[int, int], ...]  # (dim, cat) of each argument, by position
-    # Sums: the accumulator's C type and the scheme ("block", "direct" or "kahan").
-    accumulation: tuple[str, str] = ("double", "block")
-
-    @property
-    def value_row_size(self) -> dict[str, int]:
-        """Numbers per output row of the value output and of the index output."""
-        wdim = self.weight.dim if self.weight is not None else None
-        sizes = {"value": 0, "index": 0}
-        for kind, shape in self.reduction.out_dims(self.formula.dim, self.K, wdim):
-            sizes[kind] = math.prod(shape)
-        return sizes
-
-
-class _ReductionContext:
-    def __init__(self, spec: KernelSpec, em: Emitter, T: str):
-        self.T, self.K = T, spec.K
-        self.acc, self.scheme = spec.accumulation
-        self.D = spec.formula.dim
-        self.E = spec.weight.dim if spec.weight is not None else 1
-        self._em, self._f, self._g = em, spec.formula, spec.weight
-
-    def V(self, k) -> str:
-        return self._em.expr(self._f, k)
-
-    def W(self, e) -> str:
-        return "1" if self._g is None else self._em.expr(self._g, e)
 
 
 def _var_access(node: Node, k: str) -> str:
@@ -103,7 +57,7 @@ def render(spec: KernelSpec) -> str:
     tj = MAX_TJ
     while tj > 1 and tj * per_pair > L1_BUDGET:
         tj //= 2
-    rc = _ReductionContext(spec, em, T)
+    rc = ReductionContext(spec, em, T)
     red = spec.reduction
 
     header = [f"// lazymat kernel: {red.name} over j of {to_string(spec.formula)}"]

@@ -56,8 +56,7 @@ import re
 from typing import Mapping
 
 from ..formula import Node, to_string, variables
-from .c_like import Emitter, prelude
-from .cpu import KernelSpec, _ReductionContext
+from .c_like import Emitter, KernelSpec, ReductionContext, prelude
 
 __all__ = ["BLOCK", "KernelSpec", "render", "render_module", "cuda_prelude"]
 
@@ -203,7 +202,7 @@ def _kernel(spec: KernelSpec, name: str, block: int) -> list[str]:
         raise ValueError(f"kernel name {name!r} is not a C identifier")
     plan = _Plan(spec, block)
     em, T, tj, jt = plan.em, plan.T, plan.tj, plan.jt
-    rc = _ReductionContext(spec, em, T)
+    rc = ReductionContext(spec, em, T)
     red = spec.reduction
     nargs = len(spec.arg_dims)
     value_row = spec.value_row_size
