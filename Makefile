@@ -8,7 +8,7 @@ STAMP := $(VENV)/.stamp
 LAZYMAT_CACHE_DIR ?= $(CURDIR)/.cache/lazymat
 export LAZYMAT_CACHE_DIR
 
-.PHONY: test test-slow demo bench clean
+.PHONY: test test-slow test-gpu demo bench clean
 
 $(VENV): $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow tests
+
+# GPU tests (they skip without a CUDA GPU, torch with CUDA and `pip install .[cuda]`);
+# benchmarks/gpu_check.sh runs them with the machine's own python, then the GPU benchmarks.
+test-gpu: $(STAMP)
+	$(VPY) -m pytest -q -m gpu tests
 
 demo: $(STAMP)
 	$(VPY) examples/demo.py
