@@ -537,3 +537,50 @@ def test_accumulation_option_errors():
         lm.Vi(x).sqdist(lm.Vj(x)).sum(dim=1, use_double_acc=True, dtype_acc="float32")
     with pytest.raises(lm.ShapeError, match="sum_scheme"):
         lm.Vi(x).sqdist(lm.Vj(x)).sum(dim=1, sum_scheme="bogus")
+
+
+# --------------------------------------------------------------------------- column splits
+
+@pytest.mark.parametrize("kind", ["int", "normal"])
+@pytest.mark.parametrize("case", [c for c in CASES if REDUCTIONS[c.red].split_with],
+                         ids=lambda c: c.id)
+def test_split_columns_combine_to_the_whole(case, kind):
+    """The rule the CUDA backend uses when it splits the columns across blocks: run
+    ``split_with`` on each part (here: block-sparse ranges keeping one part of the
+    columns), turn the outputs into states, merge them in j order, finalize."""
+    from lazymat.arraylib import NUMPY
+
+    red = REDUCTIONS[case.red]
+    M, N = 9, 40
+    arrays = make_data(M, N, "float64", kind, case.positive_weight, seed=5)
+    edges = [0, 7, 8, 8, 23, 40]  # uneven parts, one empty
+    rows = np.array([[0, M]])
+    parts = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        cols = np.array([[0, lo], [lo, hi], [hi, N]])
+        keep = np.array([[False, True, False]])
+        req = Request(red.split_with, case.formula, K=case.K, weight=case.weight)
+        outs = run(req, arrays, backend="reference", ranges=lm.from_matrix(rows, cols, keep))
+        shapes = REDUCTIONS[red.split_with].out_dims(case.formula.dim, case.K,
+                                                     2 if case.weight is not None else None)
+        parts.append(red.state_of(NUMPY, tuple(o.reshape((M,) + s) for o, (_, s)
+                                               in zip(outs, shapes))))
+    state = parts[0]
+    for p in parts[1:]:
+        state = red.merge(NUMPY, state, p, K=case.K)
+    got = red.finalize(NUMPY, state)
+    want = compute(case, arrays, 1, "reference")
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.reshape(w.shape), w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_kmin_of_rows_that_see_fewer_than_K_columns(backend):
+    """With ranges a row may see fewer than K columns: the empty slots are (+inf, -1)."""
+    arrays = make_data(5, 30, "float64", "normal", False, seed=2)
+    keep = np.array([[False, True, False]])
+    ranges = lm.from_matrix(np.array([[0, 5]]), np.array([[0, 10], [10, 12], [12, 30]]), keep)
+    v, i = run(Request("KMin_ArgKMin", FV, K=4), arrays, backend=backend, ranges=ranges)
+    assert v.shape == i.shape == (5, 4, 3)
+    assert np.isinf(v[:, 2:]).all() and (i[:, 2:] == -1).all()
+    assert np.isin(i[:, :2], [10, 11]).all()

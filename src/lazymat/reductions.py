@@ -49,6 +49,12 @@ class ReductionDef:
     cotangents: Callable[..., tuple[Node, Node | None]] | None = None
     selects_with: str | None = None
     needs_log_normalizer: bool = False
+    # Splitting the columns (the CUDA backend does, when there are too few rows to fill the
+    # GPU): each part runs the reduction ``split_with``, ``state_of(xp, outputs)`` turns its
+    # outputs into a state of this reduction, and ``merge`` then ``finalize`` combine the
+    # parts. None: the outputs do not hold enough to combine (SumSoftMaxWeight).
+    split_with: str | None = None
+    state_of: Callable[[Any, tuple], Any] | None = None
 
 
 REDUCTIONS: dict[str, ReductionDef] = {}
@@ -124,7 +130,8 @@ REDUCTIONS["Sum"] = ReductionDef(
     block=_sum_block, merge=lambda xp, a, b, K=None: a + b, finalize=lambda xp, s: (s,),
     c_decl=_sum_decl, c_tile=_sum_tile, c_store=_sum_store,
     doc="Σ_j F_ij, per component",
-    cotangents=lambda F, W, G, O, L: (G, None))
+    cotangents=lambda F, W, G, O, L: (G, None),
+    split_with="Sum", state_of=lambda xp, outs: outs[0])
 
 
 # --------------------------------------------------------------------------- Min / Max and arg
@@ -179,7 +186,9 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
         block=block, merge=merge, finalize=finalize, c_decl=decl, c_tile=tile, c_store=store,
         doc=f"{'min' if smaller else 'max'}_j F_ij per component ({', '.join(outputs)})",
         selects_with=(("Min_ArgMin" if smaller else "Max_ArgMax") if "value" in outputs
-                      else None))
+                      else None),
+        split_with="Min_ArgMin" if smaller else "Max_ArgMax",
+        state_of=lambda xp, outs: tuple(outs))
 
 
 _extremum("Min", True, ("value",))
@@ -196,7 +205,12 @@ def _kmin(name: str, outputs: tuple[str, ...]):
     def block(xp, values, weights, j0, K):
         # values (m, n, D): the K smallest along n, ascending, first index on ties.
         order = xp.stable_argsort(values, 1)[:, :K, :]
-        return xp.take_along(values, order, 1), order + j0
+        v, i = xp.take_along(values, order, 1), order + j0
+        short = K - v.shape[1]
+        if short > 0:  # fewer columns than K (ranges): empty slots hold +inf and index -1
+            v = xp.concat([v, xp.full((v.shape[0], short, v.shape[2]), INF, like=v)], 1)
+            i = xp.concat([i, xp.full((i.shape[0], short, i.shape[2]), -1, like=i)], 1)
+        return v, i
 
     def merge(xp, a, b, K):
         (va, ia), (vb, ib) = a, b
@@ -253,7 +267,8 @@ def _kmin(name: str, outputs: tuple[str, ...]):
         block=block, merge=merge, finalize=finalize,
         c_decl=decl, c_tile=tile, c_store=store,
         doc=f"the K smallest F_ij over j, ascending ({', '.join(outputs)})",
-        selects_with="KMin_ArgKMin" if "value" in outputs else None)
+        selects_with="KMin_ArgKMin" if "value" in outputs else None,
+        split_with="KMin_ArgKMin", state_of=lambda xp, outs: tuple(outs))
 
 
 _kmin("KMin", ("value",))
@@ -359,7 +374,11 @@ REDUCTIONS["LogSumExp"] = ReductionDef(
     block=_shifted_exp_block, merge=_shifted_exp_merge, finalize=_lse_finalize,
     c_decl=_lse_decl, c_tile=_lse_tile, c_store=_lse_store,
     doc="log Σ_j exp(F_ij) [G_ij], computed with a running max (stable)",
-    cotangents=lambda F, W, G, O, L: _lse_cotangents(F, W, G, O))
+    cotangents=lambda F, W, G, O, L: _lse_cotangents(F, W, G, O),
+    # log Σ over a part, per component: a state whose max is that value and sums are 1
+    split_with="LogSumExp",
+    state_of=lambda xp, outs: (outs[0], xp.full(outs[0].shape, 1.0, like=outs[0]),
+                               xp.full(outs[0].shape, 1.0, like=outs[0])))
 
 
 def _softmax_finalize(xp, state):
