@@ -284,7 +284,9 @@ static inline double __longlong_as_double(long long v) { double r; memcpy(&r, &v
 
 HOST = r"""
 static int lm_team_ok = 1;
+static i64 lm_nsplit = 1;  // column parts: the outputs then hold nsplit * nbatch * M rows
 extern "C" int lm_emulation_ok(void) { return lm_team_ok; }
+extern "C" void lm_set_split(i64 nsplit) { lm_nsplit = nsplit; }
 extern "C" void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntasks,
                           const i64* tasks, const i64* slices, const i64* redranges,
                           void** args, void* out, i64* out_idx, int threads) {
@@ -297,8 +299,8 @@ extern "C" void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntas
       threadIdx.x = omp_get_thread_num();
       lm_cuda_scope::Args by_value;  // the kernel takes the pointers by value
       memcpy(by_value.p, args, sizeof by_value.p);
-      lm_cuda_scope::lm_cuda(M, N, nbatch, offsets, ntasks, tasks, slices, redranges,
-                             by_value, out, out_idx);
+      lm_cuda_scope::lm_cuda(M, N, nbatch, lm_nsplit, (N + lm_nsplit - 1) / lm_nsplit,
+                             offsets, ntasks, tasks, slices, redranges, by_value, out, out_idx);
     }
   }
 }
@@ -412,3 +414,45 @@ def test_emulation_shim_is_kept_in_sync():
     defined = set(re.findall(r"\b(__\w+__|__\w+|threadIdx|blockIdx|gridDim)\b", SHIM))
     missing = used - defined - {"__restrict__"}
     assert not missing, f"the CPU shim lacks {sorted(missing)}"
+
+
+@requires_emulation
+@pytest.mark.parametrize("reduction", [r for r in REDUCTIONS if REDUCTIONS[r].split_with])
+def test_split_columns_run_like_reference(reduction):
+    """``nsplit`` column parts written one after the other, combined as the CUDA backend
+    does (``split_with``, ``state_of``, ``merge``, ``finalize``), equal the reduction."""
+    import ctypes
+
+    from lazymat.arraylib import NUMPY
+    from lazymat.backends import cpu
+
+    red = REDUCTIONS[reduction]
+    f, w, K = reduction_case(reduction)
+    spec = spec_of(red.split_with, f, w, K, "float64", nargs=4)
+    block, nsplit, M, N = 8, 3, 21, 50
+    source = SHIM + cuda.render(spec, name="lm_cuda", block=block) + HOST % {"block": block}
+    lib = load_library(source, name=f"cuda_emulation_split_{reduction}")
+    lib.lm_set_split(nsplit)
+    fn = lib.lm_kernel
+    fn.argtypes, fn.restype = cpu._ARGTYPES, None
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal((M, 3)), rng.standard_normal((N, 3)),
+              rng.random((N, 2)) + 0.1, rng.random(1) + 0.5]
+    shapes = spec.reduction.out_dims(f.dim, K, w.dim if w is not None else None)
+    outs = [np.full((nsplit, M) + shape, -7, dtype=np.int64 if kind == "index" else np.float64)
+            for kind, shape in shapes]
+    ntasks, tasks, slices, redranges, _ = cpu._dense_layout(M, N, block)
+    ptrs = (ctypes.c_void_p * 4)(*[a.ctypes.data for a in arrays])
+    values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
+    indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
+    fn(M, N, 1, cpu._no_offsets(4), ntasks, tasks, slices, redranges, ptrs,
+       values[0].ctypes.data if values else None, indices[0].ctypes.data if indices else None, 1)
+    assert lib.lm_emulation_ok()
+    state = None
+    for part in range(nsplit):
+        s = red.state_of(NUMPY, tuple(o[part] for o in outs))
+        state = s if state is None else red.merge(NUMPY, state, s, K=K)
+    got = red.finalize(NUMPY, state)
+    want = run(Request(reduction, f, K=K, weight=w), arrays, backend="reference")
+    for g, wt in zip(got, want):
+        np.testing.assert_allclose(g.reshape(wt.shape), wt, rtol=1e-12, atol=1e-12)

@@ -130,11 +130,20 @@ def test_op_row_on_gpu(row, dtype, spy):
 
 @pytest.mark.gpu
 @requires_gpu
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", list(REDUCTIONS))
-def test_reduction_on_gpu(reduction, dtype, axis):
-    """Batch dims (broadcast), block-sparse ranges, partial tiles, both axes."""
+def test_reduction_on_gpu(reduction, dtype, axis, split, monkeypatch):
+    """Batch dims (broadcast), block-sparse ranges, partial tiles, both axes; with the
+    columns cut into parts (as for small M) and without."""
+    from lazymat.backends import cuda
+
+    combined = []
+    real = cuda._combine
+    monkeypatch.setattr(cuda, "_combine", lambda *a: combined.append(1) or real(*a))
+    if split:
+        monkeypatch.setattr(cuda, "MIN_CHUNK", 64)
     rng = np.random.default_rng(7)
     M, N = 300, 1000
     arrays = [rng.standard_normal((2, M, 3)), rng.standard_normal((2, N, 3)),
@@ -147,6 +156,7 @@ def test_reduction_on_gpu(reduction, dtype, axis):
             got = run(req, a, backend="cuda", ranges=ranges)
             want = run(req, a, backend="reference", ranges=ranges)
             _compare(got, want, dtype, f"{reduction} axis={axis} ranges={ranges is not None}")
+    assert bool(combined) == (split and REDUCTIONS[reduction].split_with is not None)
 
 
 @pytest.mark.gpu

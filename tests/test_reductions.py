@@ -549,11 +549,12 @@ def test_split_columns_combine_to_the_whole(case, kind):
     ``split_with`` on each part (here: block-sparse ranges keeping one part of the
     columns), turn the outputs into states, merge them in j order, finalize."""
     from lazymat.arraylib import NUMPY
+    from lazymat.backends.cuda import _combine as combine
 
     red = REDUCTIONS[case.red]
     M, N = 9, 40
     arrays = make_data(M, N, "float64", kind, case.positive_weight, seed=5)
-    edges = [0, 7, 8, 8, 23, 40]  # uneven parts, one empty
+    edges = [0, 7, 8, 8, 40]  # uneven parts, one empty
     rows = np.array([[0, M]])
     parts = []
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -563,15 +564,17 @@ def test_split_columns_combine_to_the_whole(case, kind):
         outs = run(req, arrays, backend="reference", ranges=lm.from_matrix(rows, cols, keep))
         shapes = REDUCTIONS[red.split_with].out_dims(case.formula.dim, case.K,
                                                      2 if case.weight is not None else None)
-        parts.append(red.state_of(NUMPY, tuple(o.reshape((M,) + s) for o, (_, s)
-                                               in zip(outs, shapes))))
+        parts.append(tuple(o.reshape((M,) + s) for o, (_, s) in zip(outs, shapes)))
+    tree = combine(red, NUMPY, [np.stack(a) for a in zip(*parts)], case.K)  # as on the GPU
+    parts = [red.state_of(NUMPY, p) for p in parts]
     state = parts[0]
     for p in parts[1:]:
         state = red.merge(NUMPY, state, p, K=case.K)
     got = red.finalize(NUMPY, state)
     want = compute(case, arrays, 1, "reference")
-    for g, w in zip(got, want):
+    for g, t, w in zip(got, tree, want):
         np.testing.assert_allclose(g.reshape(w.shape), w, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(t.reshape(w.shape), w, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -28,7 +28,7 @@ from ..codegen import cuda as codegen
 from ..codegen.cuda import KernelSpec, render
 from ..errors import CompileError, CudaUnavailableError
 from ..formula import Node
-from ..reductions import ReductionDef
+from ..reductions import REDUCTIONS, ReductionDef
 from .cpu import _arg_dims, _tasks
 
 _lock = threading.Lock()
@@ -39,6 +39,10 @@ _dense: dict[tuple, tuple] = {}  # (device, M, N, nargs, block) -> _table() with
 _driver_module: Any = None
 #: Blocks of one launch (a grid-stride loop covers more tasks).
 MAX_GRID = 65535 * 32
+#: When rows give fewer blocks than this per multiprocessor, the columns are cut into parts
+#: (of at least MIN_CHUNK columns) reduced by separate blocks, then combined.
+BLOCKS_PER_SM = 4
+MIN_CHUNK = 1024
 
 
 def _driver() -> Any:
@@ -192,6 +196,36 @@ def _dense_table(index: int, M: int, N: int, nargs: int, device: Any, block: int
     return found
 
 
+def _parts(red: ReductionDef, blocks: int, N: int, index: int) -> int:
+    """How many parts to cut the columns into: 1, or a power of two when ``blocks`` would
+    leave multiprocessors idle and the reduction can combine parts."""
+    if red.split_with is None:
+        return 1
+    want = BLOCKS_PER_SM * _multiprocessors[index]
+    parts = 1
+    while blocks * parts < want and N >= 2 * parts * MIN_CHUNK:
+        parts *= 2
+    return parts
+
+
+def _combine(red: ReductionDef, xp: Any, outs: list[Any], K: int | None) -> tuple:
+    """The outputs of ``red`` from those of ``red.split_with`` on each part (axis 0 of
+    every array, in column order): adjacent parts are merged, halving the count each round,
+    so the merge rule's "the second holds larger j" stays true."""
+    def each(state: Any, fn: Any) -> Any:
+        return tuple(fn(a) for a in state) if isinstance(state, tuple) else fn(state)
+
+    state = red.state_of(xp, tuple(outs))
+    parts = outs[0].shape[0]
+    while parts > 1:
+        first = each(state, lambda a: a[0::2].reshape((-1,) + tuple(a.shape[2:])))
+        second = each(state, lambda a: a[1::2].reshape((-1,) + tuple(a.shape[2:])))
+        parts //= 2
+        state = each(red.merge(xp, first, second, K=K),
+                     lambda a: a.reshape((parts, -1) + tuple(a.shape[1:])))
+    return red.finalize(xp, each(state, lambda a: a[0]))
+
+
 def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         arrays: Sequence[Any], M: int, N: int, dtype: str, xp: Any,
         shapes: list[tuple[str, tuple[int, ...]]], like: Any, batch: tuple[int, ...] = (),
@@ -203,27 +237,8 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
     device = like.device
     index = device.index if device.index is not None else torch.cuda.current_device()
     block = _block_size(M, index)
-    key = (red.name, formula, weight, K, dtype, len(arrays), accumulation, block)
-    fn = _functions.get((key, index))
-    if fn is None:
-        roots = [formula] + ([weight] if weight is not None else [])
-        spec = KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, len(arrays)),
-                          accumulation)
-        fn = _function(key, spec, index, block)
-    driver = _driver_module
     with torch.cuda.device(index):
         stream = torch.cuda.current_stream(index)
-        tensors = [a.detach().contiguous() for a in arrays]
-        if ranges is None:
-            outs = [torch.empty(batch + (M,) + shape, device=device,
-                                dtype=torch.int64 if kind == "index" else like.dtype)
-                    for kind, shape in shapes]
-        else:  # rows outside every range hold the identity
-            outs = [torch.full(batch + (M,) + shape, fill, device=device,
-                               dtype=torch.int64 if kind == "index" else like.dtype)
-                    for (kind, shape), fill in zip(shapes, red.identity)]
-        values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
-        indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
         table, ntasks, (offsets_ptr, tasks_ptr, slices_ptr, redranges_ptr) = (
             _dense_table(index, M, N, len(arrays), device, block) if ranges is None
             else _table(ranges, len(arrays), device, block))
@@ -232,7 +247,26 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
             keep.append(_upload(offsets, device))
             offsets_ptr = keep[-1].data_ptr()
         nbatch = math.prod(batch)
+        parts = _parts(red, nbatch * ntasks, N, index)
+        kernel_red = REDUCTIONS[red.split_with] if parts > 1 else red
+        wdim = weight.dim if weight is not None else None
+        kernel_shapes = kernel_red.out_dims(formula.dim, K, wdim)
+        fn = _kernel(kernel_red, formula, weight, K, dtype, len(arrays), accumulation, block,
+                     index)
+        lead = ((parts,) if parts > 1 else ()) + batch + (M,)
+        tensors = [a.detach().contiguous() for a in arrays]
+        if ranges is None:
+            outs = [torch.empty(lead + shape, device=device,
+                                dtype=torch.int64 if kind == "index" else like.dtype)
+                    for kind, shape in kernel_shapes]
+        else:  # rows outside every range hold the identity
+            outs = [torch.full(lead + shape, fill, device=device,
+                               dtype=torch.int64 if kind == "index" else like.dtype)
+                    for (kind, shape), fill in zip(kernel_shapes, kernel_red.identity)]
+        values = [o for (kind, _), o in zip(kernel_shapes, outs) if kind == "value"]
+        indices = [o for (kind, _), o in zip(kernel_shapes, outs) if kind == "index"]
         params = [ctypes.c_longlong(M), ctypes.c_longlong(N), ctypes.c_longlong(nbatch),
+                  ctypes.c_longlong(parts), ctypes.c_longlong(-(-N // parts)),
                   ctypes.c_void_p(offsets_ptr), ctypes.c_longlong(ntasks),
                   ctypes.c_void_p(tasks_ptr), ctypes.c_void_p(slices_ptr),
                   ctypes.c_void_p(redranges_ptr),
@@ -240,7 +274,8 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
                   ctypes.c_void_p(values[0].data_ptr() if values else None),
                   ctypes.c_void_p(indices[0].data_ptr() if indices else None)]
         pointers = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
-        grid = max(1, min(nbatch * ntasks, MAX_GRID))
+        grid = max(1, min(parts * nbatch * ntasks, MAX_GRID))
+        driver = _driver_module
         _check(driver.cuCtxSetCurrent(_contexts[index]), "cuCtxSetCurrent")
         _check(driver.cuLaunchKernel(fn, grid, 1, 1, block, 1, 1, 0,
                                      driver.CUstream(stream.cuda_stream),
@@ -250,4 +285,21 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         # follow torch's rule for any op: the caller orders their streams.)
         for t in keep:
             t.record_stream(stream)
+        if parts > 1:
+            rows = (-1,)
+            flat = [o.reshape((parts,) + rows + shape) for o, (_, shape)
+                    in zip(outs, kernel_shapes)]
+            outs = [o.reshape(batch + (M,) + shape) for o, (_, shape)
+                    in zip(_combine(red, xp, flat, K), shapes)]
     return tuple(outs)
+
+
+def _kernel(red: ReductionDef, formula: Node, weight: Node | None, K: int | None, dtype: str,
+            nargs: int, accumulation: tuple[str, str], block: int, index: int) -> Any:
+    key = (red.name, formula, weight, K, dtype, nargs, accumulation, block)
+    fn = _functions.get((key, index))
+    if fn is None:
+        roots = [formula] + ([weight] if weight is not None else [])
+        spec = KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, nargs), accumulation)
+        fn = _function(key, spec, index, block)
+    return fn

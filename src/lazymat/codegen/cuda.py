@@ -28,19 +28,24 @@ passed by value (a struct of ``nargs`` pointers, so a launch uploads nothing) an
 there is no thread count::
 
     namespace NAME_scope { struct Args { const void* p[nargs]; }; }
-    extern "C" __global__ void NAME(i64 M, i64 N, i64 nbatch, const i64* offsets,
-        i64 ntasks, const i64* tasks, const i64* slices, const i64* redranges,
-        NAME_scope::Args args, void* out, i64* out_idx)
+    extern "C" __global__ void NAME(i64 M, i64 N, i64 nbatch, i64 nsplit, i64 chunk,
+        const i64* offsets, i64 ntasks, const i64* tasks, const i64* slices,
+        const i64* redranges, NAME_scope::Args args, void* out, i64* out_idx)
 
 (``i64`` is ``long long``.) Every pointer is device memory. The launch uses
 ``blockDim = (BLOCK, 1, 1)`` (the value rendered into the kernel's header comment
 and ``BLOCK`` constant) and any number of blocks (a grid-stride loop covers the
-``nbatch * ntasks`` pairs of (batch, task); ``min(nbatch * ntasks, 65535 * 32)``
-is a fine choice, never 0). Tasks, slices, redranges and offsets mean what they
+``nsplit * nbatch * ntasks`` triples of (part, batch, task); at most ``65535 * 32``,
+never 0). Tasks, slices, redranges and offsets mean what they
 mean on the CPU, except that the tasks are blocks of at most ``BLOCK`` rows (build
 them with ``BLOCK`` in place of the CPU's lane count). Batch ``b`` reads variable
 ``v`` at ``args.p[v] + offsets[b * nargs + v]`` and writes its M output rows after
-those of batch ``b - 1``. :mod:`lazymat.backends.cuda` launches them.
+those of batch ``b - 1``. With ``nsplit > 1`` the columns are also cut into parts of
+``chunk`` columns: part ``s`` reduces the columns ``[s * chunk, (s + 1) * chunk)`` only
+and writes its outputs after those of part ``s - 1`` (``nsplit * nbatch * M`` rows in
+all), for the caller to combine (the reduction's ``split_with``/``state_of``/``merge``):
+this gives a GPU enough blocks when M is small. ``nsplit = 1, chunk = N`` is the plain
+reduction. :mod:`lazymat.backends.cuda` launches them.
 
 >>> from lazymat.formula import Var, SqDist, apply
 >>> from lazymat.reductions import REDUCTIONS
@@ -211,9 +216,10 @@ def _kernel(spec: KernelSpec, name: str, block: int) -> list[str]:
               if c == 0 and v in used and d <= MAX_ROW_REGISTERS]
     outputs = []
     if value_row["value"]:
-        outputs.append(f"    T* out = (T*)out_v + b * M * {value_row['value']};")
+        outputs.append(f"    T* out = (T*)out_v + (part * nbatch + b) * M * {value_row['value']};")
     if value_row["index"]:
-        outputs.append(f"    i64* out_idx = out_idx_v + b * M * {value_row['index']};")
+        outputs.append(f"    i64* out_idx = out_idx_v + (part * nbatch + b) * M * "
+                       f"{value_row['index']};")
 
     header = [f"// lazymat CUDA kernel {name}: {red.name} over j of {to_string(spec.formula)}"]
     if spec.weight is not None:
@@ -270,8 +276,10 @@ def _kernel(spec: KernelSpec, name: str, block: int) -> list[str]:
         *[f"  const T* base{v} = (const T*)args.p[{v}];" for v in used],
         "  (void)N;",
         *_indent(decls, 2),
-        "  for (i64 task = blockIdx.x; task < nbatch * ntasks; task += gridDim.x) {",
-        "    const i64 b = task / ntasks, t = task % ntasks;",
+        "  for (i64 task = blockIdx.x; task < nsplit * nbatch * ntasks; task += gridDim.x) {",
+        "    const i64 part = task / (nbatch * ntasks), bt = task % (nbatch * ntasks);",
+        "    const i64 b = bt / ntasks, t = bt % ntasks;",
+        "    const i64 jlo = part * chunk, jhi = jlo + chunk;  // this part's columns",
         "    const i64 i0 = tasks[3 * t], c = tasks[3 * t + 2];",
         "    const int nl = (int)(tasks[3 * t + 1] - i0);",
         "    const bool active = (int)threadIdx.x < nl;",
@@ -284,8 +292,9 @@ def _kernel(spec: KernelSpec, name: str, block: int) -> list[str]:
         *_indent(level1, 4),
         *_indent(red.c_decl(rc), 4),
         "    for (i64 q = c ? slices[c - 1] : 0; q < slices[c]; q++) {",
-        "      const i64 jend = redranges[2 * q + 1];",
-        "      for (i64 jb = redranges[2 * q]; jb < jend; jb += JT) {",
+        "      const i64 jend = redranges[2 * q + 1] < jhi ? redranges[2 * q + 1] : jhi;",
+        "      for (i64 jb = redranges[2 * q] > jlo ? redranges[2 * q] : jlo; jb < jend;",
+        "           jb += JT) {",
         "        const int nj = jend - jb < JT ? (int)(jend - jb) : JT;",
         *_indent(load, 8),
         *_indent(passes, 8),
@@ -307,7 +316,8 @@ def _kernel(spec: KernelSpec, name: str, block: int) -> list[str]:
         f"constexpr int TJ = {tj};  // columns per stage pass",
         f"struct Args {{ const void* p[{max(1, nargs)}]; }};  // by value: no upload per call",
         f'extern "C" __global__ void __launch_bounds__(BLOCK) {name}(',
-        "    i64 M, i64 N, i64 nbatch, const i64* __restrict__ offsets, i64 ntasks,",
+        "    i64 M, i64 N, i64 nbatch, i64 nsplit, i64 chunk, const i64* __restrict__ offsets,",
+        "    i64 ntasks,",
         "    const i64* __restrict__ tasks, const i64* __restrict__ slices,",
         "    const i64* __restrict__ redranges, Args args, void* out_v, i64* out_idx_v) {",
         *body,
