@@ -525,6 +525,19 @@ def test_accumulation_options(dtype_acc, sum_scheme):
     g = lm.Genred("Exp(-SqDist(x,y))", ["x=Vi(3)", "y=Vj(3)"], axis=1, dtype_acc=dtype_acc,
                   sum_scheme=sum_scheme)
     np.testing.assert_allclose(g(x, y), got, rtol=1e-6)
+    # the LogSumExp family sums the same way (with a running max)
+    F = -((x64[:, None] - y64[None]) ** 2).sum(-1) / 4
+    lse = (-lm.Vi(x).sqdist(lm.Vj(y)) / 4).logsumexp(dim=1, dtype_acc=dtype_acc,
+                                                     sum_scheme=sum_scheme)
+    m = F.max(1, keepdims=True)
+    want_lse = m + np.log(np.exp(F - m).sum(1, keepdims=True))
+    loose = (dtype_acc, sum_scheme) == ("float32", "direct_sum")
+    assert np.abs(lse - want_lse).max() < (1e-3 if loose else 3e-6)
+    soft = (-lm.Vi(x).sqdist(lm.Vj(y)) / 4).sumsoftmaxweight(
+        lm.Vj(y), dim=1, dtype_acc=dtype_acc, sum_scheme=sum_scheme)
+    p = np.exp(F - m)
+    want_soft = (p @ y64) / p.sum(1, keepdims=True)
+    assert np.abs(soft - want_soft).max() < (1e-3 if loose else 1e-5)
 
 
 def test_accumulation_option_errors():

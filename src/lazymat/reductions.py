@@ -297,30 +297,56 @@ def _shifted_exp_merge(xp, a, b, K=None):
 
 
 def _lse_decl(rc):
-    return [f"{rc.T} mx[LANES]; double s0[LANES]; double s[{rc.E}][LANES]; {rc.T} ex[TJ][LANES];",
-            _loop("l", "LANES", "{ mx[l] = -INFINITY_T; s0[l] = 0; }"),
-            _loop("e", rc.E, _loop("l", "LANES", "s[e][l] = 0;"))]
+    lines = [f"{rc.T} mx[LANES]; {rc.acc} s0[LANES]; {rc.acc} s[{rc.E}][LANES]; "
+             f"{rc.T} ex[TJ][LANES];",
+             _loop("l", "LANES", "{ mx[l] = -INFINITY_T; s0[l] = 0; }"),
+             _loop("e", rc.E, _loop("l", "LANES", "s[e][l] = 0;"))]
+    if rc.scheme == "kahan":  # the compensations, rescaled with the sums
+        lines += [f"{rc.acc} kc0[LANES]; {rc.acc} kc[{rc.E}][LANES];",
+                  _loop("l", "LANES", "kc0[l] = 0;"),
+                  _loop("e", rc.E, _loop("l", "LANES", "kc[e][l] = 0;"))]
+    return lines
 
 
 def _lse_tile(rc):
     # Two passes over the tile: its max (rescale the running sums once), then the
-    # shifted exponentials, stored once and reused for every weight component.
-    return [f"{rc.T} tm[LANES];",
-            "for (int l = 0; l < LANES; l++) tm[l] = mx[l];",
-            "for (int jj = 0; jj < tj; jj++) {",
-            *["  " + s for s in _lanes(f"{rc.T} v = {rc.V(0)}; tm[l] = v > tm[l] ? v : tm[l];")],
-            "}",
-            "for (int l = 0; l < LANES; l++) {",
-            "  double sc = (mx[l] == tm[l]) ? 1.0 : lm_exp((double)mx[l] - (double)tm[l]);",
-            f"  s0[l] *= sc; for (int e = 0; e < {rc.E}; e++) s[e][l] *= sc; mx[l] = tm[l]; }}",
-            f"{rc.T} ts0[LANES] = {{0}};",
-            "for (int jj = 0; jj < tj; jj++) {",
-            *["  " + s for s in _lanes(
-                f"{rc.T} x = (mx[l] == -INFINITY_T) ? ({rc.T})0 : lm_exp({rc.V(0)} - mx[l]); "
-                "ex[jj][l] = x; ts0[l] += x;")],
-            "}",
-            "for (int l = 0; l < LANES; l++) s0[l] += ts0[l];",
-            *_weighted_sums(rc)]
+    # shifted exponentials, stored once and reused for every weight component. The sums
+    # follow the accumulation options as Sum does: per-tile partial sums in T added to
+    # the accumulator (block, the default), every term straight into it (direct), or
+    # compensated (kahan).
+    acc = rc.acc
+    rescale = f"s0[l] *= sc; for (int e = 0; e < {rc.E}; e++) s[e][l] *= sc;"
+    if rc.scheme == "kahan":
+        rescale += f" kc0[l] *= sc; for (int e = 0; e < {rc.E}; e++) kc[e][l] *= sc;"
+    lines = [f"{rc.T} tm[LANES];",
+             "for (int l = 0; l < LANES; l++) tm[l] = mx[l];",
+             "for (int jj = 0; jj < tj; jj++) {",
+             *["  " + s for s in _lanes(f"{rc.T} v = {rc.V(0)}; tm[l] = v > tm[l] ? v : tm[l];")],
+             "}",
+             "for (int l = 0; l < LANES; l++) {",
+             f"  {acc} sc = (mx[l] == tm[l]) ? ({acc})1 : lm_exp(({acc})mx[l] - ({acc})tm[l]);",
+             f"  {rescale} mx[l] = tm[l]; }}"]
+    shifted = f"{rc.T} x = (mx[l] == -INFINITY_T) ? ({rc.T})0 : lm_exp({rc.V(0)} - mx[l]);"
+    if rc.scheme == "block":
+        return lines + [f"{rc.T} ts0[LANES] = {{0}};",
+                        "for (int jj = 0; jj < tj; jj++) {",
+                        *["  " + s for s in _lanes(f"{shifted} ex[jj][l] = x; ts0[l] += x;")],
+                        "}",
+                        "for (int l = 0; l < LANES; l++) s0[l] += ts0[l];",
+                        *_weighted_sums(rc)]
+    if rc.scheme == "direct":
+        add0 = f"s0[l] += ({acc})x;"
+        add = f"s[e][l] += ({acc})x * ({acc}){rc.W('e')};"
+    else:
+        add0 = f"{acc} y = ({acc})x - kc0[l], t = s0[l] + y; kc0[l] = (t - s0[l]) - y; s0[l] = t;"
+        add = (f"{acc} y = ({acc})x * ({acc}){rc.W('e')} - kc[e][l], t = s[e][l] + y; "
+               "kc[e][l] = (t - s[e][l]) - y; s[e][l] = t;")
+    return lines + ["for (int jj = 0; jj < tj; jj++) {",
+                    *["  " + s for s in _lanes(f"{shifted} ex[jj][l] = x; {add0}")],
+                    "}",
+                    f"for (int e = 0; e < {rc.E}; e++) for (int jj = 0; jj < tj; jj++) {{",
+                    *["  " + s for s in _lanes(f"{rc.T} x = ex[jj][l]; {add}")],
+                    "}"]
 
 
 def _weighted_sums(rc) -> list[str]:

@@ -191,7 +191,9 @@ class ReductionContext:
     column in the pass, in loops the reduction writes itself), ``j0`` (the global index
     of the pass's first column), ``row`` (in ``c_store``: the row of lane ``l``), ``out``
     and ``out_idx`` (the batch's outputs, rows of ``value_row_size``), ``INFINITY_T`` and
-    the prelude's ``lm_*`` helpers. ``#pragma omp`` lines are dropped on CUDA.
+    the prelude's ``lm_*`` helpers. ``#pragma omp`` lines are dropped on CUDA. Its own
+    declarations must not reuse the scaffolds' names: ``b``, ``c``, ``t``, ``q``, ``i0``,
+    ``nl``, ``jb``, ``jt``, ``nj``, ``task``, ``part``, ``a<n>``, ``xv<n>``, ``ys<n>``.
     """
 
     def __init__(self, spec: KernelSpec, em: Emitter, T: str):
