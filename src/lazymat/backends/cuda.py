@@ -17,7 +17,7 @@ device(type='cuda', index=0)
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import math
 import threading
 from typing import Any, Sequence
@@ -36,6 +36,7 @@ _functions: dict[tuple, Any] = {}  # (kernel key, device index) -> CUfunction
 _modules: list[Any] = []  # loaded modules, kept alive for the process
 _contexts: dict[int, Any] = {}  # device index -> its primary context
 _dense: dict[tuple, tuple] = {}  # (device, M, N, nargs, block) -> _table() without ranges
+_streams: dict[int, Any] = {}  # torch's raw stream handle -> the CUstream object
 _driver_module: Any = None
 #: Blocks of one launch (a grid-stride loop covers more tasks).
 MAX_GRID = 65535 * 32
@@ -186,13 +187,17 @@ def _table(ranges: Sequence[Any], nargs: int, device: Any, block: int) -> tuple[
 
 
 def _dense_table(index: int, M: int, N: int, nargs: int, device: Any, block: int) -> tuple:
-    """The table of a call without ranges (cached per device and sizes: every call needs it)."""
+    """The table of a call without ranges (cached per device and sizes: every call needs
+    it), and the stream it was made on."""
     key = (index, M, N, nargs, block)
     found = _dense.get(key)
     if found is None:
+        import torch
+
         if len(_dense) > 256:
             _dense.clear()
-        found = _dense[key] = _table(([[0, M]], [1], [[0, N]]), nargs, device, block)
+        found = _dense[key] = (*_table(([[0, M]], [1], [[0, N]]), nargs, device, block),
+                               torch.cuda.current_stream(index).cuda_stream)
     return found
 
 
@@ -235,17 +240,23 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
     import torch
 
     device = like.device
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    current = torch.cuda.current_device()
+    index = device.index if device.index is not None else current
     block = _block_size(M, index)
-    with torch.cuda.device(index):
-        stream = torch.cuda.current_stream(index)
-        table, ntasks, (offsets_ptr, tasks_ptr, slices_ptr, redranges_ptr) = (
-            _dense_table(index, M, N, len(arrays), device, block) if ranges is None
-            else _table(ranges, len(arrays), device, block))
-        keep = [table]
+    with torch.cuda.device(index) if index != current else contextlib.nullcontext():
+        torch_stream = torch.cuda.current_stream(index)
+        stream = torch_stream.cuda_stream
+        if ranges is None:
+            table, ntasks, pointers, made_on = _dense_table(index, M, N, len(arrays), device,
+                                                            block)
+            if made_on != stream:  # keep its memory until this stream is done with it
+                table.record_stream(torch_stream)
+        else:  # made on this stream: torch's allocator orders its reuse after the kernel
+            table, ntasks, pointers = _table(ranges, len(arrays), device, block)
+        offsets_ptr, tasks_ptr, slices_ptr, redranges_ptr = pointers
         if offsets is not None:  # batch dims: per-array offsets of every batch
-            keep.append(_upload(offsets, device))
-            offsets_ptr = keep[-1].data_ptr()
+            batch_table = _upload(offsets, device)
+            offsets_ptr = batch_table.data_ptr()
         nbatch = math.prod(batch)
         parts = _parts(red, nbatch * ntasks, N, index)
         kernel_red = REDUCTIONS[red.split_with] if parts > 1 else red
@@ -254,7 +265,7 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         fn = _kernel(kernel_red, formula, weight, K, dtype, len(arrays), accumulation, block,
                      index)
         lead = ((parts,) if parts > 1 else ()) + batch + (M,)
-        tensors = [a.detach().contiguous() for a in arrays]
+        tensors = [a if a.is_contiguous() else a.contiguous() for a in arrays]
         if ranges is None:
             outs = [torch.empty(lead + shape, device=device,
                                 dtype=torch.int64 if kind == "index" else like.dtype)
@@ -265,30 +276,26 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
                     for (kind, shape), fill in zip(kernel_shapes, kernel_red.identity)]
         values = [o for (kind, _), o in zip(kernel_shapes, outs) if kind == "value"]
         indices = [o for (kind, _), o in zip(kernel_shapes, outs) if kind == "index"]
-        params = [ctypes.c_longlong(M), ctypes.c_longlong(N), ctypes.c_longlong(nbatch),
-                  ctypes.c_longlong(parts), ctypes.c_longlong(-(-N // parts)),
-                  ctypes.c_void_p(offsets_ptr), ctypes.c_longlong(ntasks),
-                  ctypes.c_void_p(tasks_ptr), ctypes.c_void_p(slices_ptr),
-                  ctypes.c_void_p(redranges_ptr),
-                  (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() for t in tensors]),
-                  ctypes.c_void_p(values[0].data_ptr() if values else None),
-                  ctypes.c_void_p(indices[0].data_ptr() if indices else None)]
-        pointers = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
+        # Every parameter is 8 bytes (the Args struct is nargs pointers): one buffer holds
+        # them all, and the driver gets the address of each.
+        buffer = np.array([M, N, nbatch, parts, -(-N // parts), offsets_ptr, ntasks, tasks_ptr,
+                           slices_ptr, redranges_ptr, *[t.data_ptr() for t in tensors]]
+                          + [0] * (len(tensors) == 0)
+                          + [values[0].data_ptr() if values else 0,
+                             indices[0].data_ptr() if indices else 0], dtype=np.uint64)
+        base, nargs = buffer.ctypes.data, max(1, len(tensors))
+        where = np.array([base + 8 * k for k in range(11)]
+                         + [base + 8 * (10 + nargs), base + 8 * (11 + nargs)], dtype=np.uint64)
         grid = max(1, min(parts * nbatch * ntasks, MAX_GRID))
         driver = _driver_module
+        handle = _streams.get(stream)
+        if handle is None:
+            handle = _streams[stream] = driver.CUstream(stream)
         _check(driver.cuCtxSetCurrent(_contexts[index]), "cuCtxSetCurrent")
-        _check(driver.cuLaunchKernel(fn, grid, 1, 1, block, 1, 1, 0,
-                                     driver.CUstream(stream.cuda_stream),
-                                     ctypes.addressof(pointers), 0), "cuLaunchKernel")
-        # A cached table may have been allocated on another stream: tell torch's allocator
-        # this one reads it, so its memory is not reused before the kernel is done. (Inputs
-        # follow torch's rule for any op: the caller orders their streams.)
-        for t in keep:
-            t.record_stream(stream)
+        _check(driver.cuLaunchKernel(fn, grid, 1, 1, block, 1, 1, 0, handle,
+                                     where.ctypes.data, 0), "cuLaunchKernel")
         if parts > 1:
-            rows = (-1,)
-            flat = [o.reshape((parts,) + rows + shape) for o, (_, shape)
-                    in zip(outs, kernel_shapes)]
+            flat = [o.reshape((parts, -1) + shape) for o, (_, shape) in zip(outs, kernel_shapes)]
             outs = [o.reshape(batch + (M,) + shape) for o, (_, shape)
                     in zip(_combine(red, xp, flat, K), shapes)]
     return tuple(outs)
