@@ -15,7 +15,6 @@ For a local kernel (Gaussian, Matérn, ...) it removes most conjugate gradient i
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import numpy as np
@@ -62,9 +61,10 @@ class SchwarzPreconditioner:
 
     ``points`` (n, D) and ``leaves`` come from :func:`kd_order` (points already sorted);
     block k holds the points within ``overlap`` × (mean side of leaf k) of leaf k's box, and
-    ``block(idx)`` returns the dense K[idx][:, idx] (numpy or torch, in the solve's dtype).
-    Calling the preconditioner on r (n, e), in the sorted order, returns Σ_k R_kᵀ (α·Id +
-    K_kk)⁻¹ R_k r, a symmetric positive definite approximation of (α·Id + K)⁻¹ r.
+    ``block(idx)`` returns the dense float64 K[idx][:, idx] (numpy, or torch on ``like``'s
+    device). Calling the preconditioner on r (n, e), in the sorted order, returns Σ_k R_kᵀ
+    (α·Id + K_kk)⁻¹ R_k r, a symmetric positive definite approximation of (α·Id + K)⁻¹ r,
+    in r's dtype; the inverses are kept in ``like``'s dtype (float32 data: half the memory).
 
     >>> import numpy as np
     >>> x = np.sort(np.random.rand(300, 1), 0)
@@ -86,14 +86,13 @@ class SchwarzPreconditioner:
         glo, ghi = lo - grow, hi + grow
         self.torch = is_torch(like)
         self.blocks: list[tuple[Any, Any]] = []
+        self.sizes: list[int] = []
         for k in range(len(leaves)):
             near = np.nonzero(np.all((lo <= ghi[k]) & (hi >= glo[k]), 1))[0]
             cand = np.concatenate([np.arange(*leaves[c]) for c in near])
-            inside = np.all((pts[cand] >= glo[k]) & (pts[cand] <= ghi[k]), 1)
-            idx = cand[inside]
-            self.blocks.append((idx, None))
-        self.sizes = [len(idx) for idx, _ in self.blocks]
-        self.blocks = [self._factor(idx, block, alpha, like) for idx, _ in self.blocks]
+            idx = cand[np.all((pts[cand] >= glo[k]) & (pts[cand] <= ghi[k]), 1)]
+            self.sizes.append(len(idx))
+            self.blocks.append(self._factor(idx, block, alpha, like))
 
     def _factor(self, idx: np.ndarray, block: Callable[[Any], Any], alpha: float,
                 like: Any) -> tuple[Any, Any]:
@@ -104,11 +103,12 @@ class SchwarzPreconditioner:
             A = block(index)
             A = A + alpha * torch.eye(len(idx), dtype=A.dtype, device=A.device)
             L, info = torch.linalg.cholesky_ex(A)
-            inv = torch.cholesky_inverse(L) if int(info) == 0 else torch.linalg.pinv(A)
-            return index, inv
+            inv = torch.cholesky_inverse(L) if int(info) == 0 else torch.linalg.pinv(
+                A, hermitian=True)
+            return index, inv.to(like.dtype)
         A = np.asarray(block(idx))
         A = A + alpha * np.eye(len(idx), dtype=A.dtype)
-        return idx, _spd_inverse(A)
+        return idx, _spd_inverse(A).astype(like.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -117,17 +117,20 @@ class SchwarzPreconditioner:
 
     def __call__(self, r: Any) -> Any:
         z = r * 0
+        dtype = self.blocks[0][1].dtype if self.blocks else r.dtype
+        low = r.to(dtype) if self.torch else r.astype(dtype, copy=False)
         for idx, inv in self.blocks:
-            z[idx] += inv @ r[idx]
+            z[idx] += inv @ low[idx]
         return z
 
 
 def _spd_inverse(A: np.ndarray) -> np.ndarray:
-    """The (symmetrized) inverse of a symmetric positive definite matrix."""
-    inv = np.linalg.inv(A)
+    """The (symmetrized) inverse of a symmetric positive definite matrix; the pseudo-inverse
+    when A is (numerically) singular."""
+    try:
+        inv = np.linalg.inv(A)
+    except np.linalg.LinAlgError:
+        inv = None
+    if inv is None or not np.isfinite(inv).all() or (np.diag(inv) <= 0).any():
+        inv = np.linalg.pinv(A, hermitian=True)
     return (inv + inv.T) / 2
-
-
-def default_leaf_size(n: int) -> int:
-    """Leaf size of the Schwarz blocks for n points: about 4·n^(1/3) points (>= 32)... """
-    return max(32, int(4 * math.sqrt(n)))
