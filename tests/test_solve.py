@@ -241,3 +241,12 @@ def test_fast_solve_errors():
     ranged.ranges = lm.from_matrix(ranges, ranges, np.ones((len(ranges),) * 2, bool))
     with pytest.raises(lm.ShapeError, match="without ranges"):
         ranged.solve(B2, alpha=0.1, truncate=True)
+
+
+def test_float32_precision_floor_warns_quickly():
+    x, b = X2.astype("float32"), B2.astype("float32")
+    K = (-lm.Vi(x).sqdist(lm.Vj(x)) * G2).exp()
+    info = {}
+    with pytest.warns(lm.ConvergenceWarning, match="Float32"):
+        a = K.solve(b, alpha=0.05, eps=1e-11, info=info, precond="schwarz")
+    assert info["rounds"] <= 3 and a.dtype == np.float32  # stops at the floor, keeps the best

@@ -97,10 +97,11 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
     return x, it, rr
 
 
-def _warn_not_converged(iterations: int, rr: float, tol: float, stacklevel: int) -> None:
+def _warn_not_converged(iterations: int, rr: float, tol: float, stacklevel: int,
+                        hint: str = "") -> None:
     warnings.warn(f"conjugate gradient did not converge in {iterations} iterations "
                   f"(|r|^2 = {rr:.3e}, target {tol:.3e}): is the kernel matrix "
-                  f"positive definite? A larger alpha helps.", ConvergenceWarning,
+                  f"positive definite? A larger alpha helps.{hint}", ConvergenceWarning,
                   stacklevel=stacklevel + 1)
 
 
@@ -162,11 +163,19 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
         rhs = r if sort is None else r[sort]
         d, its, _ = _pcg(op, rhs, 0.5 * tol, max_iter - total, precond, (start, total))
         total += its
-        x = x + (d if unsort is None else d[unsort])
-        r = work - exact(x)
-        rr = _dot(r, r)
+        x_new = x + (d if unsort is None else d[unsort])
+        r_new = work - exact(x_new)
+        rr_new = _dot(r_new, r_new)
+        if rr_new > 0.5 * rr and rounds > 1:
+            # Stagnation: the matvec's own rounding (float32 data) is at the target's level.
+            if rr_new < rr:
+                x, r, rr = x_new, r_new, rr_new
+            break
+        x, r, rr = x_new, r_new, rr_new
     if rr >= tol:
-        _warn_not_converged(total, rr, tol, stacklevel=4)  # the caller of K.solve
+        _warn_not_converged(total, rr, tol, stacklevel=4,  # the caller of K.solve
+                            hint=" Float32 data limits the attainable residual: try float64 "
+                            "or a larger eps." if str(data_dtype).endswith("float32") else "")
     if info is not None:
         info.update(iterations=total, rounds=rounds, residual=rr, target=tol,
                     seconds=time.perf_counter() - start)
