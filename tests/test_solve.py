@@ -250,3 +250,19 @@ def test_float32_precision_floor_warns_quickly():
     with pytest.warns(lm.ConvergenceWarning, match="Float32"):
         a = K.solve(b, alpha=0.05, eps=1e-11, info=info, precond="schwarz")
     assert info["rounds"] <= 3 and a.dtype == np.float32  # stops at the floor, keeps the best
+
+
+def test_schwarz_memory_cap(monkeypatch):
+    import lazymat.preconditioners as pre
+    import lazymat.solve as solve_module
+
+    monkeypatch.setattr(pre, "MAX_BYTES", 10_000)
+    monkeypatch.setattr(solve_module, "AUTO_MIN_ROWS", 100)
+    K = (-lm.Vi(X2).sqdist(lm.Vj(X2)) * G2).exp()
+    with pytest.raises(lm.ShapeError, match="GB of block inverses"):
+        K.solve(B2, alpha=0.05, precond="schwarz")
+    info = {}  # "auto" goes on without it (still block-sparse)
+    a = K.solve(B2, alpha=0.05, eps=1e-9, info=info)
+    assert "precond_blocks" not in info and info["kept"] < 1
+    want = np.linalg.solve(gauss2(X2) + 0.05 * np.eye(len(X2)), B2)
+    np.testing.assert_allclose(a, want, atol=1e-7 * np.abs(want).max())

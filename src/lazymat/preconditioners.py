@@ -21,6 +21,9 @@ import numpy as np
 
 from .arraylib import is_torch
 
+#: The most memory the block inverses of a SchwarzPreconditioner may take, in bytes.
+MAX_BYTES = 4 * 2**30
+
 
 def kd_order(points: np.ndarray, leaf_size: int,
              within: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -76,23 +79,31 @@ class SchwarzPreconditioner:
     """
 
     def __init__(self, block: Callable[[Any], Any], points: np.ndarray, leaves: np.ndarray,
-                 alpha: float, like: Any, overlap: float = 0.25):
+                 alpha: float, like: Any, overlap: float = 0.25,
+                 max_bytes: float | None = None):
+        from .errors import ShapeError
+
         if not overlap >= 0:
-            raise ValueError(f"overlap must be >= 0 (a fraction of a block's side), got "
+            raise ShapeError(f"overlap must be >= 0 (a fraction of a block's side), got "
                              f"{overlap!r}")
         pts = np.asarray(points)
         lo, hi = leaf_boxes(pts, leaves)
         grow = overlap * (hi - lo).mean(1, keepdims=True)
         glo, ghi = lo - grow, hi + grow
         self.torch = is_torch(like)
-        self.blocks: list[tuple[Any, Any]] = []
-        self.sizes: list[int] = []
+        members = []
         for k in range(len(leaves)):
             near = np.nonzero(np.all((lo <= ghi[k]) & (hi >= glo[k]), 1))[0]
             cand = np.concatenate([np.arange(*leaves[c]) for c in near])
-            idx = cand[np.all((pts[cand] >= glo[k]) & (pts[cand] <= ghi[k]), 1)]
-            self.sizes.append(len(idx))
-            self.blocks.append(self._factor(idx, block, alpha, like))
+            members.append(cand[np.all((pts[cand] >= glo[k]) & (pts[cand] <= ghi[k]), 1)])
+        self.sizes = [len(idx) for idx in members]
+        need = sum(m * m for m in self.sizes) * np.dtype(str(like.dtype).split(".")[-1]).itemsize
+        max_bytes = MAX_BYTES if max_bytes is None else max_bytes
+        if need > max_bytes:
+            raise ShapeError(f"the Schwarz preconditioner would keep {need / 1e9:.1f} GB of "
+                             f"block inverses (limit {max_bytes / 1e9:.1f} GB): pass a smaller "
+                             f"block_size or overlap, or precond=None")
+        self.blocks = [self._factor(idx, block, alpha, like) for idx in members]
 
     def _factor(self, idx: np.ndarray, block: Callable[[Any], Any], alpha: float,
                 like: Any) -> tuple[Any, Any]:

@@ -415,7 +415,10 @@ class KernelSystem:
         block_size = int(options.get("block_size", 256))
         perm, coarse = kd_order(pts, block_size)
         if use_trunc:
-            perm, self.fine = kd_order(pts, 32, within=(perm, coarse))  # fastest at 1e4 and 1e5
+            # 32 points: the fastest at N = 1e4 and 1e5; bigger past 131072 points, so that
+            # the (leaves x leaves) distance table stays under 8192² numbers.
+            leaf = max(32, 2 ** math.ceil(math.log2(max(n, 1) / 4096)))
+            perm, self.fine = kd_order(pts, leaf, within=(perm, coarse))
         unsort = np.empty_like(perm)
         unsort[perm] = np.arange(n)
         self.sort, self.unsort = perm, unsort
@@ -429,9 +432,18 @@ class KernelSystem:
         self.points = pts[perm]
         self._matvecs: dict[int, plan.Request] = {}
         if use_pre:
-            self.precond = SchwarzPreconditioner(self._block, self.points, coarse, alpha,
-                                                 like=like, overlap=float(
-                                                     options.get("overlap", 0.25)))
+            try:
+                self.precond = SchwarzPreconditioner(self._block, self.points, coarse, alpha,
+                                                     like=like, overlap=float(
+                                                         options.get("overlap", 0.25)))
+            except ShapeError as e:
+                if precond != "auto" or "GB" not in str(e):
+                    raise
+                if _verbose():
+                    print(f"[lazymat] solve: no preconditioner: {e}", file=sys.stderr)
+                use_pre = False
+                self.active = use_trunc
+        if use_pre:
             self._described.update(
                 precond_blocks=len(self.precond.blocks),
                 precond_max_block=max(self.precond.sizes),
