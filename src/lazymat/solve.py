@@ -156,6 +156,8 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
         op = system.operator(budget=_TRUNCATION_SHARE * alpha * math.sqrt(tol) / max(
             norm_b, 1e-300))
         precond, sort, unsort = system.precond, system.sort, system.unsort
+        if _verbose():
+            print(f"[lazymat] solve: {system.summary()}", file=sys.stderr)
     x, r, rr = work * 0, work, _dot(work, work)
     total, rounds = 0, 0
     while rr >= tol and rr > 0 and total < max_iter and rounds < _MAX_ROUNDS:
@@ -484,6 +486,7 @@ class KernelSystem:
         to at most ``budget`` (a bound of ‖K - K̃‖₂); None if nothing can be dropped."""
         if self._ranges is not None and self._ranges[0] == budget:
             return self._ranges[1]
+        start = time.perf_counter()
         gamma, weight, _ = self.gauss
         leaves = self.fine
         lo, hi = leaf_boxes(self.points, leaves)
@@ -516,7 +519,8 @@ class KernelSystem:
             red = np.stack([leaves[first, 0], leaves[last - 1, 1]], 1)
             slices = np.cumsum(np.bincount(rows, minlength=C)).astype(np.int64)
             six = (leaves, slices, red, leaves, slices, red)
-        self._described.update(kept=kept, truncation_bound=budget)
+        self._described.update(kept=kept, truncation_bound=budget, setup_seconds=self._described[
+            "setup_seconds"] + time.perf_counter() - start)
         self._ranges = (budget, six)
         return six
 
@@ -541,7 +545,17 @@ class KernelSystem:
         return op
 
     def describe(self) -> dict[str, Any]:
+        """Setup facts for ``info``: preconditioner blocks and memory, kept pairs, seconds."""
         return dict(self._described)
+
+    def summary(self) -> str:
+        d, parts = self._described, []
+        if "precond_blocks" in d:
+            parts.append(f"Schwarz preconditioner on {d['precond_blocks']} blocks (<= "
+                         f"{d['precond_max_block']} points, {d['precond_mbytes']:.0f} MB)")
+        if "kept" in d:
+            parts.append(f"block-sparse K keeping {100 * d['kept']:.0f} % of the pairs")
+        return ", ".join(parts) + f"; setup {d.get('setup_seconds', 0):.2f} s"
 
 
 class KernelSolve:
