@@ -615,3 +615,59 @@ def test_zero_formula_reduces_to_zeros():
     x, y = np.ones((5, 3)), np.ones((4, 3))
     r = (Vi(x) * Vj(y) * 0).sum(dim=1)
     np.testing.assert_array_equal(r, np.zeros((5, 3)))
+
+
+# --------------------------------------------------------------------------- symbolic variables
+
+def test_symbolic_variables_make_a_callable_reduction(rng):
+    """KeOps' Vi(index, dim): the reduction waits for its arrays, given by index."""
+    x, y, b = rng.standard_normal((6, 3)), rng.standard_normal((9, 3)), rng.standard_normal((9, 2))
+    want = (lm.Vj(b) * (-lm.Vi(x).sqdist(lm.Vj(y))).exp()).sum(dim=1)
+    red = (lm.Vj(2, 2) * (-lm.Vi(0, 3).sqdist(lm.Vj(1, 3))).exp()).sum(dim=1)
+    assert isinstance(red, lm.lazy_tensor.SymbolicReduction)
+    np.testing.assert_allclose(red(x, y, b), want, rtol=1e-12)
+    np.testing.assert_allclose(red(x, y, 2 * b), 2 * want, rtol=1e-12)  # reusable
+    # KeOps' tuple spelling, mixed with data, a symbolic parameter given as a float
+    mixed = (lm.LazyTensor((0, 3, 1)) - lm.Vi(x)).abs().sum(-1) * lm.Pm(1, 1)
+    out = mixed.logsumexp(dim=1)(y, 0.5)
+    direct = (0.5 * (lm.Vj(y) - lm.Vi(x)).abs().sum(-1)).logsumexp(dim=1)
+    np.testing.assert_allclose(out, direct, rtol=1e-12)
+    # weights may be symbolic too; keyword options apply at the call
+    soft = lm.Vi(0, 3).sqdist(lm.Vj(1, 3)).sumsoftmaxweight(lm.Vj(2, 2), dim=1)
+    np.testing.assert_allclose(soft(x, y, b, backend="reference"),
+                               lm.Vi(x).sqdist(lm.Vj(y)).sumsoftmaxweight(lm.Vj(b), dim=1),
+                               rtol=1e-10)
+
+
+def test_call_false_defers_the_reduction(rng):
+    x = rng.standard_normal((5, 2))
+    red = lm.Vi(x).sqdist(lm.Vj(x)).sum(dim=1, call=False)
+    assert isinstance(red, lm.lazy_tensor.SymbolicReduction)
+    np.testing.assert_allclose(red(), lm.Vi(x).sqdist(lm.Vj(x)).sum(dim=1))
+
+
+@requires_torch
+def test_symbolic_reduction_is_differentiable():
+    import torch
+
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(7, 3, dtype=torch.float64)
+    red = (-lm.Vi(0, 3).sqdist(lm.Vj(1, 3))).exp().sum(dim=1)
+    assert torch.autograd.gradcheck(lambda x: red(x, y), (x,))
+
+
+def test_symbolic_variable_errors(rng, no_compile):
+    x = rng.standard_normal((5, 3))
+    red = lm.Vi(0, 3).sqdist(lm.Vj(1, 3)).sum(dim=1)
+    with pytest.raises(lm.ShapeError, match=r"Vj\(1, 3\) but was called with 1 array"):
+        red(x)
+    with pytest.raises(lm.ShapeError, match=r"Vj\(1, 3\): argument 1 has shape \(5, 2\)"):
+        red(x, x[:, :2])
+    with pytest.raises(lm.ShapeError, match="needs its dim"):
+        lm.Vi(0)
+    with pytest.raises(lm.ShapeError, match="symbolic"):
+        lm.Vi(0, 1) @ np.ones(3)
+    with pytest.raises(lm.ShapeError, match="symbolic variable"):
+        lm.Vi(0, 3).sqdist(lm.Vj(x)).dense()
+    with pytest.raises(lm.ShapeError, match="index >= 0"):
+        lm.Vi(-1, 3)

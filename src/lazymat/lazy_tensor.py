@@ -35,12 +35,14 @@ class _Leaf:
     per-formula cache hits.
     """
 
-    __slots__ = ("array", "value", "cat", "source", "complex")
+    __slots__ = ("array", "value", "cat", "source", "complex", "symbolic")
 
     def __init__(self, array: Any, value: float | complex | None, cat: int, source: Any = None,
-                 complex: bool = False):
+                 complex: bool = False, symbolic: tuple[int, int] | None = None):
         self.array, self.value, self.cat, self.source = array, value, cat, source
         self.complex = complex  # array holds interleaved (re, im) pairs of complex data
+        #: (index, dim) of a symbolic variable, whose array comes when the reduction is called
+        self.symbolic = symbolic
 
     @property
     def rows(self) -> int:
@@ -382,7 +384,7 @@ class LazyTensor:
     # ------------------------------------------------------------------ reductions
     def _reduce(self, name: str, dim: Any, K: int | None = None, weight: Any = None,
                 backend: str = "auto", out: Any = None, axis: Any = None, ranges: Any = None,
-                **options: Any):
+                call: bool = True, **options: Any):
         from .genred import accumulation_options, check_options
 
         check_options(name, options)
@@ -390,6 +392,10 @@ class LazyTensor:
             dim = axis
         operands = [self] + ([_as_lazy(weight)] if weight is not None else [])
         leaves = _merge_leaves(operands)
+        if not call or any(leaf.symbolic for leaf in leaves.values()):
+            return SymbolicReduction(self, name, dict(
+                dim=dim, K=K, weight=operands[1] if weight is not None else None,
+                backend=backend, out=out, ranges=ranges, **options))
         nb = len(_batch_shape(leaves))
         if dim is None:
             raise ShapeError(f"{name} needs dim={nb} (reduce over i) or dim={nb + 1} "
@@ -471,6 +477,7 @@ class LazyTensor:
             raise ShapeError(f"K @ v needs an array v, got {type(v).__name__}")
         vector = len(v.shape) == 1
         vj = Vj(v.reshape(-1, 1) if vector else v)
+        _no_symbolic(self, "K @ v")
         if vj._size(J_CAT) != self._size(J_CAT) and any(
                 leaf.cat == J_CAT for leaf in self._leaves.values()):
             raise ShapeError(f"K @ v: K has N = {self._size(J_CAT)} columns but v has shape "
@@ -503,6 +510,7 @@ class LazyTensor:
         from .genred import accumulation_options
         from .solve import KernelSystem, solve
 
+        _no_symbolic(self, "solve")
         if self.ndim != 1:
             raise ShapeError(f"solve needs a scalar-valued K (inner dim 1), got dim {self.ndim}")
         if not _is_array(b):
@@ -555,6 +563,9 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
     if isinstance(x, complex):
         uid = -next(_float_counter)
         return Var(uid, 2, P_CAT), {(uid, P_CAT): _Leaf(None, x, P_CAT, complex=True)}
+    if (isinstance(x, tuple) and len(x) == 3 and all(isinstance(v, int) for v in x)
+            and axis is None):
+        return _symbolic(*x)
     source = x
     if isinstance(x, (list, tuple)):
         import numpy as np
@@ -595,6 +606,84 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
         raise ShapeError(f"a variable needs at least one component, got shape {shape}")
     return Var(id(source), dim, cat), {(id(source), cat): _Leaf(arr, None, cat, source,
                                                                 is_complex)}
+
+
+def _no_symbolic(lazy: LazyTensor, what: str) -> None:
+    found = [leaf.symbolic for leaf in lazy._leaves.values() if leaf.symbolic]
+    if found:
+        raise ShapeError(f"{what} needs arrays for every variable, and {len(found)} are symbolic "
+                         f"(index, dim) {sorted(found)}: use a reduction, e.g. (K * Vj(v)).sum"
+                         f"(dim=1), and call it with the arrays")
+
+
+class SymbolicReduction:
+    """A reduction waiting for arrays: what a reduction of symbolic variables (``Vi(index,
+    dim)``, ``Vj(...)``, ``Pm(...)``) or one asked with ``call=False`` returns. Calling it
+    with arrays runs it: argument ``k`` is the array of the variables of index ``k``;
+    keyword options (``backend``, ``out``, ``ranges``...) override those of the reduction.
+
+    >>> import numpy as np
+    >>> x, y = Vi(0, 2), Vj(1, 2)
+    >>> knn = x.sqdist(y).argKmin(2, dim=1)
+    >>> knn(np.array([[0.0, 0], [5, 5]]), np.array([[0.0, 0], [1, 1], [4, 4]])).tolist()
+    [[0, 1], [2, 1]]
+    """
+
+    def __init__(self, lazy: LazyTensor, name: str, options: dict[str, Any]):
+        self.lazy, self.name, self.options = lazy, name, options
+
+    def __call__(self, *arrays: Any, **options: Any) -> Any:
+        weight = self.options.get("weight")
+        bound = [self._bind(o, arrays) if o is not None else None for o in (self.lazy, weight)]
+        merged = {**self.options, **options, "weight": bound[1], "call": True}
+        return bound[0]._reduce(self.name, **merged)
+
+    def __repr__(self) -> str:
+        return f"SymbolicReduction({self.name} of {self.lazy.formula!r})"
+
+    def _bind(self, lazy: LazyTensor, arrays: tuple) -> LazyTensor:
+        leaves = dict(lazy._leaves)
+        for key, leaf in lazy._leaves.items():
+            if not leaf.symbolic:
+                continue
+            index, dim = leaf.symbolic
+            role = f"{_ROLE[leaf.cat]}({index}, {dim})"
+            if index >= len(arrays):
+                raise ShapeError(f"the reduction uses the symbolic variable {role} but was "
+                                 f"called with {len(arrays)} array(s)")
+            a = arrays[index]
+            if isinstance(a, (int, float)) and not isinstance(a, bool) and leaf.cat == P_CAT:
+                if dim != 1:
+                    raise ShapeError(f"{role} needs {dim} numbers, got the number {a!r}")
+                leaves[key] = _Leaf(None, float(a), P_CAT)
+                continue
+            if not _is_array(a):
+                raise ShapeError(f"{role}: argument {index} must be an array, got "
+                                 f"{type(a).__name__}")
+            if _is_complex_array(a):
+                raise DtypeError(f"{role}: symbolic variables take real arrays")
+            shape = tuple(a.shape)
+            if leaf.cat != P_CAT and len(shape) == 1 and dim == 1:
+                a, shape = a.reshape(-1, 1), shape + (1,)
+            if not shape or shape[-1] != dim or (leaf.cat != P_CAT and len(shape) < 2):
+                want = f"(..., n, {dim})" if leaf.cat != P_CAT else f"({dim},)"
+                raise ShapeError(f"{role}: argument {index} has shape {shape}, expected {want}")
+            leaves[key] = _Leaf(a, None, leaf.cat, a)
+        return LazyTensor._make(lazy.formula, leaves, lazy.ranges, lazy.is_complex)
+
+
+#: Variable uids of symbolic variables: far from ids (positive) and float parameters (-1, -2...).
+_SYMBOLIC_UID = -(1 << 62)
+
+
+def _symbolic(index: int, dim: int, cat: int) -> tuple[Node, dict]:
+    """The variable of KeOps' ``Vi(index, dim)``: its array is argument ``index`` of the call
+    of the reduction."""
+    if index < 0 or dim < 1 or cat not in (I_CAT, J_CAT, P_CAT):
+        raise ShapeError(f"a symbolic variable needs index >= 0, dim >= 1 and category 0, 1 "
+                         f"or 2, got ({index}, {dim}, {cat})")
+    uid = _SYMBOLIC_UID - index
+    return Var(uid, dim, cat), {(uid, cat): _Leaf(None, None, cat, symbolic=(index, dim))}
 
 
 def _is_complex_array(a: Any) -> bool:
@@ -673,7 +762,7 @@ def _merge_leaves(operands: list[LazyTensor]) -> dict[tuple[int, int], _Leaf]:
     for o in operands:
         leaves.update(o._leaves)
     for cat, letter in ((I_CAT, "M"), (J_CAT, "N")):
-        sizes = {leaf.rows for leaf in leaves.values() if leaf.cat == cat}
+        sizes = {leaf.rows for leaf in leaves.values() if leaf.cat == cat and not leaf.symbolic}
         if len(sizes) > 1:
             raise ShapeError(f"{_ROLE[cat]} variables with different {letter}: "
                              f"{sorted(sizes)} rows; all {_ROLE[cat]} operands of one formula "
@@ -722,6 +811,9 @@ def _bind(formula: Node, weight: Node | None, leaves: dict[tuple[int, int], _Lea
         raise ShapeError("this formula has no array variable: nothing to reduce")
     arrays, names = [], []
     for pos, leaf in enumerate(chosen):
+        if leaf.symbolic:
+            raise ShapeError(f"the symbolic variable {_ROLE[leaf.cat]}{leaf.symbolic} has no "
+                             f"array: reduce, then call the result with the arrays")
         if leaf.array is None and leaf.complex:  # a Python complex: (re, im)
             xp = lib_of(like)
             pair = xp.full((2,), leaf.value.real, like=like)
@@ -765,18 +857,44 @@ def _index(i: int, dim: int) -> int:
     return i % dim
 
 
-def Vi(x: Any) -> LazyTensor:
-    """An i-indexed variable from an (M, D) or (M,) array: x_i."""
-    return LazyTensor(x, axis=0)
+def _variable(x: Any, dim: int | None, cat: int) -> LazyTensor:
+    if dim is not None:
+        return _symbolic_lazy(x, dim, cat)
+    if isinstance(x, int) and not isinstance(x, bool):
+        raise ShapeError(f"{_ROLE[cat]}({x}): a symbolic variable needs its dim, "
+                         f"{_ROLE[cat]}({x}, dim); data needs an array")
+    return LazyTensor(x, axis=0 if cat == I_CAT else 1)
 
 
-def Vj(x: Any) -> LazyTensor:
-    """A j-indexed variable from an (N, D) or (N,) array: y_j."""
-    return LazyTensor(x, axis=1)
+def _symbolic_lazy(index: Any, dim: Any, cat: int) -> LazyTensor:
+    if not isinstance(index, int) or not isinstance(dim, int):
+        raise ShapeError(f"{_ROLE[cat]}(index, dim) makes a symbolic variable and needs two "
+                         f"ints, got ({index!r}, {dim!r})")
+    return LazyTensor((index, dim, cat))
 
 
-def Pm(x: Any) -> LazyTensor:
-    """A parameter (same for every i and j) from a float or a 1-D array."""
+def Vi(x: Any, dim: int | None = None) -> LazyTensor:
+    """An i-indexed variable from an (M, D) or (M,) array: x_i. ``Vi(index, dim)`` is a
+    symbolic one: reductions of it return a function whose argument ``index`` gives x.
+
+    >>> import numpy as np
+    >>> gauss = (-Vi(0, 3).sqdist(Vj(1, 3))).exp().sum(dim=1)
+    >>> gauss(np.zeros((4, 3)), np.zeros((5, 3))).ravel().tolist()
+    [5.0, 5.0, 5.0, 5.0]
+    """
+    return _variable(x, dim, I_CAT)
+
+
+def Vj(x: Any, dim: int | None = None) -> LazyTensor:
+    """A j-indexed variable from an (N, D) or (N,) array: y_j; ``Vj(index, dim)``: symbolic."""
+    return _variable(x, dim, J_CAT)
+
+
+def Pm(x: Any, dim: int | None = None) -> LazyTensor:
+    """A parameter (same for every i and j) from a float or a 1-D array; ``Pm(index, dim)``:
+    symbolic."""
+    if dim is not None:
+        return _symbolic_lazy(x, dim, P_CAT)
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return LazyTensor(float(x))
     if _is_array(x) and len(x.shape) > 1:
