@@ -671,3 +671,18 @@ def test_symbolic_variable_errors(rng, no_compile):
         lm.Vi(0, 3).sqdist(lm.Vj(x)).dense()
     with pytest.raises(lm.ShapeError, match="index >= 0"):
         lm.Vi(-1, 3)
+
+
+def test_solve_for_a_symbolic_variable(rng):
+    """KeOps' K.solve(b, var=Vj(index, dim)): the formula is linear in the variable."""
+    x = rng.random((60, 2))
+    b = rng.standard_normal((60, 2))
+    a_j = lm.Vj(1, 2)
+    K = (-lm.Vi(x).sqdist(lm.Vj(x)) * 5).exp() * a_j
+    a = K.solve(b, var=a_j, alpha=0.3, eps=1e-10)
+    dense = np.exp(-5 * ((x[:, None] - x[None]) ** 2).sum(-1)) + 0.3 * np.eye(60)
+    np.testing.assert_allclose(a, np.linalg.solve(dense, b), rtol=1e-7, atol=1e-8)
+    with pytest.raises(lm.ShapeError, match="symbolic j-variable"):
+        K.solve(b, var=lm.Vi(0, 2))
+    with pytest.raises(lm.ShapeError, match=r"needs b of shape \(N, 2\)"):
+        K.solve(b[:, :1], var=a_j)

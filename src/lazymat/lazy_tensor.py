@@ -487,7 +487,7 @@ class LazyTensor:
 
     def solve(self, b: Any, alpha: float = 1e-10, eps: float = 1e-6, max_iter: int | None = None,
               precond: str | dict | None = "auto", truncate: str | bool = "auto",
-              info: dict | None = None, **kw: Any) -> Any:
+              info: dict | None = None, var: "LazyTensor | None" = None, **kw: Any) -> Any:
         """a with (alpha·Id + K) a = b, by conjugate gradient; K (self) must be a symmetric
         positive definite scalar matrix (not checked). b: (N,) or (N, E). Differentiable with
         torch (the backward is another solve). The result meets ‖(alpha·Id + K) a - b‖² <
@@ -510,6 +510,8 @@ class LazyTensor:
         from .genred import accumulation_options
         from .solve import KernelSystem, solve
 
+        if var is not None:
+            return self._solve_for(var, b, alpha, eps, max_iter, info, kw)
         _no_symbolic(self, "solve")
         if self.ndim != 1:
             raise ShapeError(f"solve needs a scalar-valued K (inner dim 1), got dim {self.ndim}")
@@ -536,6 +538,31 @@ class LazyTensor:
         a = solve(lambda v: self.__matmul__(v, **kw), rhs, alpha, eps, max_iter, params,
                   system, info)
         return a.reshape(-1) if vector else a
+
+    def _solve_for(self, var: "LazyTensor", b: Any, alpha: float, eps: float,
+                   max_iter: int | None, info: dict | None, kw: dict) -> Any:
+        """KeOps' ``solve(b, var=Vj(index, dim))``: a with alpha·a + Σ_j self[var = a] = b,
+        self being linear in the symbolic j-variable ``var``."""
+        from .solve import solve
+
+        found = [leaf for leaf in var._leaves.values() if leaf.symbolic]
+        if (not isinstance(var, LazyTensor) or len(var._leaves) != 1 or len(found) != 1
+                or found[0].cat != J_CAT or var.formula.op != "Var"):
+            raise ShapeError("solve(var=...) needs a symbolic j-variable, Vj(index, dim)")
+        index, dim = found[0].symbolic
+        others = [leaf.symbolic for leaf in self._leaves.values()
+                  if leaf.symbolic and leaf.symbolic != (index, dim)]
+        if others or not any(leaf.symbolic == (index, dim) for leaf in self._leaves.values()):
+            raise ShapeError(f"solve(var=Vj({index}, {dim})): the formula must use that "
+                             f"variable and no other symbolic one (found {sorted(others)})")
+        if not _is_array(b) or b.shape[-1] != dim or len(b.shape) != 2:
+            raise ShapeError(f"solve(var=Vj({index}, {dim})) needs b of shape (N, {dim}), got "
+                             f"{getattr(b, 'shape', type(b).__name__)}")
+        reduction = self.sum(dim=1, **kw)
+        args: list[Any] = [None] * index
+        params = list({id(leaf.array): leaf.array for leaf in self._leaves.values()
+                       if leaf.array is not None and is_torch(leaf.array)}.values())
+        return solve(lambda v: reduction(*args, v), b, alpha, eps, max_iter, params, None, info)
 
     def matvec(self, v: Any):
         return self @ v
