@@ -81,8 +81,58 @@ def test_forward_mode_jvp_jacfwd_hessian():
     close(hessian(lambda x: lse(x).sum())(X), hessian(lambda x: lse_dense(x).sum())(X))
 
 
-def test_forward_mode_of_other_reductions_is_a_clear_error():
-    from torch.func import jvp
+W = torch.rand(7, 2, dtype=torch.float64) + 0.5
 
-    with pytest.raises(NotImplementedError, match="reverse mode"):
-        jvp(lambda x: lm.Vi(x).sqdist(lm.Vj(Y)).min(dim=1), (X,), (torch.randn_like(X),))
+
+def _scalar(x, y):  # a formula with distinct values (no ties for the selections)
+    return lm.Vi(x).sqdist(lm.Vj(y)) + (lm.Vi(x) * lm.Vj(y)).sum(-1) * 0.3
+
+
+def _scalar_dense(x, y):
+    return ((x[:, None] - y[None]) ** 2).sum(-1) + (x[:, None] * y[None]).sum(-1) * 0.3
+
+
+def _vector(x, y):
+    return (lm.Vi(x) - lm.Vj(y)).sin() * lm.Vj(y)
+
+
+def _vector_dense(x, y):
+    return torch.sin(x[:, None] - y[None]) * y[None]
+
+
+FORWARD = {  # (lazymat, dense torch) of (x, y, w): every reduction with a value output
+    "LogSumExp-weight": (lambda x, y, w: (-_scalar(x, y)).logsumexp(dim=1, weight=lm.Vj(w)),
+                         lambda x, y, w: torch.logsumexp(
+                             -_scalar_dense(x, y)[..., None] + torch.log(w)[None], 1)),
+    "SumSoftMaxWeight": (lambda x, y, w: (-_scalar(x, y)).sumsoftmaxweight(lm.Vj(w), dim=1),
+                         lambda x, y, w: torch.softmax(-_scalar_dense(x, y), 1) @ w),
+    "SumSoftMaxWeight-axis0": (lambda x, y, w: (-_scalar(y, x)).sumsoftmaxweight(
+                                   lm.Vi(w), dim=0),
+                               lambda x, y, w: torch.softmax(-_scalar_dense(y, x), 0).T @ w),
+    "Min": (lambda x, y, w: _vector(x, y).min(dim=1),
+            lambda x, y, w: _vector_dense(x, y).min(1).values),
+    "Max_ArgMax": (lambda x, y, w: _vector(x, y).max_argmax(dim=0)[0],
+                   lambda x, y, w: _vector_dense(x, y).max(0).values),
+    "KMin": (lambda x, y, w: _vector(x, y).Kmin(3, dim=1),
+             lambda x, y, w: _vector_dense(x, y).topk(3, 1, largest=False).values),
+    "KMin-D1": (lambda x, y, w: _scalar(x, y).Kmin(3, dim=1),
+                lambda x, y, w: _scalar_dense(x, y).topk(3, 1, largest=False).values),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("name", list(FORWARD))
+def test_forward_mode_of_every_reduction(name):
+    """jvp with tangents on x, y and the weight at once, and jacfwd, against dense torch."""
+    from torch.func import jacfwd, jvp
+
+    ours_fn, dense_fn = FORWARD[name]
+    w = W  # a j-variable of Y's rows (an i-variable for the axis-0 case, where i runs over Y)
+    primals = (X, Y, w)
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    got_out, got = jvp(ours_fn, primals, tangents)
+    want_out, want = jvp(dense_fn, primals, tangents)
+    close(got_out, want_out.reshape(got_out.shape))
+    close(got, want.reshape(got.shape))
+    close(jacfwd(lambda y: ours_fn(X, y, w))(Y),
+          jacfwd(lambda y: dense_fn(X, y, w))(Y).reshape(got.shape + Y.shape))

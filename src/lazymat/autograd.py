@@ -124,7 +124,11 @@ def _reduction_function():
         def jvp(ctx, spec_tangent, *tangents):
             saved = ctx.saved_tensors
             arrays, values = saved[:ctx.n_args], saved[ctx.n_args:]
-            out = _sum_like_jvp(ctx.spec, arrays, values[0] if values else None, tangents)
+            O = values[0] if values else None
+            if ctx.spec.req.definition.cotangents is not None:
+                out = _sum_like_jvp(ctx.spec, arrays, O, tangents)
+            else:
+                out = _selection_jvp(ctx.spec, arrays, O, ctx.indices, tangents)
             kinds = [k for k, _ in _forward_request(ctx.spec.req).definition.out_dims(1, 1, 1)]
             return tuple(out if k == "value" else None for k in kinds)
 
@@ -241,36 +245,101 @@ def _oriented_ranges(spec: _Spec) -> tuple | None:
     return tuple(spec.ranges[3:]) + tuple(spec.ranges[:3])
 
 
+def _tangent(roots: Sequence[Node], tangents, first: int, renamed=None) -> tuple:
+    """(directional derivative of each root, tangent arrays): Σ_v Diff(root, v, t_v) over the
+    variables v with a tangent, t_v a new variable from position ``first`` on; ``renamed``
+    maps a variable to the one it is replaced by (and its tangent's array to use)."""
+    extra, tvs = [], {}
+    for p, t in enumerate(tangents):
+        for v in {v for r in roots if r is not None for v in variables(r) if v.params[0] == p}:
+            if t is None:
+                continue
+            target, array = renamed(v, t) if renamed is not None else (v, t)
+            tvs[v] = Var(first + len(extra), target.params[1], target.params[2])
+            extra.append(array)
+    out = []
+    for r in roots:
+        d = None
+        for v, tv in tvs.items():
+            if r is not None and v in variables(r):
+                term = diff(r, v, tv)
+                d = term if d is None else d + term
+        out.append(d)
+    return out, extra
+
+
 def _sum_like_jvp(spec: _Spec, arrays, O, tangents) -> Any:
     """Forward mode: the output's tangent, one reduction of the directional derivatives
-    Σ_v Diff(F, v, t_v). Sum and (unweighted) LogSumExp; other reductions raise."""
-    red = spec.req.definition
-    if red.name not in ("Sum", "LogSumExp") or spec.req.weight is not None:
-        raise NotImplementedError(f"forward-mode derivatives (jvp, jacfwd) of {red.name} are "
-                                  f"not implemented; use reverse mode (grad, vjp, jacrev)")
-    F = spec.req.formula
+    dF = Σ_v Diff(F, v, t_v) (and dW of the weight): Sum → Σ dF; LogSumExp → Σ e^(F-O) (W dF
+    + dW); SumSoftMaxWeight → Σ e^(F-L) (dF (W - O) + dW), L its log-normalizer."""
+    red, F, W = spec.req.definition, spec.req.formula, spec.req.weight
     n = len(arrays)
-    extra, dF = [], None
-    for p, t in enumerate(tangents):
-        v = _var_at((F,), p)
-        if t is None or v is None:
-            continue
-        tv = Var(n + len(extra), v.params[1], v.params[2])
-        extra.append(t)
-        term = diff(F, v, tv)
-        dF = term if dF is None else dF + term
-    if dF is None:
+    (dF, dW), extra = _tangent((F, W), tangents, n)
+    if dF is None and dW is None:
         return None
-    if red.name == "LogSumExp":  # d log Σ exp(F) = Σ softmax · dF
-        extra.append(O)
-        out_cat = I_CAT if spec.req.axis == 1 else J_CAT
-        dF = make("Exp", (F - Var(n + len(extra) - 1, 1, out_cat),)) * dF
+    out_cat = I_CAT if spec.req.axis == 1 else J_CAT
+
+    def saved(array: Any, dim: int) -> Node:  # an output as a variable of the output index
+        extra.append(array)
+        return Var(n + len(extra) - 1, dim, out_cat)
+
+    dF = dF if dF is not None else F * 0  # only the weight has a tangent
+    if red.name == "Sum":
+        T = dF
+    elif red.name == "LogSumExp":  # d log Σ exp(F) W = Σ exp(F - O) (W dF + dW)
+        Ov = saved(O, O.shape[-1])
+        T = make("Exp", (F - Ov,)) * (dF if W is None else
+                                      W * dF + (dW if dW is not None else W * 0))
+    else:  # SumSoftMaxWeight: O = Σ p W with p = exp(F - L)
+        L, = spec.run(plan.Request("LogSumExp", F, axis=spec.req.axis), arrays, spec.names,
+                      spec.sizes, spec.ranges)
+        Lv, Ov = saved(L.reshape(O.shape[:-1] + (1,)), 1), saved(O, O.shape[-1])
+        T = make("Exp", (F - Lv,)) * (dF * (W - Ov) + (dW if dW is not None else W * 0))
     names = list(spec.names) + [f"tangent {k}" for k in range(len(extra))]
-    req = plan.Request("Sum", dF, axis=spec.req.axis)
-    out, = spec.run(req, list(arrays) + extra, names, spec.sizes, spec.ranges)
+    out, = spec.run(plan.Request("Sum", T, axis=spec.req.axis), list(arrays) + extra, names,
+                    spec.sizes, spec.ranges)
     if O is not None and tuple(out.shape) != tuple(O.shape) and out.numel() == O.numel():
         out = out.reshape(O.shape)  # size-1 batch dims that torch.func's nesting added
     return out
+
+
+def _selection_jvp(spec: _Spec, arrays, O, indices, tangents) -> Any:
+    """Forward mode of Min, Max, KMin and their value+index variants: the tangent of each
+    selected value is dF at its pair (i, j*), F evaluated on the gathered j*."""
+    import torch
+
+    F, _ = _oriented(spec.req)
+    n, D = len(arrays), F.dim
+    per_row = 2 if spec.req.definition.needs_k and D > 1 else 1
+    batch = tuple(indices.shape[:indices.ndim - 1 - per_row])
+    M = indices.shape[len(batch)]
+    idx = indices.reshape(batch + (M, -1, D))
+    j_vars = [v for v in variables(F) if v.params[2] == J_CAT]
+    slots = []  # built out of place: under jacfwd (vmap) the tangents are batched
+    for r in range(idx.shape[-2]):
+        row = []
+        for k in range(D):
+            sel = idx[..., r, k]
+            valid = sel >= 0
+            sel = sel.clamp_min(0)
+            gathered = {v: Var(n + q, v.params[1], I_CAT) for q, v in enumerate(j_vars)}
+            extra = [_gather(arrays[v.params[0]], sel) for v in j_vars]
+
+            def renamed(v: Node, t: Any) -> tuple[Node, Any]:
+                return (gathered[v], _gather(t, sel)) if v in gathered else (v, t)
+
+            Fk = make("Extract", (F,), (k, 1))
+            (dFk,), tangent_arrays = _tangent((Fk,), tangents, n + len(extra), renamed)
+            if dFk is None:
+                row.append(torch.zeros(batch + (M,), dtype=O.dtype, device=O.device))
+                continue
+            req = plan.Request("Sum", substitute(dFk, gathered), axis=1)
+            names = list(spec.names) + [f"argument {q}" for q in range(n, n + len(extra)
+                                                                        + len(tangent_arrays))]
+            part, = spec.run(req, list(arrays) + extra + tangent_arrays, names, (M, 1))
+            row.append(part[..., 0] * valid)
+        slots.append(torch.stack(row, -1))
+    return torch.stack(slots, -2).reshape(O.shape)
 
 
 def _oriented_sizes(spec: _Spec) -> tuple[int | None, int | None]:
