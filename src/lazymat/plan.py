@@ -250,7 +250,7 @@ def _swap_categories(f: Node) -> Node:
     return substitute(f, mapping)
 
 
-_warned_reference = False
+_warned: set[str] = set()  # the fallback warnings already given (once per process each)
 _cuda_reason: list[str | None] = []  # memo of backends.cuda.unavailable_reason()
 
 
@@ -269,7 +269,6 @@ def choose_backend(backend: str, xp: Any, first: Any) -> str:
     "auto" is CUDA for CUDA tensors (the reference backend, with a warning, when the CUDA
     backend cannot run) and the compiled CPU backend otherwise.
     """
-    global _warned_reference
     backend = str(backend).lower()
     if backend.startswith("gpu"):  # KeOps' names: "GPU", "GPU_1D", "GPU_2D"
         backend = "cuda"
@@ -293,18 +292,18 @@ def choose_backend(backend: str, xp: Any, first: Any) -> str:
         reason = cuda_unavailable_reason() if _device(first).startswith("cuda") else "not CUDA"
         if reason is None:
             return "cuda"
-        if not _warned_reference:
+        if "gpu" not in _warned:
             warnings.warn(f"lazymat: tensors on {_device(first)} but the CUDA backend cannot "
                           f"run ({reason}); using the slow reference backend. "
                           "lazymat.check_health() tells more.", RuntimeWarning, stacklevel=3)
-            _warned_reference = True
+            _warned.add("gpu")
         return "reference"
     if not _have_compiler():
-        if not _warned_reference:
+        if "compiler" not in _warned:
             warnings.warn("lazymat: no C++ compiler found (looked for $CXX, g++, clang++); "
                           "using the slow reference backend. lazymat.check_health() tells more.",
                           RuntimeWarning, stacklevel=3)
-            _warned_reference = True
+            _warned.add("compiler")
         return "reference"
     return "cpu"
 
