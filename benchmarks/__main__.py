@@ -10,10 +10,14 @@ if __name__ == "__main__":
     suite.main(full=full)
     sparse_batch_solve.main(full=full)
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         print("\n(torch is not installed: autodiff benchmark skipped)")
     else:
         from . import autodiff
 
         autodiff.main(full=full)
+        if torch.cuda.is_available():  # the CUDA backend against torch (and pykeops)
+            from . import gpu
+
+            gpu.main(quick=not full)
