@@ -350,21 +350,26 @@ def _lse_tile(rc):
 
 
 def _weighted_sums(rc) -> list[str]:
-    """s[e] += Σ_jj ex[jj] W_e over the tile, four weight components at a time (eight
-    independent vector accumulators, as in a GEMM micro-kernel)."""
+    """s[e] += Σ_jj ex[jj] W_e over the tile, WIDTH weight components at a time. The lanes
+    are the outer (vectorized) loop and the columns the inner one, so that the WIDTH
+    accumulators of each lane stay in registers; full tiles get a loop of TJ columns, whose
+    fixed count lets the compiler vectorize the outer loop."""
     lines = []
-    for width, first, last in ((4, "0", f"{rc.E} - {rc.E} % 4"), (1, f"{rc.E} - {rc.E} % 4",
-                                                                 str(rc.E))):
-        copies = range(width)
-        update = " ".join(f"w{u}[l] += x * {rc.W(f'(e0 + {u})')};" for u in copies)
-        lines += [f"for (int e0 = {first}; e0 < {last}; e0 += {width}) {{",
-                  f"  {rc.T} " + ", ".join(f"w{u}[LANES] = {{0}}" for u in copies) + ";",
-                  "  for (int jj = 0; jj < tj; jj++) {",
-                  *["    " + s for s in _lanes(f"{rc.T} x = ex[jj][l]; {update}")],
-                  "  }",
-                  "  for (int l = 0; l < LANES; l++) { "
-                  + " ".join(f"s[e0 + {u}][l] += w{u}[l];" for u in copies) + " }",
-                  "}"]
+    width = 8
+    for w, first, last in ((width, "0", f"{rc.E} - {rc.E} % {width}"),
+                           (1, f"{rc.E} - {rc.E} % {width}", str(rc.E))):
+        copies = range(w)
+        update = " ".join(f"w{u} += x * {rc.W(f'(e0 + {u})')};" for u in copies)
+
+        def body(count: str) -> list[str]:
+            return _lanes(f"{rc.T} " + ", ".join(f"w{u} = 0" for u in copies) + "; "
+                          f"for (int jj = 0; jj < {count}; jj++) {{ {rc.T} x = ex[jj][l]; "
+                          f"{update} }} "
+                          + " ".join(f"s[e0 + {u}][l] += w{u};" for u in copies))
+
+        lines += [f"for (int e0 = {first}; e0 < {last}; e0 += {w}) {{",
+                  "  if (tj == TJ) {", *["    " + t for t in body("TJ")], "  } else {",
+                  *["    " + t for t in body("tj")], "  }", "}"]
     return lines
 
 
