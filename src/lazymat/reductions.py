@@ -110,14 +110,15 @@ def _sum_tile(rc):
                 "  }"]
     # Block sums (the default): tile partial sums in T, accumulated into the accumulator
     # (double by default) once per tile: float32 sums over millions of terms keep ~1e-7
-    # relative error. Components innermost but one: their accumulators are independent.
-    return [f"{rc.T} ts[{rc.D}][LANES];",
-            _loop("k", rc.D, _loop("l", "LANES", "ts[k][l] = 0;")),
-            "for (int jj = 0; jj < tj; jj++)",
-            f"  for (int k = 0; k < {rc.D}; k++) {{",
-            *["    " + s for s in _lanes(f"ts[k][l] += {rc.V('k')};")],
-            "  }",
-            _loop("k", rc.D, _loop("l", "LANES", "acc[k][l] += ts[k][l];"))]
+    # relative error. Lanes outside, columns inside, so that each partial sum stays in a
+    # register; full tiles get a loop of TJ columns, whose fixed count lets the compiler
+    # vectorize the outer loop.
+    def tile(count: str) -> list[str]:
+        return _lanes(f"{rc.T} t = 0; for (int jj = 0; jj < {count}; jj++) t += {rc.V('k')}; "
+                      "acc[k][l] += t;")
+    return [f"for (int k = 0; k < {rc.D}; k++) {{",
+            "  if (tj == TJ) {", *["    " + s for s in tile("TJ")], "  } else {",
+            *["    " + s for s in tile("tj")], "  }", "}"]
 
 
 def _sum_store(rc):
