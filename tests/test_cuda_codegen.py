@@ -387,12 +387,11 @@ def test_op_row_runs_like_reference(emulate, row, dtype):
     _compare([got], [want], dtype)
 
 
-@requires_emulation
-@pytest.mark.parametrize("case", list(SCAFFOLD))
-def test_scaffold_case_runs_like_reference(emulate, case):
+def scaffold_arrays(case: str, M: int, N: int) -> tuple[list[np.ndarray], str]:
+    """Random numpy arrays for the variables of SCAFFOLD[case] (M rows, N columns), and
+    their dtype."""
     name, f, w, K, nargs = SCAFFOLD[case]
     rng = np.random.default_rng(3)
-    M, N = 19, 23
     arrays = []
     for pos in range(nargs):
         found = [v for r in (f, w) if r is not None for v in formula_variables(r)
@@ -401,7 +400,14 @@ def test_scaffold_case_runs_like_reference(emulate, case):
         rows = {0: (M,), 1: (N,), 2: ()}[cat]
         arrays.append(rng.random(rows + (dim,)) + (0.1 if cat == 1 else 0))
     dtype = "float32" if case == "huge_dim" else "float64"
-    arrays = [a.astype(dtype) for a in arrays]
+    return [a.astype(dtype) for a in arrays], dtype
+
+
+@requires_emulation
+@pytest.mark.parametrize("case", list(SCAFFOLD))
+def test_scaffold_case_runs_like_reference(emulate, case):
+    name, f, w, K, _ = SCAFFOLD[case]
+    arrays, dtype = scaffold_arrays(case, 19, 23)
     req = Request(name, f, K=K, weight=w)
     _compare(run(req, arrays, backend="cpu"), run(req, arrays, backend="reference"), dtype)
 

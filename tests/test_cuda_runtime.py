@@ -18,12 +18,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import TORCH, as64, assert_close
-from test_cuda_codegen import SCAFFOLD, reduction_case
+from test_cuda_codegen import SCAFFOLD, reduction_case, scaffold_arrays
 from test_ops import NAMES, ROWS, make_data, oracle_sum, variables
 
 import lazymat as lm
 from lazymat.errors import CudaUnavailableError
-from lazymat.formula import variables as formula_variables
 from lazymat.plan import Request, cuda_unavailable_reason, run
 from lazymat.reductions import REDUCTIONS
 
@@ -164,18 +163,9 @@ def test_reduction_on_gpu(reduction, dtype, axis, split, monkeypatch):
 @pytest.mark.parametrize("case", list(SCAFFOLD))
 def test_scaffold_case_on_gpu(case):
     """Long dot products, dims too large for the shared tile, unused arguments."""
-    name, f, w, K, nargs = SCAFFOLD[case]
-    rng = np.random.default_rng(3)
-    M, N = 190, 230
-    arrays = []
-    for pos in range(nargs):
-        found = [v for r in (f, w) if r is not None for v in formula_variables(r)
-                 if v.params[0] == pos]
-        dim, cat = found[0].params[1:] if found else (1, 2)
-        rows = {0: (M,), 1: (N,), 2: ()}[cat]
-        arrays.append(rng.random(rows + (dim,)) + (0.1 if cat == 1 else 0))
-    dtype = "float32" if case == "huge_dim" else "float64"
-    arrays = on_gpu([a.astype(dtype) for a in arrays])
+    name, f, w, K, _ = SCAFFOLD[case]
+    arrays, dtype = scaffold_arrays(case, 190, 230)
+    arrays = on_gpu(arrays)
     req = Request(name, f, K=K, weight=w)
     _compare(run(req, arrays, backend="cuda"), run(req, arrays, backend="reference"), dtype,
              case)
