@@ -215,5 +215,8 @@ def lib_of(a: Any) -> NumpyLib | TorchLib:
             _torch_lib = TorchLib()
         return _torch_lib
     if isinstance(a, np.ndarray):
+        if isinstance(a, np.ma.MaskedArray):  # its mask would be silently ignored
+            raise DtypeError("numpy masked arrays are not supported (the mask would be "
+                             "ignored): pass a.filled(value), or select the unmasked rows")
         return NUMPY
     raise DtypeError(f"expected a numpy array or a torch tensor, got {type(a).__name__}")

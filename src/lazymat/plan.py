@@ -84,7 +84,7 @@ def check_request(req: Request) -> None:
     except KeyError:
         raise ShapeError(f"unknown reduction {req.reduction!r}; known: "
                          f"{', '.join(sorted(reductions.REDUCTIONS))}") from None
-    if req.axis not in (0, 1):
+    if isinstance(req.axis, bool) or req.axis not in (0, 1):
         raise ShapeError(f"axis/dim must be 0 (reduce over i) or 1 (reduce over j), "
                          f"got {req.axis!r}")
     if red.needs_k:
@@ -334,6 +334,8 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
     names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
     M, N, batch, dtype, xp = _validate(req, arrays, names, sizes, like)
     like = arrays[0] if arrays else like
+    if out is not None:  # what needs no result shape, before any computing
+        _check_out_target(out, like)
     if dtype in _HALF_DTYPES:
         return _run_half(req, arrays, names, backend, out, sizes, like, ranges)
     red = req.definition
@@ -453,12 +455,41 @@ def _check_ranges(ranges: Sequence[Any], axis: int, M: int, N: int
     order = np.argsort(rows[:, 0], kind="stable")
     if (rows[order][1:, 0] < rows[order][:-1, 1]).any():
         raise ShapeError(f"the output ranges of {names[0]} overlap")
+    # Overlapping column intervals of one output range would count their columns twice.
+    group = np.repeat(np.arange(len(slices)), np.diff(slices, prepend=0))
+    iv = cols[:len(group)]
+    nonempty = iv[:, 1] > iv[:, 0]
+    group, iv = group[nonempty], iv[nonempty]
+    order = np.lexsort((iv[:, 0], group))
+    group, iv = group[order], iv[order]
+    clash = np.nonzero((group[1:] == group[:-1]) & (iv[1:, 0] < iv[:-1, 1]))[0]
+    if len(clash):
+        k = clash[0]
+        raise ShapeError(f"{names[2]} intervals {iv[k].tolist()} and {iv[k + 1].tolist()} of "
+                         f"output range {group[k]} ({names[0]}[{group[k]}]) overlap: their "
+                         "columns would be counted twice")
     return rows, slices, cols
 
 
 def _squeezed(shape: tuple[int, ...], red: ReductionDef) -> tuple[int, ...]:
     # K-reductions give (M, K, D); like KeOps, (M, K) when D = 1.
     return shape[:-1] if red.needs_k and shape[-1] == 1 else shape
+
+
+def _check_out_target(out: Any, like: Any) -> None:
+    """out= must be an array of the inputs' library and device that can be written."""
+    if not (is_torch(out) or isinstance(out, np.ndarray)):
+        raise DtypeError(f"out= must be a numpy array or a torch tensor, got "
+                         f"{type(out).__name__}")
+    if isinstance(out, np.ma.MaskedArray):
+        raise DtypeError("out= is a numpy masked array: pass a plain numpy array")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise DtypeError("out= is a read-only numpy array")
+    if is_torch(out):
+        if out.requires_grad:
+            raise DtypeError("out= requires grad: autograd cannot record a write into it")
+        if is_torch(like) and out.device != like.device:
+            raise DtypeError(f"out= is on {out.device} but the inputs are on {like.device}")
 
 
 def _check_out(out: Any, shape: tuple[int, ...], like: Any, kind: str) -> None:
@@ -475,9 +506,36 @@ def _check_out(out: Any, shape: tuple[int, ...], like: Any, kind: str) -> None:
 _cores: int | None = None
 
 
+_threads_started = False  # this process ran a kernel on several OpenMP threads
+_single_threaded = False  # a fork() child of such a process
+
+
+def _after_fork_in_child() -> None:
+    # libgomp's thread pool does not survive fork(): a parallel region in the child would wait
+    # forever for threads that only exist in the parent. Like torch, the child of a process
+    # that started threads runs its kernels on one thread.
+    global _single_threaded
+    _single_threaded = _single_threaded or _threads_started
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def num_threads(pairs: int | None = None) -> int:
     """Threads for a reduction: LAZYMAT_NUM_THREADS, OMP_NUM_THREADS or the usable cores;
-    one for a tiny problem, where waking threads costs more than the work."""
+    one for a tiny problem, where waking threads costs more than the work, and one in a
+    fork() child of a process that ran threaded kernels (OpenMP is not fork-safe)."""
+    n = _num_threads(pairs)
+    if n > 1:
+        global _threads_started
+        if _single_threaded:
+            return 1
+        _threads_started = True
+    return n
+
+
+def _num_threads(pairs: int | None) -> int:
     global _cores
     if pairs is not None and pairs < 1 << 15:
         return 1

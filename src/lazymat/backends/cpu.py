@@ -124,7 +124,16 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
     nbatch = math.prod(batch)
     offsets_ptr = _no_offsets(len(arrays)) if offsets is None else offsets.ctypes.data
     ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
-    fn(M, N, nbatch, offsets_ptr, ntasks, tasks_ptr, slices_ptr, redranges_ptr,
-       ptrs, _pointer(values[0], keep) if values else None,
-       _pointer(indices[0], keep) if indices else None, num_threads(nbatch * M * N))
+    threads = num_threads(nbatch * M * N)
+    out_v = _pointer(values[0], keep) if values else None
+    out_i = _pointer(indices[0], keep) if indices else None
+    # Long reductions run in chunks of tasks: Python handles a pending Ctrl-C between them.
+    chunk = max(16 * threads, _CHUNK_PAIRS // max(1, LANES[dtype] * N * nbatch))
+    for start in range(0, ntasks, chunk):
+        fn(M, N, nbatch, offsets_ptr, min(chunk, ntasks - start), tasks_ptr + 24 * start,
+           slices_ptr, redranges_ptr, ptrs, out_v, out_i, threads)
     return tuple(outs)
+
+
+#: Pairs (i, j) per kernel call of a long reduction (~0.1-1 s): the Ctrl-C latency.
+_CHUNK_PAIRS = 1 << 28
