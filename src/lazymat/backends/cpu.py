@@ -18,7 +18,7 @@ from ..reductions import ReductionDef
 _kernels: dict[tuple, Any] = {}  # per process: (reduction, formula, ...) -> kernel function
 _ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
              ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
 
 def kernel_for(spec: KernelSpec) -> Any:
@@ -119,12 +119,10 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         outs = [xp.full(batch + (M,) + shape, fill, like=like,
                         dtype=xp.int64 if kind == "index" else None)
                 for (kind, shape), fill in zip(shapes, red.identity)]
-    values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
-    indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
+    out_ptrs = (ctypes.c_void_p * max(1, len(outs)))(*[_pointer(o, keep) for o in outs])
     nbatch = math.prod(batch)
     offsets_ptr = _no_offsets(len(arrays)) if offsets is None else offsets.ctypes.data
     ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
     fn(M, N, nbatch, offsets_ptr, ntasks, tasks_ptr, slices_ptr, redranges_ptr,
-       ptrs, _pointer(values[0], keep) if values else None,
-       _pointer(indices[0], keep) if indices else None, num_threads(nbatch * M * N))
+       ptrs, out_ptrs, num_threads(nbatch * M * N))
     return tuple(outs)
