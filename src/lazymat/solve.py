@@ -15,7 +15,6 @@ True
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 import warnings
@@ -23,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import plan
+from . import config, plan
 from .arraylib import is_torch
 from .formula import I_CAT, J_CAT, P_CAT, Node, Var, variables, walk
 from .preconditioners import SchwarzPreconditioner, kd_order, leaf_boxes
@@ -42,7 +41,7 @@ _MAX_ROUNDS = 5
 
 
 def _verbose() -> bool:
-    return os.environ.get("LAZYMAT_VERBOSE", "") not in ("", "0")
+    return config.verbose()
 
 
 def _default_max_iter(n: int) -> int:

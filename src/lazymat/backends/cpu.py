@@ -11,11 +11,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import config
 from ..codegen.cpu import LANES, KernelSpec, render
 from ..formula import Node, variables
 from ..reductions import ReductionDef
 
-_kernels: dict[tuple, Any] = {}  # per process: (reduction, formula, ...) -> kernel function
+# (reduction, formula, ...) -> kernel function
+_kernels: dict[tuple, Any] = config.memo("backends.cpu.kernels", maxsize=1024)
 _ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
              ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -59,8 +61,9 @@ def _layout(tasks: np.ndarray, slices: Any, redranges: Any) -> tuple:
     return (len(tasks),) + tuple(a.ctypes.data for a in arrays) + (arrays,)
 
 
-_dense_layouts: dict[tuple[int, int, int], tuple] = {}
-_zero_offsets: dict[int, np.ndarray] = {}
+_dense_layouts: dict[tuple[int, int, int], tuple] = config.memo("backends.cpu.dense_layouts",
+                                                                maxsize=256)
+_zero_offsets: dict[int, np.ndarray] = config.memo("backends.cpu.zero_offsets", maxsize=256)
 
 
 def _dense_layout(M: int, N: int, lanes: int) -> tuple:
@@ -68,8 +71,6 @@ def _dense_layout(M: int, N: int, lanes: int) -> tuple:
     key = (M, N, lanes)
     layout = _dense_layouts.get(key)
     if layout is None:
-        if len(_dense_layouts) > 256:
-            _dense_layouts.clear()
         ranges_i = np.array([[0, M]], np.int64)
         layout = _dense_layouts[key] = _layout(_tasks(ranges_i, lanes), [1], [[0, N]])
     return layout

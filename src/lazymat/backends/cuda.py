@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import config
 from ..codegen import cuda as codegen
 from ..codegen.cuda import KernelSpec, render
 from ..errors import CompileError, CudaUnavailableError
@@ -32,11 +33,14 @@ from ..reductions import REDUCTIONS, ReductionDef
 from .cpu import _arg_dims, _tasks
 
 _lock = threading.Lock()
-_functions: dict[tuple, Any] = {}  # (kernel key, device index) -> CUfunction
+# (kernel key, device index) -> CUfunction
+_functions: dict[tuple, Any] = config.memo("backends.cuda.functions", maxsize=1024)
 _modules: list[Any] = []  # loaded modules, kept alive for the process
 _contexts: dict[int, Any] = {}  # device index -> its primary context
-_dense: dict[tuple, tuple] = {}  # (device, M, N, nargs, block) -> _table() without ranges
-_streams: dict[int, Any] = {}  # torch's raw stream handle -> the CUstream object
+# (device, M, N, nargs, block) -> _table() without ranges
+_dense: dict[tuple, tuple] = config.memo("backends.cuda.dense_tables", maxsize=256)
+# torch's raw stream handle -> the CUstream object
+_streams: dict[int, Any] = config.memo("backends.cuda.streams", maxsize=256)
 _driver_module: Any = None
 #: Blocks of one launch (a grid-stride loop covers more tasks).
 MAX_GRID = 65535 * 32
@@ -148,7 +152,7 @@ def _function(key: tuple, spec: KernelSpec, index: int, block: int) -> Any:
     return fn
 
 
-_multiprocessors: dict[int, int] = {}
+_multiprocessors: dict[int, int] = config.memo("backends.cuda.multiprocessors", maxsize=None)
 
 
 def _block_size(M: int, index: int) -> int:
@@ -194,8 +198,6 @@ def _dense_table(index: int, M: int, N: int, nargs: int, device: Any, block: int
     if found is None:
         import torch
 
-        if len(_dense) > 256:
-            _dense.clear()
         found = _dense[key] = (*_table(([[0, M]], [1], [[0, N]]), nargs, device, block),
                                torch.cuda.current_stream(index).cuda_stream)
     return found
