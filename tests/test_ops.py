@@ -738,9 +738,9 @@ TENSOR_ROWS = [r for r in ROWS if r.op in ("TensorDot", "Kron")]
 def test_tensordot_loops_match_the_unrolled_sums(row, monkeypatch):
     """Above TENSORDOT_UNROLL_LIMIT products, TensorDot's C code loops over the axes."""
     from lazymat.backends import cpu
-    from lazymat.formula import ops
+    from lazymat.formula.ops import tensordot
 
-    monkeypatch.setattr(ops, "TENSORDOT_UNROLL_LIMIT", 0)
+    monkeypatch.setattr(tensordot, "TENSORDOT_UNROLL_LIMIT", 0)
     monkeypatch.setattr(cpu, "_kernels", {})
     data = make_data(row, 13, 33, "float64", seed=5)
     want, mag = oracle_sum(row, data)
