@@ -635,7 +635,7 @@ def test_precise_ops_match_numpy_and_scipy(row, dtype, backend):
     (got,) = run(Request("Sum", f, axis=1), [s[:, None], np.ones((1, 1), dtype)],
                  backend=backend)
     got = got[:, 0].astype(np.float64)
-    want = np.where(np.abs(want) > np.finfo(dtype).max, np.inf * np.sign(want), want)
+    want = np.where(np.abs(want) > np.finfo(dtype).max, np.copysign(np.inf, want), want)
     rtol, atol = _PRECISE_TOL[dtype]
     err = np.abs(got - want)
     bad = ~((err <= rtol * np.abs(want) + atol) | (got == want))
@@ -669,7 +669,7 @@ def test_precise_ops_gradients(row, dtype):
     got = got[:, 0].double().numpy() / 2  # two columns t_j = 1
     rtol, atol = _PRECISE_GRAD_TOL[dtype]
     big = np.finfo(dtype).max
-    want = np.where(np.abs(want) > big, np.inf * np.sign(want), want)  # overflows in dtype
+    want = np.where(np.abs(want) > big, np.copysign(np.inf, want), want)  # overflows in dtype
     err = np.abs(got - want)
     bad = ~((err <= rtol * np.abs(want) + atol) | (got == want))
     assert not bad.any(), (f"{row.op} {dtype}: d/ds at s = {s[bad][:5]} got {got[bad][:5]}, "
