@@ -382,3 +382,14 @@ register("SumT", 1, lambda xp, p, a: xp.concat([a] * p[0], -1), dims=_sumt_dim, 
          int_params=(1,), fold=lambda values, params: values[0],
          simplify=lambda args, params, dim: args[0] if dim == 1 else None,
          doc="the scalar a repeated d times (the adjoint of Sum)", vjp=lambda n, g: (g,))
+
+
+# --------------------------------------------------------------------------- activations and
+# special functions: libm (vector versions from libmvec where it has them) or our lm_exp
+
+register("Sinh", 1, lambda xp, p, a: xp.module.sinh(a), c="lm_sinh({0})",
+         c_helper=_libm("lm_sinh", "sinh"), libm=(("sinh", 1),), fold=float_fold(math.sinh),
+         method="sinh", doc="sinh(a)", vjp=lambda n, g: (g * call("Cosh", n.args[0]),))
+register("Cosh", 1, lambda xp, p, a: xp.module.cosh(a), c="lm_cosh({0})",
+         c_helper=_libm("lm_cosh", "cosh"), libm=(("cosh", 1),), fold=float_fold(math.cosh),
+         method="cosh", doc="cosh(a)", vjp=lambda n, g: (g * call("Sinh", n.args[0]),))
