@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .. import config
 from ..errors import CompileError
 from .compiler import (NO_COMPILER_MESSAGE, CommandTimeout, CompilerInfo, compile_timeout,
                        compiler_info, cpu_tag, run_command)
@@ -47,8 +48,8 @@ from .paths import cache_dir, cache_dirs, take_pending_warning, trusted_owners
 __all__ = ["LIBRARY_VERSION", "load_library", "library_path", "ensure_artifact", "cache_dir",
            "cache_clear", "forget_loaded", "stats", "lock_kind"]
 
-#: Part of every cache key; the lead keeps it equal to ``lazymat.__version__``.
-LIBRARY_VERSION = "0.1.0"
+#: Part of every cache key: ``lazymat.__version__`` (both come from ``config.VERSION``).
+LIBRARY_VERSION = config.VERSION
 
 #: Counters for tests and diagnostics: compiles (fresh sources), rebuilds
 #: (corrupt entries), disk_hits (valid entry found on disk), memo_hits, takeovers (stale
@@ -61,27 +62,22 @@ _STDERR_LINES = 40
 #: A lock held this much longer than the compile timeout belongs to a stuck process.
 _LOCK_MARGIN = 30.0
 
-_memo: dict[str, ctypes.CDLL] = {}
+_memo: dict[str, ctypes.CDLL] = config.memo("compile.cache.libraries", maxsize=None)
 _cpu: str | None = None
 _thread_lock = threading.RLock()
-_swept: set[Path] = set()
-
-
-def _library_version() -> str:
-    # Read from sys.modules rather than importing: lazymat/__init__ may import us.
-    return str(getattr(sys.modules.get("lazymat"), "__version__", LIBRARY_VERSION))
+_swept: set[Path] = set()  # directories whose stale temp files were swept by this process
 
 
 def _key(source: str, info: CompilerInfo) -> str:
     global _cpu
     if _cpu is None:
         _cpu = cpu_tag()
-    parts = [source, info.identity, shlex.join(info.flags), _cpu, _library_version()]
+    parts = [source, info.identity, shlex.join(info.flags), _cpu, LIBRARY_VERSION]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
 def _verbose() -> bool:
-    return os.environ.get("LAZYMAT_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
+    return config.verbose()
 
 
 def _log(msg: str) -> None:

@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import config
 from ..errors import CompileError
 
 __all__ = ["CompilerInfo", "compiler_info", "BASE_FLAGS", "NO_COMPILER_MESSAGE",
@@ -77,13 +78,9 @@ class CompilerInfo:
         return [self.path, *self.flags, "-x", "c++", os.fspath(src), "-o", os.fspath(out)]
 
 
-#: Seconds a compiler run may take before it is killed (``$LAZYMAT_COMPILE_TIMEOUT``).
-DEFAULT_COMPILE_TIMEOUT = 300.0
-
-
 def compile_timeout() -> float | None:
-    """Seconds a compiler run may take: ``$LAZYMAT_COMPILE_TIMEOUT`` (0 or a negative
-    number: no limit), default 300. Read at every compile, so it can be changed at run time.
+    """Seconds a compiler run may take (``$LAZYMAT_COMPILE_TIMEOUT``, see :mod:`lazymat.config`;
+    None: no limit). Read at every compile, so it can be changed at run time.
 
     Example::
 
@@ -91,14 +88,7 @@ def compile_timeout() -> float | None:
         60.0
         >>> del os.environ["LAZYMAT_COMPILE_TIMEOUT"]
     """
-    env = os.environ.get("LAZYMAT_COMPILE_TIMEOUT", "").strip()
-    if not env:
-        return DEFAULT_COMPILE_TIMEOUT
-    try:
-        value = float(env)
-    except ValueError:
-        raise CompileError(f"LAZYMAT_COMPILE_TIMEOUT={env!r} is not a number of seconds") from None
-    return value if value > 0 else None
+    return config.compile_timeout()
 
 
 class CommandTimeout(Exception):
@@ -145,7 +135,8 @@ def run_command(cmd: list[str], timeout: float | None) -> subprocess.CompletedPr
 
 _lock = threading.Lock()
 # Keyed by ($CXX, $CXXFLAGS) so that tests or users changing them mid-process are honoured.
-_memo: dict[tuple[str | None, str | None], CompilerInfo | None] = {}
+_memo: dict[tuple[str | None, str | None], CompilerInfo | None] = config.memo(
+    "compile.compiler.info", maxsize=16)
 
 
 def _find_compiler() -> list[str] | None:

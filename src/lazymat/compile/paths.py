@@ -28,6 +28,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import config
+
 __all__ = ["CacheDirs", "cache_dirs", "cache_dir", "unsafe_reason", "trusted_owners",
            "take_pending_warning", "forget"]
 
@@ -41,6 +43,7 @@ class CacheDirs:
     read: tuple[Path, ...] = ()
 
 
+# Not in config's memo registry: cache_clear() must not resolve (and warn) again.
 _dirs: dict[tuple[Path, str], CacheDirs] = {}
 _pending: dict[Path, str] = {}  # write dir -> warning to give at its first compile
 _lock = threading.Lock()
@@ -90,12 +93,7 @@ def unsafe_reason(path: Path, owners: frozenset[int] | None, *, directory: bool 
 
 
 def _preferred_dir() -> Path:
-    env = os.environ.get("LAZYMAT_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "lazymat"
+    return config.cache_dir_setting()
 
 
 def _writable(path: Path) -> bool:
