@@ -536,3 +536,48 @@ def test_explicit_cxx_that_does_not_work_raises(monkeypatch: pytest.MonkeyPatch)
         with pytest.raises(CompileError, match="CXX="):
             load_library(fresh_source())
         assert health_report()["compiler"].startswith("unusable: CXX=")
+
+
+_FORK_WHILE_COMPILING = """
+import os, threading, time, uuid
+from lazymat.compile import cache
+slow = "".join(f'extern "C" int lm_f{i}(int x) {{ return x * {i}; }}\\n' for i in range(3000))
+t = threading.Thread(target=cache.load_library, args=(f"// {uuid.uuid4()}\\n" + slow,))
+t.start()
+time.sleep(0.3)  # the thread now holds the cache's lock, compiling
+pid = os.fork()
+if pid == 0:
+    src = f'// {uuid.uuid4()}\\nextern "C" int lm_answer(void) {{ return 5; }}\\n'
+    os.write(1, str(cache.load_library(src).lm_answer()).encode())
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+t.join()
+print("", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_another_thread_compiles() -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(cache_mod.__file__).parents[2]))
+    try:
+        res = subprocess.run([sys.executable, "-c", _FORK_WHILE_COMPILING], env=env,
+                             capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forked child waited forever for the cache lock of a parent's thread")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["5", "0"]
+
+
+def test_install_retries_a_busy_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Windows refuses to replace a library another process has loaded: retried, not fatal.
+    real, calls = os.replace, []
+
+    def busy_twice(src, dst):
+        calls.append(dst)
+        if str(dst).endswith(".so") and len([c for c in calls if str(c).endswith(".so")]) <= 2:
+            raise PermissionError(13, "in use")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy_twice)
+    assert load_library(fresh_source(91)).lm_answer() == 91
+    assert sum(str(c).endswith(".so") for c in calls) == 3

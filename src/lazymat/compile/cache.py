@@ -68,6 +68,17 @@ _thread_lock = threading.RLock()
 _swept: set[Path] = set()  # directories whose stale temp files were swept by this process
 
 
+def _after_fork_in_child() -> None:
+    # A fork while another thread held the lock (compiling) would leave the child's copy held
+    # forever; the child has no such thread, so it starts with a fresh lock.
+    global _thread_lock
+    _thread_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _key(source: str, info: CompilerInfo) -> str:
     global _cpu
     if _cpu is None:

@@ -134,6 +134,15 @@ def run_command(cmd: list[str], timeout: float | None) -> subprocess.CompletedPr
 
 
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # a thread of the parent may have held it (probing) at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 # Keyed by ($CXX, $CXXFLAGS) so that tests or users changing them mid-process are honoured.
 _memo: dict[tuple[str | None, str | None], CompilerInfo | None] = config.memo(
     "compile.compiler.info", maxsize=16)

@@ -49,6 +49,15 @@ _pending: dict[Path, str] = {}  # write dir -> warning to give at its first comp
 _lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _uid() -> int | None:
     return os.getuid() if hasattr(os, "getuid") else None
 
