@@ -150,6 +150,8 @@ def _resolve(preferred: Path) -> tuple[CacheDirs, str | None, bool]:
         note = (f" (the usual fallback {usual} {fallback_reason}; kernels compiled now are "
                 "not kept across processes)")
     used = "; its kernels are still used" if read else ""
+    if "writable (mode" in reason:  # ours, but others could plant kernels in it
+        used = f" (run `chmod go-w {preferred}` if only you should write there)"
     message = (f"lazymat cache directory {preferred} {reason}{used}; new kernels go to "
                f"{fallback}{note} (set LAZYMAT_CACHE_DIR to choose another)")
     # A read-only shared cache is a deliberate setup: say so only if it lacks a kernel.
