@@ -290,8 +290,8 @@ def test_fuzz_long(kind, examples):
     run_worker(kind, examples, derandomize=False, timeout=3000)
 
 
-# Inputs that crashed or exhausted the process (issue 11 items 2 and 5, owned by the scaffold
-# and ops helpers): each runs in a subprocess, and must end in a lazymat error or a result.
+# Inputs that crashed or exhausted the process (issue 11 items 2, 4 and 5, owned by the
+# scaffold and ops helpers): each runs in a subprocess, and must end in a lazymat error or a result.
 _CRASHERS = {
     "D=150000": ("import numpy as np, lazymat as lm\n"
                  "x = np.random.rand(3, 150000).astype('float32')\n"
@@ -315,6 +315,16 @@ _CRASHERS = {
                    "g = lm.Genred('SumT(x, 4611686018427387904)', ['x = Vi(1)'], "
                    "reduction_op='Sum', axis=1)\n"
                    "g(np.ones((2, 1)), backend='cpu')", "item 5 (ops)"),
+    "400 Gaussians": ("import numpy as np, lazymat as lm\n"
+                      "x = np.random.rand(5, 2)\n"
+                      "K = sum((-lm.Vi(x).sqdist(lm.Vj(x)) * (1 + k / 400)).exp() "
+                      "for k in range(400))\n"
+                      "K.sum(1, backend='cpu')", "item 4 (scaffold)"),
+    "Sin 1000 deep": ("import numpy as np, lazymat as lm\n"
+                      "f = lm.Vi(np.random.rand(5, 1)) - lm.Vj(np.random.rand(6, 1))\n"
+                      "for _ in range(1000):\n"
+                      "    f = f.sin()\n"
+                      "f.sum(1, backend='cpu')", "item 4 (scaffold)"),
 }
 
 _CRASH_WRAPPER = """
@@ -330,7 +340,7 @@ except lm.LazymatError as e:
 """
 
 
-@pytest.mark.slow  # minutes on 2 cores while they fail; xfail until items 2 and 5 land
+@pytest.mark.slow  # minutes on 2 cores while they fail; xfail until items 2, 4, 5 land
 @pytest.mark.parametrize("name", list(_CRASHERS))
 def test_known_crashers_end_in_a_lazymat_error_or_a_result(name, request):
     code, owner = _CRASHERS[name]
