@@ -133,5 +133,5 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
     return tuple(outs)
 
 
-#: Pairs (i, j) per kernel call of a long reduction (~0.1-1 s): the Ctrl-C latency.
-_CHUNK_PAIRS = 1 << 28
+#: Pairs (i, j) per kernel call of a long reduction (~0.05-0.5 s): the Ctrl-C latency.
+_CHUNK_PAIRS = 1 << 27
