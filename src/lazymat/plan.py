@@ -349,7 +349,7 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
     oriented_ranges = _check_ranges(ranges, req.axis, M, N) if ranges is not None else None
     which = choose_backend(backend, xp, like)
     wdim = weight.dim if weight is not None else None
-    shapes = red.out_dims(formula.dim, req.K, wdim)
+    shapes = red.outputs(formula.dim, req.K, wdim)
     if out is not None:
         _check_out(out, batch + (M,) + _squeezed(shapes[0][1], red), like, shapes[0][0])
     if M == 0 or N == 0 or 0 in batch:

@@ -261,7 +261,7 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         parts = _parts(red, nbatch * ntasks, N, index)
         kernel_red = REDUCTIONS[red.split_with] if parts > 1 else red
         wdim = weight.dim if weight is not None else None
-        kernel_shapes = kernel_red.out_dims(formula.dim, K, wdim)
+        kernel_shapes = kernel_red.outputs(formula.dim, K, wdim)
         fn = _kernel(kernel_red, formula, weight, K, dtype, len(arrays), accumulation, block,
                      index)
         lead = ((parts,) if parts > 1 else ()) + batch + (M,)

@@ -120,7 +120,7 @@ def _run_one(red: ReductionDef, formula: Node, weight: Node | None, K: int | Non
     # Rows outside every range (or with no column at all) hold the reduction's identity.
     wdim = weight.dim if weight is not None else None
     outs = [xp.full((M,) + shape, fill, like=like, dtype=xp.int64 if kind == "index" else None)
-            for (kind, shape), fill in zip(red.out_dims(formula.dim, K, wdim), red.identity)]
+            for (kind, shape), fill in zip(red.outputs(formula.dim, K, wdim), red.identity)]
     for i0, piece in pieces:
         for out, part in zip(outs, piece):
             out[i0:i0 + part.shape[0]] = part

@@ -173,7 +173,7 @@ class KernelSpec:
         """Numbers per output row of the value output and of the index output."""
         wdim = self.weight.dim if self.weight is not None else None
         sizes = {"value": 0, "index": 0}
-        for kind, shape in self.reduction.out_dims(self.formula.dim, self.K, wdim):
+        for kind, shape in self.reduction.outputs(self.formula.dim, self.K, wdim):
             sizes[kind] = math.prod(shape)
         return sizes
 
@@ -202,6 +202,11 @@ class ReductionContext:
         self.D = spec.formula.dim
         self.E = spec.weight.dim if spec.weight is not None else 1
         self._em, self._f, self._g = em, spec.formula, spec.weight
+        self._kinds = spec.reduction.output_kinds
+
+    def out(self, k: int) -> str:
+        """The C name of output k's pointer (this batch's rows)."""
+        return "out" if self._kinds[k] == "value" else "out_idx"
 
     def V(self, k) -> str:
         return self._em.expr(self._f, k)
