@@ -187,9 +187,9 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
     arg_pick = "argmin" if smaller else "argmax"
     init = "INFINITY_T" if smaller else "-INFINITY_T"
     worst = INF if smaller else -INF
-    # "v is not worse than best, or v is NaN", false once best is NaN: NaN propagates and
-    # the first NaN (or first of equal values) is kept. One unordered compare.
-    not_worse = "!(v >= best[k][l])" if smaller else "!(v <= best[k][l])"
+    # "v is better than best, or v is NaN", false once best is NaN: NaN propagates and the
+    # first NaN (or the first of equal values) is kept. One unordered compare.
+    better_or_nan = "!(v >= best[k][l])" if smaller else "!(v <= best[k][l])"
 
     def block(xp, values, weights, j0, K=None):
         # numpy and torch: amin/amax propagate NaN, argmin/argmax give the first NaN.
@@ -215,10 +215,17 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
                                        f"{{ best[k][l] = {init}; arg[k][l] = -1; }}"))]
 
     def tile(rc):
-        return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
+        # A row's first column is taken once per tile, outside the pair loop (so a row of
+        # +inf gets its first index); the pair loop then needs no test of the index.
+        return [f"for (int k = 0; k < {rc.D}; k++) {{",
+                "  const int jj = 0;",
+                f"  for (int l = 0; l < LANES; l++) if (arg[k][l] < 0) {{ "
+                f"best[k][l] = {rc.V('k')}; arg[k][l] = j0; }}",
+                "}",
+                f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
                 *["  " + s for s in _lanes(
                     f"{rc.T} v = {rc.V('k')}; "
-                    f"bool take = ({not_worse} & (best[k][l] == best[k][l])) | (arg[k][l] < 0); "
+                    f"bool take = {better_or_nan} & (best[k][l] == best[k][l]); "
                     "best[k][l] = take ? v : best[k][l]; arg[k][l] = take ? j0 + jj : arg[k][l];")],
                 "}"]
 
