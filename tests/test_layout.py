@@ -52,10 +52,6 @@ COMPILE_MAY_IMPORT = ("lazymat.config", "lazymat.errors")
 ALLOWED: dict[tuple[str, str, str], str] = {
     ("cycle", "lazymat.compile.cache", "lazymat.compile.cache <-> lazymat.compile.compiler"):
         "reliab (cache_dir to compile/paths.py)",
-    ("cycle", "lazymat.formula.node",
-     "lazymat.formula.node <-> lazymat.formula.ops <-> lazymat.formula.printing"): "ops",
-    ("private", "lazymat.formula.complex_ops", "lazymat.formula.ops._m"): "ops",
-    ("private", "lazymat.formula.complex_ops", "lazymat.formula.ops._structural"): "ops",
     ("private", "tests/test_cache.py", "lazymat.compile.cache._ensure_entry"): "reliab",
     ("private", "tests/test_cache.py", "lazymat.compile.cache._memo"): "reliab",
     ("private", "tests/test_cuda_codegen.py", "lazymat.codegen.cuda._Plan"): "scaffold",

@@ -19,7 +19,7 @@ from .base import Launch
 kernels: dict[tuple, Any] = config.memo("backends.cpu.kernels", maxsize=1024)
 ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
             ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
 
 def unavailable_reason() -> str | None:
@@ -81,9 +81,7 @@ def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int) -> N
     arrays = launch.arrays
     ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[pointer(a, keep) for a in arrays])
     offsets = abi.zero_offsets(len(arrays)) if launch.offsets is None else launch.offsets
-    values = [o for (kind, _), o in zip(launch.shapes, outs) if kind == "value"]
-    indices = [o for (kind, _), o in zip(launch.shapes, outs) if kind == "index"]
+    out_ptrs = (ctypes.c_void_p * max(1, len(outs)))(*[pointer(o, keep) for o in outs])
     ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
     fn(launch.M, launch.N, launch.nbatch, offsets.ctypes.data, ntasks, tasks_ptr, slices_ptr,
-       redranges_ptr, ptrs, pointer(values[0], keep) if values else None,
-       pointer(indices[0], keep) if indices else None, threads)
+       redranges_ptr, ptrs, out_ptrs, threads)

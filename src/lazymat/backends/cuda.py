@@ -268,18 +268,15 @@ def _run_on(launch: Launch, torch: Any, device: Any, index: int) -> tuple:
     else:  # rows outside every range hold the identity (or the empty state)
         outs = [torch.full(lead + shape, fill, device=device, dtype=dtypes[kind])
                 for (kind, shape), fill in zip(shapes, stored.fills)]
-    values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
-    indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
-    # Every parameter is 8 bytes (the Args struct is nargs pointers): one buffer holds
-    # them all, and the driver gets the address of each.
+    # Every parameter is 8 bytes (the Args and Outs structs are nargs and nouts pointers):
+    # one buffer holds them all, and the driver gets the address of each.
     buffer = np.array([M, N, nbatch, parts, -(-N // parts), offsets_ptr, ntasks, tasks_ptr,
                        slices_ptr, redranges_ptr, *[t.data_ptr() for t in tensors]]
                       + [0] * (len(tensors) == 0)
-                      + [values[0].data_ptr() if values else 0,
-                         indices[0].data_ptr() if indices else 0], dtype=np.uint64)
+                      + [o.data_ptr() for o in outs], dtype=np.uint64)
     base, nargs = buffer.ctypes.data, max(1, len(tensors))
-    where = np.array([base + 8 * k for k in range(11)]
-                     + [base + 8 * (10 + nargs), base + 8 * (11 + nargs)], dtype=np.uint64)
+    where = np.array([base + 8 * k for k in range(11)] + [base + 8 * (10 + nargs)],
+                     dtype=np.uint64)
     grid = max(1, min(parts * nbatch * ntasks, MAX_GRID))
     driver = _driver_module
     handle = _streams.get(stream)
