@@ -30,8 +30,9 @@ from .errors import CudaUnavailableError, DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, P_CAT, Node, Var, substitute, variables
 from .reductions import ReductionDef
 
-#: What ``backend=`` accepts (and KeOps' "GPU", "GPU_1D", ...: "cuda").
-BACKENDS = ("auto",) + tuple(REGISTRY)
+#: What ``backend=`` accepts besides the names in REGISTRY (and KeOps' "GPU", "GPU_1D", ...:
+#: "cuda").
+AUTO = "auto"
 #: float16 and bfloat16 data are reduced in float32 and the results returned in their dtype.
 _HALF_DTYPES = ("float16", "bfloat16")
 _FLOAT_DTYPES = ("float32", "float64") + _HALF_DTYPES
@@ -305,10 +306,11 @@ def choose_backend(backend: str, first: Any) -> str:
     name = str(backend).lower()
     if name.startswith("gpu"):  # KeOps' names: "GPU", "GPU_1D", "GPU_2D"
         name = "cuda"
-    if name not in BACKENDS:
-        raise ShapeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if name != AUTO and name not in REGISTRY:
+        raise ShapeError(f"unknown backend {backend!r}; choose one of "
+                         f"{', '.join((AUTO, *REGISTRY))}")
     device = _device(first)
-    if name == "auto":
+    if name == AUTO:
         return _automatic(device)
     if name == "cpu" and device != "cpu":
         raise DtypeError(f"backend='cpu' needs CPU arrays, got a tensor on {device}")
@@ -413,10 +415,10 @@ def execute(prepared: Prepared, out: Any = None) -> tuple:
     """Run a prepared call: a tuple of outputs (values and/or int64 indices), or of state
     arrays for ``store="state"``; ``out=`` receives the first one."""
     launch, like = prepared.launch, prepared.like
+    if out is not None and launch.store != "output":
+        raise ShapeError("out= receives an output: it cannot be used with store='state'")
     shapes = prepared.result_shapes
     if out is not None:
-        if launch.store != "output":
-            raise ShapeError("out= receives an output: it cannot be used with store='state'")
         _check_out(out, shapes[0], like, launch.shapes[0][0])
     if launch.M == 0 or launch.N == 0 or 0 in launch.batch:
         xp = launch.xp

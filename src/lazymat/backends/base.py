@@ -83,6 +83,16 @@ class Launch:
         """What each returned array holds for a row that saw no column."""
         return self.red.state_fill if self.store == "state" else self.red.identity
 
+    def array_dtype(self, kind: str) -> Any:
+        """The dtype argument of ``xp.empty``/``xp.full`` for an array of this kind: int64
+        indices, the data's dtype (None) for values, the accumulator's for "acc" states."""
+        if kind == "index":
+            return self.xp.int64
+        if kind == "acc":
+            return getattr(self.xp.module, "float32" if self.accumulation[0] == "float"
+                           else "float64")
+        return None
+
     @cached_property
     def arg_dims(self) -> tuple[tuple[int, int], ...]:
         """(dim, category) of every argument position; unused ones are (1, 2)."""

@@ -6,6 +6,8 @@ ctypes releases the GIL during the call; the kernel threads with OpenMP.
 from __future__ import annotations
 
 import ctypes
+import threading
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -54,25 +56,93 @@ def pointer(a: Any, keep: list) -> int:
     return a.data_ptr()
 
 
-def run(launch: Launch) -> tuple:
-    """The arrays of ``launch.shapes``, each of shape ``batch + (M,) + shape``."""
+#: Column splits (few rows, many columns): a part has at least this many columns, and the
+#: rows give fewer than SPLIT_BLOCKS_PER_THREAD blocks of LANES rows per thread.
+SPLIT_MIN_COLUMNS = 4096
+SPLIT_BLOCKS_PER_THREAD = 4
+
+
+def _kernel(launch: Launch) -> Any:
     key = launch.key
     fn = kernels.get(key)
     if fn is None:
         fn = kernels[key] = kernel_for(launch.spec)
+    return fn
+
+
+def run(launch: Launch) -> tuple:
+    """The arrays of ``launch.shapes``, each of shape ``batch + (M,) + shape``.
+
+    When the rows are too few to keep every thread busy, the columns are cut into one part
+    per thread instead: each thread's kernel stores its part's raw state, and the states
+    are merged with the reduction's ``merge`` (``launch.combine``).
+    """
+    fn = _kernel(launch)
     xp, like, lead = launch.xp, launch.like, launch.batch + (launch.M,)
     lanes = LANES[launch.dtype]
+    threads = abi.num_threads(launch.nbatch * launch.M * launch.N)
     if launch.ranges is None:  # one output range of all rows, one interval of all columns
+        parts = _column_parts(launch, threads, lanes)
+        if parts > 1:
+            return _run_split(launch, parts, lanes)
         layout = abi.dense_layout(launch.M, launch.N, lanes)
-        outs = [xp.empty(lead + shape, like=like, dtype=xp.int64 if kind == "index" else None)
+        outs = [xp.empty(lead + shape, like=like, dtype=launch.array_dtype(kind))
                 for kind, shape in launch.shapes]
     else:  # rows outside every range hold the identity
         layout = abi.layout(launch.ranges, lanes)
-        outs = [xp.full(lead + shape, fill, like=like,
-                        dtype=xp.int64 if kind == "index" else None)
+        outs = [xp.full(lead + shape, fill, like=like, dtype=launch.array_dtype(kind))
                 for (kind, shape), fill in zip(launch.shapes, launch.fills)]
-    _call(fn, launch, layout, outs, abi.num_threads(launch.nbatch * launch.M * launch.N))
+    _call(fn, launch, layout, outs, threads)
     return tuple(outs)
+
+
+def _column_parts(launch: Launch, threads: int, lanes: int) -> int:
+    """1, or the number of column parts when the row blocks cannot feed ``threads``."""
+    if threads < 2:
+        return 1
+    blocks = launch.nbatch * -(-launch.M // lanes)
+    if blocks >= SPLIT_BLOCKS_PER_THREAD * threads:
+        return 1
+    return max(1, min(threads, launch.N // SPLIT_MIN_COLUMNS))
+
+
+def _run_split(launch: Launch, parts: int, lanes: int) -> tuple:
+    """The columns cut into ``parts`` intervals, each reduced by one thread into its raw
+    state (ctypes releases the GIL), then merged in column order."""
+    stored = replace(launch, store="state")
+    fn = _kernel(stored)
+    xp, like, lead = launch.xp, launch.like, launch.batch + (launch.M,)
+    shapes = stored.shapes
+    columns = abi.column_parts(launch.N, parts)
+    outs = [[xp.empty(lead + shape, like=like, dtype=stored.array_dtype(kind))
+             for kind, shape in shapes] for _ in columns]
+
+    def work(p: int) -> None:
+        layout = abi.dense_layout(launch.M, launch.N, lanes, columns[p])
+        _call(fn, stored, layout, outs[p], 1)
+
+    errors: list[BaseException] = []
+
+    def guarded(p: int) -> None:
+        try:
+            work(p)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            errors.append(e)
+
+    helpers = [threading.Thread(target=guarded, args=(p,), daemon=True)
+               for p in range(1, parts)]
+    for t in helpers:
+        t.start()
+    guarded(0)
+    for t in helpers:
+        t.join()
+    if errors:
+        raise errors[0]
+    # The kernel's indices are global: each part reduces its own columns of [0, N).
+    per_part = [tuple(o.reshape((-1,) + shape) for o, (_, shape) in zip(part, shapes))
+                for part in outs]
+    state = abi.combine(launch.red, xp, per_part, None, launch.K)
+    return state if launch.store == "state" else launch.red.finalize(xp, state)
 
 
 def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int) -> None:
