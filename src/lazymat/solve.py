@@ -15,7 +15,6 @@ True
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 import warnings
@@ -23,9 +22,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import plan
+from . import config, plan
 from .arraylib import is_torch
-from .formula import I_CAT, J_CAT, P_CAT, Node, Var, variables, walk
+from .formula import I_CAT, J_CAT, OPS, P_CAT, Node, Var, variables, walk
 from .preconditioners import SchwarzPreconditioner, kd_order, leaf_boxes
 
 
@@ -42,7 +41,7 @@ _MAX_ROUNDS = 5
 
 
 def _verbose() -> bool:
-    return os.environ.get("LAZYMAT_VERBOSE", "") not in ("", "0")
+    return config.verbose()
 
 
 def _default_max_iter(n: int) -> int:
@@ -236,12 +235,6 @@ def solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: float,
     return KernelSolveFunction.apply(b, *params)
 
 
-_NUMBER_OPS: dict[str, Callable[..., float]] = {
-    "Minus": lambda a: -a, "Add": lambda a, b: a + b, "Subtract": lambda a, b: a - b,
-    "Mult": lambda a, b: a * b, "Divide": lambda a, b: a / b, "Square": lambda a: a * a,
-    "Sqrt": math.sqrt, "Inv": lambda a: 1 / a, "Exp": math.exp}
-
-
 def _number(node: Node, arrays: Sequence[Any]) -> float | None:
     """The value of a scalar formula of constants and (one-number) parameters, else None."""
     if node.dim != 1:
@@ -254,12 +247,13 @@ def _number(node: Node, arrays: Sequence[Any]) -> float | None:
         if cat != P_CAT or _size(a) != 1:
             return None
         return float((a.detach() if is_torch(a) else a).reshape(-1)[0])
-    rule = _NUMBER_OPS.get(node.op)
+    fold = OPS[node.op].fold if node.op in OPS else None  # the op's own constant folding
     values = [_number(a, arrays) for a in node.args]
-    if rule is None or None in values:
+    if fold is None or None in values:
         return None
     try:
-        return float(rule(*values))
+        folded = fold(values, node.params)
+        return None if folded is None else float(folded)
     except (ArithmeticError, ValueError):
         return None
 
@@ -463,7 +457,7 @@ class KernelSystem:
     def _block(self, idx: Any) -> Any:
         """The dense K[idx][:, idx] (indices of the sorted points), in float64."""
         from .arraylib import lib_of
-        from .backends.reference import evaluate
+        from .formula.evaluate import evaluate
 
         like = self.sorted_arrays[0]
         if self.gauss is not None:  # w·exp(-γ|x_i - x_j|²), with BLAS
@@ -614,7 +608,7 @@ class KernelSolve:
         """The KernelSystem of K when the formula is K * a (or a * K), else None (or an error
         if precond or truncate was asked for explicitly)."""
         from .errors import ShapeError
-        from .plan import _swap_categories
+        from .plan import swap_categories
 
         req = self.genred.request
         f, kernel = req.formula, None
@@ -629,7 +623,7 @@ class KernelSolve:
                                  f"with K scalar")
             return None
         if req.axis == 0:
-            kernel = _swap_categories(kernel)
+            kernel = swap_categories(kernel)
         try:
             system = KernelSystem(kernel, args, alpha, precond, truncate, backend=backend,
                                   acc={"dtype_acc": req.dtype_acc,
