@@ -152,6 +152,8 @@ ROWS = [
       precise=(np.sinh, np.cosh, (-80, 80))),
     R("Cosh", lambda v: apply("Cosh", v.x * v.y), lambda a: np.cosh(a.x * a.y),
       precise=(np.cosh, np.sinh, (-80, 80))),
+    R("Tanh", lambda v: apply("Tanh", v.x - v.y), lambda a: np.tanh(a.x - a.y),
+      precise=(np.tanh, lambda a: 1 / np.cosh(a) ** 2, (-100, 100))),
     R("Powf", lambda v: apply("Powf", v.x, v.y), lambda a: a.x ** a.y, x="pos", y="small"),
     R("Powf", lambda v: apply("Powf", v.x, v.t), lambda a: a.x ** a.t, "bcast",
       x="pos", t="small"),

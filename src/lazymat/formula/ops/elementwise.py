@@ -393,3 +393,8 @@ register("Sinh", 1, lambda xp, p, a: xp.module.sinh(a), c="lm_sinh({0})",
 register("Cosh", 1, lambda xp, p, a: xp.module.cosh(a), c="lm_cosh({0})",
          c_helper=_libm("lm_cosh", "cosh"), libm=(("cosh", 1),), fold=float_fold(math.cosh),
          method="cosh", doc="cosh(a)", vjp=lambda n, g: (g * call("Sinh", n.args[0]),))
+register("Tanh", 1, lambda xp, p, a: xp.module.tanh(a), c="lm_tanh({0})",
+         c_helper=_libm("lm_tanh", "tanh"), libm=(("tanh", 1),), fold=float_fold(math.tanh),
+         method="tanh", doc="tanh(a)",
+         # 1 / cosh² rather than 1 - tanh²: accurate in the tails too (cosh = inf gives 0).
+         vjp=lambda n, g: (g * call("Square", call("Inv", call("Cosh", n.args[0]))),))
