@@ -154,6 +154,8 @@ ROWS = [
       precise=(np.cosh, np.sinh, (-80, 80))),
     R("Tanh", lambda v: apply("Tanh", v.x - v.y), lambda a: np.tanh(a.x - a.y),
       precise=(np.tanh, lambda a: 1 / np.cosh(a) ** 2, (-100, 100))),
+    R("Expm1", lambda v: apply("Expm1", v.x * v.y), lambda a: np.expm1(a.x * a.y),
+      precise=(np.expm1, np.exp, (-100, 80))),
     R("Powf", lambda v: apply("Powf", v.x, v.y), lambda a: a.x ** a.y, x="pos", y="small"),
     R("Powf", lambda v: apply("Powf", v.x, v.t), lambda a: a.x ** a.t, "bcast",
       x="pos", t="small"),

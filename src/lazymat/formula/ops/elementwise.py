@@ -398,3 +398,7 @@ register("Tanh", 1, lambda xp, p, a: xp.module.tanh(a), c="lm_tanh({0})",
          method="tanh", doc="tanh(a)",
          # 1 / cosh² rather than 1 - tanh²: accurate in the tails too (cosh = inf gives 0).
          vjp=lambda n, g: (g * call("Square", call("Inv", call("Cosh", n.args[0]))),))
+register("Expm1", 1, lambda xp, p, a: xp.module.expm1(a), c="lm_expm1({0})",
+         c_helper=_libm("lm_expm1", "expm1"), libm=(("expm1", 1),),
+         fold=float_fold(math.expm1), method="expm1", doc="exp(a) - 1, accurate near 0",
+         vjp=lambda n, g: (g * call("Exp", n.args[0]),))
