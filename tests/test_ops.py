@@ -156,6 +156,8 @@ ROWS = [
       precise=(np.tanh, lambda a: 1 / np.cosh(a) ** 2, (-100, 100))),
     R("Expm1", lambda v: apply("Expm1", v.x * v.y), lambda a: np.expm1(a.x * a.y),
       precise=(np.expm1, np.exp, (-100, 80))),
+    R("Log1p", lambda v: apply("Log1p", v.x * v.t), lambda a: np.log1p(a.x * a.t),
+      precise=(np.log1p, lambda a: 1 / (1 + a), (-0.999, 1e3)), x="pos", t="pos"),
     R("Powf", lambda v: apply("Powf", v.x, v.y), lambda a: a.x ** a.y, x="pos", y="small"),
     R("Powf", lambda v: apply("Powf", v.x, v.t), lambda a: a.x ** a.t, "bcast",
       x="pos", t="small"),

@@ -402,3 +402,7 @@ register("Expm1", 1, lambda xp, p, a: xp.module.expm1(a), c="lm_expm1({0})",
          c_helper=_libm("lm_expm1", "expm1"), libm=(("expm1", 1),),
          fold=float_fold(math.expm1), method="expm1", doc="exp(a) - 1, accurate near 0",
          vjp=lambda n, g: (g * call("Exp", n.args[0]),))
+register("Log1p", 1, lambda xp, p, a: xp.module.log1p(a), c="lm_log1p({0})",
+         c_helper=_libm("lm_log1p", "log1p"), libm=(("log1p", 1),),
+         fold=float_fold(math.log1p), method="log1p", doc="log(1 + a), accurate near 0",
+         vjp=lambda n, g: (g / (1 + n.args[0]),))
