@@ -16,7 +16,7 @@ from fractions import Fraction
 
 from ...errors import ShapeError
 from ..node import Const, Node, is_one, is_zero, make, register, register_macro
-from .base import call, exact_fold, float_fold, no_gradient, with_dim
+from .base import by_lib, call, exact_fold, float_fold, no_gradient, with_dim
 
 __all__ = ["Pow", "IntInv"]
 
@@ -406,3 +406,26 @@ register("Log1p", 1, lambda xp, p, a: xp.module.log1p(a), c="lm_log1p({0})",
          c_helper=_libm("lm_log1p", "log1p"), libm=(("log1p", 1),),
          fold=float_fold(math.log1p), method="log1p", doc="log(1 + a), accurate near 0",
          vjp=lambda n, g: (g / (1 + n.args[0]),))
+
+
+def _sigmoid_ref(m, a):
+    e = m.exp(-m.abs(a))  # never overflows: e <= 1
+    s = 1 / (1 + e)
+    return m.where(a >= 0, s, e * s)
+
+
+def _sigmoid_fold(a):
+    e = math.exp(-abs(a))
+    return 1 / (1 + e) if a >= 0 else e / (1 + e)
+
+
+register("Sigmoid", 1, by_lib(numpy=_sigmoid_ref, torch=lambda m, a: m.sigmoid(a)),
+         c="lm_sigmoid({0})",
+         c_helper="""template <typename F> LM_INLINE F lm_sigmoid(F x) {
+  F e = lm_exp(-lm_abs(x)), s = (F)1 / ((F)1 + e);
+  return x >= (F)0 ? s : e * s;
+}""",
+         fold=float_fold(_sigmoid_fold), method="sigmoid",
+         doc="1 / (1 + exp(-a)), from exp(-|a|): accurate in both tails",
+         # σ(a) σ(-a), not σ(1 - σ): accurate in both tails.
+         vjp=lambda n, g: (g * n * call("Sigmoid", -n.args[0]),))
