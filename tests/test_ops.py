@@ -161,6 +161,8 @@ ROWS = [
     R("Sigmoid", lambda v: apply("Sigmoid", v.x * v.y), lambda a: 1 / (1 + np.exp(-a.x * a.y)),
       precise=(_scipy("expit"), lambda a: _scipy("expit")(a) * _scipy("expit")(-a),
                (-100, 100))),
+    R("Softplus", lambda v: apply("Softplus", v.x * v.y), lambda a: np.logaddexp(a.x * a.y, 0),
+      precise=(lambda a: np.logaddexp(a, 0), _scipy("expit"), (-100, 1e3))),
     R("Powf", lambda v: apply("Powf", v.x, v.y), lambda a: a.x ** a.y, x="pos", y="small"),
     R("Powf", lambda v: apply("Powf", v.x, v.t), lambda a: a.x ** a.t, "bcast",
       x="pos", t="small"),

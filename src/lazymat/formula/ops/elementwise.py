@@ -429,3 +429,19 @@ register("Sigmoid", 1, by_lib(numpy=_sigmoid_ref, torch=lambda m, a: m.sigmoid(a
          doc="1 / (1 + exp(-a)), from exp(-|a|): accurate in both tails",
          # σ(a) σ(-a), not σ(1 - σ): accurate in both tails.
          vjp=lambda n, g: (g * n * call("Sigmoid", -n.args[0]),))
+
+
+def _softplus_ref(xp, p, a):
+    m = xp.module
+    return xp.where(a > 0, a, 0) + m.log1p(m.exp(-m.abs(a)))
+
+
+register("Softplus", 1, _softplus_ref, c="lm_softplus({0})",
+         c_helper="""template <typename F> LM_INLINE F lm_softplus(F x) {
+  return (x > (F)0 ? x : (F)0) + lm_log1p(lm_exp(-lm_abs(x)));
+}""",
+         fold=float_fold(lambda a: max(a, 0.0) + math.log1p(math.exp(-abs(a)))),
+         method="softplus",
+         doc="log(1 + exp(a)) as max(a, 0) + log1p(exp(-|a|)): no overflow for large a, "
+             "accurate for very negative a",
+         vjp=lambda n, g: (g * call("Sigmoid", n.args[0]),))
