@@ -163,6 +163,8 @@ ROWS = [
                (-100, 100))),
     R("Softplus", lambda v: apply("Softplus", v.x * v.y), lambda a: np.logaddexp(a.x * a.y, 0),
       precise=(lambda a: np.logaddexp(a, 0), _scipy("expit"), (-100, 1e3))),
+    R("Erf", lambda v: apply("Erf", v.x - v.y), lambda a: _scipy("erf")(a.x - a.y),
+      precise=(_scipy("erf"), lambda a: 2 / np.sqrt(np.pi) * np.exp(-a * a), (-10, 10))),
     R("Powf", lambda v: apply("Powf", v.x, v.y), lambda a: a.x ** a.y, x="pos", y="small"),
     R("Powf", lambda v: apply("Powf", v.x, v.t), lambda a: a.x ** a.t, "bcast",
       x="pos", t="small"),

@@ -445,3 +445,18 @@ register("Softplus", 1, _softplus_ref, c="lm_softplus({0})",
          doc="log(1 + exp(a)) as max(a, 0) + log1p(exp(-|a|)): no overflow for large a, "
              "accurate for very negative a",
          vjp=lambda n, g: (g * call("Sigmoid", n.args[0]),))
+
+
+def _numpy_erf(m, a):
+    try:
+        from scipy.special import erf
+    except ImportError:  # scipy is optional: math.erf per element (the reference only)
+        return m.frompyfunc(math.erf, 1, 1)(a).astype(a.dtype)
+    return erf(a)
+
+
+register("Erf", 1, by_lib(numpy=_numpy_erf, torch=lambda m, a: m.erf(a)), c="lm_erf({0})",
+         c_helper=_libm("lm_erf", "erf"), libm=(("erf", 1),), fold=float_fold(math.erf),
+         method="erf", doc="the error function 2/√π ∫_0^a exp(-t²) dt",
+         vjp=lambda n, g: (g * (2 / math.sqrt(math.pi)) * call("Exp", -call("Square",
+                                                                            n.args[0])),))
