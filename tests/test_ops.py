@@ -693,6 +693,31 @@ def test_precise_ops_gradients(row, dtype):
                            f"want {want[bad][:5]}")
 
 
+# --------------------------------------------------------------------------- deep formulas
+
+def test_deep_and_long_formulas_never_recurse():
+    """Building, hashing, pickling, printing and differentiating Sin nested 3000 deep (beyond
+    Python's recursion limit) and a sum of 2000 terms: no step recurses per level."""
+    import pickle
+
+    from lazymat.formula import grad, to_string
+
+    x, y = Var(0, 1, 0), Var(1, 1, 1)
+    deep = x
+    for _ in range(3000):
+        deep = apply("Sin", deep)
+    long = Const(0)
+    for k in range(2000):
+        long = long + apply("Exp", -(x - y) * (k + 1))
+    for f in (deep, long):
+        assert {f: 1}[f] == 1 and hash(f) == hash(f)
+        assert pickle.loads(pickle.dumps(f)) is f
+        assert len(to_string(f)) < 100 * len(walk(f))  # linear: no text copied per level
+        d = grad(f, x, Const(1))
+        assert d.dim == 1 and len(walk(d)) < 4 * len(walk(f))
+        assert pickle.loads(pickle.dumps(d)) is d
+
+
 # --------------------------------------------------------------------------- simplifications
 
 X = Var(0, 3, 0)
