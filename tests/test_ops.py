@@ -693,6 +693,53 @@ def test_precise_ops_gradients(row, dtype):
                            f"want {want[bad][:5]}")
 
 
+# --------------------------------------------------------------------------- C helpers
+
+def test_op_helpers_are_target_neutral_and_complete():
+    """Each op's C helper is written once for every target (math through the target's
+    macros, no __builtin_/__device__/OpenMP), calls only helpers registered before it, and
+    lists the libm functions it calls (the CPU declares them for libmvec)."""
+    import re
+
+    from lazymat.codegen.c_like import TARGET_MACROS, helpers, libm_functions, prelude
+
+    text = helpers()
+    for word in ("__builtin", "__device__", "#pragma", "__float_as_int"):
+        assert word not in text, word
+    defined: set[str] = set()
+    for op in OPS.values():
+        new = set(re.findall(r"\b(?:float|double|F)\s+(lm_\w+)\s*\(", op.c_helper))
+        used = set(re.findall(r"\b(lm_\w+)\s*\(", op.c_helper + (op.c or ""))) - new
+        assert used <= defined, f"{op.name} calls {sorted(used - defined)} before their helper"
+        libm = set(re.findall(r"LM_[FD]\((\w+)\)", op.c_helper)) - {"exp"}  # LM_NATIVE_EXP
+        assert libm <= {name for name, _ in op.libm}, op.name
+        defined |= new
+    assert {"tanh", "erf", "expm1", "log1p", "sinh", "cosh"} <= {n for n, _ in libm_functions()}
+    cuda = prelude(target="cuda")
+    assert "__builtin" not in cuda and TARGET_MACROS["cuda"] in cuda
+    for name in re.findall(r"\b(LM_[A-Z0-9_]+)\b", text):
+        assert f"#define {name}" in TARGET_MACROS["cpu"] + TARGET_MACROS["cuda"] + prelude(True)
+    with pytest.raises(ValueError, match="unknown target"):
+        prelude(target="metal")
+
+
+def test_cpu_prelude_compiles_warning_free():
+    import shutil
+    import subprocess
+
+    from lazymat.codegen.c_like import prelude
+
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    for vector_math in (False, True):
+        src = prelude(vector_math) + "\nfloat lm_use(float x) { return lm_sigmoid(x); }\n"
+        run_ = subprocess.run([cxx, "-x", "c++", "-std=c++17", "-fsyntax-only", "-Wall",
+                               "-Wextra", "-Werror", "-"], input=src, text=True,
+                              capture_output=True, timeout=120)
+        assert run_.returncode == 0, run_.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- deep formulas
 
 def test_deep_and_long_formulas_never_recurse():
