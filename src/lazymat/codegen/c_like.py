@@ -167,33 +167,46 @@ class KernelSpec:
     arg_dims: tuple[tuple[int, int], ...]  # (dim, cat) of each argument, by position
     # Sums: the accumulator's C type and the scheme ("block", "direct" or "kahan").
     accumulation: tuple[str, str] = ("double", "block")
+    # What the kernel writes: the reduction's finalized outputs ("output") or its raw
+    # partial state ("state"), for the caller to merge column parts.
+    store: str = "output"
+
+    def __post_init__(self):
+        if self.store not in ("output", "state"):
+            raise ValueError(f"KernelSpec.store is 'output' or 'state', not {self.store!r}")
 
     @property
-    def value_row_size(self) -> dict[str, int]:
-        """Numbers per output row of the value output and of the index output."""
+    def stored(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(kind, shape per row) of each array the kernel writes, in ``outs`` order:
+        kinds "value" (T), "acc" (the accumulator type) and "index" (long long)."""
+        red = self.reduction
         wdim = self.weight.dim if self.weight is not None else None
-        sizes = {"value": 0, "index": 0}
-        for kind, shape in self.reduction.out_dims(self.formula.dim, self.K, wdim):
-            sizes[kind] = math.prod(shape)
-        return sizes
+        if self.store == "state":
+            return red.state(self.formula.dim, self.K, wdim)
+        # ``outputs`` once reductions.py names it (it replaces ``out_dims``).
+        outputs = getattr(red, "outputs", None) or red.out_dims
+        return outputs(self.formula.dim, self.K, wdim)
 
 
 class ReductionContext:
-    """What a reduction's C code (``c_decl``, ``c_tile``, ``c_store`` in reductions.py)
-    is given: ``T`` (the data's C type), ``K``, ``D`` (the formula's dim), ``E`` (the
-    weight's), ``acc``/``scheme`` (sums' accumulation), and ``V(k)``/``W(e)``: the C
-    expressions of component k of the formula and e of the weight at the current pair.
+    """What a reduction's C code (``c_decl``, ``c_tile``, ``c_store``, ``c_state_store`` in
+    reductions.py) is given: ``T`` (the data's C type), ``K``, ``D`` (the formula's dim),
+    ``E`` (the weight's), ``acc``/``scheme`` (sums' accumulation), ``V(k)``/``W(e)``: the C
+    expressions of component k of the formula and e of the weight at the current pair, and
+    ``out(k)``: the C name of the kernel's output pointer k (``KernelSpec.stored`` order),
+    typed and offset to the current batch, so that a store writes
+    ``{rc.out(0)}[row * D + k] = ...``.
 
     The scaffold (CPU or CUDA) around that code provides these C names, and nothing else
     may be assumed: ``T``, ``LANES`` (rows per block; 1 on CUDA), ``TJ`` (the most columns
     in one stage pass, a constant) and ``tj`` (the columns of this pass), ``l`` (the lane,
     in ``for (int l = 0; l < LANES; l++)`` loops the reduction writes itself), ``jj`` (the
     column in the pass, in loops the reduction writes itself), ``j0`` (the global index
-    of the pass's first column), ``row`` (in ``c_store``: the row of lane ``l``), ``out``
-    and ``out_idx`` (the batch's outputs, rows of ``value_row_size``), ``INFINITY_T`` and
-    the prelude's ``lm_*`` helpers. ``#pragma omp`` lines are dropped on CUDA. Its own
-    declarations must not reuse the scaffolds' names: ``b``, ``c``, ``t``, ``q``, ``i0``,
-    ``nl``, ``jb``, ``jt``, ``nj``, ``task``, ``part``, ``a<n>``, ``xv<n>``, ``ys<n>``.
+    of the pass's first column), ``row`` (in the stores: the row of lane ``l``),
+    ``INFINITY_T`` and the prelude's ``lm_*`` helpers. ``#pragma omp`` lines are dropped
+    on CUDA. Its own declarations must not reuse the scaffolds' names: ``b``, ``c``, ``t``,
+    ``q``, ``i0``, ``nl``, ``jb``, ``jt``, ``nj``, ``task``, ``part``, ``a<n>``, ``xv<n>``,
+    ``ys<n>``, ``out<n>``.
     """
 
     def __init__(self, spec: KernelSpec, em: Emitter, T: str):
@@ -202,12 +215,30 @@ class ReductionContext:
         self.D = spec.formula.dim
         self.E = spec.weight.dim if spec.weight is not None else 1
         self._em, self._f, self._g = em, spec.formula, spec.weight
+        self._nout = len(spec.stored)
 
     def V(self, k) -> str:
         return self._em.expr(self._f, k)
 
     def W(self, e) -> str:
         return "1" if self._g is None else self._em.expr(self._g, e)
+
+    def out(self, k: int) -> str:
+        """The C name of output pointer ``k``."""
+        if not 0 <= k < self._nout:
+            raise IndexError(f"the kernel stores {self._nout} arrays; there is no output {k}")
+        return f"out{k}"
+
+
+def output_pointers(spec: KernelSpec, T: str, outs: str, first_row: str) -> list[str]:
+    """C declarations of ``out<k>`` (see ``ReductionContext.out``): pointer ``{outs}[k]``,
+    typed by kind and advanced by ``first_row`` rows of its width."""
+    types = {"value": T, "acc": spec.accumulation[0], "index": "long long"}
+    lines = []
+    for k, (kind, shape) in enumerate(spec.stored):
+        lines.append(f"{types[kind]}* out{k} = ({types[kind]}*){outs}[{k}] + "
+                     f"({first_row}) * {math.prod(shape)}; (void)out{k};")
+    return lines
 
 
 #: What a target defines for the prelude's helpers (the helper text itself, in each op's
