@@ -693,6 +693,18 @@ def test_precise_ops_gradients(row, dtype):
                            f"want {want[bad][:5]}")
 
 
+def test_erf_reference_without_scipy(monkeypatch):
+    """scipy is optional at run time: the reference backend's numpy Erf falls back to
+    math.erf per element."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.special", None)  # import fails
+    s = np.linspace(-4, 4, 17)[:, None]
+    f = apply("Erf", Var(0, 1, 0)) * Var(1, 1, 1)
+    (got,) = run(Request("Sum", f, axis=1), [s, np.ones((1, 1))], backend="reference")
+    np.testing.assert_allclose(got[:, 0], [math.erf(v) for v in s[:, 0]], rtol=1e-15)
+
+
 # --------------------------------------------------------------------------- C helpers
 
 def test_op_helpers_are_target_neutral_and_complete():
