@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from . import autograd, plan
-from .arraylib import is_torch, lib_of
+from .arraylib import is_dask, is_torch, lib_of
 from .errors import DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, P_CAT, Const, Node, Var, apply, substitute, variables, walk
 
@@ -56,8 +56,8 @@ class _Leaf:
 
 
 def _is_array(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype") and (is_torch(x) or type(x).__module__
-                                                            .startswith("numpy"))
+    return hasattr(x, "shape") and hasattr(x, "dtype") and (
+        is_torch(x) or is_dask(x) or type(x).__module__.startswith("numpy"))
 
 
 class LazyTensor:

@@ -21,12 +21,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import reductions
-from .arraylib import is_torch, lib_of
+from .arraylib import is_dask, is_torch, lib_of
 from .errors import CudaUnavailableError, DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, P_CAT, Node, Var, substitute, variables
 from .reductions import ReductionDef
 
-BACKENDS = ("auto", "cpu", "cuda", "reference")  # and KeOps' "GPU", "GPU_1D"...: "cuda"
+BACKENDS = ("auto", "cpu", "cuda", "reference", "dask")  # and KeOps' "GPU", "GPU_1D"...: "cuda"
 #: float16 and bfloat16 data are reduced in float32 and the results returned in their dtype.
 _HALF_DTYPES = ("float16", "bfloat16")
 _FLOAT_DTYPES = ("float32", "float64") + _HALF_DTYPES
@@ -330,6 +330,11 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
     ``like`` the library and dtype when no array is left at all; ``ranges`` the KeOps
     block-sparse 6-tuple (ranges_i, slices_i, redranges_j, ranges_j, slices_j, redranges_i).
     """
+    if str(backend).lower() == "dask" or any(is_dask(a) for a in arrays):
+        from .backends import dask  # lazy dask arrays, one task per block
+
+        return dask.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
+                        like=like, ranges=ranges)
     check_request(req)
     names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
     M, N, batch, dtype, xp = _validate(req, arrays, names, sizes, like)
