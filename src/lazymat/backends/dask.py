@@ -194,11 +194,13 @@ def merge_task(job: BlockJob, states: list) -> Any:
     return merged
 
 
-def finalize_task(job: BlockJob, state: Any, m: int) -> tuple:
-    """The outputs of one row block, shaped batch + (m,) + their trailing shape."""
+def finalize_task(job: BlockJob, state: Any, m: int, which: int | None = None) -> Any:
+    """The outputs of one row block, shaped batch + (m,) + their trailing shape (output
+    ``which`` alone when given)."""
     with np.errstate(all="ignore"):
         outs = job.req.definition.finalize(NUMPY, state)
-    return tuple(np.asarray(o).reshape(job.batch + (m,) + t) for o, t in zip(outs, job.trailing))
+    outs = tuple(np.asarray(o).reshape(job.batch + (m,) + t) for o, t in zip(outs, job.trailing))
+    return outs if which is None else outs[which]
 
 
 def _wdim(req: plan.Request) -> int | None:
@@ -421,11 +423,19 @@ def _build(job: BlockJob, arrays: list, dask_arrays: dict[int, Any], cats: list[
     token = tokenize(pickle.dumps(job), sorted((p, a.name) for p, a in dask_arrays.items()),
                      out_chunks, red_chunks)
     block_name, merge_name = f"lazymat-{red}-block-{token}", f"lazymat-{red}-merge-{token}"
-    final_name = f"lazymat-{red}-finalize-{token}"
+    out_names = [f"lazymat-{red}-{token}"] + [f"lazymat-{red}-indices-{token}"] * (len(probe) > 1)
+    # One output: the finalize tasks are its chunks; more: a finalize task per row block
+    # and one pick per output chunk.
+    final_name = out_names[0] if len(probe) == 1 else f"lazymat-{red}-finalize-{token}"
+    nb = len(job.batch)
+
+    def chunk_key(name: str, k: int, i: int) -> tuple:
+        return (name,) + (0,) * nb + (i,) + (0,) * len(job.trailing[k])
+
     split_every = max(2, int(_option("split-every")))
     starts = np.concatenate([[0], np.cumsum(red_chunks)]).astype(int).tolist()
     layer: dict[tuple, Any] = {}
-    levels = 0
+    levels, merges = 0, 0
     for i, m in enumerate(out_chunks):
         current = []
         for j, n in enumerate(red_chunks):
@@ -448,29 +458,34 @@ def _build(job: BlockJob, arrays: list, dask_arrays: dict[int, Any], cats: list[
                 layer[key] = (merge_task, job, current[g:g + split_every])
                 merged.append(key)
             current = merged
+            merges += len(merged)
         levels = max(levels, level)
-        layer[(final_name, i)] = (finalize_task, job, current[0], m)
+        if len(probe) == 1:
+            layer[chunk_key(final_name, 0, i)] = (finalize_task, job, current[0], m, 0)
+        else:
+            layer[(final_name, i)] = (finalize_task, job, current[0], m)
     if _verbose():
-        pairs = max(out_chunks) * max(red_chunks)
         print(f"[lazymat] dask {red} over {'j' if out_cat == I_CAT else 'i'}: "
               f"{len(out_chunks)} x {len(red_chunks)} block tasks (rows <= {max(out_chunks)}, "
-              f"columns <= {max(red_chunks)}, {pairs:.2e} pairs each), "
-              f"{sum(1 for k in layer if k[0] == merge_name)} merge tasks in {levels} "
-              f"level(s) (split_every {split_every}), {len(out_chunks)} finalize tasks; "
-              f"worker backend {job.backend}", file=sys.stderr)
-    deps = list(dask_arrays.values())
-    base = HighLevelGraph.from_collections(final_name, layer, dependencies=deps)
+              f"columns <= {max(red_chunks)}, "
+              f"{max(out_chunks) * max(red_chunks):.2e} pairs each), {merges} merge tasks in "
+              f"{levels} level(s) (split_every {split_every}), {len(out_chunks)} finalize "
+              f"tasks; worker backend {job.backend}", file=sys.stderr)
+    base = HighLevelGraph.from_collections(final_name, layer,
+                                           dependencies=list(dask_arrays.values()))
     outs = []
-    nb = len(job.batch)
-    for k, (o, t) in enumerate(zip(probe, job.trailing)):
-        out_name = f"lazymat-{red}-{token}" if k == 0 else f"lazymat-{red}-indices-{token}"
-        picks = {(out_name,) + (0,) * nb + (i,) + (0,) * len(t):
-                 (operator.getitem, (final_name, i), k) for i in range(len(out_chunks))}
-        graph = HighLevelGraph({**base.layers, out_name: picks},
-                               {**base.dependencies, out_name: {final_name}})
-        chunks = tuple((b,) for b in job.batch) + (out_chunks,) + tuple((s,) for s in t)
-        outs.append(da.Array(graph, out_name, chunks, meta=np.empty((0,) * len(chunks),
-                                                                     dtype=o.dtype)))
+    for k, o in enumerate(probe):
+        out_name, graph = final_name, base
+        if len(probe) > 1:
+            out_name = out_names[min(k, 1)] if k < 2 else f"lazymat-{red}-{k}-{token}"
+            picks = {chunk_key(out_name, k, i): (operator.getitem, (final_name, i), k)
+                     for i in range(len(out_chunks))}
+            graph = HighLevelGraph({**base.layers, out_name: picks},
+                                   {**base.dependencies, out_name: {final_name}})
+        chunks = (tuple((b,) for b in job.batch) + (out_chunks,)
+                  + tuple((s,) for s in job.trailing[k]))
+        outs.append(da.Array(graph, out_name, chunks,
+                             meta=np.empty((0,) * len(chunks), dtype=o.dtype)))
     return tuple(outs)
 
 
