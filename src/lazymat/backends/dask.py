@@ -24,7 +24,7 @@ Options (``dask.config.set({"lazymat.split-every": 4})``), read when the graph i
 - ``lazymat.split-every`` (8): how many column parts one merge task combines;
 - ``lazymat.worker-backend`` ("auto": CUDA on workers that own a GPU, as dask-cuda's, else
   CPU; or "cpu", "cuda", "reference");
-- ``lazymat.threads-per-task`` (None: the worker's cores divided by its threads).
+- ``lazymat.threads-per-task`` (1: each worker thread runs a single-threaded kernel).
 """
 
 from __future__ import annotations
@@ -148,26 +148,21 @@ def _worker_backend(wanted: str) -> str:
 
 
 def _set_threads(job: BlockJob) -> None:
-    """Kernel threads per task: the worker's cores divided among its task threads, so that
-    concurrent tasks do not oversubscribe the cores. Set once per worker process (the
-    environment is the per-process knob that the CPU backend reads); the user's
-    LAZYMAT_NUM_THREADS wins, and outside a distributed worker nothing is changed."""
+    """Kernel threads per task: one by default, since each of a worker's threads runs its
+    own task (so a worker with T threads keeps T cores busy and no more, as dask sizes its
+    workers); ``lazymat.threads-per-task`` raises it for workers with one thread and many
+    cores. Set once per worker process (the environment is the per-process knob the CPU
+    backend reads); the user's LAZYMAT_NUM_THREADS wins, and outside a distributed worker
+    nothing is changed."""
     if "LAZYMAT_NUM_THREADS" in os.environ:
         return
     try:
         from distributed import get_worker
 
-        worker = get_worker()
+        get_worker()
     except (ImportError, ValueError):
         return
-    threads = job.threads
-    if threads is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not Linux
-            cores = os.cpu_count() or 1
-        threads = max(1, cores // max(1, worker.state.nthreads))
-    os.environ["LAZYMAT_NUM_THREADS"] = str(threads)
+    os.environ["LAZYMAT_NUM_THREADS"] = str(max(1, int(job.threads or 1)))
 
 
 def block_task(job: BlockJob, arrays: list, m: int, n: int, j0: int) -> Any:
