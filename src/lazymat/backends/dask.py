@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import plan
+from .. import config, plan
 from ..arraylib import NUMPY, is_dask, is_torch
 from ..errors import DtypeError, ShapeError
 from ..formula import I_CAT, J_CAT, P_CAT, variables
@@ -66,7 +66,7 @@ def _option(key: str) -> Any:
 
 
 def _verbose() -> bool:
-    return os.environ.get("LAZYMAT_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
+    return config.verbose()
 
 
 # --------------------------------------------------------------------------- what a task runs
@@ -380,13 +380,12 @@ def _from_numpy(a: np.ndarray, chunks: tuple) -> Any:
     key = (arr.name, id(client))
     hit = _persisted.get(key)
     if hit is None:
-        if len(_persisted) >= 8:
-            _persisted.pop(next(iter(_persisted)))
         hit = _persisted[key] = client.persist(arr)
     return hit
 
 
-_persisted: dict[tuple, Any] = {}
+# numpy operands persisted on the cluster, by content (the oldest dropped first)
+_persisted = config.memo("dask.persisted", maxsize=8)
 
 
 def _client() -> Any:
