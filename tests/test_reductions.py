@@ -562,7 +562,7 @@ def test_split_columns_combine_to_the_whole(case, kind):
     ``split_with`` on each part (here: block-sparse ranges keeping one part of the
     columns), turn the outputs into states, merge them in j order, finalize."""
     from lazymat.arraylib import NUMPY
-    from lazymat.backends.cuda import _combine as combine
+    from lazymat.backends.launch import combine
 
     red = REDUCTIONS[case.red]
     M, N = 9, 40
@@ -578,8 +578,8 @@ def test_split_columns_combine_to_the_whole(case, kind):
         shapes = REDUCTIONS[red.split_with].out_dims(case.formula.dim, case.K,
                                                      2 if case.weight is not None else None)
         parts.append(tuple(o.reshape((M,) + s) for o, (_, s) in zip(outs, shapes)))
-    tree = combine(red, NUMPY, [np.stack(a) for a in zip(*parts)], case.K)  # as on the GPU
     parts = [red.state_of(NUMPY, p) for p in parts]
+    tree = red.finalize(NUMPY, combine(red, NUMPY, parts, None, case.K))  # as on the GPU
     state = parts[0]
     for p in parts[1:]:
         state = red.merge(NUMPY, state, p, K=case.K)

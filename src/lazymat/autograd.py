@@ -50,10 +50,13 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
         raise DtypeError("out= cannot be used when an input requires grad "
                          "(autograd needs the output it creates)")
     names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
-    # The backward needs M and N even when its formulas lose every i- (or j-) variable.
-    M, N, _, _, _ = plan._validate(req, arrays, names, sizes, like)
-    spec = _Spec(req, tuple(names), backend, (M, N), like if like is not None else arrays[0],
-                 None if ranges is None else tuple(ranges))
+    # Checked and oriented once: the forward runs this launch (the backward needs M and N
+    # even when its formulas lose every i- (or j-) variable).
+    prepared = plan.prepare(_forward_request(req), arrays, names=names, backend=backend,
+                            sizes=sizes, like=like, ranges=ranges)
+    spec = _Spec(req, tuple(names), backend, prepared.sizes,
+                 like if like is not None else arrays[0],
+                 None if ranges is None else tuple(ranges), prepared, tuple(arrays))
     outs = _reduction_function().apply(spec, *arrays)
     red = req.definition
     if red.selects_with and red.selects_with != red.name:
@@ -83,6 +86,8 @@ class _Spec:
     sizes: tuple[int | None, int | None]
     like: Any
     ranges: tuple | None = None  # the block-sparse 6-tuple, or None
+    prepared: plan.Prepared | None = None  # the forward's launch, for ``inputs``
+    inputs: tuple = ()
 
     def run(self, req: plan.Request, arrays: Sequence[Any], names: Sequence[str],
             sizes: tuple[int | None, int | None], ranges: Any = None) -> tuple:
@@ -105,6 +110,10 @@ def _reduction_function():
         # jacfwd, hessian, vmap) work through it.
         @staticmethod
         def forward(spec: _Spec, *arrays):
+            if spec.prepared is not None and len(arrays) == len(spec.inputs) and all(
+                    a is b for a, b in zip(arrays, spec.inputs)):
+                return plan.execute(spec.prepared)  # checked by autograd.run already
+            # Other arrays (a torch.func transform unwrapped them, vmap moved a dim): anew.
             return tuple(plan.run(_forward_request(spec.req), [a.detach() for a in arrays],
                                   names=spec.names, backend=spec.backend, sizes=spec.sizes,
                                   like=spec.like, ranges=spec.ranges))
@@ -164,7 +173,7 @@ def _oriented(req: plan.Request) -> tuple[Node, Node | None]:
     """F and W with category 0 = the output index (axis=0 reductions swap i and j)."""
     if req.axis == 1:
         return req.formula, req.weight
-    swap = plan._swap_categories
+    swap = plan.swap_categories
     return swap(req.formula), (swap(req.weight) if req.weight is not None else None)
 
 

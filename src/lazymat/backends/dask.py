@@ -5,8 +5,10 @@ CUDA on a GPU worker) and returns the reduction's raw partial state; the states 
 block merge along the columns with the reduction's own ``merge`` in a tree (``split_every``
 at a time, adjacent parts, so the first index wins ties as on one machine), then
 ``finalize`` gives the outputs. Index states are made global by the block's first column.
-A task carries the request (formula, reduction, options: small and picklable), never a
-compiled kernel: each worker compiles (or loads from the shared cache) its kernels once.
+A task carries a :class:`BlockJob` (formula, reduction, options: small and picklable), never
+a compiled kernel: each worker compiles (or loads from the shared cache) its kernels once.
+``plan`` sends here every call with a dask array among its operands, and ``backend="dask"``
+calls on numpy arrays (chunked here).
 
 The result is a lazy dask array whose row chunks are those of the output variables (split
 so that a task stays under about a second); nothing runs before ``.compute()``/``.persist()``.
@@ -30,7 +32,6 @@ Options (``dask.config.set({"lazymat.split-every": 4})``), read when the graph i
 from __future__ import annotations
 
 import math
-import operator
 import os
 import pickle
 import sys
@@ -39,10 +40,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import config, plan
-from ..arraylib import NUMPY, is_dask, is_torch
-from ..errors import DtypeError, ShapeError
-from ..formula import I_CAT, J_CAT, P_CAT, variables
+from .. import config, reductions
+from ..arraylib import NUMPY, is_dask
+from ..errors import ShapeError
+from ..formula import Node, variables
+from . import launch as abi
+from .base import REGISTRY, Launch
 
 name = "dask"
 
@@ -65,86 +68,106 @@ def _option(key: str) -> Any:
     return dask.config.get(f"lazymat.{key}", _DEFAULTS[key])
 
 
-def _verbose() -> bool:
-    return config.verbose()
-
-
 # --------------------------------------------------------------------------- what a task runs
 
 @dataclass(frozen=True)
 class BlockJob:
-    """Everything a task of one reduction carries (pickled into every task: keep it small).
-
-    ``out_cat`` is the category of the output rows (I_CAT when reducing over j);
-    ``state_shapes`` the per-row shape of each raw state array; ``trailing`` the per-row
-    shape of each output as the single-machine call returns it.
+    """Everything a task carries (pickled into every task: small, no lambda, no handle):
+    the oriented reduction of a :class:`Launch` (category 0 = output rows, reduced over
+    category 1) without its arrays, and the single-machine backend the workers use.
     """
 
-    req: plan.Request
-    out_cat: int
+    reduction: str
+    formula: Node
+    weight: Node | None
+    K: int | None
+    dtype: str
+    accumulation: tuple[str, str]
     batch: tuple[int, ...]
-    state_shapes: tuple[tuple[int, ...], ...]
-    trailing: tuple[tuple[int, ...], ...]
+    store: str = "output"  # what the graph returns: finalized outputs or the merged state
     backend: str = "auto"
     threads: int | None = None
 
+    @property
+    def red(self) -> Any:
+        return reductions.get(self.reduction)
 
-def _store_state_supported() -> bool:
-    import inspect
+    def launch(self, arrays: Sequence[Any], m: int, n: int, store: str, red: Any = None,
+               weight: Any = "same") -> Launch:
+        """The single-machine launch of one block (m output rows, n columns)."""
+        weight = self.weight if weight == "same" else weight
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        offsets = None
+        if self.batch:
+            used = {v.params[0]: (v.params[1], v.params[2])
+                    for root in (self.formula, weight) if root is not None
+                    for v in variables(root)}
+            offsets = abi.batch_offsets(arrays, [used.get(p) for p in range(len(arrays))],
+                                        self.batch)
+        like = arrays[0] if arrays else np.empty(1, dtype=self.dtype)
+        return Launch(red or self.red, self.formula, weight, self.K, self.dtype,
+                      self.accumulation, arrays, m, n, self.batch, offsets, None, NUMPY, like,
+                      store)
 
-    return "store" in inspect.signature(plan.run).parameters
 
-
-_HAS_STATE_STORE = _store_state_supported()
+def state_layout(job: BlockJob) -> list[tuple[str, tuple[int, ...]]]:
+    """(kind, per-row shape) of each array of a block's raw state, as ``block_state`` gives
+    it: the reduction's ``state`` when it declares one, else (before every reduction had
+    a raw-state store) the outputs of its ``split_with`` twin, turned into a state."""
+    red, fdim, wdim = job.red, job.formula.dim, (job.weight.dim if job.weight else None)
+    if hasattr(red, "state"):
+        return list(red.state(fdim, job.K, wdim))
+    if red.split_with is not None:
+        outs = reductions.get(red.split_with).out_dims(fdim, job.K, wdim)
+        if red.name == "LogSumExp":  # (max, Σ exp, Σ exp·G), each per component
+            return [outs[0], ("acc", outs[0][1]), ("acc", outs[0][1])]
+        return list(outs)
+    return [("value", (1,)), ("acc", (1,)), ("acc", (wdim,))]  # SumSoftMaxWeight
 
 
 def block_state(job: BlockJob, arrays: Sequence[Any], m: int, n: int) -> tuple:
-    """The raw state of one block (m output rows, n reduced columns, indices local to the
-    block), each array of shape (nbatch * m,) + its state shape.
+    """The raw state of one block (indices local to the block), each array of shape
+    (nbatch * m,) + its per-row shape, in the order of :func:`state_layout`.
 
-    This is the one place that knows how a block's state is obtained: the kernel's raw-state
-    store when ``plan.run`` has one, else the outputs of a reduction whose outputs hold the
-    state (Min_ArgMin for Min, ...), turned into it by the reduction's ``state_of``.
+    The one place that knows how a block's state is obtained: the kernel's raw-state store
+    where the reduction has one; else the outputs of a reduction that hold the state
+    (Min_ArgMin for Min, ...) turned into it by ``state_of``; for SumSoftMaxWeight, with
+    L = log Σ_j exp(F), (L, 1, Σ_j exp(F - L) G) from two kernels.
     """
-    req, red = job.req, job.req.definition
-    sizes = (m, n) if job.out_cat == I_CAT else (n, m)
-    rows = math.prod(job.batch) * m
-    run = _block_runner(job.backend)
-    if _HAS_STATE_STORE:
-        state = run(req, arrays, sizes, store="state")
+    red, rows = job.red, math.prod(job.batch) * m
+    backend = REGISTRY[_worker_backend(job.backend)]
+    layout = state_layout(job)
+    if hasattr(red, "state"):
+        state = backend.run(job.launch(arrays, m, n, "state"))
     elif red.split_with is not None:
-        twin = replace(req, reduction=red.split_with)
-        outs = run(twin, arrays, sizes)
-        shapes = [s for _, s in twin.definition.out_dims(req.formula.dim, req.K, _wdim(req))]
-        outs = tuple(o.reshape((rows,) + s) for o, s in zip(outs, shapes))
-        state = red.state_of(NUMPY, outs)
-    else:  # SumSoftMaxWeight: with L = log Σ_j exp(F), (L, 1, Σ_j exp(F - L) G) is its state
-        lse = run(replace(req, reduction="LogSumExp", weight=None), arrays, sizes)[0]
-        soft = run(req, arrays, sizes)[0]
-        lse = lse.reshape(rows, 1)
-        state = (lse, np.ones_like(lse), soft.reshape((rows,) + job.state_shapes[2]))
-    parts = state if isinstance(state, tuple) else (state,)
-    parts = tuple(np.asarray(p).reshape((rows,) + s) for p, s in zip(parts, job.state_shapes))
-    return parts if isinstance(state, tuple) else parts[0]
-
-
-def _block_runner(backend: str):
-    def run(req: plan.Request, arrays: Sequence[Any], sizes: tuple[int, int],
-            **store: str) -> tuple:
-        return plan.run(req, list(arrays), backend=_worker_backend(backend), sizes=sizes,
-                        like=None if arrays else np.zeros(1), **store)
-    return run
+        twin = reductions.get(red.split_with)
+        outs = backend.run(job.launch(arrays, m, n, "output", red=twin))
+        shapes = [s for _, s in twin.out_dims(job.formula.dim, job.K,
+                                              job.weight.dim if job.weight else None)]
+        state = red.state_of(NUMPY, tuple(np.asarray(o).reshape((rows,) + s)
+                                          for o, s in zip(outs, shapes)))
+    else:
+        lse = backend.run(job.launch(arrays, m, n, "output", red=reductions.get("LogSumExp"),
+                                     weight=None))[0]
+        soft = backend.run(job.launch(arrays, m, n, "output"))[0]
+        lse = np.asarray(lse).reshape(rows, 1)
+        state = (lse, np.ones_like(lse), soft)
+    bare = not isinstance(state, (tuple, list))
+    parts = tuple(np.asarray(p).reshape((rows,) + s)
+                  for p, (_, s) in zip((state,) if bare else state, layout))
+    return parts[0] if bare else parts
 
 
 def _worker_backend(wanted: str) -> str:
     """The single-machine backend of a task: "auto" is CUDA on a worker given a GPU (as
-    dask-cuda's workers are, through CUDA_VISIBLE_DEVICES) when the CUDA backend can run."""
+    dask-cuda's workers are, through CUDA_VISIBLE_DEVICES) when the CUDA backend can run,
+    else the CPU backend (the reference one without a compiler)."""
     if wanted != "auto":
         return wanted
     if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"):
-        if plan.cuda_unavailable_reason() is None:
+        if REGISTRY["cuda"].unavailable_reason() is None:
             return "cuda"
-    return "auto"
+    return "cpu" if REGISTRY["cpu"].unavailable_reason() is None else "reference"
 
 
 def _set_threads(job: BlockJob) -> None:
@@ -180,146 +203,56 @@ def globalize(state: Any, j0: int) -> Any:
 
 
 def merge_task(job: BlockJob, states: list) -> Any:
-    """States of adjacent column parts, left to right (the left one has smaller j)."""
-    red = job.req.definition
-    merged = states[0]
+    """The state of adjacent column parts (in column order, indices already global)."""
     with np.errstate(all="ignore"):
-        for s in states[1:]:
-            merged = red.merge(NUMPY, merged, s, K=job.req.K)
-    return merged
+        return abi.combine(job.red, NUMPY, states, None, job.K)
 
 
 def finalize_task(job: BlockJob, state: Any, m: int, which: int | None = None) -> Any:
-    """The outputs of one row block, shaped batch + (m,) + their trailing shape (output
-    ``which`` alone when given)."""
-    with np.errstate(all="ignore"):
-        outs = job.req.definition.finalize(NUMPY, state)
-    outs = tuple(np.asarray(o).reshape(job.batch + (m,) + t) for o, t in zip(outs, job.trailing))
+    """The outputs (or, for store="state", the state) of one row block, shaped
+    batch + (m,) + their per-row shape; output ``which`` alone when given."""
+    if job.store == "state":
+        outs, shapes = (state if isinstance(state, tuple) else (state,)), state_layout(job)
+    else:
+        with np.errstate(all="ignore"):
+            outs = job.red.finalize(NUMPY, state)
+        shapes = job.red.out_dims(job.formula.dim, job.K,
+                                  job.weight.dim if job.weight else None)
+    outs = tuple(np.asarray(o).reshape(job.batch + (m,) + s) for o, (_, s) in zip(outs, shapes))
     return outs if which is None else outs[which]
-
-
-def _wdim(req: plan.Request) -> int | None:
-    return req.weight.dim if req.weight is not None else None
 
 
 # --------------------------------------------------------------------------- the graph
 
-def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
-        backend: str = "auto", out: Any = None,
-        sizes: tuple[int | None, int | None] = (None, None), like: Any = None,
-        ranges: Sequence[Any] | None = None) -> tuple:
-    """The reduction as lazy dask arrays (one per output), from dask and/or numpy arrays.
-
-    Checks everything the single-machine call checks, before anything runs.
-    """
+def run(launch: Launch) -> tuple:
+    """The launch as lazy dask arrays, one per entry of ``launch.shapes``, each of shape
+    batch + (M,) + its per-row shape, row-chunked (see the module docstring)."""
     reason = unavailable_reason()
     if reason is not None:
         raise ShapeError(f"backend='dask' cannot run: {reason}")
-    import dask.array as da
-
-    plan.check_request(req)
-    arrays = list(arrays)
-    names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
-    if out is not None:
-        raise DtypeError("out= cannot be used with dask arrays: the result is a new lazy "
-                         "dask array (assign it with da.store or .compute())")
-    if ranges is not None:
+    if launch.ranges is not None:
         raise ShapeError("block-sparse ranges are not supported with dask arrays: the dask "
                          "backend already cuts the work into blocks. Reduce without ranges, "
                          "or compute each cluster's reduction with numpy arrays")
-    for a, nm in zip(arrays, names):
-        if is_torch(a):
-            raise DtypeError(f"{nm} is a torch tensor but other operands are dask arrays: "
-                             f"torch tensors are not dask chunks; pass a numpy array "
-                             f"(.numpy()) or a dask array")
-        if is_dask(a) and any(math.isnan(c) for c in a.shape):
-            raise ShapeError(f"{nm} is a dask array of unknown shape {a.shape}: call "
-                             f".compute_chunk_sizes() first")
-    cats = _categories(req, len(arrays))
-    worker_backend = "auto" if str(backend).lower() in ("auto", "dask") else str(backend)
-    out_cat = I_CAT if req.axis == 1 else J_CAT
-    red_cat = J_CAT if out_cat == I_CAT else I_CAT
-    rows = {c: _rows_of(arrays, names, cats, c, sizes) for c in (I_CAT, J_CAT)}
-    M, N = rows[out_cat], rows[red_cat]
-    red = req.definition
-    if red.needs_k and isinstance(req.K, (int, np.integer)) and req.K > N:
-        raise ShapeError(f"{red.name}: K = {req.K} is larger than the number of "
-                         f"{'columns N' if req.axis == 1 else 'rows M'} = {N} being reduced")
-    probe_rows = {out_cat: 1, red_cat: max(1, int(req.K or 1))}
-    probe = plan.run(req, [_stand_in(a, cats[p], probe_rows) for p, a in enumerate(arrays)],
-                     names=names, backend="reference",
-                     sizes=(probe_rows[I_CAT], probe_rows[J_CAT]),
-                     like=_stand_in(like, P_CAT, {}) if like is not None else None)
-    batch = tuple(probe[0].shape[:probe[0].ndim - 1 - _trailing_ndim(req)])
-    trailing = tuple(tuple(o.shape[len(batch) + 1:]) for o in probe)
-    if M == 0 or N == 0 or 0 in batch:  # the identity (or nothing): no task to run
-        full = plan.run(req, [_stand_in(a, cats[p], rows) for p, a in enumerate(arrays)],
-                        names=names, backend="reference", sizes=(rows[I_CAT], rows[J_CAT]),
-                        like=probe[0])
-        return tuple(da.from_array(o) for o in full)
-
-    out_chunks, red_chunks = _task_chunks(arrays, cats, out_cat, red_cat, M, N, req)
+    if any(is_dask(a) and any(math.isnan(c) for c in a.shape) for a in launch.arrays):
+        raise ShapeError("a dask operand has unknown chunk sizes: call "
+                         ".compute_chunk_sizes() on it first")
+    cats = [cat for _, cat in launch.arg_dims]
+    out_chunks, red_chunks = _task_chunks(launch, cats)
     dask_arrays = {}
-    for p, a in enumerate(arrays):
-        chunks = {out_cat: out_chunks, red_cat: red_chunks}.get(cats[p])
+    for p, a in enumerate(launch.arrays):
+        chunks = {0: out_chunks, 1: red_chunks}.get(cats[p])
         if is_dask(a) or chunks is not None:
             dask_arrays[p] = _rechunked(a, chunks)
-    job = BlockJob(req, out_cat, batch, _state_shapes(req), trailing,
-                   backend=worker_backend, threads=_option("threads-per-task"))
-    return _build(job, arrays, dask_arrays, cats, out_chunks, red_chunks, probe)
-
-
-def _categories(req: plan.Request, n: int) -> list[int]:
-    """The category of each argument position (an unused one counts as a parameter)."""
-    cats = [P_CAT] * n
-    for root in (req.formula, req.weight):
-        if root is not None:
-            for v in variables(root):
-                pos, _, cat = v.params
-                if pos < n:
-                    cats[pos] = cat
-    return cats
-
-
-def _rows_of(arrays: Sequence[Any], names: Sequence[str], cats: list[int], cat: int,
-             sizes: tuple[int | None, int | None]) -> int:
-    seen: tuple[int, str] | None = None
-    for a, nm, c in zip(arrays, names, cats):
-        if c != cat or len(a.shape) < 2:
-            continue
-        if seen is not None and int(a.shape[-2]) != seen[0]:
-            letter = "M" if cat == I_CAT else "N"
-            raise ShapeError(f"{nm} has {int(a.shape[-2])} rows but {seen[1]} has {seen[0]}: "
-                             f"all {'i' if cat == I_CAT else 'j'}-variables must share {letter}")
-        seen = seen or (int(a.shape[-2]), nm)
-    return seen[0] if seen is not None else (sizes[cat] or 1)
-
-
-def _stand_in(a: Any, cat: int, rows: dict[int, int]) -> np.ndarray:
-    """A zero numpy array like ``a`` with ``rows[cat]`` rows (zero strides: no memory)."""
-    shape = tuple(int(s) for s in a.shape)
-    if cat in rows and len(shape) >= 2:
-        shape = shape[:-2] + (rows[cat], shape[-1])
-    return np.broadcast_to(np.zeros((), dtype=a.dtype), shape)
-
-
-def _trailing_ndim(req: plan.Request) -> int:
-    """How many dims of an output follow its row dim: (D,); (K, D) for the K-min family,
-    (K,) when D = 1 (as the single-machine call squeezes it)."""
-    return 2 if req.definition.needs_k and req.formula.dim != 1 else 1
-
-
-def _state_shapes(req: plan.Request) -> tuple[tuple[int, ...], ...]:
-    red, fdim, K, wdim = req.definition, req.formula.dim, req.K, _wdim(req)
-    if _HAS_STATE_STORE:
-        return tuple(s for _, s in red.state(fdim, K, wdim))
-    if red.split_with is not None:
-        shapes = [s for _, s in
-                  replace(req, reduction=red.split_with).definition.out_dims(fdim, K, wdim)]
-        if red.name == "LogSumExp":  # (max, Σ exp, Σ exp·G), each per component
-            return (shapes[0],) * 3
-        return tuple(shapes)
-    return ((1,), (1,), (wdim,))  # SumSoftMaxWeight: (max, Σ exp, Σ exp·G)
+    job = BlockJob(launch.red.name, launch.formula, launch.weight, launch.K, launch.dtype,
+                   launch.accumulation, launch.batch, launch.store,
+                   backend=str(_option("worker-backend")), threads=_option("threads-per-task"))
+    kinds = [kind for kind, _ in launch.shapes]
+    dtypes = [np.dtype(np.int64) if k == "index" else
+              np.dtype("float32" if k == "acc" and launch.accumulation[0] == "float" else
+                       "float64" if k == "acc" else launch.dtype) for k in kinds]
+    return _build(job, launch.arrays, dask_arrays, cats, out_chunks, red_chunks,
+                  [s for _, s in launch.shapes], dtypes)
 
 
 def _split(chunks: Sequence[int], cap: int) -> tuple[int, ...]:
@@ -340,24 +273,22 @@ def _uniform(n: int, size: int, minimum: int) -> tuple[int, ...]:
     return tuple(chunks)
 
 
-def _task_chunks(arrays: Sequence[Any], cats: list[int], out_cat: int, red_cat: int,
-                 M: int, N: int, req: plan.Request) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Row chunks of the output side (the user's, split to size) and of the reduced side."""
+def _task_chunks(launch: Launch, cats: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Row chunks of the output side (the user's, split to the task size) and of the reduced
+    side (uniform, at least K columns each)."""
+    M, N = launch.M, launch.N
     pairs = int(_option("pairs-per-task"))
-    user = next((a.chunks[-2] for a, c in zip(arrays, cats) if c == out_cat and is_dask(a)),
+    user = next((a.chunks[-2] for a, c in zip(launch.arrays, cats) if c == 0 and is_dask(a)),
                 (M,))
     row_cap = _option("rows-per-task") or max(math.isqrt(pairs), pairs // max(N, 1))
     out_chunks = _split(user, int(row_cap))
     cols = _option("columns-per-task") or max(1, pairs // max(out_chunks))
-    red_chunks = _uniform(N, int(min(cols, N)), int(req.K or 1))
-    return out_chunks, red_chunks
+    return out_chunks, _uniform(N, int(min(cols, N)), int(launch.K or 1))
 
 
 def _rechunked(a: Any, row_chunks: tuple[int, ...] | None) -> Any:
     """``a`` as a dask array: batch and feature dims in one chunk, rows in ``row_chunks``
     (a parameter: one chunk)."""
-    import dask.array as da
-
     shape = tuple(int(s) for s in a.shape)
     chunks = tuple((s,) for s in shape)
     if row_chunks is not None:
@@ -401,30 +332,32 @@ def _client() -> Any:
 
 def _block_key(a: Any, cat: int, r: int) -> tuple:
     """The key of row chunk ``r`` of a rechunked operand (batch and feature dims: chunk 0)."""
-    if cat == P_CAT:
+    if cat == 2:
         return (a.name,) + (0,) * a.ndim
     return (a.name,) + (0,) * (a.ndim - 2) + (r, 0)
 
 
-def _build(job: BlockJob, arrays: list, dask_arrays: dict[int, Any], cats: list[int],
-           out_chunks: tuple[int, ...], red_chunks: tuple[int, ...], probe: tuple) -> tuple:
+def _build(job: BlockJob, arrays: Sequence[Any], dask_arrays: dict[int, Any], cats: list[int],
+           out_chunks: tuple[int, ...], red_chunks: tuple[int, ...],
+           shapes: list[tuple[int, ...]], dtypes: list[Any]) -> tuple:
+    import operator
+
     import dask.array as da
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
-    req, out_cat = job.req, job.out_cat
-    red = req.definition.name
+    red = job.reduction
     token = tokenize(pickle.dumps(job), sorted((p, a.name) for p, a in dask_arrays.items()),
                      out_chunks, red_chunks)
     block_name, merge_name = f"lazymat-{red}-block-{token}", f"lazymat-{red}-merge-{token}"
-    out_names = [f"lazymat-{red}-{token}"] + [f"lazymat-{red}-indices-{token}"] * (len(probe) > 1)
     # One output: the finalize tasks are its chunks; more: a finalize task per row block
     # and one pick per output chunk.
-    final_name = out_names[0] if len(probe) == 1 else f"lazymat-{red}-finalize-{token}"
+    several = len(shapes) > 1
+    final_name = f"lazymat-{red}-finalize-{token}" if several else f"lazymat-{red}-{token}"
     nb = len(job.batch)
 
     def chunk_key(name: str, k: int, i: int) -> tuple:
-        return (name,) + (0,) * nb + (i,) + (0,) * len(job.trailing[k])
+        return (name,) + (0,) * nb + (i,) + (0,) * len(shapes[k])
 
     split_every = max(2, int(_option("split-every")))
     starts = np.concatenate([[0], np.cumsum(red_chunks)]).astype(int).tolist()
@@ -433,13 +366,8 @@ def _build(job: BlockJob, arrays: list, dask_arrays: dict[int, Any], cats: list[
     for i, m in enumerate(out_chunks):
         current = []
         for j, n in enumerate(red_chunks):
-            args = []
-            for p in range(len(arrays)):
-                if p in dask_arrays:
-                    r = i if cats[p] == out_cat else j
-                    args.append(_block_key(dask_arrays[p], cats[p], r))
-                else:
-                    args.append(np.asarray(arrays[p]))
+            args = [_block_key(dask_arrays[p], cats[p], i if cats[p] == 0 else j)
+                    if p in dask_arrays else np.asarray(arrays[p]) for p in range(len(arrays))]
             key = (block_name, i, j)
             layer[key] = (block_task, job, args, m, n, starts[j])
             current.append(key)
@@ -454,32 +382,30 @@ def _build(job: BlockJob, arrays: list, dask_arrays: dict[int, Any], cats: list[
             current = merged
             merges += len(merged)
         levels = max(levels, level)
-        if len(probe) == 1:
-            layer[chunk_key(final_name, 0, i)] = (finalize_task, job, current[0], m, 0)
-        else:
+        if several:
             layer[(final_name, i)] = (finalize_task, job, current[0], m)
-    if _verbose():
-        print(f"[lazymat] dask {red} over {'j' if out_cat == I_CAT else 'i'}: "
-              f"{len(out_chunks)} x {len(red_chunks)} block tasks (rows <= {max(out_chunks)}, "
-              f"columns <= {max(red_chunks)}, "
+        else:
+            layer[chunk_key(final_name, 0, i)] = (finalize_task, job, current[0], m, 0)
+    if config.verbose():
+        print(f"[lazymat] dask {red}: {len(out_chunks)} x {len(red_chunks)} block tasks "
+              f"(rows <= {max(out_chunks)}, columns <= {max(red_chunks)}, "
               f"{max(out_chunks) * max(red_chunks):.2e} pairs each), {merges} merge tasks in "
               f"{levels} level(s) (split_every {split_every}), {len(out_chunks)} finalize "
               f"tasks; worker backend {job.backend}", file=sys.stderr)
     base = HighLevelGraph.from_collections(final_name, layer,
                                            dependencies=list(dask_arrays.values()))
     outs = []
-    for k, o in enumerate(probe):
+    for k, (shape, dtype) in enumerate(zip(shapes, dtypes)):
         out_name, graph = final_name, base
-        if len(probe) > 1:
-            out_name = out_names[min(k, 1)] if k < 2 else f"lazymat-{red}-{k}-{token}"
+        if several:
+            out_name = f"lazymat-{red}-{token}" if k == 0 else f"lazymat-{red}-{k}-{token}"
             picks = {chunk_key(out_name, k, i): (operator.getitem, (final_name, i), k)
                      for i in range(len(out_chunks))}
             graph = HighLevelGraph({**base.layers, out_name: picks},
                                    {**base.dependencies, out_name: {final_name}})
-        chunks = (tuple((b,) for b in job.batch) + (out_chunks,)
-                  + tuple((s,) for s in job.trailing[k]))
+        chunks = tuple((b,) for b in job.batch) + (out_chunks,) + tuple((s,) for s in shape)
         outs.append(da.Array(graph, out_name, chunks,
-                             meta=np.empty((0,) * len(chunks), dtype=o.dtype)))
+                             meta=np.empty((0,) * len(chunks), dtype=dtype)))
     return tuple(outs)
 
 
@@ -496,10 +422,3 @@ def persist(*arrays: Any) -> tuple:
     for k, a in zip(lazy, done):
         out[k] = a
     return tuple(out)
-
-
-def uses_dask(arrays: Sequence[Any]) -> bool:
-    """Whether any operand is a dask array (then the dask backend runs the reduction)."""
-    return any(is_dask(a) for a in arrays)
-
-
