@@ -59,9 +59,9 @@ def test_fork_pool_after_a_threaded_reduction_does_not_hang():
 
 
 def test_fork_child_runs_single_threaded_only_after_threads():
-    from lazymat import plan
+    from lazymat.backends import launch
 
-    code = ("import os, lazymat.plan as p\n"
+    code = ("import os, lazymat.backends.launch as p\n"
             "before = p.num_threads(10**9)\n"
             "pid = os.fork()\n"
             "if pid == 0:\n"
@@ -70,7 +70,7 @@ def test_fork_child_runs_single_threaded_only_after_threads():
     res = run_python(code, timeout=60, LAZYMAT_NUM_THREADS="3")
     assert res.returncode == 0, res.stderr
     assert sorted(res.stdout.split("\n")[:2]) == ["child 1", "parent 3 3"]
-    assert plan.num_threads(10) == 1
+    assert launch.num_threads(10) == 1
 
 
 # --------------------------------------------------------------------------- item 12: Ctrl-C

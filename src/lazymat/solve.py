@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import config, plan
-from .arraylib import is_torch
+from .arraylib import is_dask, is_torch
 from .errors import NonFiniteError
 from .formula import I_CAT, J_CAT, OPS, P_CAT, Node, Var, variables, walk
 from .preconditioners import SchwarzPreconditioner, kd_order, leaf_boxes
@@ -74,6 +74,16 @@ def _not_finite(what: str) -> NonFiniteError:
                           "for NaN/inf (and that K's formula does not overflow)")
 
 
+def _persist(*vectors: Any) -> tuple:
+    """Dask vectors computed once and kept on the workers (CG reads each several times;
+    unpersisted, every iteration would recompute the whole history); others unchanged."""
+    if not any(is_dask(v) for v in vectors):
+        return vectors
+    from .backends.dask import persist
+
+    return persist(*vectors)
+
+
 def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
          precond: Callable[[Any], Any] | None, clock: tuple[float, int] = (0.0, 0)
          ) -> tuple[Any, int, float, bool]:
@@ -87,6 +97,8 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
     r = b * 1  # the residual of x = 0 (a copy)
     z = r if precond is None else precond(r)
     p = z * 1
+    x, r, p = _persist(x, r, p)
+    z = r if precond is None else z
     rr, rz = _dot(r, r), _dot(r, z)
     if not (math.isfinite(rr) and math.isfinite(rz)):
         raise _not_finite("the right-hand side (or its preconditioned image)")
@@ -95,7 +107,7 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
     it = 0
     while rr >= tol and rr > 0 and it < max_iter:
         it += 1
-        Ap = op(p)
+        (Ap,) = _persist(op(p))
         curvature = _dot(p, Ap)
         if not math.isfinite(curvature):
             raise _not_finite("K @ p")
@@ -125,6 +137,7 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
             beta = max(0.0, (rz_new - _dot(r_old, z)) / rz)
             rz = rz_new
         p = z + beta * p
+        x, r, p = _persist(x, r, p)
         if verbose and ((clock[1] + it) % 10 == 0):
             print(f"[lazymat] conjugate gradient: iteration {clock[1] + it}, |r|^2 = {rr:.3e} "
                   f"(target {tol:.1e}), {time.perf_counter() - clock[0]:.1f} s", file=sys.stderr)
@@ -189,7 +202,7 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
     max_iter = _default_max_iter(n) if max_iter is None else max_iter
     tol = _size(b) * eps * eps
     _check_finite(b)
-    work = b.double() if is_torch(b) else b.astype(np.float64)
+    (work,) = _persist(b.double() if is_torch(b) else b.astype(np.float64))
     data_dtype = b.dtype
 
     def exact(v: Any) -> Any:
@@ -213,7 +226,7 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
                                     (start, total))
         total += its
         x_new = x + (d if unsort is None else d[unsort])
-        r_new = work - exact(x_new)
+        x_new, r_new = _persist(x_new, work - exact(x_new))
         rr_new = _dot(r_new, r_new)
         if not math.isfinite(rr_new):
             raise _not_finite("the residual against the exact K")
@@ -512,7 +525,7 @@ class KernelSystem:
     def _block(self, idx: Any) -> Any:
         """The dense K[idx][:, idx] (indices of the sorted points), in float64."""
         from .arraylib import lib_of
-        from .backends.reference import evaluate
+        from .formula.evaluate import evaluate
 
         like = self.sorted_arrays[0]
         if self.gauss is not None:  # w·exp(-γ|x_i - x_j|²), with BLAS
@@ -653,7 +666,13 @@ class KernelSolve:
             return self.genred(*args, backend=backend)
 
         system = None
-        if precond not in (None, False) or truncate not in (None, False):
+        if any(is_dask(a) for a in args):  # plain CG on distributed matvecs
+            if precond not in ("auto", None, False) or truncate is True:
+                from .errors import ShapeError
+
+                raise ShapeError("precond and truncate need the points in one memory; with "
+                                 "dask arrays the solve runs plain CG on distributed matvecs")
+        elif precond not in (None, False) or truncate not in (None, False):
             system = self._system(args, alpha, precond, truncate or False, backend)
         params = [a for k, a in enumerate(args) if k != self.position and is_torch(a)]
         return solve(matvec, b, alpha, eps, max_iter, params, system, info)
@@ -663,7 +682,7 @@ class KernelSolve:
         """The KernelSystem of K when the formula is K * a (or a * K), else None (or an error
         if precond or truncate was asked for explicitly)."""
         from .errors import ShapeError
-        from .plan import _swap_categories
+        from .plan import swap_categories
 
         req = self.genred.request
         f, kernel = req.formula, None
@@ -678,7 +697,7 @@ class KernelSolve:
                                  f"with K scalar")
             return None
         if req.axis == 0:
-            kernel = _swap_categories(kernel)
+            kernel = swap_categories(kernel)
         try:
             system = KernelSystem(kernel, args, alpha, precond, truncate, backend=backend,
                                   acc={"dtype_acc": req.dtype_acc,
