@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .. import config
 from ..errors import CompileError
+from .paths import cache_dir
 
 __all__ = ["CompilerInfo", "compiler_info", "BASE_FLAGS", "NO_COMPILER_MESSAGE",
            "compile_timeout", "run_command", "CommandTimeout"]
@@ -244,8 +245,6 @@ def _probe_cached(cmd: list[str], version: str, base: list[str]) -> dict[str, bo
     ).hexdigest()[:24]
     path: Path | None = None
     try:
-        from .cache import cache_dir  # late import: cache imports this module
-
         path = cache_dir() / f"compiler-{key}.json"
         data = json.loads(path.read_text())
         if all(isinstance(data.get(k), bool) for k in ("march_native", "openmp", "works")):
