@@ -121,7 +121,7 @@ def _reduction_function():
         @staticmethod
         def setup_context(ctx, inputs, output):
             spec, *arrays = inputs
-            kinds = [k for k, _ in _forward_request(spec.req).definition.out_dims(1, 1, 1)]
+            kinds = _forward_request(spec.req).definition.output_kinds
             ctx.spec, ctx.n_args = spec, len(arrays)
             ctx.indices = output[kinds.index("index")] if "index" in kinds else None
             values = [o for o, k in zip(output, kinds) if k == "value"]
@@ -134,11 +134,11 @@ def _reduction_function():
             saved = ctx.saved_tensors
             arrays, values = saved[:ctx.n_args], saved[ctx.n_args:]
             O = values[0] if values else None
-            if ctx.spec.req.definition.cotangents is not None:
+            if ctx.spec.req.definition.tangents is not None:
                 out = _sum_like_jvp(ctx.spec, arrays, O, tangents)
             else:
                 out = _selection_jvp(ctx.spec, arrays, O, ctx.indices, tangents)
-            kinds = [k for k, _ in _forward_request(ctx.spec.req).definition.out_dims(1, 1, 1)]
+            kinds = _forward_request(ctx.spec.req).definition.output_kinds
             return tuple(out if k == "value" else None for k in kinds)
 
         @staticmethod
@@ -278,9 +278,9 @@ def _tangent(roots: Sequence[Node], tangents, first: int, renamed=None) -> tuple
 
 
 def _sum_like_jvp(spec: _Spec, arrays, O, tangents) -> Any:
-    """Forward mode: the output's tangent, one reduction of the directional derivatives
-    dF = Σ_v Diff(F, v, t_v) (and dW of the weight): Sum → Σ dF; LogSumExp → Σ e^(F-O) (W dF
-    + dW); SumSoftMaxWeight → Σ e^(F-L) (dF (W - O) + dW), L its log-normalizer."""
+    """Forward mode: the output's tangent, one Sum of the reduction's ``tangents`` term,
+    made of the directional derivatives dF = Σ_v Diff(F, v, t_v) (and dW of the weight),
+    the saved output O and (softmax) the log-normalizer L."""
     red, F, W = spec.req.definition, spec.req.formula, spec.req.weight
     n = len(arrays)
     (dF, dW), extra = _tangent((F, W), tangents, n)
@@ -293,17 +293,12 @@ def _sum_like_jvp(spec: _Spec, arrays, O, tangents) -> Any:
         return Var(n + len(extra) - 1, dim, out_cat)
 
     dF = dF if dF is not None else F * 0  # only the weight has a tangent
-    if red.name == "Sum":
-        T = dF
-    elif red.name == "LogSumExp":  # d log Σ exp(F) W = Σ exp(F - O) (W dF + dW)
-        Ov = saved(O, O.shape[-1])
-        T = make("Exp", (F - Ov,)) * (dF if W is None else
-                                      W * dF + (dW if dW is not None else W * 0))
-    else:  # SumSoftMaxWeight: O = Σ p W with p = exp(F - L)
+    Lv = None
+    if red.needs_log_normalizer:
         L, = spec.run(plan.Request("LogSumExp", F, axis=spec.req.axis), arrays, spec.names,
                       spec.sizes, spec.ranges)
-        Lv, Ov = saved(L.reshape(O.shape[:-1] + (1,)), 1), saved(O, O.shape[-1])
-        T = make("Exp", (F - Lv,)) * (dF * (W - Ov) + (dW if dW is not None else W * 0))
+        Lv = saved(L.reshape(O.shape[:-1] + (1,)), 1)
+    T = red.tangents(F, W, dF, dW, saved(O, O.shape[-1]), Lv)
     names = list(spec.names) + [f"tangent {k}" for k in range(len(extra))]
     out, = spec.run(plan.Request("Sum", T, axis=spec.req.axis), list(arrays) + extra, names,
                     spec.sizes, spec.ranges)

@@ -90,7 +90,7 @@ class Launch:
         """(kind, per-row shape) of each array ``run`` returns, in the store's order."""
         if self.store == "state":
             return self.red.state(self.formula.dim, self.K, self.wdim)
-        return self.red.out_dims(self.formula.dim, self.K, self.wdim)
+        return self.red.outputs(self.formula.dim, self.K, self.wdim)
 
     @property
     def fills(self) -> tuple:
