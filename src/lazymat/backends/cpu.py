@@ -98,7 +98,7 @@ def run(launch: Launch) -> tuple:
 
 def _column_parts(launch: Launch, threads: int, lanes: int) -> int:
     """1, or the number of column parts when the row blocks cannot feed ``threads``."""
-    if threads < 2 or not hasattr(launch.red, "state"):  # (until reductions store states)
+    if threads < 2:
         return 1
     blocks = launch.nbatch * -(-launch.M // lanes)
     if blocks >= SPLIT_BLOCKS_PER_THREAD * threads:

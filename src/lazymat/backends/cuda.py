@@ -254,7 +254,7 @@ def _run_on(launch: Launch, torch: Any, device: Any, index: int) -> tuple:
         batch_table = _upload(launch.offsets, device)
         offsets_ptr = batch_table.data_ptr()
     nbatch = launch.nbatch
-    parts = _parts(nbatch * ntasks, N, index) if hasattr(launch.red, "state") else 1
+    parts = _parts(nbatch * ntasks, N, index)
     # Cut columns: every part stores its raw state, merged below.
     stored = replace(launch, store="state") if parts > 1 else launch
     shapes = stored.shapes
