@@ -315,7 +315,9 @@ def _kmin(name: str, outputs: tuple[str, ...]):
         return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
                 "  int pass = 0;",
                 "  #pragma omp simd reduction(|:pass)",
-                f"  for (int l = 0; l < LANES; l++) pass |= {before(rc.V('k'), str(K - 1))};",
+                # (a superset of "before": a NaN passes here, the exact test below drops it)
+                f"  for (int l = 0; l < LANES; l++) pass |= !({rc.V('k')} >= kv[k][{K - 1}][l]) "
+                f"| (ki[k][{K - 1}][l] < 0);",
                 "  if (!pass) continue;",
                 "  for (int l = 0; l < LANES; l++) {",
                 f"    {rc.T} v = {rc.V('k')};",
