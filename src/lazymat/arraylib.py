@@ -195,13 +195,20 @@ def is_torch(a: Any) -> bool:
     return known
 
 
+def is_dask(a: Any) -> bool:
+    """Whether ``a`` is a dask array (without importing dask)."""
+    t = type(a)
+    return t.__name__ == "Array" and t.__module__.startswith("dask.")
+
+
 def lib_of(a: Any) -> NumpyLib | TorchLib:
-    """The adapter for the library that holds ``a``."""
+    """The adapter for the library that holds ``a`` (numpy's for dask arrays, whose chunks
+    are numpy arrays and which numpy's functions dispatch to)."""
     global _torch_lib
     if is_torch(a):
         if _torch_lib is None:
             _torch_lib = TorchLib()
         return _torch_lib
-    if isinstance(a, np.ndarray):
+    if isinstance(a, np.ndarray) or is_dask(a):
         return NUMPY
     raise DtypeError(f"expected a numpy array or a torch tensor, got {type(a).__name__}")
