@@ -58,7 +58,7 @@ def main() -> None:
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                            dashboard_address=":0", silence_logs=40)
     client = Client(cluster)
-    rows = max(1, int(np.sqrt(args.pairs_per_task)))
+    rows = 65536  # the storage chunks (the tasks cut their own blocks out of them)
     xd, yd, bd = client.persist([da.from_array(a, chunks=(rows, a.shape[1])) for a in (x, y, b)])
     print(f"LocalCluster: 2 workers x 1 thread; inputs persisted on the workers in row chunks "
           f"of {rows:,}")
@@ -97,10 +97,12 @@ def main() -> None:
                        if s["action"] == "compute")
             same = (np.array_equal(got, want) if got.dtype.kind == "i"
                     else float(np.abs(got - want).max() / np.abs(want).max()))
-            block_bytes = (2 * rows * 3 + rows) * 4  # an x block, a y block, a b block
+            m = max(lazy.chunks[0])
+            cols = min(n, max(1, int(args.pairs_per_task) // m))
+            block_bytes = (m * 3 + cols * 4) * 4  # an x block, a y block and a b block
             print(f"  {name}: one process {t_one:.2f} s, cluster {t_dask:.2f} s; "
-                  f"{len(ours)} tasks ({len(blocks)} blocks), ~{block_bytes / 1e6:.2f} MB in "
-                  f"per block task; tasks busy {busy:.2f} s of {2 * t_dask:.2f} s thread time "
+                  f"{len(ours)} tasks ({len(blocks)} blocks of {m:,} x {cols:,}), "
+                  f"~{block_bytes / 1e6:.2f} MB in per block task; tasks busy {busy:.2f} s of {2 * t_dask:.2f} s thread time "
                   f"(scheduler and transfers: {2 * t_dask - busy:.2f} s, "
                   f"{(2 * t_dask - busy) / max(1, len(ours)) * 1e3:.1f} ms per task); "
                   f"result vs one process: {'identical' if same is True else f'{same:.1e}'} "
