@@ -195,6 +195,19 @@ def _broadcast_batch(batch: tuple[int, ...], dims: tuple[int, ...], name: str,
     return tuple(out)
 
 
+def validate(req: Request, arrays: Sequence[Any], names: Sequence[str] | None = None,
+             sizes: tuple[int | None, int | None] = (None, None), like: Any = None
+             ) -> tuple[int, int, tuple[int, ...], str]:
+    """The checks of :func:`run`, without running: (M, N, batch dims, dtype name).
+
+    Front ends that run reductions their own way (lazymat.jax) raise the same errors.
+    """
+    check_request(req)
+    names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
+    M, N, batch, dtype, _ = _validate(req, arrays, names, sizes, like)
+    return M, N, batch, dtype
+
+
 def batch_offsets(arrays: Sequence[Any], by_pos: dict[int, Node], batch: tuple[int, ...]
                   ) -> np.ndarray:
     """(prod(batch), len(arrays)) element offsets of each batch in each array (0 along

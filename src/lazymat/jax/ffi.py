@@ -1,0 +1,208 @@
+"""The XLA FFI handler that calls lazymat's compiled CPU kernels from inside XLA programs.
+
+One generic handler, ``lm_jax_cpu``, serves every kernel. Its attributes say which
+kernel to call (``kernel``: an id that :func:`register_kernel` associates with the
+kernel's function pointer in a table of the handler library, so a stale id from a
+cached executable gives an error, never a jump to a dead address) and the launch
+(M, N, nbatch, threads, lanes). Its buffers are the batch offsets table, the
+block-sparse tables (empty: one range of all rows, one interval of all columns,
+built by the handler), the data arrays, and the outputs, which XLA allocates and the
+kernel writes in place: no copy, no Python, no GIL on the call.
+
+int64 tables and index outputs travel as int32 pairs (``(..., 2)``), so that they keep
+their 64 bits when jax runs without ``jax_enable_x64``.
+
+The handler is C++17 against ``jax.ffi.include_dir()``, compiled once by lazymat's
+compiler settings into the compile cache.
+
+>>> from lazymat.jax.ffi import unavailable_reason
+>>> unavailable_reason() is None  # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGET = "lazymat_cpu"
+CUDA_TARGET = "lazymat_cuda"
+
+HANDLER_SOURCE = r"""
+// lazymat: the XLA FFI handler of lazymat.jax (one for every compiled CPU kernel).
+#include <cstdint>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+typedef long long i64;
+// The kernel ABI: outs[k] is output k of the kernel's store, batch-major.
+typedef void (*lm_kernel_fn)(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntasks,
+                             const i64* tasks, const i64* slices, const i64* redranges,
+                             void** args, void** outs, int threads);
+// The ABI before void** outs: the first value output and the first index output.
+typedef void (*lm_kernel_fn_v0)(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntasks,
+                                const i64* tasks, const i64* slices, const i64* redranges,
+                                void** args, void* out, i64* out_idx, int threads);
+
+static std::mutex lm_lock;
+static std::unordered_map<int64_t, void*>& lm_kernels() {
+  static std::unordered_map<int64_t, void*> table;
+  return table;
+}
+
+extern "C" int lm_jax_register(int64_t id, void* fn) {
+  std::lock_guard<std::mutex> guard(lm_lock);
+  lm_kernels()[id] = fn;
+  return (int)lm_kernels().size();
+}
+
+static ffi::Error lm_cpu_call(int64_t kernel, int64_t abi, int64_t M, int64_t N,
+                              int64_t nbatch, int64_t threads, int64_t lanes, int64_t nargs,
+                              int64_t ntasks, int64_t nslices, int64_t value_out,
+                              int64_t index_out, ffi::AnyBuffer offsets, ffi::AnyBuffer ranges,
+                              ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  void* fn = nullptr;
+  {
+    std::lock_guard<std::mutex> guard(lm_lock);
+    auto it = lm_kernels().find(kernel);
+    if (it != lm_kernels().end()) fn = it->second;
+  }
+  if (!fn)
+    return ffi::Error(ffi::ErrorCode::kNotFound,
+                      "lazymat: kernel not loaded in this process (a cached executable?)");
+  if ((int64_t)args.size() != nargs)
+    return ffi::Error::InvalidArgument("lazymat: wrong number of data arrays");
+  std::vector<void*> in(nargs > 0 ? nargs : 1, nullptr), out(rets.size() + 1, nullptr);
+  for (int64_t k = 0; k < nargs; k++) {
+    auto a = args.get<ffi::AnyBuffer>(k);
+    if (a.has_error()) return a.error();
+    in[k] = a.value().untyped_data();
+  }
+  for (size_t k = 0; k < rets.size(); k++) {
+    auto r = rets.get<ffi::AnyBuffer>(k);
+    if (r.has_error()) return r.error();
+    out[k] = r.value()->untyped_data();
+  }
+  const i64* off = (const i64*)offsets.untyped_data();
+  std::vector<i64> dense_tasks, dense_slices, dense_red;
+  const i64 *tasks, *slices, *redranges;
+  if (ntasks < 0) {  // no ranges: blocks of `lanes` rows, one interval of all columns
+    for (i64 i0 = 0; i0 < M; i0 += lanes) {
+      dense_tasks.push_back(i0);
+      dense_tasks.push_back(i0 + lanes < M ? i0 + lanes : M);
+      dense_tasks.push_back(0);
+    }
+    dense_slices.push_back(1);
+    dense_red.push_back(0);
+    dense_red.push_back(N);
+    ntasks = (int64_t)(dense_tasks.size() / 3);
+    tasks = dense_tasks.data(), slices = dense_slices.data(), redranges = dense_red.data();
+  } else {  // tasks (3 per task), slices, redranges (2 per interval), one after the other
+    tasks = (const i64*)ranges.untyped_data();
+    slices = tasks + 3 * ntasks;
+    redranges = slices + nslices;
+  }
+  if (abi == 1) {
+    ((lm_kernel_fn)fn)(M, N, nbatch, off, ntasks, tasks, slices, redranges, in.data(),
+                       out.data(), (int)threads);
+  } else {
+    ((lm_kernel_fn_v0)fn)(M, N, nbatch, off, ntasks, tasks, slices, redranges, in.data(),
+                          value_out >= 0 ? out[value_out] : nullptr,
+                          index_out >= 0 ? (i64*)out[index_out] : nullptr, (int)threads);
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    lm_jax_cpu, lm_cpu_call,
+    ffi::Ffi::Bind()
+        .Attr<int64_t>("kernel").Attr<int64_t>("abi").Attr<int64_t>("M").Attr<int64_t>("N")
+        .Attr<int64_t>("nbatch").Attr<int64_t>("threads").Attr<int64_t>("lanes")
+        .Attr<int64_t>("nargs").Attr<int64_t>("ntasks").Attr<int64_t>("nslices")
+        .Attr<int64_t>("value_out").Attr<int64_t>("index_out")
+        .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+        .RemainingArgs().RemainingRets());
+"""
+
+_state: dict[str, Any] = {}  # "lib": the loaded handler library, "reason": why none
+
+
+def _build(include: str):
+    def build(src: Path, out: Path) -> None:
+        from ..compile import compiler_info
+
+        info = compiler_info()
+        # The kernels' flags, but C++17 (the FFI headers need it) and the FFI include dir.
+        cmd = [info.path, *[f for f in info.flags if not f.startswith("-std=")], "-std=c++17",
+               "-I", include, "-x", "c++", str(src), "-o", str(out)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-20:])
+            raise RuntimeError(f"compiling the XLA FFI handler failed\ncommand: "
+                               f"{shlex.join(cmd)}\nsource: {src}\n{tail}")
+    return build
+
+
+def _load() -> Any:
+    """The handler library, compiled (cached) and registered with XLA on first use."""
+    if "lib" in _state or "reason" in _state:
+        return _state.get("lib")
+    try:
+        import jax
+        import jaxlib
+
+        from ..compile import compiler_info
+        from ..compile.cache import ensure_artifact
+
+        info = compiler_info()
+        if info is None:
+            raise RuntimeError("no C++ compiler found")
+        include = jax.ffi.include_dir()
+        if not (Path(include) / "xla" / "ffi" / "api" / "ffi.h").exists():
+            raise RuntimeError(f"no XLA FFI headers under {include}")
+        key = hashlib.sha256("\n".join([HANDLER_SOURCE, info.identity, shlex.join(info.flags),
+                                        include, jaxlib.__version__]).encode()).hexdigest()[:32]
+        so = ensure_artifact(key, HANDLER_SOURCE, _build(include), name="jax_ffi_handler")
+        lib = ctypes.CDLL(str(so))
+        lib.lm_jax_register.argtypes = [ctypes.c_int64, ctypes.c_void_p]
+        lib.lm_jax_register.restype = ctypes.c_int
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.lm_jax_cpu), platform="cpu")
+        _state["lib"] = lib
+    except Exception as e:  # noqa: BLE001 - any failure means: use the fallback
+        _state["reason"] = f"{type(e).__name__}: {e}"
+    return _state.get("lib")
+
+
+def unavailable_reason() -> str | None:
+    """Why the FFI path cannot be used here (None when it can)."""
+    _load()
+    return _state.get("reason")
+
+
+_ids: dict[int, int] = {}  # kernel address -> registered id
+
+
+def register_kernel(fn: Any, source: str) -> int:
+    """The handler's id for a compiled kernel (its source's hash, stable across processes)."""
+    address = ctypes.cast(fn, ctypes.c_void_p).value
+    kid = _ids.get(address)
+    if kid is None:
+        kid = int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "little") >> 1
+        _load().lm_jax_register(kid, address)
+        _ids[address] = kid
+    return kid
+
+
+def int64_table(a: np.ndarray) -> np.ndarray:
+    """An int64 array as int32 pairs (what the handler reads back as int64)."""
+    a = np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
+    return a.view(np.int32).reshape(-1, 2) if a.size else np.zeros((0, 2), np.int32)
