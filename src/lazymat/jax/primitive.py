@@ -249,7 +249,8 @@ def _ffi_cpu(call: Call, arrays, batch) -> list[Any]:
     red = call.red
     by_pos = _by_position(F, W)
     nargs = len(arrays)
-    arg_dims = tuple((by_pos[p].params[1], by_pos[p].params[2]) for p in range(nargs))
+    arg_dims = tuple((by_pos[p].params[1], by_pos[p].params[2]) if p in by_pos else (1, 2)
+                     for p in range(nargs))  # an unused argument: passed, never read
     spec = KernelSpec(red, F, W, call.req.K, call.dtype, arg_dims,
                       call.req.accumulation(call.dtype))
     kid, abi = _kernel(spec)
@@ -361,8 +362,8 @@ def _sum_like_tangent(call: Call, arrays, O, tangents) -> Any:
         T = make("Exp", (F - Ov,)) * (dF if W is None else
                                       W * dF + (dW if dW is not None else W * 0))
     else:  # SumSoftMaxWeight: O = Σ p W with p = exp(F - L)
-        L, = reduce_p.bind(*arrays, call=call.with_request(
-            plan.Request("LogSumExp", F, axis=call.req.axis), call.names))
+        L, = bind(call.with_request(plan.Request("LogSumExp", F, axis=call.req.axis),
+                                    call.names), arrays)
         Lv, Ov = saved(L.reshape(O.shape[:-1] + (1,)), 1), saved(O, O.shape[-1])
         T = make("Exp", (F - Lv,)) * (dF * (W - Ov) + (dW if dW is not None else W * 0))
     tangent_call = call.with_request(plan.Request("Sum", T, axis=call.req.axis))
@@ -483,12 +484,12 @@ ad.primitive_transposes[reduce_p] = _transpose
 def _batching(args, dims, *, call: Call):
     """vmap: the mapped axis becomes the outermost batch dim (unmapped arrays broadcast)."""
     by_pos = _by_position(call.req.formula, call.req.weight)
-    own = {p: args[p].ndim - (d is not batching.not_mapped) - _inner(by_pos[p])
+    own = {p: args[p].ndim - (d is not None) - _inner(by_pos[p])
            for p, d in enumerate(dims)}
     depth = max(own.values(), default=0)
     moved = []
     for p, (a, d) in enumerate(zip(args, dims)):
-        if d is not batching.not_mapped:
+        if d is not None:
             a = jnp.moveaxis(a, d, 0)
             a = a.reshape((a.shape[0],) + (1,) * (depth - own[p]) + tuple(a.shape[1:]))
         moved.append(a)
