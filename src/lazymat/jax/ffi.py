@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -183,7 +184,10 @@ def _load() -> Any:
 
 
 def unavailable_reason() -> str | None:
-    """Why the FFI path cannot be used here (None when it can)."""
+    """Why the FFI path cannot be used here (None when it can). ``LAZYMAT_JAX_FFI=0`` turns
+    it off (the kernels are then called through jax.pure_callback)."""
+    if os.environ.get("LAZYMAT_JAX_FFI", "1").strip() == "0":
+        return "turned off by LAZYMAT_JAX_FFI=0"
     _load()
     return _state.get("reason")
 
