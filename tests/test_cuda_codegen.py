@@ -289,7 +289,7 @@ extern "C" int lm_emulation_ok(void) { return lm_team_ok; }
 extern "C" void lm_set_split(i64 nsplit) { lm_nsplit = nsplit; }
 extern "C" void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntasks,
                           const i64* tasks, const i64* slices, const i64* redranges,
-                          void** args, void* out, i64* out_idx, int threads) {
+                          void** args, void** outs, int threads) {
   (void)threads;
   omp_set_dynamic(0);
   #pragma omp parallel num_threads(%(block)d)
@@ -299,8 +299,10 @@ extern "C" void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntas
       threadIdx.x = omp_get_thread_num();
       lm_cuda_scope::Args by_value;  // the kernel takes the pointers by value
       memcpy(by_value.p, args, sizeof by_value.p);
-      lm_cuda_scope::lm_cuda(M, N, nbatch, lm_nsplit, (N + lm_nsplit - 1) / lm_nsplit,
-                             offsets, ntasks, tasks, slices, redranges, by_value, out, out_idx);
+      lm_cuda_scope::Outs outs_by_value;
+      memcpy(outs_by_value.p, outs, sizeof outs_by_value.p);
+      lm_cuda_scope::lm_cuda(M, N, nbatch, lm_nsplit, (N + lm_nsplit - 1) / lm_nsplit, offsets,
+                             ntasks, tasks, slices, redranges, by_value, outs_by_value);
     }
   }
 }
@@ -449,10 +451,8 @@ def test_split_columns_run_like_reference(reduction):
             for kind, shape in shapes]
     ntasks, tasks, slices, redranges, _ = cpu._dense_layout(M, N, block)
     ptrs = (ctypes.c_void_p * 4)(*[a.ctypes.data for a in arrays])
-    values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
-    indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
-    fn(M, N, 1, cpu._no_offsets(4), ntasks, tasks, slices, redranges, ptrs,
-       values[0].ctypes.data if values else None, indices[0].ctypes.data if indices else None, 1)
+    out_ptrs = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
+    fn(M, N, 1, cpu._no_offsets(4), ntasks, tasks, slices, redranges, ptrs, out_ptrs, 1)
     assert lib.lm_emulation_ok()
     state = None
     for part in range(nsplit):

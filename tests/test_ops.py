@@ -46,14 +46,27 @@ class Row:
     oracle: Callable[[SimpleNamespace], np.ndarray]
     dom: dict = field(default_factory=dict)  # variable name -> domain (default "normal")
     pdim: int = 3
+    # Unary math ops: (float64 oracle of the op, of its derivative, (lo, hi)) for the
+    # accuracy tests over a wide range (tails, near 0), forward and backward.
+    precise: tuple | None = None
 
     @property
     def id(self) -> str:
         return f"{self.op}-{self.variant}" if self.variant else self.op
 
 
-def R(op, build, oracle, variant="", pdim=3, **dom):
-    return Row(op, variant, build, oracle, dom, pdim)
+def R(op, build, oracle, variant="", pdim=3, precise=None, **dom):
+    return Row(op, variant, build, oracle, dom, pdim, precise)
+
+
+def _scipy(name):
+    """scipy.special's ``name`` (imported when the oracle runs: scipy is a test extra)."""
+    def fn(a):
+        import scipy.special
+
+        return getattr(scipy.special, name)(a)
+
+    return fn
 
 
 def _matvec(a, b):
@@ -135,6 +148,10 @@ ROWS = [
       x="int", y="int"),
     R("Sin", lambda v: apply("Sin", v.x * v.y), lambda a: np.sin(a.x * a.y)),
     R("Cos", lambda v: apply("Cos", v.x + v.y), lambda a: np.cos(a.x + a.y)),
+    R("Sinh", lambda v: apply("Sinh", v.x - v.y), lambda a: np.sinh(a.x - a.y),
+      precise=(np.sinh, np.cosh, (-80, 80))),
+    R("Cosh", lambda v: apply("Cosh", v.x * v.y), lambda a: np.cosh(a.x * a.y),
+      precise=(np.cosh, np.sinh, (-80, 80))),
     R("Powf", lambda v: apply("Powf", v.x, v.y), lambda a: a.x ** a.y, x="pos", y="small"),
     R("Powf", lambda v: apply("Powf", v.x, v.t), lambda a: a.x ** a.t, "bcast",
       x="pos", t="small"),
@@ -588,6 +605,81 @@ def test_op_sum_torch(row):
         assert_close(out, want, dtype, mag=mag, err_msg=f"torch {backend}, {row.id}")
 
 
+# --------------------------------------------------------------------------- precise math ops
+
+PRECISE_ROWS = [r for r in ROWS if r.precise is not None]
+
+
+def _wide_grid(lo: float, hi: float) -> np.ndarray:
+    """0, ±1e-10 .. ±1e3 (log-spaced), and the ends, clipped to [lo, hi]."""
+    mags = np.logspace(-10, 3, 261)
+    pts = np.concatenate([[0.0, lo, hi], mags, -mags, np.linspace(lo, hi, 101)])
+    return np.unique(pts[(pts >= lo) & (pts <= hi)])
+
+
+# float32: within 16 ulps of the float64 truth of the float32 input (libmvec's vector
+# functions are within 4); results below float32's smallest normal may be flushed to 0.
+# float64: within 64 ulps (our lm_exp, libm, and the few roundings of Sigmoid/Softplus).
+_PRECISE_TOL = {"float32": (16 * 2.0**-23, 1.2e-38), "float64": (64 * 2.0**-52, 2.3e-308)}
+
+
+def _precise_data(row, dtype):
+    lo, hi = row.precise[2]
+    s = _wide_grid(lo, hi).astype(dtype)
+    return s, np.asarray(row.precise[0](s.astype(np.float64)), dtype=np.float64)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("row", PRECISE_ROWS, ids=[r.id for r in PRECISE_ROWS])
+def test_precise_ops_match_numpy_and_scipy(row, dtype, backend):
+    """Forward: op(s_i) on a wide grid (tails, near 0) to within a few ulps, per point."""
+    s, want = _precise_data(row, dtype)
+    f = apply(row.op, Var(0, 1, 0)) * Var(1, 1, 1)
+    (got,) = run(Request("Sum", f, axis=1), [s[:, None], np.ones((1, 1), dtype)],
+                 backend=backend)
+    got = got[:, 0].astype(np.float64)
+    want = np.where(np.abs(want) > np.finfo(dtype).max, np.copysign(np.inf, want), want)
+    rtol, atol = _PRECISE_TOL[dtype]
+    err = np.abs(got - want)
+    bad = ~((err <= rtol * np.abs(want) + atol) | (got == want))
+    assert not bad.any(), (f"{row.op} {dtype} {backend}: at s = {s[bad][:5]} got {got[bad][:5]}"
+                           f", want {want[bad][:5]}")
+
+
+# The gradient formula is a product of a few rounded factors: a few times the tolerance.
+_PRECISE_GRAD_TOL = {"float32": (32 * 2.0**-23, 1.2e-38), "float64": (256 * 2.0**-52, 2.3e-308)}
+
+
+@requires_torch
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("row", PRECISE_ROWS, ids=[r.id for r in PRECISE_ROWS])
+def test_precise_ops_gradients(row, dtype):
+    """Backward: d/ds Σ_j op(s_i) t_j by torch autograd through the compiled kernels (the
+    LazyTensor method the op registers, its VJP) against the float64 derivative, per point,
+    in the tails too (where 1 - tanh² would be 0)."""
+    import torch
+
+    import lazymat as lm
+
+    s, _ = _precise_data(row, dtype)
+    with np.errstate(all="ignore"):
+        want = np.asarray(row.precise[1](s.astype(np.float64)), dtype=np.float64)
+    si = torch.tensor(s[:, None], requires_grad=True)
+    t = torch.ones((2, 1), dtype=getattr(torch, dtype))
+    out = (getattr(lm.Vi(si), row.op.lower())() * lm.Vj(t)).sum(dim=1)
+    assert out.dtype == getattr(torch, dtype)
+    (got,) = torch.autograd.grad(out.sum(), si)
+    got = got[:, 0].double().numpy() / 2  # two columns t_j = 1
+    rtol, atol = _PRECISE_GRAD_TOL[dtype]
+    big = np.finfo(dtype).max
+    want = np.where(np.abs(want) > big, np.copysign(np.inf, want), want)  # overflows in dtype
+    err = np.abs(got - want)
+    bad = ~((err <= rtol * np.abs(want) + atol) | (got == want))
+    assert not bad.any(), (f"{row.op} {dtype}: d/ds at s = {s[bad][:5]} got {got[bad][:5]}, "
+                           f"want {want[bad][:5]}")
+
+
 # --------------------------------------------------------------------------- simplifications
 
 X = Var(0, 3, 0)
@@ -738,9 +830,9 @@ TENSOR_ROWS = [r for r in ROWS if r.op in ("TensorDot", "Kron")]
 def test_tensordot_loops_match_the_unrolled_sums(row, monkeypatch):
     """Above TENSORDOT_UNROLL_LIMIT products, TensorDot's C code loops over the axes."""
     from lazymat.backends import cpu
-    from lazymat.formula import ops
+    from lazymat.formula.ops import tensordot
 
-    monkeypatch.setattr(ops, "TENSORDOT_UNROLL_LIMIT", 0)
+    monkeypatch.setattr(tensordot, "TENSORDOT_UNROLL_LIMIT", 0)
     monkeypatch.setattr(cpu, "_kernels", {})
     data = make_data(row, 13, 33, "float64", seed=5)
     want, mag = oracle_sum(row, data)

@@ -2,7 +2,9 @@
 
 The reference backend and the front ends are written once against this small
 namespace (``xp``) so numpy arrays stay numpy and torch tensors stay torch, on
-their device.
+their device. It is generic array plumbing only: an op's own math lives in its
+registration (``formula/ops/``), which calls ``xp.module`` (numpy or torch itself)
+where both libraries spell a function alike.
 
 >>> import numpy as np
 >>> xp = lib_of(np.zeros(3))
@@ -21,11 +23,8 @@ from .errors import DtypeError
 
 class NumpyLib:
     name = "numpy"
-    exp, log, sqrt, sin, cos, abs, sign, floor = (
-        np.exp, np.log, np.sqrt, np.sin, np.cos, np.abs, np.sign, np.floor)
-    maximum, minimum, rint = np.maximum, np.minimum, np.rint
-    arccos, arcsin, arctan, arctan2 = np.arccos, np.arcsin, np.arctan, np.arctan2
-    clip = staticmethod(np.clip)
+    module = np
+    exp, log, maximum, minimum = np.exp, np.log, np.maximum, np.minimum
     where = staticmethod(np.where)
 
     @staticmethod
@@ -99,10 +98,6 @@ class NumpyLib:
         return np.isneginf(a)
 
     @staticmethod
-    def power(a, b):
-        return np.power(a, b)
-
-    @staticmethod
     def errstate():
         return np.errstate(all="ignore")
 
@@ -117,13 +112,9 @@ class TorchLib:
     def __init__(self) -> None:
         import torch
 
-        self.torch = torch
-        self.exp, self.log, self.sqrt, self.sin, self.cos = (
-            torch.exp, torch.log, torch.sqrt, torch.sin, torch.cos)
-        self.abs, self.sign, self.floor, self.rint = torch.abs, torch.sign, torch.floor, torch.round
-        self.maximum, self.minimum, self.where = torch.maximum, torch.minimum, torch.where
-        self.arccos, self.arcsin, self.arctan, self.arctan2, self.clip = (
-            torch.acos, torch.asin, torch.atan, torch.atan2, torch.clamp)
+        self.torch = self.module = torch
+        self.exp, self.log, self.maximum, self.minimum, self.where = (
+            torch.exp, torch.log, torch.maximum, torch.minimum, torch.where)
         self.int64 = torch.int64
 
     def cast(self, a, like):
@@ -178,9 +169,6 @@ class TorchLib:
 
     def isneginf(self, a):
         return self.torch.isneginf(a)
-
-    def power(self, a, b):
-        return self.torch.pow(a, b)
 
     def errstate(self):
         import contextlib

@@ -20,7 +20,7 @@ from typing import Any
 from . import autograd, plan
 from .arraylib import is_array, is_torch, lib_of
 from .errors import DtypeError, ShapeError
-from .formula import I_CAT, J_CAT, P_CAT, Const, Node, Var, apply, substitute, variables, walk
+from .formula import I_CAT, J_CAT, OPS, P_CAT, Const, Node, Var, apply, substitute, variables, walk
 
 _ROLE = {I_CAT: "Vi", J_CAT: "Vj", P_CAT: "Pm"}
 _float_uids: dict[float, int] = {}
@@ -749,9 +749,22 @@ def _to_complex(out: Any) -> Any:
 
 
 # Unary ops that keep (True) or drop (False) complex values, for complex LazyTensors.
-_COMPLEX_UNARY = {"ComplexExp": True, "Conj": True, "ComplexSum": True, "ComplexReal": False,
-                  "ComplexImag": False, "ComplexAbs": False, "ComplexSquareAbs": False,
-                  "ComplexAngle": False, "Minus": True, "Extract": True}
+_COMPLEX_UNARY = {name: op.complex_result for name, op in OPS.items()
+                  if op.complex_result is not None}
+
+
+def _op_method(op) -> Any:
+    def method(self: LazyTensor) -> LazyTensor:
+        return self._unary(op.name)
+
+    method.__name__, method.__doc__ = op.method, f"{op.name}: {op.doc}"
+    return method
+
+
+# The methods unary ops declare in their registration (x.tanh() is Tanh(x), ...).
+for _op in OPS.values():
+    if _op.method is not None and not hasattr(LazyTensor, _op.method):
+        setattr(LazyTensor, _op.method, _op_method(_op))
 _COMPLEX_BINARY = {"Add": "ComplexAdd", "Subtract": "ComplexSubtract", "Mult": "ComplexMult",
                    "Divide": "ComplexDivide"}
 

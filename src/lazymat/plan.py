@@ -13,14 +13,13 @@ here *before* anything is compiled, naming the operand and the shapes.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from . import reductions
+from . import config, reductions
 from .arraylib import is_torch, lib_of
 from .errors import CudaUnavailableError, DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, P_CAT, Node, Var, substitute, variables
@@ -62,7 +61,7 @@ class Request:
         return acc, scheme
 
 
-_dtype_names: dict[Any, str] = {}
+_dtype_names: dict[Any, str] = config.memo("plan.dtype_names", maxsize=None)
 
 
 def _dtype_name(a: Any) -> str:
@@ -101,7 +100,7 @@ def check_request(req: Request) -> None:
         raise ShapeError(f"{red.name} takes no weight formula")
 
 
-_signatures: dict[tuple, dict[int, Node]] = {}
+_signatures: dict[tuple, dict[int, Node]] = config.memo("plan.signatures", maxsize=1024)
 
 
 def _arguments(req: Request) -> dict[int, Node]:
@@ -117,8 +116,6 @@ def _arguments(req: Request) -> dict[int, Node]:
             raise ShapeError(f"argument {pos} is used with two signatures: "
                              f"{_sig(by_pos[pos])} and {_sig(v)}")
         by_pos[pos] = v
-    if len(_signatures) > 1024:
-        _signatures.clear()
     _signatures[key] = by_pos
     return by_pos
 
@@ -264,16 +261,17 @@ def _swap_categories(f: Node) -> Node:
 
 
 _warned: set[str] = set()  # the fallback warnings already given (once per process each)
-_cuda_reason: list[str | None] = []  # memo of backends.cuda.unavailable_reason()
+# memo of backends.cuda.unavailable_reason()
+_cuda_reason: dict[str, str | None] = config.memo("plan.cuda_reason", maxsize=None)
 
 
 def cuda_unavailable_reason() -> str | None:
     """Why the CUDA backend cannot run (None when it can); looked up once per process."""
-    if not _cuda_reason:
+    if "cuda" not in _cuda_reason:
         from .backends import cuda
 
-        _cuda_reason.append(cuda.unavailable_reason())
-    return _cuda_reason[0]
+        _cuda_reason["cuda"] = cuda.unavailable_reason()
+    return _cuda_reason["cuda"]
 
 
 def choose_backend(backend: str, xp: Any, first: Any) -> str:
@@ -321,16 +319,10 @@ def choose_backend(backend: str, xp: Any, first: Any) -> str:
     return "cpu"
 
 
-_compiler_found: bool | None = None
-
-
 def _have_compiler() -> bool:
-    global _compiler_found
-    if _compiler_found is None:
-        from .compile import compiler_info
+    from .compile import compiler_info  # memoized there
 
-        _compiler_found = compiler_info() is not None
-    return _compiler_found
+    return compiler_info() is not None
 
 
 def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
@@ -485,24 +477,9 @@ def _check_out(out: Any, shape: tuple[int, ...], like: Any, kind: str) -> None:
         raise DtypeError(f"out= has dtype {_dtype_name(out)} but the result has dtype {want}")
 
 
-_cores: int | None = None
-
-
 def num_threads(pairs: int | None = None) -> int:
     """Threads for a reduction: LAZYMAT_NUM_THREADS, OMP_NUM_THREADS or the usable cores;
     one for a tiny problem, where waking threads costs more than the work."""
-    global _cores
     if pairs is not None and pairs < 1 << 15:
         return 1
-    env = os.environ.get("LAZYMAT_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            pass
-    if _cores is None:
-        try:
-            _cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not Linux
-            _cores = os.cpu_count() or 1
-    return _cores
+    return config.threads_setting() or config.cores()

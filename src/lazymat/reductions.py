@@ -122,7 +122,7 @@ def _sum_tile(rc):
 
 
 def _sum_store(rc):
-    return [_loop("k", rc.D, f"out[row * {rc.D} + k] = ({rc.T})acc[k][l];")]
+    return [_loop("k", rc.D, f"{rc.out(0)}[row * {rc.D} + k] = ({rc.T})acc[k][l];")]
 
 
 REDUCTIONS["Sum"] = ReductionDef(
@@ -174,10 +174,9 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
 
     def store(rc):
         lines = []
-        if "value" in outputs:
-            lines.append(_loop("k", rc.D, f"out[row * {rc.D} + k] = best[k][l];"))
-        if "index" in outputs:
-            lines.append(_loop("k", rc.D, f"out_idx[row * {rc.D} + k] = arg[k][l];"))
+        for o, name in enumerate(outputs):  # output o of the kernel: values or indices
+            src = "best" if name == "value" else "arg"
+            lines.append(_loop("k", rc.D, f"{rc.out(o)}[row * {rc.D} + k] = {src}[k][l];"))
         return lines
 
     REDUCTIONS[name] = ReductionDef(
@@ -253,12 +252,10 @@ def _kmin(name: str, outputs: tuple[str, ...]):
 
     def store(rc):
         lines = []
-        if "value" in outputs:
+        for o, name in enumerate(outputs):  # output o of the kernel: values or indices
+            src = "kv" if name == "value" else "ki"
             lines.append(_loop("r", rc.K, _loop(
-                "k", rc.D, f"out[(row * {rc.K} + r) * {rc.D} + k] = kv[k][r][l];")))
-        if "index" in outputs:
-            lines.append(_loop("r", rc.K, _loop(
-                "k", rc.D, f"out_idx[(row * {rc.K} + r) * {rc.D} + k] = ki[k][r][l];")))
+                "k", rc.D, f"{rc.out(o)}[(row * {rc.K} + r) * {rc.D} + k] = {src}[k][r][l];")))
         return lines
 
     REDUCTIONS[name] = ReductionDef(
@@ -396,7 +393,8 @@ def _lse_finalize(xp, state):
 
 
 def _lse_store(rc):
-    return [_loop("e", rc.E, f"out[row * {rc.E} + e] = mx[l] == -INFINITY_T ? -INFINITY_T : "
+    return [_loop("e", rc.E, f"{rc.out(0)}[row * {rc.E} + e] = "
+                             "mx[l] == -INFINITY_T ? -INFINITY_T : "
                              f"({rc.T})((double)mx[l] + lm_log(s[e][l]));")]
 
 
@@ -420,7 +418,8 @@ def _softmax_finalize(xp, state):
 
 
 def _softmax_store(rc):
-    return [_loop("e", rc.E, f"out[row * {rc.E} + e] = s0[l] > 0 ? ({rc.T})(s[e][l] / s0[l]) : "
+    return [_loop("e", rc.E, f"{rc.out(0)}[row * {rc.E} + e] = "
+                             f"s0[l] > 0 ? ({rc.T})(s[e][l] / s0[l]) : "
                              f"({rc.T})0;")]
 
 

@@ -15,7 +15,6 @@ True
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 import warnings
@@ -23,9 +22,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import plan
+from . import config, plan
 from .arraylib import is_torch
-from .formula import I_CAT, J_CAT, P_CAT, Node, Var, variables, walk
+from .formula import I_CAT, J_CAT, OPS, P_CAT, Node, Var, variables, walk
 from .preconditioners import SchwarzPreconditioner, kd_order, leaf_boxes
 
 
@@ -42,7 +41,7 @@ _MAX_ROUNDS = 5
 
 
 def _verbose() -> bool:
-    return os.environ.get("LAZYMAT_VERBOSE", "") not in ("", "0")
+    return config.verbose()
 
 
 def _default_max_iter(n: int) -> int:
@@ -236,12 +235,6 @@ def solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: float,
     return KernelSolveFunction.apply(b, *params)
 
 
-_NUMBER_OPS: dict[str, Callable[..., float]] = {
-    "Minus": lambda a: -a, "Add": lambda a, b: a + b, "Subtract": lambda a, b: a - b,
-    "Mult": lambda a, b: a * b, "Divide": lambda a, b: a / b, "Square": lambda a: a * a,
-    "Sqrt": math.sqrt, "Inv": lambda a: 1 / a, "Exp": math.exp}
-
-
 def _number(node: Node, arrays: Sequence[Any]) -> float | None:
     """The value of a scalar formula of constants and (one-number) parameters, else None."""
     if node.dim != 1:
@@ -254,12 +247,13 @@ def _number(node: Node, arrays: Sequence[Any]) -> float | None:
         if cat != P_CAT or _size(a) != 1:
             return None
         return float((a.detach() if is_torch(a) else a).reshape(-1)[0])
-    rule = _NUMBER_OPS.get(node.op)
+    fold = OPS[node.op].fold if node.op in OPS else None  # the op's own constant folding
     values = [_number(a, arrays) for a in node.args]
-    if rule is None or None in values:
+    if fold is None or None in values:
         return None
     try:
-        return float(rule(*values))
+        folded = fold(values, node.params)
+        return None if folded is None else float(folded)
     except (ArithmeticError, ValueError):
         return None
 

@@ -11,14 +11,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import config
 from ..codegen.cpu import LANES, KernelSpec, render
 from ..formula import Node, variables
 from ..reductions import ReductionDef
 
-_kernels: dict[tuple, Any] = {}  # per process: (reduction, formula, ...) -> kernel function
+# (reduction, formula, ...) -> kernel function
+_kernels: dict[tuple, Any] = config.memo("backends.cpu.kernels", maxsize=1024)
 _ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
              ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
 
 def kernel_for(spec: KernelSpec) -> Any:
@@ -59,8 +61,9 @@ def _layout(tasks: np.ndarray, slices: Any, redranges: Any) -> tuple:
     return (len(tasks),) + tuple(a.ctypes.data for a in arrays) + (arrays,)
 
 
-_dense_layouts: dict[tuple[int, int, int], tuple] = {}
-_zero_offsets: dict[int, np.ndarray] = {}
+_dense_layouts: dict[tuple[int, int, int], tuple] = config.memo("backends.cpu.dense_layouts",
+                                                                maxsize=256)
+_zero_offsets: dict[int, np.ndarray] = config.memo("backends.cpu.zero_offsets", maxsize=256)
 
 
 def _dense_layout(M: int, N: int, lanes: int) -> tuple:
@@ -68,8 +71,6 @@ def _dense_layout(M: int, N: int, lanes: int) -> tuple:
     key = (M, N, lanes)
     layout = _dense_layouts.get(key)
     if layout is None:
-        if len(_dense_layouts) > 256:
-            _dense_layouts.clear()
         ranges_i = np.array([[0, M]], np.int64)
         layout = _dense_layouts[key] = _layout(_tasks(ranges_i, lanes), [1], [[0, N]])
     return layout
@@ -119,12 +120,10 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
         outs = [xp.full(batch + (M,) + shape, fill, like=like,
                         dtype=xp.int64 if kind == "index" else None)
                 for (kind, shape), fill in zip(shapes, red.identity)]
-    values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
-    indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
+    out_ptrs = (ctypes.c_void_p * max(1, len(outs)))(*[_pointer(o, keep) for o in outs])
     nbatch = math.prod(batch)
     offsets_ptr = _no_offsets(len(arrays)) if offsets is None else offsets.ctypes.data
     ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
     fn(M, N, nbatch, offsets_ptr, ntasks, tasks_ptr, slices_ptr, redranges_ptr,
-       ptrs, _pointer(values[0], keep) if values else None,
-       _pointer(indices[0], keep) if indices else None, num_threads(nbatch * M * N))
+       ptrs, out_ptrs, num_threads(nbatch * M * N))
     return tuple(outs)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import config
 from ..codegen import cuda as codegen
 from ..codegen.cuda import KernelSpec, render
 from ..errors import CompileError, CudaUnavailableError
@@ -32,11 +33,14 @@ from ..reductions import REDUCTIONS, ReductionDef
 from .cpu import _arg_dims, _tasks
 
 _lock = threading.Lock()
-_functions: dict[tuple, Any] = {}  # (kernel key, device index) -> CUfunction
+# (kernel key, device index) -> CUfunction
+_functions: dict[tuple, Any] = config.memo("backends.cuda.functions", maxsize=1024)
 _modules: list[Any] = []  # loaded modules, kept alive for the process
 _contexts: dict[int, Any] = {}  # device index -> its primary context
-_dense: dict[tuple, tuple] = {}  # (device, M, N, nargs, block) -> _table() without ranges
-_streams: dict[int, Any] = {}  # torch's raw stream handle -> the CUstream object
+# (device, M, N, nargs, block) -> _table() without ranges
+_dense: dict[tuple, tuple] = config.memo("backends.cuda.dense_tables", maxsize=256)
+# torch's raw stream handle -> the CUstream object
+_streams: dict[int, Any] = config.memo("backends.cuda.streams", maxsize=256)
 _driver_module: Any = None
 #: Blocks of one launch (a grid-stride loop covers more tasks).
 MAX_GRID = 65535 * 32
@@ -148,7 +152,7 @@ def _function(key: tuple, spec: KernelSpec, index: int, block: int) -> Any:
     return fn
 
 
-_multiprocessors: dict[int, int] = {}
+_multiprocessors: dict[int, int] = config.memo("backends.cuda.multiprocessors", maxsize=None)
 
 
 def _block_size(M: int, index: int) -> int:
@@ -194,8 +198,6 @@ def _dense_table(index: int, M: int, N: int, nargs: int, device: Any, block: int
     if found is None:
         import torch
 
-        if len(_dense) > 256:
-            _dense.clear()
         found = _dense[key] = (*_table(([[0, M]], [1], [[0, N]]), nargs, device, block),
                                torch.cuda.current_stream(index).cuda_stream)
     return found
@@ -274,18 +276,15 @@ def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
             outs = [torch.full(lead + shape, fill, device=device,
                                dtype=torch.int64 if kind == "index" else like.dtype)
                     for (kind, shape), fill in zip(kernel_shapes, kernel_red.identity)]
-        values = [o for (kind, _), o in zip(kernel_shapes, outs) if kind == "value"]
-        indices = [o for (kind, _), o in zip(kernel_shapes, outs) if kind == "index"]
-        # Every parameter is 8 bytes (the Args struct is nargs pointers): one buffer holds
-        # them all, and the driver gets the address of each.
+        # Every parameter is 8 bytes (the Args and Outs structs are nargs and nouts pointers):
+        # one buffer holds them all, and the driver gets the address of each.
         buffer = np.array([M, N, nbatch, parts, -(-N // parts), offsets_ptr, ntasks, tasks_ptr,
                            slices_ptr, redranges_ptr, *[t.data_ptr() for t in tensors]]
                           + [0] * (len(tensors) == 0)
-                          + [values[0].data_ptr() if values else 0,
-                             indices[0].data_ptr() if indices else 0], dtype=np.uint64)
+                          + [o.data_ptr() for o in outs], dtype=np.uint64)
         base, nargs = buffer.ctypes.data, max(1, len(tensors))
-        where = np.array([base + 8 * k for k in range(11)]
-                         + [base + 8 * (10 + nargs), base + 8 * (11 + nargs)], dtype=np.uint64)
+        where = np.array([base + 8 * k for k in range(11)] + [base + 8 * (10 + nargs)],
+                         dtype=np.uint64)
         grid = max(1, min(parts * nbatch * ntasks, MAX_GRID))
         driver = _driver_module
         handle = _streams.get(stream)

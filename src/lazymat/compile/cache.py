@@ -26,14 +26,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .. import config
 from ..errors import CompileError
 from .compiler import NO_COMPILER_MESSAGE, CompilerInfo, compiler_info, cpu_tag
 
 __all__ = ["LIBRARY_VERSION", "load_library", "ensure_artifact", "cache_dir", "cache_clear",
            "stats"]
 
-#: Part of every cache key; the lead keeps it equal to ``lazymat.__version__``.
-LIBRARY_VERSION = "0.1.0"
+#: Part of every cache key: ``lazymat.__version__`` (both come from ``config.VERSION``).
+LIBRARY_VERSION = config.VERSION
 
 #: Counters for tests and diagnostics: compiles (fresh sources), rebuilds
 #: (corrupt entries), disk_hits (valid entry found on disk), memo_hits.
@@ -42,19 +43,16 @@ stats: dict[str, int] = {"compiles": 0, "rebuilds": 0, "disk_hits": 0, "memo_hit
 _SUFFIXES = (".cpp", ".so", ".cu", ".cubin", ".ok", ".lock", ".tmp", ".json")
 _STDERR_LINES = 40
 
-_memo: dict[str, ctypes.CDLL] = {}
-_dirs: dict[Path, Path] = {}  # preferred dir -> dir in use, so the fallback warns once
+_memo: dict[str, ctypes.CDLL] = config.memo("compile.cache.libraries", maxsize=None)
+# preferred dir -> dir in use, so the fallback warns once (not in the registry: cache_clear
+# must not warn again)
+_dirs: dict[Path, Path] = {}
 _cpu: str | None = None
 _thread_lock = threading.RLock()
 
 
 def _preferred_dir() -> Path:
-    env = os.environ.get("LAZYMAT_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "lazymat"
+    return config.cache_dir_setting()
 
 
 def _writable(path: Path) -> bool:
@@ -102,21 +100,16 @@ def cache_dir() -> Path:
         return found
 
 
-def _library_version() -> str:
-    # Read from sys.modules rather than importing: lazymat/__init__ may import us.
-    return str(getattr(sys.modules.get("lazymat"), "__version__", LIBRARY_VERSION))
-
-
 def _key(source: str, info: CompilerInfo) -> str:
     global _cpu
     if _cpu is None:
         _cpu = cpu_tag()
-    parts = [source, info.identity, shlex.join(info.flags), _cpu, _library_version()]
+    parts = [source, info.identity, shlex.join(info.flags), _cpu, LIBRARY_VERSION]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
 def _verbose() -> bool:
-    return os.environ.get("LAZYMAT_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
+    return config.verbose()
 
 
 def _log(msg: str) -> None:

@@ -20,6 +20,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import config
+
 __all__ = ["CompilerInfo", "compiler_info", "BASE_FLAGS", "NO_COMPILER_MESSAGE"]
 
 #: Flags always passed (after ``$CXXFLAGS``); ``-march=native`` and ``-fopenmp``
@@ -76,7 +78,8 @@ class CompilerInfo:
 
 _lock = threading.Lock()
 # Keyed by ($CXX, $CXXFLAGS) so that tests or users changing them mid-process are honoured.
-_memo: dict[tuple[str | None, str | None], CompilerInfo | None] = {}
+_memo: dict[tuple[str | None, str | None], CompilerInfo | None] = config.memo(
+    "compile.compiler.info", maxsize=16)
 
 
 def _find_compiler() -> list[str] | None:
