@@ -49,11 +49,6 @@ typedef long long i64;
 typedef void (*lm_kernel_fn)(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntasks,
                              const i64* tasks, const i64* slices, const i64* redranges,
                              void** args, void** outs, int threads);
-// The ABI before void** outs: the first value output and the first index output.
-typedef void (*lm_kernel_fn_v0)(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntasks,
-                                const i64* tasks, const i64* slices, const i64* redranges,
-                                void** args, void* out, i64* out_idx, int threads);
-
 static std::mutex lm_lock;
 static std::unordered_map<int64_t, void*>& lm_kernels() {
   static std::unordered_map<int64_t, void*> table;
@@ -66,10 +61,9 @@ extern "C" int lm_jax_register(int64_t id, void* fn) {
   return (int)lm_kernels().size();
 }
 
-static ffi::Error lm_cpu_call(int64_t kernel, int64_t abi, int64_t M, int64_t N,
-                              int64_t nbatch, int64_t threads, int64_t lanes, int64_t nargs,
-                              int64_t ntasks, int64_t nslices, int64_t value_out,
-                              int64_t index_out, ffi::AnyBuffer offsets, ffi::AnyBuffer ranges,
+static ffi::Error lm_cpu_call(int64_t kernel, int64_t M, int64_t N, int64_t nbatch,
+                              int64_t threads, int64_t lanes, int64_t nargs, int64_t ntasks,
+                              int64_t nslices, ffi::AnyBuffer offsets, ffi::AnyBuffer ranges,
                               ffi::RemainingArgs args, ffi::RemainingRets rets) {
   void* fn = nullptr;
   {
@@ -112,24 +106,17 @@ static ffi::Error lm_cpu_call(int64_t kernel, int64_t abi, int64_t M, int64_t N,
     slices = tasks + 3 * ntasks;
     redranges = slices + nslices;
   }
-  if (abi == 1) {
-    ((lm_kernel_fn)fn)(M, N, nbatch, off, ntasks, tasks, slices, redranges, in.data(),
-                       out.data(), (int)threads);
-  } else {
-    ((lm_kernel_fn_v0)fn)(M, N, nbatch, off, ntasks, tasks, slices, redranges, in.data(),
-                          value_out >= 0 ? out[value_out] : nullptr,
-                          index_out >= 0 ? (i64*)out[index_out] : nullptr, (int)threads);
-  }
+  ((lm_kernel_fn)fn)(M, N, nbatch, off, ntasks, tasks, slices, redranges, in.data(),
+                     out.data(), (int)threads);
   return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     lm_jax_cpu, lm_cpu_call,
     ffi::Ffi::Bind()
-        .Attr<int64_t>("kernel").Attr<int64_t>("abi").Attr<int64_t>("M").Attr<int64_t>("N")
+        .Attr<int64_t>("kernel").Attr<int64_t>("M").Attr<int64_t>("N")
         .Attr<int64_t>("nbatch").Attr<int64_t>("threads").Attr<int64_t>("lanes")
         .Attr<int64_t>("nargs").Attr<int64_t>("ntasks").Attr<int64_t>("nslices")
-        .Attr<int64_t>("value_out").Attr<int64_t>("index_out")
         .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
         .RemainingArgs().RemainingRets());
 """

@@ -112,7 +112,9 @@ def _out_avals(call: Call, shapes: Sequence[tuple[int, ...]]) -> list[tuple[tupl
     batch = _batch(call, shapes)
     red = call.red
     out = []
-    for kind, shape in red.out_dims(F.dim, call.req.K, W.dim if W is not None else None):
+    # ``outputs`` replaces ``out_dims`` in reductions.py (CONTRACT.md §2)
+    outputs = getattr(red, "outputs", None) or red.out_dims
+    for kind, shape in outputs(F.dim, call.req.K, W.dim if W is not None else None):
         dtype = index_dtype() if kind == "index" else np.dtype(call.dtype)
         out.append((batch + (M,) + _squeezed(shape, red), dtype))
     return out
@@ -224,11 +226,11 @@ def _callback(call: Call, arrays) -> list[Any]:
     return list(jax.pure_callback(host, shapes, *arrays, vmap_method="sequential"))
 
 
-_kernels: dict[Any, tuple[int, int]] = {}
+_kernels: dict[Any, int] = {}
 
 
-def _kernel(spec) -> tuple[int, int]:
-    """(handler id, ABI) of the compiled kernel of a KernelSpec."""
+def _kernel(spec) -> int:
+    """The handler's id of the compiled kernel of a KernelSpec."""
     key = (spec.reduction.name, spec.formula, spec.weight, spec.K, spec.dtype, spec.arg_dims,
            spec.accumulation)
     hit = _kernels.get(key)
@@ -236,9 +238,7 @@ def _kernel(spec) -> tuple[int, int]:
         from ..backends.cpu import kernel_for
         from ..codegen.cpu import render
 
-        source = render(spec)
-        abi = 1 if "void** outs" in source else 0
-        hit = _kernels[key] = (ffi.register_kernel(kernel_for(spec), source), abi)
+        hit = _kernels[key] = ffi.register_kernel(kernel_for(spec), render(spec))
     return hit
 
 
@@ -253,12 +253,11 @@ def _ffi_cpu(call: Call, arrays, batch) -> list[Any]:
                      for p in range(nargs))  # an unused argument: passed, never read
     spec = KernelSpec(red, F, W, call.req.K, call.dtype, arg_dims,
                       call.req.accumulation(call.dtype))
-    kid, abi = _kernel(spec)
+    kid = _kernel(spec)
     nbatch = math.prod(batch)
     offsets = (plan.batch_offsets(arrays, by_pos, batch) if batch
                else np.zeros((1, max(1, nargs)), np.int64))
-    wdim = W.dim if W is not None else None
-    outs = red.out_dims(F.dim, call.req.K, wdim)
+    outs = spec.stored  # (kind, shape per row) of each output, in the kernel's outs order
     kinds = [kind for kind, _ in outs]
     results = [jax.ShapeDtypeStruct((nbatch * M, math.prod(shape)) + ((2,) if kind == "index"
                                                                        else ()),
@@ -266,12 +265,10 @@ def _ffi_cpu(call: Call, arrays, batch) -> list[Any]:
                for kind, shape in outs]
     raw = jax.ffi.ffi_call(ffi.TARGET, results)(
         jnp.asarray(ffi.int64_table(offsets)), jnp.zeros((0, 2), jnp.int32), *arrays,
-        kernel=np.int64(kid), abi=np.int64(abi), M=np.int64(M), N=np.int64(N),
+        kernel=np.int64(kid), M=np.int64(M), N=np.int64(N),
         nbatch=np.int64(nbatch), threads=np.int64(plan.num_threads(nbatch * M * N)),
         lanes=np.int64(LANES[call.dtype]), nargs=np.int64(nargs), ntasks=np.int64(-1),
-        nslices=np.int64(0),
-        value_out=np.int64(kinds.index("value") if "value" in kinds else -1),
-        index_out=np.int64(kinds.index("index") if "index" in kinds else -1))
+        nslices=np.int64(0))
     final = []
     for r, kind, (shape, dtype) in zip(raw, kinds, _out_avals(call, [a.shape for a in arrays])):
         if kind == "index":
