@@ -280,3 +280,53 @@ def test_without_x64_indices_are_int32_and_exact():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=240, env=env)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_cuda_lowering_and_handler_build():
+    """Without a GPU: the CUDA lowering is an FFI call on XLA's stream (exported for
+    "cuda"), its handler library builds, and the kernel it names compiles with NVRTC."""
+    from jax import export
+
+    from lazymat.codegen import cuda as codegen
+    from lazymat.compile import nvrtc
+    from lazymat.jax import ffi
+
+    x, y, _ = data("float32", M=300, N=200)
+    f = lambda x, y: Vi(x).sqdist(Vj(y)).argKmin(3, dim=1)  # noqa: E731
+    exported = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call(ffi.CUDA_TARGET)])(x, y)
+    text = exported.mlir_module()
+    assert "custom_call @lazymat_cuda" in text and "callback" not in text
+    lib = ffi.build_handler(ffi.CUDA_HANDLER_SOURCE, "jax_ffi_cuda_handler")
+    assert lib.lm_jax_cuda and lib.lm_jax_cuda_register
+    if not nvrtc.available():
+        pytest.skip("NVRTC is not installed")
+    from lazymat.formula import SqDist, Var
+    from lazymat.reductions import REDUCTIONS
+
+    spec = codegen.KernelSpec(REDUCTIONS["ArgKMin"], SqDist(Var(0, 3, 0), Var(1, 3, 1)), None,
+                              3, "float32", ((3, 0), (3, 1)))
+    name = "lm_argkmin_float32"
+    source = codegen.render(spec, name=name, block=codegen.BLOCK)
+    assert f"kernel = {ffi.kernel_id(source)} " in text  # the kernel the call names
+    assert nvrtc.compile_cubin(source, arch="sm_90", name=f"{name}.cu")
+
+
+def _jax_gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _jax_gpu(), reason="jax sees no GPU")
+def test_cuda_ffi_on_gpu():
+    gpu = jax.devices("gpu")[0]
+    x, y, b = (jax.device_put(a, gpu) for a in data("float32", M=1000, N=700))
+    for family in ("Sum", "KMin", "LogSumExp", "SumSoftMaxWeight"):
+        ours, dense = FAMILIES[family]
+        assert "lazymat_cuda" in jax.jit(ours).lower(x, y, b).as_text()
+        close(jax.jit(ours)(x, y, b), dense(x, y, b), "float32")
+    close(jax.jit(jax.grad(_loss(FAMILIES["Sum"][0])))(x, y, b),
+          jax.grad(_loss(FAMILIES["Sum"][1]))(x, y, b), "float32")

@@ -121,6 +121,97 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .RemainingArgs().RemainingRets());
 """
 
+CUDA_HANDLER_SOURCE = r"""
+// lazymat: the XLA FFI handler of lazymat.jax on CUDA GPUs (one for every compiled kernel).
+// Host code only: it launches the NVRTC-compiled kernel on XLA's stream with the driver's
+// cuLaunchKernel, whose address lm_jax_cuda_init receives (no CUDA headers or libraries
+// are needed to build it).
+#include <cstdint>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+typedef long long i64;
+typedef struct CUfunc_st* CUfunction;
+typedef struct CUstream_st* CUstream;
+typedef int (*lm_launch_fn)(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                            unsigned by, unsigned bz, unsigned shared, CUstream stream,
+                            void** params, void** extra);
+
+static std::mutex lm_lock;
+static lm_launch_fn lm_launch = nullptr;
+static std::unordered_map<int64_t, std::unordered_map<int64_t, CUfunction>>& lm_functions() {
+  static std::unordered_map<int64_t, std::unordered_map<int64_t, CUfunction>> table;
+  return table;
+}
+
+extern "C" void lm_jax_cuda_init(void* launch) { lm_launch = (lm_launch_fn)launch; }
+
+extern "C" int lm_jax_cuda_register(int64_t id, int64_t device, void* fn) {
+  std::lock_guard<std::mutex> guard(lm_lock);
+  lm_functions()[id][device] = (CUfunction)fn;
+  return (int)lm_functions().size();
+}
+
+static ffi::Error lm_cuda_call(CUstream stream, int32_t device, int64_t kernel, int64_t M,
+                               int64_t N, int64_t nbatch, int64_t ntasks, int64_t nslices,
+                               int64_t nargs, int64_t block, int64_t grid,
+                               ffi::AnyBuffer offsets, ffi::AnyBuffer table,
+                               ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  CUfunction fn = nullptr;
+  {
+    std::lock_guard<std::mutex> guard(lm_lock);
+    auto it = lm_functions().find(kernel);
+    if (it != lm_functions().end()) {
+      auto on = it->second.find(device);
+      if (on != it->second.end()) fn = on->second;
+    }
+  }
+  if (!fn || !lm_launch)
+    return ffi::Error(ffi::ErrorCode::kNotFound,
+                      "lazymat: kernel not loaded on this GPU in this process");
+  if ((int64_t)args.size() != nargs)
+    return ffi::Error::InvalidArgument("lazymat: wrong number of data arrays");
+  // The kernel's parameters: ten scalars and pointers, then the Args and Outs structs
+  // (nargs and nouts pointers each, by value), every one 8 bytes.
+  std::vector<void*> in(nargs > 0 ? nargs : 1, nullptr), out(rets.size() + 1, nullptr);
+  for (int64_t k = 0; k < nargs; k++) {
+    auto a = args.get<ffi::AnyBuffer>(k);
+    if (a.has_error()) return a.error();
+    in[k] = a.value().untyped_data();
+  }
+  for (size_t k = 0; k < rets.size(); k++) {
+    auto r = rets.get<ffi::AnyBuffer>(k);
+    if (r.has_error()) return r.error();
+    out[k] = r.value()->untyped_data();
+  }
+  i64 m = M, n = N, nb = nbatch, nsplit = 1, chunk = N, nt = ntasks;
+  const i64* off = (const i64*)offsets.untyped_data();
+  const i64* tasks = (const i64*)table.untyped_data();
+  const i64* slices = tasks + 3 * ntasks;
+  const i64* redranges = slices + nslices;
+  void* params[] = {&m, &n, &nb, &nsplit, &chunk, &off, &nt, &tasks, &slices, &redranges,
+                    in.data(), out.data()};
+  int err = lm_launch(fn, (unsigned)grid, 1, 1, (unsigned)block, 1, 1, 0, stream, params,
+                      nullptr);
+  if (err != 0)
+    return ffi::Error(ffi::ErrorCode::kInternal, "lazymat: cuLaunchKernel failed");
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    lm_jax_cuda, lm_cuda_call,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<CUstream>>().Ctx<ffi::DeviceOrdinal>()
+        .Attr<int64_t>("kernel").Attr<int64_t>("M").Attr<int64_t>("N")
+        .Attr<int64_t>("nbatch").Attr<int64_t>("ntasks").Attr<int64_t>("nslices")
+        .Attr<int64_t>("nargs").Attr<int64_t>("block").Attr<int64_t>("grid")
+        .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+        .RemainingArgs().RemainingRets());
+"""
+
 _state: dict[str, Any] = {}  # "lib": the loaded handler library, "reason": why none
 
 
@@ -140,27 +231,33 @@ def _build(include: str):
     return build
 
 
+def build_handler(source: str, name: str) -> ctypes.CDLL:
+    """Compile (once, into the compile cache) and load a handler library."""
+    import jax
+    import jaxlib
+
+    from ..compile import compiler_info
+    from ..compile.cache import ensure_artifact
+
+    info = compiler_info()
+    if info is None:
+        raise RuntimeError("no C++ compiler found")
+    include = jax.ffi.include_dir()
+    if not (Path(include) / "xla" / "ffi" / "api" / "ffi.h").exists():
+        raise RuntimeError(f"no XLA FFI headers under {include}")
+    key = hashlib.sha256("\n".join([source, info.identity, shlex.join(info.flags), include,
+                                    jaxlib.__version__]).encode()).hexdigest()[:32]
+    return ctypes.CDLL(str(ensure_artifact(key, source, _build(include), name=name)))
+
+
 def _load() -> Any:
-    """The handler library, compiled (cached) and registered with XLA on first use."""
+    """The CPU handler library, compiled (cached) and registered with XLA on first use."""
     if "lib" in _state or "reason" in _state:
         return _state.get("lib")
     try:
         import jax
-        import jaxlib
 
-        from ..compile import compiler_info
-        from ..compile.cache import ensure_artifact
-
-        info = compiler_info()
-        if info is None:
-            raise RuntimeError("no C++ compiler found")
-        include = jax.ffi.include_dir()
-        if not (Path(include) / "xla" / "ffi" / "api" / "ffi.h").exists():
-            raise RuntimeError(f"no XLA FFI headers under {include}")
-        key = hashlib.sha256("\n".join([HANDLER_SOURCE, info.identity, shlex.join(info.flags),
-                                        include, jaxlib.__version__]).encode()).hexdigest()[:32]
-        so = ensure_artifact(key, HANDLER_SOURCE, _build(include), name="jax_ffi_handler")
-        lib = ctypes.CDLL(str(so))
+        lib = build_handler(HANDLER_SOURCE, "jax_ffi_handler")
         lib.lm_jax_register.argtypes = [ctypes.c_int64, ctypes.c_void_p]
         lib.lm_jax_register.restype = ctypes.c_int
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.lm_jax_cpu), platform="cpu")
@@ -187,9 +284,78 @@ def register_kernel(fn: Any, source: str) -> int:
     address = ctypes.cast(fn, ctypes.c_void_p).value
     kid = _ids.get(address)
     if kid is None:
-        kid = int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "little") >> 1
+        kid = kernel_id(source)
         _load().lm_jax_register(kid, address)
         _ids[address] = kid
+    return kid
+
+
+def kernel_id(source: str) -> int:
+    """A kernel's id in the handlers' tables: its source's hash (stable across processes)."""
+    return int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------------- CUDA
+
+_cuda: dict[str, Any] = {}  # "lib", "reason", "driver"; (id, device) -> loaded function
+
+
+def _load_cuda() -> Any:
+    """The CUDA handler library, registered with XLA's CUDA platform (needs a GPU, the
+    driver and cuda-bindings; built with the host compiler, no CUDA toolkit)."""
+    if "lib" in _cuda or "reason" in _cuda:
+        return _cuda.get("lib")
+    try:
+        import jax
+        from cuda.bindings import driver
+
+        if int(driver.cuInit(0)[0]) != 0:
+            raise RuntimeError("cuInit failed (no GPU or no driver)")
+        lib = build_handler(CUDA_HANDLER_SOURCE, "jax_ffi_cuda_handler")
+        lib.lm_jax_cuda_register.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.lm_jax_cuda_init.argtypes = [ctypes.c_void_p]
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        lib.lm_jax_cuda_init(ctypes.cast(libcuda.cuLaunchKernel, ctypes.c_void_p).value)
+        jax.ffi.register_ffi_target(CUDA_TARGET, jax.ffi.pycapsule(lib.lm_jax_cuda),
+                                    platform="CUDA")
+        _cuda.update(lib=lib, driver=driver, libcuda=libcuda)
+    except Exception as e:  # noqa: BLE001 - any failure means: use the fallback
+        _cuda["reason"] = f"{type(e).__name__}: {e}"
+    return _cuda.get("lib")
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA FFI path cannot be used here (None when it can)."""
+    if os.environ.get("LAZYMAT_JAX_FFI", "1").strip() == "0":
+        return "turned off by LAZYMAT_JAX_FFI=0"
+    _load_cuda()
+    return _cuda.get("reason")
+
+
+def load_cuda_kernel(source: str, name: str, devices: list[tuple[int, str]]) -> int:
+    """Compile ``source`` with NVRTC for each (device ordinal, sm_XY) and register its
+    function ``name`` with the CUDA handler; returns the kernel's id."""
+    from ..compile import nvrtc
+
+    kid = kernel_id(source)
+    driver, lib = _cuda["driver"], _load_cuda()
+    for ordinal, arch in devices:
+        if (kid, ordinal) in _cuda:
+            continue
+        cubin = nvrtc.compile_cubin(source, arch=arch, name=f"{name}.cu")
+        err, device = driver.cuDeviceGet(ordinal)
+        err, ctx = driver.cuDevicePrimaryCtxRetain(device)  # the context XLA uses
+        if int(err) != 0:
+            raise RuntimeError(f"cuDevicePrimaryCtxRetain({ordinal}) failed: {err}")
+        driver.cuCtxSetCurrent(ctx)
+        err, module = driver.cuModuleLoadData(cubin)
+        if int(err) != 0:
+            raise RuntimeError(f"cuModuleLoadData failed: {err}")
+        err, fn = driver.cuModuleGetFunction(module, name.encode())
+        if int(err) != 0:
+            raise RuntimeError(f"cuModuleGetFunction({name}) failed: {err}")
+        lib.lm_jax_cuda_register(kid, ordinal, int(fn))
+        _cuda[(kid, ordinal)] = (module, fn)  # kept alive for the process
     return kid
 
 

@@ -197,7 +197,22 @@ def _lower_impl(*arrays, call: Call, platform: str) -> list[Any]:
             return _ffi_cpu(call, arrays, batch)
         _warn_once("ffi", f"lazymat.jax: the XLA FFI handler is unavailable ({reason}); "
                    "calling the compiled kernels through jax.pure_callback (a copy per call)")
+    if platform == "cuda":
+        gpus = [(d.local_hardware_id, "sm_" + str(d.compute_capability).replace(".", ""))
+                for d in jax.local_devices(backend="gpu")] if _has_gpu() else []
+        reason = ffi.cuda_unavailable_reason() if gpus else None
+        if reason is None:  # (without GPUs here: lowered for another process, as jax.export)
+            return _ffi_cuda(call, arrays, batch, gpus)
+        _warn_once("ffi_cuda", f"lazymat.jax: the CUDA FFI handler is unavailable ({reason})"
+                   "; calling the CPU kernels through jax.pure_callback (host copies)")
     return _callback(call, arrays)
+
+
+def _has_gpu() -> bool:
+    try:
+        return bool(jax.local_devices(backend="gpu"))
+    except RuntimeError:  # no GPU backend in this jaxlib
+        return False
 
 
 def _reference(call: Call, arrays, batch) -> list[Any]:
@@ -269,6 +284,46 @@ def _ffi_cpu(call: Call, arrays, batch) -> list[Any]:
         nbatch=np.int64(nbatch), threads=np.int64(plan.num_threads(nbatch * M * N)),
         lanes=np.int64(LANES[call.dtype]), nargs=np.int64(nargs), ntasks=np.int64(-1),
         nslices=np.int64(0))
+    return _finish(call, arrays, kinds, raw)
+
+
+def _ffi_cuda(call: Call, arrays, batch, gpus: list[tuple[int, str]]) -> list[Any]:
+    """The NVRTC-compiled CUDA kernel as an XLA FFI call on XLA's stream (one part: the
+    columns are not split; the tables are constants that XLA keeps on the device)."""
+    from ..codegen import cuda as codegen
+
+    F, W, M, N = call.oriented()
+    by_pos = _by_position(F, W)
+    nargs = len(arrays)
+    arg_dims = tuple((by_pos[p].params[1], by_pos[p].params[2]) if p in by_pos else (1, 2)
+                     for p in range(nargs))
+    spec = codegen.KernelSpec(call.red, F, W, call.req.K, call.dtype, arg_dims,
+                              call.req.accumulation(call.dtype))
+    block = codegen.BLOCK
+    name = f"lm_{call.red.name.lower()}_{call.dtype}"
+    source = codegen.render(spec, name=name, block=block)
+    kid = ffi.load_cuda_kernel(source, name, gpus) if gpus else ffi.kernel_id(source)
+    nbatch = math.prod(batch)
+    offsets = (plan.batch_offsets(arrays, by_pos, batch) if batch
+               else np.zeros((1, max(1, nargs)), np.int64))
+    i0 = np.arange(0, M, block, dtype=np.int64)
+    tasks = np.stack([i0, np.minimum(i0 + block, M), np.zeros_like(i0)], 1)
+    table = np.concatenate([tasks.reshape(-1), [1, 0, N]])
+    outs = spec.stored
+    results = [jax.ShapeDtypeStruct((nbatch * M, math.prod(shape)) + ((2,) if kind == "index"
+                                                                       else ()),
+                                    np.int32 if kind == "index" else np.dtype(call.dtype))
+               for kind, shape in outs]
+    raw = jax.ffi.ffi_call(ffi.CUDA_TARGET, results)(
+        jnp.asarray(ffi.int64_table(offsets)), jnp.asarray(ffi.int64_table(table)), *arrays,
+        kernel=np.int64(kid), M=np.int64(M), N=np.int64(N), nbatch=np.int64(nbatch),
+        ntasks=np.int64(len(tasks)), nslices=np.int64(1), nargs=np.int64(nargs),
+        block=np.int64(block), grid=np.int64(max(1, min(nbatch * len(tasks), 65535 * 32))))
+    return _finish(call, arrays, [kind for kind, _ in outs], raw)
+
+
+def _finish(call: Call, arrays, kinds: list[str], raw) -> list[Any]:
+    """The FFI call's outputs in the reduction's shapes (index int32 pairs made indices)."""
     final = []
     for r, kind, (shape, dtype) in zip(raw, kinds, _out_avals(call, [a.shape for a in arrays])):
         if kind == "index":
