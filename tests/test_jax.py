@@ -265,7 +265,8 @@ def test_without_x64_indices_are_int32_and_exact():
         import numpy as np, jax, jax.numpy as jnp
         from lazymat.jax import Vi, Vj
         rng = np.random.default_rng(0)
-        x, y = jnp.asarray(rng.random((50, 2)), jnp.float32), jnp.asarray(rng.random((300, 2)), jnp.float32)
+        x = jnp.asarray(rng.random((50, 2)), jnp.float32)
+        y = jnp.asarray(rng.random((300, 2)), jnp.float32)
         d = ((x[:, None] - y[None]) ** 2).sum(-1)
         idx = jax.jit(lambda x: Vi(x).sqdist(Vj(y)).argKmin(3, dim=1))(x)
         assert idx.dtype == jnp.int32, idx.dtype
