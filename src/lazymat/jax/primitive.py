@@ -20,7 +20,8 @@ Every rule produces reductions of the same primitive, so the rules compose to an
 >>> from lazymat.formula import Var, SqDist
 >>> from lazymat.plan import Request
 >>> call = Call(Request("Sum", SqDist(Var(0, 1, 0), Var(1, 1, 1))), (2, 3), "float32")
->>> reduce_p.bind(jnp.zeros((2, 1)), jnp.ones((3, 1)), call=call)[0].ravel().tolist()
+>>> x, y = jnp.zeros((2, 1), jnp.float32), jnp.ones((3, 1), jnp.float32)
+>>> reduce_p.bind(x, y, call=call)[0].ravel().tolist()
 [3.0, 3.0]
 """
 
