@@ -202,6 +202,36 @@ def test_genred_strings(dtype):
     close(jax.jit(sym)(x, y), jnp.exp(-sqd(x, y)).sum(1, keepdims=True), dtype)
 
 
+def test_block_sparse_ranges():
+    """KeOps' ranges: the same 6-tuple serves the reduction, its gradients (reductions over
+    i and over j) and its tangents; rows outside every range hold the identity."""
+    from lazymat.ranges import from_matrix
+
+    x, y, b = data("float64")
+    keep = np.array([[1, 0, 1], [0, 0, 0]], bool)  # row block 1 sees no column
+    ranges = from_matrix(np.array([[0, 3], [3, 6]]), np.array([[0, 3], [3, 6], [6, 9]]), keep)
+    mask = jnp.asarray(np.repeat(np.repeat(keep, 3, 0), 3, 1))
+
+    def ours(x, y, b):
+        return ((-Vi(x).sqdist(Vj(y))).exp() * Vj(b)).sum(dim=1, ranges=ranges)
+
+    def dense(x, y, b):
+        return jnp.where(mask, jnp.exp(-sqd(x, y)), 0) @ b
+
+    close(J(ours)(x, y, b), dense(x, y, b))
+    for g, w in zip(J(jax.grad(_loss(ours), (0, 1, 2)))(x, y, b),
+                    J(jax.grad(_loss(dense), (0, 1, 2)))(x, y, b)):
+        close(g, w)
+    close(jax.jvp(lambda x: ours(x, y, b), (x,), (jnp.ones_like(x),))[1],
+          J(lambda x: jax.jvp(lambda x: dense(x, y, b), (x,), (jnp.ones_like(x),))[1])(x))
+    got = Vi(x).sqdist(Vj(y)).min(dim=1, ranges=ranges)
+    want = jnp.where(mask, sqd(x, y), jnp.inf).min(1, keepdims=True)
+    close(jnp.where(jnp.isinf(want), 0, got), jnp.where(jnp.isinf(want), 0, want))
+    assert bool(jnp.all(jnp.isinf(got[3:])))
+    with pytest.raises(lazymat.ShapeError, match="ranges"):
+        Vi(x).sqdist(Vj(y)).sum(dim=1, ranges=ranges[:3])
+
+
 def test_fast_path_is_an_ffi_call():
     x, y, b = data("float32")
     text = jax.jit(FAMILIES["Sum"][0]).lower(x, y, b).as_text()

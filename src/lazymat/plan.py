@@ -420,6 +420,13 @@ def _run_half(req: Request, arrays: Sequence[Any], names: Sequence[str], backend
     return outs
 
 
+def check_ranges(ranges: Sequence[Any], axis: int, M: int, N: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The block-sparse 6-tuple checked: (ranges_i, slices_i, redranges_j) of this axis as
+    int64 numpy arrays (M output rows and N reduced columns, already oriented)."""
+    return _check_ranges(ranges, axis, M, N)
+
+
 _RANGE_NAMES = ("ranges_i", "slices_i", "redranges_j", "ranges_j", "slices_j", "redranges_i")
 
 

@@ -14,7 +14,7 @@ axis becomes a batch dim).
 >>> jax.jit(jax.grad(energy))(x).shape
 (3, 2)
 
-Limits: real data only (no complex LazyTensors), no block-sparse ``ranges``, no ``out=``;
+Limits: real data only (no complex LazyTensors), no ``out=``;
 integer outputs (ArgMin...) are int64 with ``jax_enable_x64`` and int32 without; on CUDA
 the FFI handler (``ffi.CUDA_HANDLER_SOURCE``) is compile-tested but has not been run on a
 GPU yet.
@@ -35,7 +35,7 @@ from ..arraylib import is_jax
 from ..errors import CudaUnavailableError, DtypeError, FormulaSyntaxError, ShapeError
 from ..formula.parser import parse_alias
 from . import ffi
-from .primitive import Call, bind, check_sizes
+from .primitive import Call, Ranges, bind, check_sizes
 
 __all__ = ["LazyTensor", "Vi", "Vj", "Pm", "Genred", "generic_sum", "generic_logsumexp",
            "generic_argmin", "generic_argkmin", "run", "ffi_unavailable_reason"]
@@ -62,8 +62,6 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
     traceable by jit, grad, jvp and vmap."""
     if out is not None:
         raise DtypeError("out= is not supported by lazymat.jax: jax arrays are immutable")
-    if ranges is not None:
-        raise ShapeError("block-sparse ranges= are not supported by lazymat.jax")
     arrays = [_to_jax(a) for a in arrays]
     like = _to_jax(like)
     first = arrays[0] if arrays else like
@@ -80,8 +78,13 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
     half = dtype in ("float16", "bfloat16")
     if half:  # reduced in float32, returned in the data's dtype
         arrays = [a.astype(jnp.float32) for a in arrays]
+    if ranges is not None and backend == "reference":
+        raise ShapeError("lazymat.jax: block-sparse ranges= need the compiled backend, not "
+                         "backend='reference'")
     call = Call(req, (M, N), "float32" if half else dtype, backend,
-                tuple(names) if names is not None else ())
+                tuple(names) if names is not None else (),
+                Ranges(ranges) if ranges is not None else None)
+    call.oriented_ranges()  # the ranges' errors now, before compiling
     check_sizes(call)
     outs = bind(call, arrays)
     if half:

@@ -74,7 +74,9 @@ static ffi::Error lm_cpu_call(int64_t kernel, int64_t M, int64_t N, int64_t nbat
   if (!fn)
     return ffi::Error(ffi::ErrorCode::kNotFound,
                       "lazymat: kernel not loaded in this process (a cached executable?)");
-  if ((int64_t)args.size() != nargs)
+  // Data arrays, then (with ranges) the outputs filled with the identity, which XLA aliases
+  // to the results: rows outside every range keep it.
+  if ((int64_t)args.size() < nargs)
     return ffi::Error::InvalidArgument("lazymat: wrong number of data arrays");
   std::vector<void*> in(nargs > 0 ? nargs : 1, nullptr), out(rets.size() + 1, nullptr);
   for (int64_t k = 0; k < nargs; k++) {
@@ -172,7 +174,9 @@ static ffi::Error lm_cuda_call(CUstream stream, int32_t device, int64_t kernel, 
   if (!fn || !lm_launch)
     return ffi::Error(ffi::ErrorCode::kNotFound,
                       "lazymat: kernel not loaded on this GPU in this process");
-  if ((int64_t)args.size() != nargs)
+  // Data arrays, then (with ranges) the outputs filled with the identity, which XLA aliases
+  // to the results: rows outside every range keep it.
+  if ((int64_t)args.size() < nargs)
     return ffi::Error::InvalidArgument("lazymat: wrong number of data arrays");
   // The kernel's parameters: ten scalars and pointers, then the Args and Outs structs
   // (nargs and nouts pointers each, by value), every one 8 bytes.

@@ -47,13 +47,34 @@ from ..formula import I_CAT, J_CAT, P_CAT, Node, Var, diff, grad, make, substitu
 from . import ffi
 
 
+class Ranges:
+    """KeOps' block-sparse 6-tuple (ranges_i, slices_i, redranges_j, ranges_j, slices_j,
+    redranges_i) as a static, hashable value: numpy arrays compared by content. The same
+    tuple serves reductions over i and over j, so derivatives keep the forward's sparsity."""
+
+    def __init__(self, arrays: Sequence[Any]):
+        try:
+            self.arrays = tuple(np.asarray(a) for a in arrays)
+        except jax.errors.TracerArrayConversionError:
+            raise ShapeError("ranges= must be concrete arrays (known when tracing), not "
+                             "traced values") from None
+        self._key = tuple((a.dtype.str, a.shape, a.tobytes()) for a in self.arrays)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ranges) and self._key == other._key
+
+
 @dataclass(frozen=True)
 class Call:
     """The static description of one reduction (the primitive's only parameter).
 
     ``req``: the request, its variables numbered 0..n-1 as the arrays; ``sizes``: (M, N),
     the numbers of i and of j (needed when a formula has no i- or no j-variable);
-    ``dtype``: the data's; ``backend``: "auto", "cpu", "cuda" or "reference".
+    ``dtype``: the data's; ``backend``: "auto", "cpu", "cuda" or "reference";
+    ``ranges``: block-sparse ranges or None.
     """
 
     req: plan.Request
@@ -61,6 +82,14 @@ class Call:
     dtype: str
     backend: str = "auto"
     names: tuple[str, ...] = ()
+    ranges: Ranges | None = None
+
+    def oriented_ranges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(ranges_i, slices_i, redranges_j) of the oriented reduction, or None."""
+        if self.ranges is None:
+            return None
+        _, _, M, N = self.oriented()
+        return plan.check_ranges(self.ranges.arrays, self.req.axis, M, N)
 
     @property
     def red(self) -> reductions.ReductionDef:
@@ -191,7 +220,8 @@ def _lower_impl(*arrays, call: Call, platform: str) -> list[Any]:
         _warn_once("compiler", "lazymat.jax: no C++ compiler found (looked for $CXX, g++, "
                    "clang++); using the slow reference backend. lazymat.check_health() tells "
                    "more.")
-        return _reference(call, arrays, batch)
+        return _reference(call, arrays, batch) if call.ranges is None else _callback(call,
+                                                                                     arrays)
     if platform == "cpu":
         reason = ffi.unavailable_reason()
         if reason is None:
@@ -202,6 +232,8 @@ def _lower_impl(*arrays, call: Call, platform: str) -> list[Any]:
         gpus = [(d.local_hardware_id, "sm_" + str(d.compute_capability).replace(".", ""))
                 for d in jax.local_devices(backend="gpu")] if _has_gpu() else []
         reason = ffi.cuda_unavailable_reason() if gpus else None
+        if reason is None and call.ranges is not None:
+            reason = "block-sparse ranges are not implemented in it"
         if reason is None:  # (without GPUs here: lowered for another process, as jax.export)
             return _ffi_cuda(call, arrays, batch, gpus)
         _warn_once("ffi_cuda", f"lazymat.jax: the CUDA FFI handler is unavailable ({reason})"
@@ -233,8 +265,8 @@ def _callback(call: Call, arrays) -> list[Any]:
 
     def host(*xs):
         outs = plan.run(call.req, [np.asarray(x) for x in xs], names=list(call.names) or None,
-                        backend="cpu", sizes=call.sizes,
-                        like=np.zeros((1,), call.dtype))
+                        sizes=call.sizes, like=np.zeros((1,), call.dtype),
+                        ranges=call.ranges.arrays if call.ranges is not None else None)
         return tuple(np.asarray(o).astype(dtype).reshape(shape)
                      for o, (shape, dtype) in zip(outs, avals))
 
@@ -279,13 +311,32 @@ def _ffi_cpu(call: Call, arrays, batch) -> list[Any]:
                                                                        else ()),
                                     np.int32 if kind == "index" else np.dtype(call.dtype))
                for kind, shape in outs]
-    raw = jax.ffi.ffi_call(ffi.TARGET, results)(
-        jnp.asarray(ffi.int64_table(offsets)), jnp.zeros((0, 2), jnp.int32), *arrays,
-        kernel=np.int64(kid), M=np.int64(M), N=np.int64(N),
+    oriented = call.oriented_ranges()
+    if oriented is None:  # the handler makes the one range of all rows and columns
+        table, ntasks, nslices, filled = np.zeros(0, np.int64), -1, 0, []
+    else:  # rows outside every range keep the identity: outputs given filled, aliased
+        rows, slices, cols = oriented
+        tasks = _tasks(rows, LANES[call.dtype])
+        table = np.concatenate([tasks.reshape(-1), slices, cols.reshape(-1)])
+        ntasks, nslices = len(tasks), len(slices)
+        filled = [jnp.full(r.shape, -1 if kind == "index" else fill, r.dtype)
+                  for r, kind, fill in zip(results, kinds, red.identity)]
+    first = 2 + nargs
+    raw = jax.ffi.ffi_call(ffi.TARGET, results, input_output_aliases={
+        first + k: k for k in range(len(filled))} or None)(
+        jnp.asarray(ffi.int64_table(offsets)), jnp.asarray(ffi.int64_table(table)), *arrays,
+        *filled, kernel=np.int64(kid), M=np.int64(M), N=np.int64(N),
         nbatch=np.int64(nbatch), threads=np.int64(plan.num_threads(nbatch * M * N)),
-        lanes=np.int64(LANES[call.dtype]), nargs=np.int64(nargs), ntasks=np.int64(-1),
-        nslices=np.int64(0))
+        lanes=np.int64(LANES[call.dtype]), nargs=np.int64(nargs), ntasks=np.int64(ntasks),
+        nslices=np.int64(nslices))
     return _finish(call, arrays, kinds, raw)
+
+
+def _tasks(rows: np.ndarray, lanes: int) -> np.ndarray:
+    """(start, end, range) of every block of at most ``lanes`` rows of every output range."""
+    out = [(i0, min(i0 + lanes, int(end)), c) for c, (start, end) in enumerate(rows)
+           for i0 in range(int(start), int(end), lanes)]
+    return np.asarray(out, np.int64).reshape(-1, 3)
 
 
 def _ffi_cuda(call: Call, arrays, batch, gpus: list[tuple[int, str]]) -> list[Any]:
@@ -463,7 +514,7 @@ def _selection_tangent(call: Call, arrays, values, indices, tangents) -> Any:
                 row.append(jnp.zeros(batch + (M,), values.dtype))
                 continue
             req = plan.Request("Sum", substitute(dFk, gathered), axis=1)
-            part, = bind(replace(oriented, req=req, sizes=(M, 1)),
+            part, = bind(replace(oriented, req=req, sizes=(M, 1), ranges=None),
                          list(arrays) + extra + tangent_arrays)
             row.append(jnp.where(valid, part[..., 0], 0))
         slots.append(jnp.stack(row, -1))
