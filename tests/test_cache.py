@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from lazymat.compile import cache as cache_mod
-from lazymat.compile import cache_clear, cache_dir, compiler_info, health_report, load_library
+from lazymat.compile import cache_clear, cache_dir, compiler_info, load_library
+from lazymat.health import health_report
 from lazymat.errors import CompileError
 
 pytestmark = pytest.mark.skipif(compiler_info() is None, reason="no C++ compiler")

@@ -833,7 +833,7 @@ def test_tensordot_loops_match_the_unrolled_sums(row, monkeypatch):
     from lazymat.formula.ops import tensordot
 
     monkeypatch.setattr(tensordot, "TENSORDOT_UNROLL_LIMIT", 0)
-    monkeypatch.setattr(cpu, "_kernels", {})
+    monkeypatch.setattr(cpu, "kernels", {})
     data = make_data(row, 13, 33, "float64", seed=5)
     want, mag = oracle_sum(row, data)
     assert_close(reduce_sum(row, data, "cpu"), want, "float64", mag=mag, err_msg=row.id)

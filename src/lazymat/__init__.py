@@ -46,20 +46,13 @@ def cache_clear() -> None:
 
 
 def check_health(verbose: bool = True) -> dict:
-    """Report what lazymat can use here: compiler, OpenMP, cache dir, torch, CUDA.
+    """Report what lazymat can use here: compiler, OpenMP, cache dir, torch, CUDA
+    (:func:`lazymat.health.check_health`).
 
     >>> report = check_health(verbose=False)
     >>> sorted(report)[:2]
     ['cache_dir', 'cache_writable']
     """
-    from .compile import health_report
+    from .health import check_health as check
 
-    report = health_report()
-    if verbose:
-        print("lazymat", __version__)
-        for key, value in report.items():
-            print(f"  {key:15s} {value}")
-        if report.get("compiler") is None:
-            print("  -> no C++ compiler: reductions use the slow reference backend. "
-                  "Install g++ (or set CXX).")
-    return report
+    return check(verbose)

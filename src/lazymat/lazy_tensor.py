@@ -120,7 +120,7 @@ class LazyTensor:
 
     def dense(self) -> Any:
         """The symbolic matrix as an array of shape ``self.shape`` (for small problems)."""
-        from .backends.reference import batch_slices, evaluate, stack_batches
+        from .formula.evaluate import batch_slices, evaluate, stack_batches
 
         size = math.prod(self.shape)
         if size > 2**27:
@@ -390,7 +390,7 @@ class LazyTensor:
     def _reduce(self, name: str, dim: Any, K: int | None = None, weight: Any = None,
                 backend: str = "auto", out: Any = None, axis: Any = None, ranges: Any = None,
                 call: bool = True, **options: Any):
-        from .genred import accumulation_options, check_options
+        from .plan import accumulation_options, check_options
 
         check_options(name, options)
         if axis is not None:
@@ -512,7 +512,7 @@ class LazyTensor:
         >>> bool(np.abs(0.1 * a + K @ a - b).max() < 1e-5)
         True
         """
-        from .genred import accumulation_options
+        from .plan import accumulation_options
         from .solve import KernelSystem, solve
 
         if var is not None:

@@ -457,7 +457,7 @@ class KernelSystem:
     def _block(self, idx: Any) -> Any:
         """The dense K[idx][:, idx] (indices of the sorted points), in float64."""
         from .arraylib import lib_of
-        from .backends.reference import evaluate
+        from .formula.evaluate import evaluate
 
         like = self.sorted_arrays[0]
         if self.gauss is not None:  # w·exp(-γ|x_i - x_j|²), with BLAS
@@ -608,7 +608,7 @@ class KernelSolve:
         """The KernelSystem of K when the formula is K * a (or a * K), else None (or an error
         if precond or truncate was asked for explicitly)."""
         from .errors import ShapeError
-        from .plan import _swap_categories
+        from .plan import swap_categories
 
         req = self.genred.request
         f, kernel = req.formula, None
@@ -623,7 +623,7 @@ class KernelSolve:
                                  f"with K scalar")
             return None
         if req.axis == 0:
-            kernel = _swap_categories(kernel)
+            kernel = swap_categories(kernel)
         try:
             system = KernelSystem(kernel, args, alpha, precond, truncate, backend=backend,
                                   acc={"dtype_acc": req.dtype_acc,

@@ -40,6 +40,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from .. import plan, reductions
+from ..backends import launch as abi
+from ..backends.base import Launch
 from ..compile import compiler_info
 from ..arraylib import lib_of
 from ..errors import ShapeError
@@ -103,6 +105,17 @@ class Call:
             F, W, M, N = _swap(F), (_swap(W) if W is not None else None), N, M
         return F, W, M, N
 
+    def launch(self, arrays: Sequence[Any], batch: tuple[int, ...]) -> Launch:
+        """The backends' Launch of this call on (traced) jax arrays."""
+        F, W, M, N = self.oriented()
+        like = arrays[0] if arrays else jnp.zeros((1,), self.dtype)
+        by_pos = _by_position(F, W)
+        arg_dims = [by_pos[p].params[1:] if p in by_pos else None for p in range(len(arrays))]
+        offsets = abi.batch_offsets(arrays, arg_dims, batch) if batch else None
+        return Launch(self.red, F, W, self.req.K, self.dtype,
+                      self.req.accumulation(self.dtype), list(arrays), M, N, batch, offsets,
+                      self.oriented_ranges(), lib_of(like), like)
+
     def with_request(self, req: plan.Request, names: Sequence[str] = ()) -> "Call":
         return replace(self, req=req, names=tuple(names))
 
@@ -142,9 +155,7 @@ def _out_avals(call: Call, shapes: Sequence[tuple[int, ...]]) -> list[tuple[tupl
     batch = _batch(call, shapes)
     red = call.red
     out = []
-    # ``outputs`` replaces ``out_dims`` in reductions.py (CONTRACT.md §2)
-    outputs = getattr(red, "outputs", None) or red.out_dims
-    for kind, shape in outputs(F.dim, call.req.K, W.dim if W is not None else None):
+    for kind, shape in red.outputs(F.dim, call.req.K, W.dim if W is not None else None):
         dtype = index_dtype() if kind == "index" else np.dtype(call.dtype)
         out.append((batch + (M,) + _squeezed(shape, red), dtype))
     return out
@@ -251,10 +262,7 @@ def _has_gpu() -> bool:
 def _reference(call: Call, arrays, batch) -> list[Any]:
     from ..backends import reference
 
-    F, W, M, N = call.oriented()
-    like = arrays[0] if arrays else jnp.zeros((1,), call.dtype)
-    outs = reference.run(call.red, F, W, call.req.K, list(arrays), M, N, lib_of(like), like,
-                         batch)
+    outs = reference.run(call.launch(arrays, batch))
     return [o.reshape(shape).astype(dtype)
             for o, (shape, dtype) in zip(outs, _out_avals(call, [a.shape for a in arrays]))]
 
@@ -277,66 +285,53 @@ def _callback(call: Call, arrays) -> list[Any]:
 _kernels: dict[Any, int] = {}
 
 
-def _kernel(spec) -> int:
-    """The handler's id of the compiled kernel of a KernelSpec."""
-    key = (spec.reduction.name, spec.formula, spec.weight, spec.K, spec.dtype, spec.arg_dims,
-           spec.accumulation)
-    hit = _kernels.get(key)
+def _kernel(launch: Launch) -> int:
+    """The handler's id of the compiled CPU kernel of a launch."""
+    hit = _kernels.get(launch.key)
     if hit is None:
         from ..backends.cpu import kernel_for
         from ..codegen.cpu import render
 
-        hit = _kernels[key] = ffi.register_kernel(kernel_for(spec), render(spec))
+        spec = launch.spec
+        hit = _kernels[launch.key] = ffi.register_kernel(kernel_for(spec), render(spec))
     return hit
 
 
-def _ffi_cpu(call: Call, arrays, batch) -> list[Any]:
-    from ..codegen.cpu import LANES, KernelSpec
+def _results(launch: Launch) -> list[Any]:
+    """The FFI call's outputs: (nbatch * M, width), indices as int32 pairs."""
+    return [jax.ShapeDtypeStruct((launch.nbatch * launch.M, math.prod(shape))
+                                 + ((2,) if kind == "index" else ()),
+                                 np.int32 if kind == "index" else np.dtype(launch.dtype))
+            for kind, shape in launch.shapes]
 
-    F, W, M, N = call.oriented()
-    red = call.red
-    by_pos = _by_position(F, W)
-    nargs = len(arrays)
-    arg_dims = tuple((by_pos[p].params[1], by_pos[p].params[2]) if p in by_pos else (1, 2)
-                     for p in range(nargs))  # an unused argument: passed, never read
-    spec = KernelSpec(red, F, W, call.req.K, call.dtype, arg_dims,
-                      call.req.accumulation(call.dtype))
-    kid = _kernel(spec)
-    nbatch = math.prod(batch)
-    offsets = (plan.batch_offsets(arrays, by_pos, batch) if batch
-               else np.zeros((1, max(1, nargs)), np.int64))
-    outs = spec.stored  # (kind, shape per row) of each output, in the kernel's outs order
-    kinds = [kind for kind, _ in outs]
-    results = [jax.ShapeDtypeStruct((nbatch * M, math.prod(shape)) + ((2,) if kind == "index"
-                                                                       else ()),
-                                    np.int32 if kind == "index" else np.dtype(call.dtype))
-               for kind, shape in outs]
-    oriented = call.oriented_ranges()
-    if oriented is None:  # the handler makes the one range of all rows and columns
+
+def _ffi_cpu(call: Call, arrays, batch) -> list[Any]:
+    from ..codegen.cpu import LANES
+
+    launch = call.launch(arrays, batch)
+    M, N, nbatch, nargs = launch.M, launch.N, launch.nbatch, len(arrays)
+    kid = _kernel(launch)
+    offsets = launch.offsets if batch else np.zeros((1, max(1, nargs)), np.int64)
+    kinds = [kind for kind, _ in launch.shapes]
+    results = _results(launch)
+    if launch.ranges is None:  # the handler makes the one range of all rows and columns
         table, ntasks, nslices, filled = np.zeros(0, np.int64), -1, 0, []
     else:  # rows outside every range keep the identity: outputs given filled, aliased
-        rows, slices, cols = oriented
-        tasks = _tasks(rows, LANES[call.dtype])
+        rows, slices, cols = launch.ranges
+        tasks = abi.tasks(rows, LANES[call.dtype])
         table = np.concatenate([tasks.reshape(-1), slices, cols.reshape(-1)])
         ntasks, nslices = len(tasks), len(slices)
         filled = [jnp.full(r.shape, -1 if kind == "index" else fill, r.dtype)
-                  for r, kind, fill in zip(results, kinds, red.identity)]
+                  for r, kind, fill in zip(results, kinds, launch.fills)]
     first = 2 + nargs
     raw = jax.ffi.ffi_call(ffi.TARGET, results, input_output_aliases={
         first + k: k for k in range(len(filled))} or None)(
         jnp.asarray(ffi.int64_table(offsets)), jnp.asarray(ffi.int64_table(table)), *arrays,
         *filled, kernel=np.int64(kid), M=np.int64(M), N=np.int64(N),
-        nbatch=np.int64(nbatch), threads=np.int64(plan.num_threads(nbatch * M * N)),
+        nbatch=np.int64(nbatch), threads=np.int64(abi.num_threads(nbatch * M * N)),
         lanes=np.int64(LANES[call.dtype]), nargs=np.int64(nargs), ntasks=np.int64(ntasks),
         nslices=np.int64(nslices))
     return _finish(call, arrays, kinds, raw)
-
-
-def _tasks(rows: np.ndarray, lanes: int) -> np.ndarray:
-    """(start, end, range) of every block of at most ``lanes`` rows of every output range."""
-    out = [(i0, min(i0 + lanes, int(end)), c) for c, (start, end) in enumerate(rows)
-           for i0 in range(int(start), int(end), lanes)]
-    return np.asarray(out, np.int64).reshape(-1, 3)
 
 
 def _ffi_cuda(call: Call, arrays, batch, gpus: list[tuple[int, str]]) -> list[Any]:
@@ -344,34 +339,23 @@ def _ffi_cuda(call: Call, arrays, batch, gpus: list[tuple[int, str]]) -> list[An
     columns are not split; the tables are constants that XLA keeps on the device)."""
     from ..codegen import cuda as codegen
 
-    F, W, M, N = call.oriented()
-    by_pos = _by_position(F, W)
-    nargs = len(arrays)
-    arg_dims = tuple((by_pos[p].params[1], by_pos[p].params[2]) if p in by_pos else (1, 2)
-                     for p in range(nargs))
-    spec = codegen.KernelSpec(call.red, F, W, call.req.K, call.dtype, arg_dims,
-                              call.req.accumulation(call.dtype))
+    launch = call.launch(arrays, batch)
+    M, N, nbatch, nargs = launch.M, launch.N, launch.nbatch, len(arrays)
     block = codegen.BLOCK
     name = f"lm_{call.red.name.lower()}_{call.dtype}"
-    source = codegen.render(spec, name=name, block=block)
+    source = codegen.render(launch.spec, name=name, block=block)
     kid = ffi.load_cuda_kernel(source, name, gpus) if gpus else ffi.kernel_id(source)
-    nbatch = math.prod(batch)
-    offsets = (plan.batch_offsets(arrays, by_pos, batch) if batch
-               else np.zeros((1, max(1, nargs)), np.int64))
-    i0 = np.arange(0, M, block, dtype=np.int64)
-    tasks = np.stack([i0, np.minimum(i0 + block, M), np.zeros_like(i0)], 1)
+    offsets = launch.offsets if batch else np.zeros((1, max(1, nargs)), np.int64)
+    tasks = abi.tasks(np.array([[0, M]], np.int64), block)
     table = np.concatenate([tasks.reshape(-1), [1, 0, N]])
-    outs = spec.stored
-    results = [jax.ShapeDtypeStruct((nbatch * M, math.prod(shape)) + ((2,) if kind == "index"
-                                                                       else ()),
-                                    np.int32 if kind == "index" else np.dtype(call.dtype))
-               for kind, shape in outs]
+    kinds = [kind for kind, _ in launch.shapes]
+    results = _results(launch)
     raw = jax.ffi.ffi_call(ffi.CUDA_TARGET, results)(
         jnp.asarray(ffi.int64_table(offsets)), jnp.asarray(ffi.int64_table(table)), *arrays,
         kernel=np.int64(kid), M=np.int64(M), N=np.int64(N), nbatch=np.int64(nbatch),
         ntasks=np.int64(len(tasks)), nslices=np.int64(1), nargs=np.int64(nargs),
         block=np.int64(block), grid=np.int64(max(1, min(nbatch * len(tasks), 65535 * 32))))
-    return _finish(call, arrays, [kind for kind, _ in outs], raw)
+    return _finish(call, arrays, kinds, raw)
 
 
 def _finish(call: Call, arrays, kinds: list[str], raw) -> list[Any]:
