@@ -36,6 +36,7 @@ def main(full: bool = False) -> None:
 
     import lazymat as lm
     import lazymat.jax as lj
+    from lazymat.backends.launch import num_threads
 
     def lj_forward(x, y, b):
         return ((-lj.Vi(x).sqdist(lj.Vj(y)) / 2).exp() * lj.Vj(b)).sum(dim=1)
@@ -55,7 +56,7 @@ def main(full: bool = False) -> None:
     jit_fwd = jax.jit(lj_forward)
     jit_grad = jax.jit(jax.grad(lj_loss, (0, 1, 2)))
     jit_dense = jax.jit(dense_jax)
-    print(f"\nGaussian kernel sum, D = 3, float32, CPU, {lm.plan.num_threads()} threads; "
+    print(f"\nGaussian kernel sum, D = 3, float32, CPU, {num_threads()} threads; "
           f"lazymat.jax FFI: {lj.ffi_unavailable_reason() or 'yes'}\n")
     print("| M = N | lazymat.jax jit | lazymat torch | jax.jit dense | torch dense | "
           "lazymat.jax jit grad | lazymat torch grad |")
