@@ -24,8 +24,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError as e:  # pragma: no cover - jax is an optional dependency
+    raise ImportError(f"lazymat.jax needs jax ({e}): pip install 'lazymat[jax]'") from None
 import numpy as np
 
 from .. import genred as _genred
