@@ -284,14 +284,21 @@ def is_array(a: Any) -> bool:
     return isinstance(a, np.ndarray) or is_torch(a) or is_jax(a)
 
 
+def is_dask(a: Any) -> bool:
+    """Whether ``a`` is a dask array (without importing dask)."""
+    t = type(a)
+    return t.__name__ == "Array" and t.__module__.startswith("dask.")
+
+
 def lib_of(a: Any) -> NumpyLib | TorchLib | JaxLib:
-    """The adapter for the library that holds ``a``."""
+    """The adapter for the library that holds ``a`` (numpy's for dask arrays, whose chunks
+    are numpy arrays and which numpy's functions dispatch to)."""
     global _torch_lib, _jax_lib
     if is_torch(a):
         if _torch_lib is None:
             _torch_lib = TorchLib()
         return _torch_lib
-    if isinstance(a, np.ndarray):
+    if isinstance(a, np.ndarray) or is_dask(a):
         return NUMPY
     if is_jax(a):
         if _jax_lib is None:

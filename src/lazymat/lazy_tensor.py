@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from . import autograd, plan
-from .arraylib import is_array, is_torch, lib_of
+from .arraylib import is_array, is_dask, is_torch, lib_of
 from .errors import DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, OPS, P_CAT, Const, Node, Var, apply, substitute, variables, walk
 
@@ -56,8 +56,8 @@ class _Leaf:
 
 
 def _is_array(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype") and (is_array(x) or type(x).__module__
-                                                            .startswith("numpy"))
+    return hasattr(x, "shape") and hasattr(x, "dtype") and (
+        is_array(x) or is_dask(x) or type(x).__module__.startswith("numpy"))
 
 
 class LazyTensor:
@@ -531,7 +531,11 @@ class LazyTensor:
         params = list({id(leaf.array): leaf.array for leaf in self._leaves.values()
                        if leaf.array is not None and is_torch(leaf.array)}.values())
         system = None
-        if self.ranges is not None or kw.get("ranges") is not None or self.is_complex:
+        if is_dask(b) or any(is_dask(leaf.array) for leaf in self._leaves.values()):
+            if precond not in ("auto", None, False) or truncate is True:
+                raise ShapeError("precond and truncate need the points in one memory; with "
+                                 "dask arrays the solve runs plain CG on distributed matvecs")
+        elif self.ranges is not None or kw.get("ranges") is not None or self.is_complex:
             if precond not in ("auto", None, False) or truncate is True:
                 raise ShapeError("precond and truncate need a real K without ranges")
         elif precond not in (None, False) or truncate not in (False, None):

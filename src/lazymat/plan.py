@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import config, reductions
-from .arraylib import is_torch, lib_of
+from .arraylib import is_dask, is_torch, lib_of
 from .backends import launch as abi
 from .backends.base import REGISTRY, Launch
 from .errors import CudaUnavailableError, DtypeError, ShapeError
@@ -402,7 +402,8 @@ def prepare(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None 
         raise ShapeError(f"{red.name}: K = {req.K} is larger than the number of "
                          f"{'columns N' if req.axis == 1 else 'rows M'} = "
                          f"{N if req.axis == 1 else M} being reduced")
-    which = choose_backend(backend, like)
+    # dask arrays anywhere: lazy dask results, one task per block (backends/dask.py)
+    which = "dask" if any(is_dask(a) for a in arrays) else choose_backend(backend, like)
     half = dtype in _HALF_DTYPES
     data, data_like = arrays, like
     if half:  # reduced in float32, returned in the data's dtype
@@ -462,6 +463,8 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
 
 
 def _widen(a: Any) -> Any:
+    if is_dask(a):
+        return a.astype(np.float32)  # stays lazy
     return a.float() if is_torch(a) else np.asarray(a, dtype=np.float32)
 
 

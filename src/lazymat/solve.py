@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import config, plan
-from .arraylib import is_torch
+from .arraylib import is_dask, is_torch
 from .formula import I_CAT, J_CAT, OPS, P_CAT, Node, Var, variables, walk
 from .preconditioners import SchwarzPreconditioner, kd_order, leaf_boxes
 
@@ -56,6 +56,16 @@ def _dot(a: Any, b: Any) -> float:
     return float((a * b).sum())
 
 
+def _persist(*vectors: Any) -> tuple:
+    """Dask vectors computed once and kept on the workers (CG reads each several times;
+    unpersisted, every iteration would recompute the whole history); others unchanged."""
+    if not any(is_dask(v) for v in vectors):
+        return vectors
+    from .backends.dask import persist
+
+    return persist(*vectors)
+
+
 def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
          precond: Callable[[Any], Any] | None, clock: tuple[float, int] = (0.0, 0)
          ) -> tuple[Any, int, float]:
@@ -67,11 +77,13 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
     r = b * 1  # the residual of x = 0 (a copy)
     z = r if precond is None else precond(r)
     p = z * 1
+    x, r, p = _persist(x, r, p)
+    z = r if precond is None else z
     rr, rz = _dot(r, r), _dot(r, z)
     it = 0
     while rr >= tol and rr > 0 and it < max_iter:
         it += 1
-        Ap = op(p)
+        (Ap,) = _persist(op(p))
         curvature = _dot(p, Ap)
         if not curvature > 0 or not rz > 0:  # breakdown: K (or the preconditioner) not SPD
             break
@@ -90,6 +102,7 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
             beta = max(0.0, (rz_new - _dot(r_old, z)) / rz)
             rz = rz_new
         p = z + beta * p
+        x, r, p = _persist(x, r, p)
         if verbose and ((clock[1] + it) % 10 == 0):
             print(f"[lazymat] conjugate gradient: iteration {clock[1] + it}, |r|^2 = {rr:.3e} "
                   f"(target {tol:.1e}), {time.perf_counter() - clock[0]:.1f} s", file=sys.stderr)
@@ -142,7 +155,7 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
     n = b.shape[0]
     max_iter = _default_max_iter(n) if max_iter is None else max_iter
     tol = _size(b) * eps * eps
-    work = b.double() if is_torch(b) else b.astype(np.float64)
+    (work,) = _persist(b.double() if is_torch(b) else b.astype(np.float64))
     data_dtype = b.dtype
 
     def exact(v: Any) -> Any:
@@ -165,7 +178,7 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
         d, its, _ = _pcg(op, rhs, 0.5 * tol, max_iter - total, precond, (start, total))
         total += its
         x_new = x + (d if unsort is None else d[unsort])
-        r_new = work - exact(x_new)
+        x_new, r_new = _persist(x_new, work - exact(x_new))
         rr_new = _dot(r_new, r_new)
         if rr_new > 0.5 * rr and rounds > 1:
             # Stagnation: the matvec's own rounding (float32 data) is at the target's level.
@@ -598,7 +611,13 @@ class KernelSolve:
             return self.genred(*args, backend=backend)
 
         system = None
-        if precond not in (None, False) or truncate not in (None, False):
+        if any(is_dask(a) for a in args):  # plain CG on distributed matvecs
+            if precond not in ("auto", None, False) or truncate is True:
+                from .errors import ShapeError
+
+                raise ShapeError("precond and truncate need the points in one memory; with "
+                                 "dask arrays the solve runs plain CG on distributed matvecs")
+        elif precond not in (None, False) or truncate not in (None, False):
             system = self._system(args, alpha, precond, truncate or False, backend)
         params = [a for k, a in enumerate(args) if k != self.position and is_torch(a)]
         return solve(matvec, b, alpha, eps, max_iter, params, system, info)

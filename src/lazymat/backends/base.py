@@ -12,7 +12,7 @@ each of shape ``batch + (M,) + shape`` or any shape with those elements in that 
 ``M`` or ``N`` is never 0 (``plan`` answers those itself).
 
 >>> sorted(REGISTRY)
-['cpu', 'cuda', 'reference']
+['cpu', 'cuda', 'dask', 'reference']
 """
 
 from __future__ import annotations
@@ -162,4 +162,5 @@ REGISTRY: dict[str, Backend] = {
     "reference": Registered("reference", ".reference"),
     "cpu": Registered("cpu", ".cpu"),
     "cuda": Registered("cuda", ".cuda"),
+    "dask": Registered("dask", ".dask"),
 }
