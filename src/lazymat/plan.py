@@ -234,6 +234,19 @@ def _broadcast_batch(batch: tuple[int, ...], dims: tuple[int, ...], name: str,
     return tuple(out)
 
 
+def validate(req: Request, arrays: Sequence[Any], names: Sequence[str] | None = None,
+             sizes: tuple[int | None, int | None] = (None, None), like: Any = None
+             ) -> tuple[int, int, tuple[int, ...], str]:
+    """The checks of :func:`run`, without running: (M, N, batch dims, dtype name).
+
+    Front ends that run reductions their own way (lazymat.jax) raise the same errors.
+    """
+    check_request(req)
+    names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
+    M, N, batch, dtype, _ = _validate(req, arrays, names, sizes, like)
+    return M, N, batch, dtype
+
+
 def _check_array(a: Any, name: str, xp: Any, dtype: str, device: str,
                  names: Sequence[str]) -> None:
     """The slow path of the checks: raises the error that explains the mismatch."""
@@ -453,6 +466,13 @@ def _widen(a: Any) -> Any:
     if is_dask(a):
         return a.astype(np.float32)  # stays lazy
     return a.float() if is_torch(a) else np.asarray(a, dtype=np.float32)
+
+
+def check_ranges(ranges: Sequence[Any], axis: int, M: int, N: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The block-sparse 6-tuple checked: (ranges_i, slices_i, redranges_j) of this axis as
+    int64 numpy arrays (M output rows and N reduced columns, already oriented)."""
+    return _check_ranges(ranges, axis, M, N)
 
 
 _RANGE_NAMES = ("ranges_i", "slices_i", "redranges_j", "ranges_j", "slices_j", "redranges_i")
