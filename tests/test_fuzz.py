@@ -8,9 +8,9 @@ child prints every case before running it, so the last line names a crashing one
 ``make test`` runs a small derandomized budget (its kernels stay in the compile cache),
 ``make test-slow`` a long random one.
 
-Until the NaN rule of issue 11 item 8 (the ``states`` helper) lands, cases whose data hold
-NaN/inf are checked for "no crash, only lazymat errors, right shapes" but not for agreement
-between the backends.
+Cases whose data hold NaN/inf must agree too (the NaN rule of issue 11 item 8): the same
+NaN and ±inf entries on both backends, equal finite values; ``nan_known`` lists the ops whose
+NaN disagreement is a known, reported bug (skipped until fixed).
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def _worker(kind: str, examples: int, derandomize: bool) -> None:  # noqa: C901 
     from lazymat.compile import compiler_info
 
     have_cpu = compiler_info() is not None
+    # Known NaN disagreements, reported to their owners and skipped here until fixed:
+    # ReLU(NaN) is 0 on the CPU (its C expression), NaN on the reference backend (ops).
+    nan_known = ("ReLU",)
 
     def say(*parts: object) -> None:
         print(*parts, file=sys.stderr, flush=True)
@@ -141,11 +144,20 @@ def _worker(kind: str, examples: int, derandomize: bool) -> None:  # noqa: C901 
             assert r.shape == c.shape and r.dtype == c.dtype, (r.shape, c.shape, r.dtype, c.dtype)
             if r.dtype == np.int64 and not case["holes"]:
                 assert ((c >= 0) & (c < cols)).all(), c
-        if case["holes"]:
-            return  # NaN rule: issue 11 item 8 (states), not compared yet
+        texts = case["formula"] + (case["formula2"] or "")
+        if case["holes"] and any(op in texts for op in nan_known):
+            return
         values = [(r, c) for r, c in zip(ref, cpu) if r.dtype != np.int64]
-        if not values or not all(np.isfinite(r).all() for r, _ in values):
+        if not values:
+            return
+        if not case["holes"] and not all(np.isfinite(r).all() for r, _ in values):
             return  # overflow inside the formula: where it happens depends on the order
+        if case["holes"]:  # the NaN rule: the same NaN/inf pattern, equal finite values
+            for r, c in values:
+                assert (np.isnan(r) == np.isnan(c)).all() and (np.isinf(r) == np.isinf(c)).all()\
+                    and (r[np.isinf(r)] == c[np.isinf(c)]).all(), (r, c)
+            values = [(np.where(np.isfinite(r), r, 0), np.where(np.isfinite(c), c, 0))
+                      for r, c in values]
         if case["red"] in ("ArgMin", "ArgMax", "ArgKMin"):
             return  # ties: the index may differ; Min_ArgMin & co compare the values
         scale = max(1.0, max(float(np.abs(r).max()) for r, _ in values))
