@@ -298,6 +298,9 @@ def lib_of(a: Any) -> NumpyLib | TorchLib | JaxLib:
         if _torch_lib is None:
             _torch_lib = TorchLib()
         return _torch_lib
+    if isinstance(a, np.ma.MaskedArray):  # its mask would be silently ignored
+        raise DtypeError("numpy masked arrays are not supported (the mask would be "
+                         "ignored): pass a.filled(value), or select the unmasked rows")
     if isinstance(a, np.ndarray) or is_dask(a):
         return NUMPY
     if is_jax(a):

@@ -85,9 +85,9 @@ class _Spec:
     backend: str
     sizes: tuple[int | None, int | None]
     like: Any
-    ranges: tuple | None = None  # the block-sparse 6-tuple, or None
-    prepared: plan.Prepared | None = None  # the forward's launch, for ``inputs``
-    inputs: tuple = ()
+    ranges: tuple | None  # the block-sparse 6-tuple, or None
+    prepared: plan.Prepared  # the forward's checked, oriented launch, for ``inputs``
+    inputs: tuple
 
     def run(self, req: plan.Request, arrays: Sequence[Any], names: Sequence[str],
             sizes: tuple[int | None, int | None], ranges: Any = None) -> tuple:
@@ -110,7 +110,7 @@ def _reduction_function():
         # jacfwd, hessian, vmap) work through it.
         @staticmethod
         def forward(spec: _Spec, *arrays):
-            if spec.prepared is not None and len(arrays) == len(spec.inputs) and all(
+            if len(arrays) == len(spec.inputs) and all(
                     a is b for a, b in zip(arrays, spec.inputs)):
                 return plan.execute(spec.prepared)  # checked by autograd.run already
             # Other arrays (a torch.func transform unwrapped them, vmap moved a dim): anew.
@@ -169,12 +169,10 @@ def _reduction_function():
 
 # ---------------------------------------------------------------------- helpers
 
-def _oriented(req: plan.Request) -> tuple[Node, Node | None]:
-    """F and W with category 0 = the output index (axis=0 reductions swap i and j)."""
-    if req.axis == 1:
-        return req.formula, req.weight
-    swap = plan.swap_categories
-    return swap(req.formula), (swap(req.weight) if req.weight is not None else None)
+def _oriented(spec: _Spec) -> tuple[Node, Node | None]:
+    """F and W with category 0 = the output index (axis=0 reductions swap i and j): the
+    forward launch's, oriented once by plan."""
+    return spec.prepared.launch.formula, spec.prepared.launch.weight
 
 
 def _var_at(roots: Sequence[Node | None], position: int) -> Node | None:
@@ -215,7 +213,7 @@ def _split_columns(t: Any, dims: list[int]) -> list[Any]:
 
 def _sum_like_backward(spec: _Spec, arrays, O, G, wanted: list[int]) -> dict[int, Any]:
     red = spec.req.definition
-    F, W = _oriented(spec.req)
+    F, W = _oriented(spec)
     n = len(arrays)
     extra = [G, O]  # (..., M, E): i-variables, with the batch dims of the output
     Gv = Var(n, G.shape[-1], I_CAT)
@@ -312,7 +310,7 @@ def _selection_jvp(spec: _Spec, arrays, O, indices, tangents) -> Any:
     selected value is dF at its pair (i, j*), F evaluated on the gathered j*."""
     import torch
 
-    F, _ = _oriented(spec.req)
+    F, _ = _oriented(spec)
     n, D = len(arrays), F.dim
     per_row = 2 if spec.req.definition.needs_k and D > 1 else 1
     batch = tuple(indices.shape[:indices.ndim - 1 - per_row])
@@ -354,7 +352,7 @@ def _oriented_sizes(spec: _Spec) -> tuple[int | None, int | None]:
 def _selection_backward(spec: _Spec, arrays, indices, G, wanted: list[int]) -> dict[int, Any]:
     import torch
 
-    F, _ = _oriented(spec.req)
+    F, _ = _oriented(spec)
     n = len(arrays)
     D = F.dim
     # indices: (..., M, D), or (..., M, K, D) for K-min ((..., M, K) when D = 1)

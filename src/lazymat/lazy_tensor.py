@@ -405,7 +405,7 @@ class LazyTensor:
         if dim is None:
             raise ShapeError(f"{name} needs dim={nb} (reduce over i) or dim={nb + 1} "
                              f"(reduce over j)")
-        if dim not in (nb, nb + 1):
+        if isinstance(dim, bool) or dim not in (nb, nb + 1):
             raise ShapeError(f"{name}: dim must be {nb} (reduce over i) or {nb + 1} (reduce over "
                              f"j) for {'no' if not nb else nb} batch dim{'s' if nb != 1 else ''}"
                              f", got {dim!r}")
@@ -912,6 +912,11 @@ def _variable(x: Any, dim: int | None, cat: int) -> LazyTensor:
     if isinstance(x, int) and not isinstance(x, bool):
         raise ShapeError(f"{_ROLE[cat]}({x}): a symbolic variable needs its dim, "
                          f"{_ROLE[cat]}({x}, dim); data needs an array")
+    if isinstance(x, (float, complex)) or (_is_array(x) and len(x.shape) == 0):
+        raise ShapeError(f"{_ROLE[cat]} needs an ({'M' if cat == I_CAT else 'N'}, D) or "
+                         f"({'M' if cat == I_CAT else 'N'},) array, got a scalar "
+                         f"({type(x).__name__}{', shape ()' if _is_array(x) else ''}): "
+                         "use Pm(x) for a parameter")
     return LazyTensor(x, axis=0 if cat == I_CAT else 1)
 
 

@@ -315,7 +315,9 @@ def _kmin(name: str, outputs: tuple[str, ...]):
         return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
                 "  int pass = 0;",
                 "  #pragma omp simd reduction(|:pass)",
-                f"  for (int l = 0; l < LANES; l++) pass |= {before(rc.V('k'), str(K - 1))};",
+                # (a superset of "before": a NaN passes here, the exact test below drops it)
+                f"  for (int l = 0; l < LANES; l++) pass |= !({rc.V('k')} >= kv[k][{K - 1}][l]) "
+                f"| (ki[k][{K - 1}][l] < 0);",
                 "  if (!pass) continue;",
                 "  for (int l = 0; l < LANES; l++) {",
                 f"    {rc.T} v = {rc.V('k')};",
@@ -397,7 +399,10 @@ def _lse_tile(rc):
     # shifted exponentials, stored once and reused for every weight component. The sums
     # follow the accumulation options as Sum does: per-tile partial sums in T added to
     # the accumulator (block, the default), every term straight into it (direct), or
-    # compensated (kahan).
+    # compensated (kahan). A NaN needs no test: exp(NaN - max) is NaN, and so are the
+    # sums from then on (the C max ignores it; the reference's is NaN: both finalize to
+    # NaN). An infinite max (rare: +inf values, rows of -inf) takes the pass that applies
+    # r(v, m) = 1 where v == m.
     acc = rc.acc
     rescale = f"s0[l] *= sc; for (int e = 0; e < {rc.E}; e++) s[e][l] *= sc;"
     if rc.scheme == "kahan":
@@ -405,18 +410,26 @@ def _lse_tile(rc):
     lines = [f"{rc.T} tm[LANES];",
              "for (int l = 0; l < LANES; l++) tm[l] = mx[l];",
              "for (int jj = 0; jj < tj; jj++) {",
-             *["  " + s for s in _lanes(f"{rc.T} v = {rc.V(0)}; "
-                                        "tm[l] = (v > tm[l]) | (v != v) ? v : tm[l];")],
+             *["  " + s for s in _lanes(f"{rc.T} v = {rc.V(0)}; tm[l] = v > tm[l] ? v : tm[l];")],
              "}",
+             "int inf_lanes = 0;",
              "for (int l = 0; l < LANES; l++) {",
              f"  {acc} sc = (mx[l] == tm[l]) ? ({acc})1 : lm_exp(({acc})mx[l] - ({acc})tm[l]);",
-             f"  {rescale} mx[l] = tm[l]; }}"]
-    shifted = f"{rc.T} v = {rc.V(0)}; {rc.T} x = (v == mx[l]) ? ({rc.T})1 : lm_exp(v - mx[l]);"
+             f"  {rescale} mx[l] = tm[l];",
+             "  inf_lanes |= (tm[l] == INFINITY_T) | (tm[l] == -INFINITY_T); }"]
+    fast = f"{rc.T} x = lm_exp({rc.V(0)} - mx[l]);"
+    slow = f"{rc.T} v = {rc.V(0)}; {rc.T} x = (v == mx[l]) ? ({rc.T})1 : lm_exp(v - mx[l]);"
+
+    def both(body: str) -> list[str]:
+        """The loop over the tile's columns, with the usual or the infinite-max shift."""
+        return ["if (!inf_lanes) {", "  for (int jj = 0; jj < tj; jj++) {",
+                *["    " + t for t in _lanes(f"{fast} {body}")], "  }",
+                "} else {", "  for (int jj = 0; jj < tj; jj++) {",
+                *["    " + t for t in _lanes(f"{slow} {body}")], "  }", "}"]
+
     if rc.scheme == "block":
         return lines + [f"{rc.T} ts0[LANES] = {{0}};",
-                        "for (int jj = 0; jj < tj; jj++) {",
-                        *["  " + s for s in _lanes(f"{shifted} ex[jj][l] = x; ts0[l] += x;")],
-                        "}",
+                        *both("ex[jj][l] = x; ts0[l] += x;"),
                         "for (int l = 0; l < LANES; l++) s0[l] += ts0[l];",
                         *_weighted_sums(rc)]
     if rc.scheme == "direct":
@@ -426,9 +439,7 @@ def _lse_tile(rc):
         add0 = f"{acc} y = ({acc})x - kc0[l], t = s0[l] + y; kc0[l] = (t - s0[l]) - y; s0[l] = t;"
         add = (f"{acc} y = ({acc})x * ({acc}){rc.W('e')} - kc[e][l], t = s[e][l] + y; "
                "kc[e][l] = (t - s[e][l]) - y; s[e][l] = t;")
-    return lines + ["for (int jj = 0; jj < tj; jj++) {",
-                    *["  " + s for s in _lanes(f"{shifted} ex[jj][l] = x; {add0}")],
-                    "}",
+    return lines + [*both(f"ex[jj][l] = x; {add0}"),
                     f"for (int e = 0; e < {rc.E}; e++) for (int jj = 0; jj < tj; jj++) {{",
                     *["  " + s for s in _lanes(f"{rc.T} x = ex[jj][l]; {add}")],
                     "}"]
