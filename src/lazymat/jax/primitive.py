@@ -429,8 +429,9 @@ ad.primitive_jvps[reduce_p] = _jvp
 
 
 def _sum_like_tangent(call: Call, arrays, O, tangents) -> Any:
-    """Sum → Σ dF; LogSumExp → Σ e^(F-O) (W dF + dW); SumSoftMaxWeight → Σ e^(F-L)
-    (dF (W - O) + dW), L its log-normalizer: one Sum reduction, linear in the tangents."""
+    """One Sum reduction, linear in the tangents, of each reduction's own rule
+    ``red.tangents``: Sum → Σ dF; LogSumExp → Σ e^(F-O) (W dF + dW); SumSoftMaxWeight →
+    Σ e^(F-L) (dF (W - O) + dW), L its log-normalizer."""
     red, F, W = call.red, call.req.formula, call.req.weight
     n = len(arrays)
     (dF, dW), extra = _directional((F, W), tangents, n)
@@ -443,17 +444,12 @@ def _sum_like_tangent(call: Call, arrays, O, tangents) -> Any:
         return Var(n + len(extra) - 1, dim, out_cat)
 
     dF = dF if dF is not None else F * 0  # only the weight has a tangent
-    if red.name == "Sum":
-        T = dF
-    elif red.name == "LogSumExp":
-        Ov = saved(O, O.shape[-1])
-        T = make("Exp", (F - Ov,)) * (dF if W is None else
-                                      W * dF + (dW if dW is not None else W * 0))
-    else:  # SumSoftMaxWeight: O = Σ p W with p = exp(F - L)
+    Lv = None
+    if red.needs_log_normalizer:  # SumSoftMaxWeight: O = Σ p W with p = exp(F - L)
         L, = bind(call.with_request(plan.Request("LogSumExp", F, axis=call.req.axis),
                                     call.names), arrays)
-        Lv, Ov = saved(L.reshape(O.shape[:-1] + (1,)), 1), saved(O, O.shape[-1])
-        T = make("Exp", (F - Lv,)) * (dF * (W - Ov) + (dW if dW is not None else W * 0))
+        Lv = saved(L.reshape(O.shape[:-1] + (1,)), 1)
+    T = red.tangents(F, W, dF, dW, saved(O, O.shape[-1]), Lv)  # reductions.py's rule
     tangent_call = call.with_request(plan.Request("Sum", T, axis=call.req.axis))
     out, = bind(tangent_call, list(arrays) + extra)
     return out.reshape(O.shape)
