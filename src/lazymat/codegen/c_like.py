@@ -1,7 +1,7 @@
 """The shared C renderer: turns formula nodes into C statements.
 
 Backends differ in their scaffold (loops, threads, memory), not in how an op
-is spelled: every op's C comes from its one definition in ``formula/ops.py``.
+is spelled: every op's C comes from its one registration in ``formula/ops/``.
 
 Each node lives at a *level*: which of the two indices its value varies with
 (0: neither, parameters only; 1: the output index i; 2: the reduced index j;
@@ -47,9 +47,9 @@ def c_number(value: Fraction | float, T: str) -> str:
             return f"(({T}){p} / ({T}){q})"
         value = _nearest(value, T)
     if math.isnan(value):
-        return f"(({T})LM_NAN)"
+        return f"(({T})LM_NAN_F)"
     if math.isinf(value):
-        return f"(({T}){'-' if value < 0 else ''}LM_INF)"
+        return f"(({T}){'-' if value < 0 else ''}LM_INF_F)"
     return f"(({T}){value!r})"
 
 
@@ -247,9 +247,7 @@ class KernelSpec:
         wdim = self.weight.dim if self.weight is not None else None
         if self.store == "state":
             return red.state(self.formula.dim, self.K, wdim)
-        # ``outputs`` once reductions.py names it (it replaces ``out_dims``).
-        outputs = getattr(red, "outputs", None) or red.out_dims
-        return outputs(self.formula.dim, self.K, wdim)
+        return red.outputs(self.formula.dim, self.K, wdim)
 
 
 class ReductionContext:
@@ -318,15 +316,73 @@ def output_pointers(spec: KernelSpec, T: str, outs: str, first_row: str) -> list
     return lines
 
 
+#: What a target defines for the prelude's helpers (the helper text itself, in each op's
+#: registration, is the same for every target). A target gives:
+#:
+#: - ``LM_INLINE``: the qualifiers of a helper function;
+#: - ``LM_F(name)`` / ``LM_D(name)``: the float / double libm function ``name`` (sin, log,
+#:   tanh, erf, ...: those the ops list in ``libm``);
+#: - ``LM_BF(name)`` / ``LM_BD(name)``: the float / double functions the compiler inlines
+#:   (sqrt, fabs, rint, floor);
+#: - ``LM_AS_INT(x)``, ``LM_AS_FLOAT(x)``, ``LM_AS_I64(x)``, ``LM_AS_DOUBLE(x)``: bit casts
+#:   float -> int, int -> float, double -> long long, long long -> double;
+#: - ``LM_INF_F``, ``LM_INF_D``, ``LM_NAN_F``, ``LM_NAN_D``: +inf and a quiet NaN;
+#: - optionally ``LM_NATIVE_EXP``: ``lm_exp`` calls the target's exp instead of our polynomial.
+#:
+#: The CPU's ``LM_F``/``LM_D`` come from :func:`_math_declarations` (libmvec or builtins).
+TARGET_MACROS: dict[str, str] = {
+    "cpu": """#define LM_INLINE static inline __attribute__((always_inline))
+#define LM_BF(name) __builtin_##name##f
+#define LM_BD(name) __builtin_##name
+#define LM_AS_INT(x) __builtin_bit_cast(int, x)
+#define LM_AS_FLOAT(x) __builtin_bit_cast(float, x)
+#define LM_AS_I64(x) __builtin_bit_cast(long long, x)
+#define LM_AS_DOUBLE(x) __builtin_bit_cast(double, x)
+#define LM_INF_F __builtin_inff()
+#define LM_INF_D __builtin_inf()
+#define LM_NAN_F __builtin_nanf("")
+#define LM_NAN_D __builtin_nan("")""",
+    "cuda": """#define LM_INLINE __device__ __forceinline__
+#define LM_F(name) name##f
+#define LM_D(name) name
+#define LM_BF(name) name##f
+#define LM_BD(name) name
+#define LM_AS_INT(x) __float_as_int(x)
+#define LM_AS_FLOAT(x) __int_as_float(x)
+#define LM_AS_I64(x) __double_as_longlong(x)
+#define LM_AS_DOUBLE(x) __longlong_as_double(x)
+#define LM_INF_F __int_as_float(0x7f800000)
+#define LM_INF_D __longlong_as_double(0x7ff0000000000000LL)
+#define LM_NAN_F __int_as_float(0x7fffffff)
+#define LM_NAN_D __longlong_as_double(0x7ff8000000000000LL)
+#define LM_NATIVE_EXP 1""",
+}
+
+
+def libm_functions() -> tuple[tuple[str, int], ...]:
+    """The libm functions the registered ops' helpers call: (name, number of arguments)."""
+    seen: dict[str, int] = {}
+    for op in OPS.values():
+        for name, args in op.libm:
+            seen.setdefault(name, args)
+    return tuple(seen.items())
+
+
+def helpers() -> str:
+    """The C helpers of every registered op, in registration order (a helper may call the
+    helpers before it), in the target-neutral dialect of :data:`TARGET_MACROS`."""
+    return "\n".join(op.c_helper for op in OPS.values() if op.c_helper)
+
+
 def _math_declarations(vector_math: bool) -> str:
-    """libm functions for the kernels. With glibc's libmvec, declaring them ``simd`` lets
+    """libm functions for the CPU kernels. With glibc's libmvec, declaring them ``simd`` lets
     the compiler call the vector versions (8 floats at once) inside the lane loops."""
     if not vector_math:
         return "#define LM_F(name) __builtin_##name##f\n#define LM_D(name) __builtin_##name"
     attrs = '__attribute__((simd("notinbranch"), const, nothrow))'
     lines = ["#define LM_F(name) name##f", "#define LM_D(name) name"]
-    for name, args in _LIBM_FUNCTIONS:
-        # Older glibc (< 2.35) has no vector acos/asin/atan/atan2: plain scalar calls then.
+    for name, args in libm_functions():
+        # Older glibc (< 2.35) has no vector acos, tanh, erf & co: plain scalar calls then.
         fn_attrs = attrs if _has_vector_variant(name, args) else "__attribute__((const, nothrow))"
         for T, suffix in (("float", "f"), ("double", "")):
             params = ", ".join([T] * args)
@@ -334,9 +390,6 @@ def _math_declarations(vector_math: bool) -> str:
     return "\n".join(lines)
 
 
-#: libm functions called through LM_F / LM_D: (name, number of arguments).
-_LIBM_FUNCTIONS = (("sin", 1), ("cos", 1), ("log", 1), ("pow", 2),
-                   ("acos", 1), ("asin", 1), ("atan", 1), ("atan2", 2))
 _ALWAYS_VECTOR = {"sin", "cos", "log", "pow"}  # in every libmvec (glibc >= 2.22)
 _vector_variants: dict[str, bool] = {}
 
@@ -380,113 +433,14 @@ def has_vector_math() -> bool:
 def prelude(vector_math: bool = False, target: str = "cpu") -> str:
     """Math helpers for generated kernels: no headers, overloaded for float and double.
 
-    On the CPU, ``lm_exp`` is our own: range reduction by ln 2 (two constants), a
-    polynomial, and the exponent set by integer addition; it vectorizes, has no slow
-    path for large negative arguments, and gives 0 below the smallest normal number.
-    For ``target="cuda"`` the helpers are ``__device__`` functions, libm names are
-    CUDA's, and ``lm_exp`` is CUDA's own (a few instructions around the hardware exp2).
+    The target's macros (:data:`TARGET_MACROS`; on the CPU also the libm declarations,
+    vector ones with ``vector_math``), then every op's helper (:func:`helpers`). On the CPU,
+    ``lm_exp`` is our own (see the Exp op); CUDA defines ``LM_NATIVE_EXP``: its own exp.
     """
-    if target == "cuda":
-        return _PRELUDE.format(
-            inline="__device__ __forceinline__", exp=_CUDA_EXP,
-            math="#define LM_F(name) name##f\n#define LM_D(name) name")
-    if target != "cpu":
+    if target not in TARGET_MACROS:
         raise ValueError(f"unknown target {target!r}: 'cpu' or 'cuda'")
-    taylor = ", ".join(repr(1.0 / math.factorial(n)) for n in range(13, -1, -1))
-    return _PRELUDE.format(inline="static inline __attribute__((always_inline))",
-                           exp=_CPU_EXP.replace("TAYLOR", taylor),
-                           math=_math_declarations(vector_math))
-
-
-_CUDA_EXP = """LM_INLINE float lm_exp(float x) { return expf(x); }
-LM_INLINE double lm_exp(double x) { return exp(x); }"""
-_CPU_EXP = """LM_INLINE float lm_exp(float x) {
-  float xc = x < -87.5f ? -87.5f : (x > 88.75f ? 88.75f : x);
-  float n = __builtin_rintf(xc * 1.44269504088896341f);
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  int bits = __builtin_bit_cast(int, p) + (int)((unsigned)(int)n << 23);
-  float y = __builtin_bit_cast(float, bits);
-  y = x < -87.33654f ? 0.0f : y;
-  y = x > 88.72283f ? __builtin_inff() : y;
-  return x != x ? x : y;
-}
-
-LM_INLINE double lm_exp(double x) {
-  const double c[14] = {TAYLOR};
-  double xc = x < -708.0 ? -708.0 : (x > 709.7 ? 709.7 : x);
-  double n = __builtin_rint(xc * 1.4426950408889634);
-  double r = xc - n * 6.93147180369123816490e-01;
-  r = r - n * 1.90821492927058770002e-10;
-  double p = c[0];
-  for (int q = 1; q < 14; q++) p = p * r + c[q];
-  long long bits = __builtin_bit_cast(long long, p)
-                   + (long long)((unsigned long long)(long long)n << 52);
-  double y = __builtin_bit_cast(double, bits);
-  y = x < -708.0 ? 0.0 : y;
-  y = x > 709.78 ? __builtin_inf() : y;
-  return x != x ? x : y;
-}"""
-_PRELUDE = """
-#define LM_INLINE {inline}
-typedef long long i64;
-
-{exp}
-
-{math}
-LM_INLINE float lm_log(float x) {{ return LM_F(log)(x); }}
-LM_INLINE double lm_log(double x) {{ return LM_D(log)(x); }}
-LM_INLINE float lm_sqrt(float x) {{ return __builtin_sqrtf(x); }}
-LM_INLINE double lm_sqrt(double x) {{ return __builtin_sqrt(x); }}
-LM_INLINE float lm_rsqrt(float x) {{ return x == 0.0f ? 0.0f : 1.0f / __builtin_sqrtf(x); }}
-LM_INLINE double lm_rsqrt(double x) {{ return x == 0.0 ? 0.0 : 1.0 / __builtin_sqrt(x); }}
-LM_INLINE float lm_abs(float x) {{ return __builtin_fabsf(x); }}
-LM_INLINE double lm_abs(double x) {{ return __builtin_fabs(x); }}
-LM_INLINE float lm_sin(float x) {{ return LM_F(sin)(x); }}
-LM_INLINE double lm_sin(double x) {{ return LM_D(sin)(x); }}
-LM_INLINE float lm_cos(float x) {{ return LM_F(cos)(x); }}
-LM_INLINE double lm_cos(double x) {{ return LM_D(cos)(x); }}
-LM_INLINE float lm_pow(float x, float y) {{ return LM_F(pow)(x, y); }}
-LM_INLINE double lm_pow(double x, double y) {{ return LM_D(pow)(x, y); }}
-LM_INLINE float lm_round(float x) {{ return __builtin_rintf(x); }}
-LM_INLINE double lm_round(double x) {{ return __builtin_rint(x); }}
-template <typename F> LM_INLINE F lm_clamp(F x, F lo, F hi) {{
-  x = x < lo ? lo : x; return x > hi ? hi : x;
-}}
-template <typename F> LM_INLINE F lm_powi(F x, long long n) {{
-  F base = n < 0 ? (F)1 / x : x;
-  unsigned long long e = n < 0 ? 0ULL - (unsigned long long)n : (unsigned long long)n; F r = 1;
-  while (e) {{ if (e & 1) r *= base; base *= base; e >>= 1; }}
-  return r;
-}}
-LM_INLINE float lm_floor(float x) {{ return __builtin_floorf(x); }}
-LM_INLINE double lm_floor(double x) {{ return __builtin_floor(x); }}
-LM_INLINE float lm_acos(float x) {{ return LM_F(acos)(x); }}
-LM_INLINE double lm_acos(double x) {{ return LM_D(acos)(x); }}
-LM_INLINE float lm_asin(float x) {{ return LM_F(asin)(x); }}
-LM_INLINE double lm_asin(double x) {{ return LM_D(asin)(x); }}
-LM_INLINE float lm_atan(float x) {{ return LM_F(atan)(x); }}
-LM_INLINE double lm_atan(double x) {{ return LM_D(atan)(x); }}
-LM_INLINE float lm_atan2(float y, float x) {{ return LM_F(atan2)(y, x); }}
-LM_INLINE double lm_atan2(double y, double x) {{ return LM_D(atan2)(y, x); }}
-template <typename F> LM_INLINE F lm_round_dec(F x, long long d) {{
-  if (d > 400) return x;  // more decimals than any F holds (10**d would overflow)
-  if (d < -400) return lm_round(x * (F)0);  // 0 with x's sign, NaN for NaN/inf
-  F s = lm_powi((F)10, d < 0 ? -d : d);
-  return d < 0 ? lm_round(x / s) * s : lm_round(x * s) / s;
-}}
-template <typename F> LM_INLINE F lm_mod(F x, F n, F d) {{ return x - n * lm_floor((x - d) / n); }}
-template <typename F> LM_INLINE F lm_xlogx(F x) {{ return x == (F)0 ? (F)0 : x * lm_log(x); }}
-template <typename F> LM_INLINE F lm_sinxdivx(F x) {{ return x == (F)0 ? (F)1 : lm_sin(x) / x; }}
-template <typename F> LM_INLINE F lm_softmin3(F a, F b, F c, F g) {{
-  F m = a < b ? a : b; m = m < c ? m : c;
-  return m - g * lm_log(lm_exp((m - a) / g) + lm_exp((m - b) / g) + lm_exp((m - c) / g));
-}}
-"""
+    parts = ["", TARGET_MACROS[target]]
+    if target == "cpu":
+        parts.append(_math_declarations(vector_math))
+    parts += ["typedef long long i64;", "", helpers(), ""]
+    return "\n".join(parts)

@@ -37,9 +37,7 @@ class CpuTarget(Target):
     defines = ("#define LM_PRAGMA(x) _Pragma(#x)",
                "#define LM_SIMD LM_PRAGMA(omp simd)",
                "#define LM_SIMD_OR(v) LM_PRAGMA(omp simd reduction(|:v))",
-               "#define LM_INF __builtin_inff()",
-               '#define LM_NAN __builtin_nanf("")',
-               "#define INFINITY_T ((T)LM_INF)")
+               "#define INFINITY_T ((T)LM_INF_F)")
     max_pass = MAX_TJ
     pass_budget = L1_BUDGET
     thread_indent = 2

@@ -64,9 +64,7 @@ class CudaTarget(Target):
     lanes = {"float32": 1, "float64": 1}
     defines = ("#define LM_SIMD",
                "#define LM_SIMD_OR(v)",
-               "#define LM_INF __int_as_float(0x7f800000)",
-               "#define LM_NAN __int_as_float(0x7fffffff)",
-               "#define INFINITY_T ((T)LM_INF)")
+               "#define INFINITY_T ((T)LM_INF_F)")
     kernel = 'extern "C" __global__ void __launch_bounds__(BLOCK)'
     args, outs = "args.p", "outs.p"
     first_row = "(part * nbatch + b) * M"
@@ -127,32 +125,10 @@ class CudaTarget(Target):
 CUDA = CudaTarget()
 
 
-# --------------------------------------------------------------------------- the prelude
-
-#: ``__builtin_bit_cast(type, x)`` -> the CUDA intrinsic reinterpreting x as ``type``.
-_BIT_CASTS = {"int": "__float_as_int", "float": "__int_as_float",
-              "long long": "__double_as_longlong", "double": "__longlong_as_double"}
-_BIT_CAST = re.compile(r"__builtin_bit_cast\(\s*(int|float|long long|double)\s*,\s*")
-_SPECIAL = {
-    re.compile(r'__builtin_inff\(\s*\)'): "__int_as_float(0x7f800000)",
-    re.compile(r'__builtin_inf\(\s*\)'): "__longlong_as_double(0x7ff0000000000000LL)",
-    re.compile(r'__builtin_nanf\(\s*""\s*\)'): "__int_as_float(0x7fffffff)",
-    re.compile(r'__builtin_nan\(\s*""\s*\)'): "__longlong_as_double(0x7ff8000000000000LL)",
-}
-_BUILTIN = re.compile(r"__builtin_(\w+)")
-
-
 def cuda_prelude() -> str:
-    """The C prelude (lm_exp & co, float and double overloads) as ``__device__`` functions.
-
-    The prelude's helpers still spell GCC builtins: until they use target macros, their
-    text (and only theirs: kernels are written for CUDA by the scaffold) is respelled here.
-    """
-    source = prelude(target="cuda")
-    source = _BIT_CAST.sub(lambda m: _BIT_CASTS[m.group(1)] + "(", source)
-    for pattern, text in _SPECIAL.items():
-        source = pattern.sub(text, source)
-    return _BUILTIN.sub(lambda m: m.group(1), source)
+    """The C prelude (every op's helper, float and double overloads) as ``__device__``
+    functions: the ops' target-neutral helpers under CUDA's macros."""
+    return prelude(target="cuda")
 
 
 # --------------------------------------------------------------------------- rendering

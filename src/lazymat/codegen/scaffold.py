@@ -121,9 +121,9 @@ class Target:
     name = "target"
     lanes: Mapping[str, int] = {"float32": 1, "float64": 1}  # rows per thread, by dtype
     simd: str | None = None  # the line that vectorizes a loop over the lanes
-    #: C macros the reductions' pieces and c_number use: LM_SIMD (before a lane loop),
-    #: LM_SIMD_OR(v) (the same with an OR-reduction of v), LM_INF, LM_NAN (float spellings),
-    #: INFINITY_T (+inf of the kernel's T).
+    #: C macros the reductions' pieces use: LM_SIMD (before a lane loop), LM_SIMD_OR(v) (the
+    #: same with an OR-reduction of v), INFINITY_T (+inf of the kernel's T); the prelude
+    #: (``TARGET_MACROS``) defines the rest (LM_INF_F, LM_NAN_F, ... used by c_number).
     defines: tuple[str, ...] = ()
     kernel: str = 'extern "C"'  # qualifiers of the kernel function
     args, outs = "args", "outs"  # C arrays of the input and output pointers
