@@ -50,8 +50,6 @@ COMPILE_MAY_IMPORT = ("lazymat.config", "lazymat.errors")
 
 #: Known violations: (kind, where, what) -> the helper who removes it. Must shrink to empty.
 ALLOWED: dict[tuple[str, str, str], str] = {
-    ("private", "tests/test_cuda_codegen.py", "lazymat.codegen.cuda._Plan"): "scaffold",
-    ("private", "tests/test_cuda_codegen.py", "lazymat.codegen.cuda._cuda_spelling"): "scaffold",
     ("private", "tests/test_solve.py", "lazymat.lazy_tensor._bind"): "pykeops",
 }
 

@@ -110,8 +110,9 @@ def _loop(var: str, n: Any, body: str) -> str:
 
 
 def _lanes(body: str) -> list[str]:
-    """A loop over the lanes (rows) of the block, which the compiler vectorizes."""
-    return ["#pragma omp simd", f"for (int l = 0; l < LANES; l++) {{ {body} }}"]
+    """A loop over the lanes (rows) of the block, which the compiler vectorizes (LM_SIMD:
+    the target's vectorization hint, empty where a thread has one row)."""
+    return ["LM_SIMD", f"for (int l = 0; l < LANES; l++) {{ {body} }}"]
 
 
 def _isnan(a: Any) -> Any:
@@ -125,10 +126,10 @@ def _sum_block(xp, values, weights, j0, K=None):
 
 
 def _sum_decl(rc):
-    lines = [f"{rc.acc} acc[{rc.D}][LANES];",
+    lines = [rc.array(rc.acc, "acc", rc.D, "LANES"),
              _loop("k", rc.D, _loop("l", "LANES", "acc[k][l] = 0;"))]
     if rc.scheme == "kahan":
-        lines += [f"{rc.acc} comp[{rc.D}][LANES];",
+        lines += [rc.array(rc.acc, "comp", rc.D, "LANES"),
                   _loop("k", rc.D, _loop("l", "LANES", "comp[k][l] = 0;"))]
     return lines
 
@@ -210,7 +211,8 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
     def decl(rc):
         # Index -1 = nothing seen yet: the first value seen is always taken, so a row whose
         # values are all +inf (-inf) gets its first column, and an empty row keeps -1.
-        return [f"{rc.T} best[{rc.D}][LANES]; long long arg[{rc.D}][LANES];",
+        return [rc.array(rc.T, "best", rc.D, "LANES"),
+                rc.array("long long", "arg", rc.D, "LANES"),
                 _loop("k", rc.D, _loop("l", "LANES",
                                        f"{{ best[k][l] = {init}; arg[k][l] = -1; }}"))]
 
@@ -297,7 +299,8 @@ def _kmin(name: str, outputs: tuple[str, ...]):
     def decl(rc):
         # Index -1 marks an empty slot, larger than any value (+inf and NaN included): rows
         # whose values are +inf keep their first columns, slots of an empty row stay -1.
-        return [f"{rc.T} kv[{rc.D}][{rc.K}][LANES]; long long ki[{rc.D}][{rc.K}][LANES];",
+        return [rc.array(rc.T, "kv", rc.D, rc.K, "LANES"),
+                rc.array("long long", "ki", rc.D, rc.K, "LANES"),
                 _loop("k", rc.D, _loop("r", rc.K, _loop(
                     "l", "LANES", "{ kv[k][r][l] = INFINITY_T; ki[k][r][l] = -1; }")))]
 
@@ -314,7 +317,7 @@ def _kmin(name: str, outputs: tuple[str, ...]):
 
         return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
                 "  int pass = 0;",
-                "  #pragma omp simd reduction(|:pass)",
+                "  LM_SIMD_OR(pass)",
                 # (a superset of "before": a NaN passes here, the exact test below drops it)
                 f"  for (int l = 0; l < LANES; l++) pass |= !({rc.V('k')} >= kv[k][{K - 1}][l]) "
                 f"| (ki[k][{K - 1}][l] < 0);",
@@ -383,12 +386,12 @@ def _shifted_exp_merge(xp, a, b, K=None):
 
 
 def _lse_decl(rc):
-    lines = [f"{rc.T} mx[LANES]; {rc.acc} s0[LANES]; {rc.acc} s[{rc.E}][LANES]; "
-             f"{rc.T} ex[TJ][LANES];",
+    lines = [f"{rc.T} mx[LANES]; {rc.acc} s0[LANES]; {rc.T} ex[TJ][LANES];",
+             rc.array(rc.acc, "s", rc.E, "LANES"),
              _loop("l", "LANES", "{ mx[l] = -INFINITY_T; s0[l] = 0; }"),
              _loop("e", rc.E, _loop("l", "LANES", "s[e][l] = 0;"))]
     if rc.scheme == "kahan":  # the compensations, rescaled with the sums
-        lines += [f"{rc.acc} kc0[LANES]; {rc.acc} kc[{rc.E}][LANES];",
+        lines += [f"{rc.acc} kc0[LANES];", rc.array(rc.acc, "kc", rc.E, "LANES"),
                   _loop("l", "LANES", "kc0[l] = 0;"),
                   _loop("e", rc.E, _loop("l", "LANES", "kc[e][l] = 0;"))]
     return lines

@@ -36,6 +36,7 @@ BASE_FLAGS: list[str] = [
     "-fno-math-errno",
     "-fno-trapping-math",
     "-ffp-contract=fast",
+    "-Werror=overflow",  # a constant that does not fit its type is an error, not a warning
 ]
 
 NO_COMPILER_MESSAGE = (
