@@ -261,7 +261,7 @@ def _run_on(launch: Launch, torch: Any, device: Any, index: int) -> tuple:
     fn = _kernel(stored, block, index)
     lead = ((parts,) if parts > 1 else ()) + launch.batch + (M,)
     tensors = [a if a.is_contiguous() else a.contiguous() for a in launch.arrays]
-    dtypes = {"index": torch.int64, "value": launch.like.dtype, "acc": _acc_dtype(launch, torch)}
+    dtypes = {"index": torch.int64, "value": launch.like.dtype, "acc": stored.array_dtype("acc")}
     if launch.ranges is None:
         outs = [torch.empty(lead + shape, device=device, dtype=dtypes[kind])
                 for kind, shape in shapes]
@@ -293,11 +293,6 @@ def _run_on(launch: Launch, torch: Any, device: Any, index: int) -> tuple:
                 for p in range(parts)]
     state = abi.combine(launch.red, launch.xp, per_part, None, launch.K)
     return state if launch.store == "state" else launch.red.finalize(launch.xp, state)
-
-
-def _acc_dtype(launch: Launch, torch: Any) -> Any:
-    """The torch dtype of "acc" state arrays: the kernel's accumulator type."""
-    return torch.float32 if launch.accumulation[0] == "float" else torch.float64
 
 
 def _kernel(launch: Launch, block: int, index: int) -> Any:
