@@ -446,7 +446,7 @@ def test_split_columns_run_like_reference(reduction):
     rng = np.random.default_rng(4)
     arrays = [rng.standard_normal((M, 3)), rng.standard_normal((N, 3)),
               rng.random((N, 2)) + 0.1, rng.random(1) + 0.5]
-    shapes = spec.reduction.out_dims(f.dim, K, w.dim if w is not None else None)
+    shapes = spec.reduction.outputs(f.dim, K, w.dim if w is not None else None)
     outs = [np.full((nsplit, M) + shape, -7, dtype=np.int64 if kind == "index" else np.float64)
             for kind, shape in shapes]
     ntasks, tasks, slices, redranges, _ = launch.dense_layout(M, N, block)

@@ -152,6 +152,19 @@ ROWS = [
       precise=(np.sinh, np.cosh, (-80, 80))),
     R("Cosh", lambda v: apply("Cosh", v.x * v.y), lambda a: np.cosh(a.x * a.y),
       precise=(np.cosh, np.sinh, (-80, 80))),
+    R("Tanh", lambda v: apply("Tanh", v.x - v.y), lambda a: np.tanh(a.x - a.y),
+      precise=(np.tanh, lambda a: 1 / np.cosh(a) ** 2, (-100, 100))),
+    R("Expm1", lambda v: apply("Expm1", v.x * v.y), lambda a: np.expm1(a.x * a.y),
+      precise=(np.expm1, np.exp, (-100, 80))),
+    R("Log1p", lambda v: apply("Log1p", v.x * v.t), lambda a: np.log1p(a.x * a.t),
+      precise=(np.log1p, lambda a: 1 / (1 + a), (-0.999, 1e3)), x="pos", t="pos"),
+    R("Sigmoid", lambda v: apply("Sigmoid", v.x * v.y), lambda a: 1 / (1 + np.exp(-a.x * a.y)),
+      precise=(_scipy("expit"), lambda a: _scipy("expit")(a) * _scipy("expit")(-a),
+               (-100, 100))),
+    R("Softplus", lambda v: apply("Softplus", v.x * v.y), lambda a: np.logaddexp(a.x * a.y, 0),
+      precise=(lambda a: np.logaddexp(a, 0), _scipy("expit"), (-100, 1e3))),
+    R("Erf", lambda v: apply("Erf", v.x - v.y), lambda a: _scipy("erf")(a.x - a.y),
+      precise=(_scipy("erf"), lambda a: 2 / np.sqrt(np.pi) * np.exp(-a * a), (-10, 10))),
     R("Powf", lambda v: apply("Powf", v.x, v.y), lambda a: a.x ** a.y, x="pos", y="small"),
     R("Powf", lambda v: apply("Powf", v.x, v.t), lambda a: a.x ** a.t, "bcast",
       x="pos", t="small"),
@@ -678,6 +691,90 @@ def test_precise_ops_gradients(row, dtype):
     bad = ~((err <= rtol * np.abs(want) + atol) | (got == want))
     assert not bad.any(), (f"{row.op} {dtype}: d/ds at s = {s[bad][:5]} got {got[bad][:5]}, "
                            f"want {want[bad][:5]}")
+
+
+def test_erf_reference_without_scipy(monkeypatch):
+    """scipy is optional at run time: the reference backend's numpy Erf falls back to
+    math.erf per element."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.special", None)  # import fails
+    s = np.linspace(-4, 4, 17)[:, None]
+    f = apply("Erf", Var(0, 1, 0)) * Var(1, 1, 1)
+    (got,) = run(Request("Sum", f, axis=1), [s, np.ones((1, 1))], backend="reference")
+    np.testing.assert_allclose(got[:, 0], [math.erf(v) for v in s[:, 0]], rtol=1e-15)
+
+
+# --------------------------------------------------------------------------- C helpers
+
+def test_op_helpers_are_target_neutral_and_complete():
+    """Each op's C helper is written once for every target (math through the target's
+    macros, no __builtin_/__device__/OpenMP), calls only helpers registered before it, and
+    lists the libm functions it calls (the CPU declares them for libmvec)."""
+    import re
+
+    from lazymat.codegen.c_like import TARGET_MACROS, helpers, libm_functions, prelude
+
+    text = helpers()
+    for word in ("__builtin", "__device__", "#pragma", "__float_as_int"):
+        assert word not in text, word
+    defined: set[str] = set()
+    for op in OPS.values():
+        new = set(re.findall(r"\b(?:float|double|F)\s+(lm_\w+)\s*\(", op.c_helper))
+        used = set(re.findall(r"\b(lm_\w+)\s*\(", op.c_helper + (op.c or ""))) - new
+        assert used <= defined, f"{op.name} calls {sorted(used - defined)} before their helper"
+        libm = set(re.findall(r"LM_[FD]\((\w+)\)", op.c_helper)) - {"exp"}  # LM_NATIVE_EXP
+        assert libm <= {name for name, _ in op.libm}, op.name
+        defined |= new
+    assert {"tanh", "erf", "expm1", "log1p", "sinh", "cosh"} <= {n for n, _ in libm_functions()}
+    cuda = prelude(target="cuda")
+    assert "__builtin" not in cuda and TARGET_MACROS["cuda"] in cuda
+    for name in re.findall(r"\b(LM_[A-Z0-9_]+)\b", text):
+        assert f"#define {name}" in TARGET_MACROS["cpu"] + TARGET_MACROS["cuda"] + prelude(True)
+    with pytest.raises(ValueError, match="unknown target"):
+        prelude(target="metal")
+
+
+def test_cpu_prelude_compiles_warning_free():
+    import shutil
+    import subprocess
+
+    from lazymat.codegen.c_like import prelude
+
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    for vector_math in (False, True):
+        src = prelude(vector_math) + "\nfloat lm_use(float x) { return lm_sigmoid(x); }\n"
+        run_ = subprocess.run([cxx, "-x", "c++", "-std=c++17", "-fsyntax-only", "-Wall",
+                               "-Wextra", "-Werror", "-"], input=src, text=True,
+                              capture_output=True, timeout=120)
+        assert run_.returncode == 0, run_.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- deep formulas
+
+def test_deep_and_long_formulas_never_recurse():
+    """Building, hashing, pickling, printing and differentiating Sin nested 3000 deep (beyond
+    Python's recursion limit) and a sum of 2000 terms: no step recurses per level."""
+    import pickle
+
+    from lazymat.formula import grad, to_string
+
+    x, y = Var(0, 1, 0), Var(1, 1, 1)
+    deep = x
+    for _ in range(3000):
+        deep = apply("Sin", deep)
+    long = Const(0)
+    for k in range(2000):
+        long = long + apply("Exp", -(x - y) * (k + 1))
+    for f in (deep, long):
+        assert {f: 1}[f] == 1 and hash(f) == hash(f)
+        assert pickle.loads(pickle.dumps(f)) is f
+        assert len(to_string(f)) < 100 * len(walk(f))  # linear: no text copied per level
+        d = grad(f, x, Const(1))
+        assert d.dim == 1 and len(walk(d)) < 4 * len(walk(f))
+        assert pickle.loads(pickle.dumps(d)) is d
 
 
 # --------------------------------------------------------------------------- simplifications

@@ -51,6 +51,9 @@ class Genred:
     LogSumExp / SumSoftMaxWeight.
     """
 
+    #: runs the reduction (plan.run's signature); lazymat.jax's Genred sets its own
+    _run = staticmethod(autograd.run)
+
     def __init__(self, formula: str, aliases: Sequence[str], reduction_op: str = "Sum",
                  axis: int = 0, dtype: Any = None, opt_arg: int | None = None,
                  formula2: str | None = None, cuda_type: Any = None, dtype_acc: str = "auto",
@@ -79,8 +82,8 @@ class Genred:
                              f"({', '.join(self._label(p) for p in range(self._n_args))}), "
                              f"got {len(args)}")
         names = [self._label(p) for p in range(len(args))]
-        outs = autograd.run(self.request, list(args), names=names, backend=backend, out=out,
-                            ranges=ranges)
+        outs = self._run(self.request, list(args), names=names, backend=backend, out=out,
+                         ranges=ranges)
         return outs[0] if len(outs) == 1 else outs
 
     def _label(self, pos: int) -> str:

@@ -25,11 +25,14 @@ def health_report() -> dict[str, Any]:
     cache_writable, torch (version or None), cuda (whether torch sees a GPU),
     cuda_backend ("ready: <GPUs>, NVRTC <version>" or why it cannot run), numpy.
     """
-    info = compiler_info()
-    report: dict[str, Any] = {
-        "compiler": f"{info.path} ({info.version})" if info else None,
-        "openmp": bool(info and info.openmp),
-    }
+    from .errors import CompileError
+
+    try:
+        info = compiler_info()
+        compiler = f"{info.path} ({info.version})" if info else None
+    except CompileError as e:  # an explicit $CXX that does not work: say why
+        info, compiler = None, f"unusable: {e}"
+    report: dict[str, Any] = {"compiler": compiler, "openmp": bool(info and info.openmp)}
     try:
         directory = cache_dir()
         report["cache_dir"] = str(directory)

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from . import autograd, plan
-from .arraylib import is_dask, is_torch, lib_of
+from .arraylib import is_array, is_dask, is_torch, lib_of
 from .errors import DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, OPS, P_CAT, Const, Node, Var, apply, substitute, variables, walk
 
@@ -57,7 +57,7 @@ class _Leaf:
 
 def _is_array(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype") and (
-        is_torch(x) or is_dask(x) or type(x).__module__.startswith("numpy"))
+        is_array(x) or is_dask(x) or type(x).__module__.startswith("numpy"))
 
 
 class LazyTensor:
@@ -70,6 +70,9 @@ class LazyTensor:
 
     __array_ufunc__ = None  # numpy operators defer to ours
     __array_priority__ = 1000
+    #: runs a reduction (plan.run's signature); a front end for another array library
+    #: (lazymat.jax) subclasses LazyTensor and sets its own
+    _run = staticmethod(autograd.run)
 
     def __init__(self, x: Any = None, axis: int | None = None):
         #: block-sparse ranges (KeOps' 6-tuple) used by the reductions, or None
@@ -144,7 +147,7 @@ class LazyTensor:
         if self.is_complex and op not in _COMPLEX_UNARY and not is_complex:
             raise DtypeError(f"{op} is not defined for complex LazyTensors; use .real, .imag, "
                              f".abs(), .angle(), .conj(), .exp() or arithmetic")
-        return LazyTensor._make(apply(op, self.formula, *params), self._leaves, self.ranges,
+        return type(self)._make(apply(op, self.formula, *params), self._leaves, self.ranges,
                                 _COMPLEX_UNARY.get(op, is_complex) if self.is_complex
                                 else is_complex)
 
@@ -162,7 +165,9 @@ class LazyTensor:
             described = ", ".join(f"{_describe(o)}" for o in operands)
             raise ShapeError(f"{symbol or op}: {described}: {e}") from None
         ranges = next((o.ranges for o in operands if o.ranges is not None), None)
-        return LazyTensor._make(node, leaves, ranges, is_complex)
+        # The most derived class wins: 1.0 + jax_lazy_tensor stays a jax LazyTensor.
+        cls = max((type(o) for o in operands), key=lambda c: len(c.__mro__))
+        return cls._make(node, leaves, ranges, is_complex)
 
     def factorize(self, other: "LazyTensor | None" = None) -> "LazyTensor":
         """KeOps' factorize/auto_factorize: a no-op here, since formulas are hash-consed (a
@@ -350,7 +355,7 @@ class LazyTensor:
         leaves = {(uid, swap[cat]): _Leaf(leaf.array, leaf.value, swap[cat], leaf.source)
                   for (uid, cat), leaf in self._leaves.items()}
         ranges = None if self.ranges is None else tuple(self.ranges[3:]) + tuple(self.ranges[:3])
-        return LazyTensor._make(substitute(self.formula, mapping), leaves, ranges)
+        return type(self)._make(substitute(self.formula, mapping), leaves, ranges)
 
     @property
     def T(self) -> "LazyTensor":
@@ -400,7 +405,7 @@ class LazyTensor:
         if dim is None:
             raise ShapeError(f"{name} needs dim={nb} (reduce over i) or dim={nb + 1} "
                              f"(reduce over j)")
-        if dim not in (nb, nb + 1):
+        if isinstance(dim, bool) or dim not in (nb, nb + 1):
             raise ShapeError(f"{name}: dim must be {nb} (reduce over i) or {nb + 1} (reduce over "
                              f"j) for {'no' if not nb else nb} batch dim{'s' if nb != 1 else ''}"
                              f", got {dim!r}")
@@ -414,7 +419,7 @@ class LazyTensor:
         req = plan.Request(name, formula, axis=dim, K=K, weight=weight_f,
                            **accumulation_options(options))
         sizes = (_rows(leaves, I_CAT), _rows(leaves, J_CAT))
-        outs = autograd.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
+        outs = self._run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
                             like=next(leaf.array for leaf in leaves.values()
                                       if leaf.array is not None),
                             ranges=ranges if ranges is not None else self.ranges)
@@ -700,7 +705,7 @@ class SymbolicReduction:
                 want = f"(..., n, {dim})" if leaf.cat != P_CAT else f"({dim},)"
                 raise ShapeError(f"{role}: argument {index} has shape {shape}, expected {want}")
             leaves[key] = _Leaf(a, None, leaf.cat, a)
-        return LazyTensor._make(lazy.formula, leaves, lazy.ranges, lazy.is_complex)
+        return type(lazy)._make(lazy.formula, leaves, lazy.ranges, lazy.is_complex)
 
 
 #: Variable uids of symbolic variables: far from ids (positive) and float parameters (-1, -2...).
@@ -907,6 +912,11 @@ def _variable(x: Any, dim: int | None, cat: int) -> LazyTensor:
     if isinstance(x, int) and not isinstance(x, bool):
         raise ShapeError(f"{_ROLE[cat]}({x}): a symbolic variable needs its dim, "
                          f"{_ROLE[cat]}({x}, dim); data needs an array")
+    if isinstance(x, (float, complex)) or (_is_array(x) and len(x.shape) == 0):
+        raise ShapeError(f"{_ROLE[cat]} needs an ({'M' if cat == I_CAT else 'N'}, D) or "
+                         f"({'M' if cat == I_CAT else 'N'},) array, got a scalar "
+                         f"({type(x).__name__}{', shape ()' if _is_array(x) else ''}): "
+                         "use Pm(x) for a parameter")
     return LazyTensor(x, axis=0 if cat == I_CAT else 1)
 
 

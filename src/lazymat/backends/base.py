@@ -20,11 +20,25 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Protocol, Sequence
 
 from ..formula import Node, variables
 from ..reductions import ReductionDef
+
+
+class once:
+    """A property computed on first use and then kept in the instance (like
+    ``functools.cached_property``, without its lock: a launch is built and read by one
+    thread, and this is on the path of every call)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,7 +72,7 @@ class Launch:
     like: Any
     store: str = "output"
 
-    @cached_property
+    @once
     def roots(self) -> list[Node]:
         """The formula, then the weight if any: what kernels and the reference evaluate."""
         return [self.formula] if self.weight is None else [self.formula, self.weight]
@@ -67,16 +81,16 @@ class Launch:
     def wdim(self) -> int | None:
         return None if self.weight is None else self.weight.dim
 
-    @cached_property
+    @once
     def nbatch(self) -> int:
         return math.prod(self.batch)
 
-    @cached_property
+    @once
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """(kind, per-row shape) of each array ``run`` returns, in the store's order."""
         if self.store == "state":
             return self.red.state(self.formula.dim, self.K, self.wdim)
-        return self.red.out_dims(self.formula.dim, self.K, self.wdim)
+        return self.red.outputs(self.formula.dim, self.K, self.wdim)
 
     @property
     def fills(self) -> tuple:
@@ -93,7 +107,7 @@ class Launch:
                            else "float64")
         return None
 
-    @cached_property
+    @once
     def arg_dims(self) -> tuple[tuple[int, int], ...]:
         """(dim, category) of every argument position; unused ones are (1, 2)."""
         dims = [(1, 2)] * len(self.arrays)
@@ -103,7 +117,7 @@ class Launch:
                 dims[pos] = (dim, cat)
         return tuple(dims)
 
-    @cached_property
+    @once
     def key(self) -> tuple:
         """What determines the kernel (a cache key, cheap to build on every call)."""
         return (self.red.name, self.formula, self.weight, self.K, self.dtype, len(self.arrays),
@@ -151,7 +165,7 @@ class Registered:
         return self.module().unavailable_reason()
 
     def run(self, launch: Launch) -> tuple:
-        return self.module().run(launch)
+        return (self._module or self.module()).run(launch)
 
     def __repr__(self) -> str:
         return f"<backend {self.name!r} ({self.module_name})>"

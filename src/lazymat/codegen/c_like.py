@@ -183,9 +183,7 @@ class KernelSpec:
         wdim = self.weight.dim if self.weight is not None else None
         if self.store == "state":
             return red.state(self.formula.dim, self.K, wdim)
-        # ``outputs`` once reductions.py names it (it replaces ``out_dims``).
-        outputs = getattr(red, "outputs", None) or red.out_dims
-        return outputs(self.formula.dim, self.K, wdim)
+        return red.outputs(self.formula.dim, self.K, wdim)
 
 
 class ReductionContext:

@@ -16,7 +16,7 @@ from fractions import Fraction
 
 from ...errors import ShapeError
 from ..node import Const, Node, is_one, is_zero, make, register, register_macro
-from .base import call, exact_fold, float_fold, no_gradient, with_dim
+from .base import by_lib, call, exact_fold, float_fold, no_gradient, with_dim
 
 __all__ = ["Pow", "IntInv"]
 
@@ -393,3 +393,70 @@ register("Sinh", 1, lambda xp, p, a: xp.module.sinh(a), c="lm_sinh({0})",
 register("Cosh", 1, lambda xp, p, a: xp.module.cosh(a), c="lm_cosh({0})",
          c_helper=_libm("lm_cosh", "cosh"), libm=(("cosh", 1),), fold=float_fold(math.cosh),
          method="cosh", doc="cosh(a)", vjp=lambda n, g: (g * call("Sinh", n.args[0]),))
+register("Tanh", 1, lambda xp, p, a: xp.module.tanh(a), c="lm_tanh({0})",
+         c_helper=_libm("lm_tanh", "tanh"), libm=(("tanh", 1),), fold=float_fold(math.tanh),
+         method="tanh", doc="tanh(a)",
+         # 1 / cosh² rather than 1 - tanh²: accurate in the tails too (cosh = inf gives 0).
+         vjp=lambda n, g: (g * call("Square", call("Inv", call("Cosh", n.args[0]))),))
+register("Expm1", 1, lambda xp, p, a: xp.module.expm1(a), c="lm_expm1({0})",
+         c_helper=_libm("lm_expm1", "expm1"), libm=(("expm1", 1),),
+         fold=float_fold(math.expm1), method="expm1", doc="exp(a) - 1, accurate near 0",
+         vjp=lambda n, g: (g * call("Exp", n.args[0]),))
+register("Log1p", 1, lambda xp, p, a: xp.module.log1p(a), c="lm_log1p({0})",
+         c_helper=_libm("lm_log1p", "log1p"), libm=(("log1p", 1),),
+         fold=float_fold(math.log1p), method="log1p", doc="log(1 + a), accurate near 0",
+         vjp=lambda n, g: (g / (1 + n.args[0]),))
+
+
+def _sigmoid_ref(m, a):
+    e = m.exp(-m.abs(a))  # never overflows: e <= 1
+    s = 1 / (1 + e)
+    return m.where(a >= 0, s, e * s)
+
+
+def _sigmoid_fold(a):
+    e = math.exp(-abs(a))
+    return 1 / (1 + e) if a >= 0 else e / (1 + e)
+
+
+register("Sigmoid", 1, by_lib(numpy=_sigmoid_ref, torch=lambda m, a: m.sigmoid(a)),
+         c="lm_sigmoid({0})",
+         c_helper="""template <typename F> LM_INLINE F lm_sigmoid(F x) {
+  F e = lm_exp(-lm_abs(x)), s = (F)1 / ((F)1 + e);
+  return x >= (F)0 ? s : e * s;
+}""",
+         fold=float_fold(_sigmoid_fold), method="sigmoid",
+         doc="1 / (1 + exp(-a)), from exp(-|a|): accurate in both tails",
+         # σ(a) σ(-a), not σ(1 - σ): accurate in both tails.
+         vjp=lambda n, g: (g * n * call("Sigmoid", -n.args[0]),))
+
+
+def _softplus_ref(xp, p, a):
+    m = xp.module
+    return xp.where(a > 0, a, 0) + m.log1p(m.exp(-m.abs(a)))
+
+
+register("Softplus", 1, _softplus_ref, c="lm_softplus({0})",
+         c_helper="""template <typename F> LM_INLINE F lm_softplus(F x) {
+  return (x > (F)0 ? x : (F)0) + lm_log1p(lm_exp(-lm_abs(x)));
+}""",
+         fold=float_fold(lambda a: max(a, 0.0) + math.log1p(math.exp(-abs(a)))),
+         method="softplus",
+         doc="log(1 + exp(a)) as max(a, 0) + log1p(exp(-|a|)): no overflow for large a, "
+             "accurate for very negative a",
+         vjp=lambda n, g: (g * call("Sigmoid", n.args[0]),))
+
+
+def _numpy_erf(m, a):
+    try:
+        from scipy.special import erf
+    except ImportError:  # scipy is optional: math.erf per element (the reference only)
+        return m.frompyfunc(math.erf, 1, 1)(a).astype(a.dtype)
+    return erf(a)
+
+
+register("Erf", 1, by_lib(numpy=_numpy_erf, torch=lambda m, a: m.erf(a)), c="lm_erf({0})",
+         c_helper=_libm("lm_erf", "erf"), libm=(("erf", 1),), fold=float_fold(math.erf),
+         method="erf", doc="the error function 2/√π ∫_0^a exp(-t²) dt",
+         vjp=lambda n, g: (g * (2 / math.sqrt(math.pi)) * call("Exp", -call("Square",
+                                                                            n.args[0])),))
