@@ -22,7 +22,8 @@ so that a task stays under about a second); nothing runs before ``.compute()``/`
 Options (``dask.config.set({"lazymat.split-every": 4})``), read when the graph is built:
 
 - ``lazymat.pairs-per-task`` (2**28): the size of a block, in (i, j) pairs;
-- ``lazymat.rows-per-task`` / ``lazymat.columns-per-task`` (None: from pairs-per-task);
+- ``lazymat.rows-per-task`` / ``lazymat.columns-per-task`` (None: wide blocks, 2048 rows
+  or more when N is small, and the columns the pairs allow);
 - ``lazymat.split-every`` (8): how many column parts one merge task combines;
 - ``lazymat.worker-backend`` ("auto": CUDA on workers that own a GPU, as dask-cuda's, else
   CPU; or "cpu", "cuda", "reference");
