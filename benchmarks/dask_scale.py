@@ -102,7 +102,8 @@ def main() -> None:
             block_bytes = (m * 3 + cols * 4) * 4  # an x block, a y block and a b block
             print(f"  {name}: one process {t_one:.2f} s, cluster {t_dask:.2f} s; "
                   f"{len(ours)} tasks ({len(blocks)} blocks of {m:,} x {cols:,}), "
-                  f"~{block_bytes / 1e6:.2f} MB in per block task; tasks busy {busy:.2f} s of {2 * t_dask:.2f} s thread time "
+                  f"~{block_bytes / 1e6:.2f} MB in per block task; tasks busy {busy:.2f} s "
+                  f"of {2 * t_dask:.2f} s thread time "
                   f"(scheduler and transfers: {2 * t_dask - busy:.2f} s, "
                   f"{(2 * t_dask - busy) / max(1, len(ours)) * 1e3:.1f} ms per task); "
                   f"result vs one process: {'identical' if same is True else f'{same:.1e}'} "
