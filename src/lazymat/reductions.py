@@ -80,11 +80,6 @@ class ReductionDef:
     tangents: Callable[..., Node] | None = None
     selects_with: str | None = None
     needs_log_normalizer: bool = False
-    # Splitting the columns from finalized outputs (the CUDA backend, until it stores
-    # states): each part runs ``split_with``, ``state_of(xp, outputs)`` turns its outputs
-    # into a state of this reduction. None: the outputs do not hold enough to combine.
-    split_with: str | None = None
-    state_of: Callable[[Any, tuple], Any] | None = None
 
     def outputs(self, fdim: int, K: int | None, wdim: int | None) -> Shapes:
         """(kind, shape per row) of each output, in order."""
@@ -176,8 +171,7 @@ REDUCTIONS["Sum"] = ReductionDef(
     finalize=lambda xp, s: s,
     c_decl=_sum_decl, c_tile=_sum_tile, c_store=_sum_store, c_state_store=_sum_state_store,
     cotangents=lambda F, W, G, O, L: (G, None),
-    tangents=lambda F, W, dF, dW, O, L: dF,
-    split_with="Sum", state_of=lambda xp, outs: (outs[0],))
+    tangents=lambda F, W, dF, dW, O, L: dF)
 
 
 # --------------------------------------------------------------------------- Min / Max and arg
@@ -250,9 +244,7 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
         block=block, merge=merge, finalize=finalize,
         c_decl=decl, c_tile=tile, c_store=store, c_state_store=state_store,
         selects_with=(("Min_ArgMin" if smaller else "Max_ArgMax") if "value" in outputs
-                      else None),
-        split_with="Min_ArgMin" if smaller else "Max_ArgMax",
-        state_of=lambda xp, outs: tuple(outs))
+                      else None))
 
 
 _extremum("Min", True, ("value",))
@@ -346,8 +338,7 @@ def _kmin(name: str, outputs: tuple[str, ...]):
         c_decl=decl, c_tile=tile, c_store=store,
         c_state_store=lambda rc: [write(rc, 0, "kv"), write(rc, 1, "ki")],
         needs_k=True,
-        selects_with="KMin_ArgKMin" if "value" in outputs else None,
-        split_with="KMin_ArgKMin", state_of=lambda xp, outs: tuple(outs))
+        selects_with="KMin_ArgKMin" if "value" in outputs else None)
 
 
 _kmin("KMin", ("value",))
@@ -522,11 +513,7 @@ REDUCTIONS["LogSumExp"] = ReductionDef(
     c_state_store=_shifted_exp_state_store,
     weight="optional", scalar_formula=True,
     cotangents=lambda F, W, G, O, L: _lse_cotangents(F, W, G, O),
-    tangents=_lse_tangents,
-    # log Σ over a part, per component: a state whose max is that value and sums are 1
-    split_with="LogSumExp",
-    state_of=lambda xp, outs: (outs[0], xp.full(outs[0].shape, 1.0, like=outs[0]),
-                               xp.full(outs[0].shape, 1.0, like=outs[0])))
+    tangents=_lse_tangents)
 
 
 def _softmax_finalize(xp, state):

@@ -112,50 +112,20 @@ class BlockJob:
 
 def state_layout(job: BlockJob) -> list[tuple[str, tuple[int, ...]]]:
     """(kind, per-row shape) of each array of a block's raw state, as ``block_state`` gives
-    it: the reduction's ``state`` when it declares one, else (before every reduction had
-    a raw-state store) the outputs of its ``split_with`` twin, turned into a state."""
+    it: the reduction's ``state``."""
     red, fdim, wdim = job.red, job.formula.dim, (job.weight.dim if job.weight else None)
-    if hasattr(red, "state"):
-        return list(red.state(fdim, job.K, wdim))
-    if red.split_with is not None:
-        outs = reductions.get(red.split_with).out_dims(fdim, job.K, wdim)
-        if red.name == "LogSumExp":  # (max, Σ exp, Σ exp·G), each per component
-            return [outs[0], ("acc", outs[0][1]), ("acc", outs[0][1])]
-        return list(outs)
-    return [("value", (1,)), ("acc", (1,)), ("acc", (wdim,))]  # SumSoftMaxWeight
+    return list(red.state(fdim, job.K, wdim))
 
 
 def block_state(job: BlockJob, arrays: Sequence[Any], m: int, n: int) -> tuple:
     """The raw state of one block (indices local to the block), each array of shape
-    (nbatch * m,) + its per-row shape, in the order of :func:`state_layout`.
-
-    The one place that knows how a block's state is obtained: the kernel's raw-state store
-    where the reduction has one; else the outputs of a reduction that hold the state
-    (Min_ArgMin for Min, ...) turned into it by ``state_of``; for SumSoftMaxWeight, with
-    L = log Σ_j exp(F), (L, 1, Σ_j exp(F - L) G) from two kernels.
-    """
-    red, rows = job.red, math.prod(job.batch) * m
+    (nbatch * m,) + its per-row shape, in the order of :func:`state_layout`: the kernel's
+    raw-state store."""
+    rows = math.prod(job.batch) * m
     backend = REGISTRY[_worker_backend(job.backend)]
-    layout = state_layout(job)
-    if hasattr(red, "state"):
-        state = backend.run(job.launch(arrays, m, n, "state"))
-    elif red.split_with is not None:
-        twin = reductions.get(red.split_with)
-        outs = backend.run(job.launch(arrays, m, n, "output", red=twin))
-        shapes = [s for _, s in twin.out_dims(job.formula.dim, job.K,
-                                              job.weight.dim if job.weight else None)]
-        state = red.state_of(NUMPY, tuple(np.asarray(o).reshape((rows,) + s)
-                                          for o, s in zip(outs, shapes)))
-    else:
-        lse = backend.run(job.launch(arrays, m, n, "output", red=reductions.get("LogSumExp"),
-                                     weight=None))[0]
-        soft = backend.run(job.launch(arrays, m, n, "output"))[0]
-        lse = np.asarray(lse).reshape(rows, 1)
-        state = (lse, np.ones_like(lse), soft)
-    bare = not isinstance(state, (tuple, list))
-    parts = tuple(np.asarray(p).reshape((rows,) + s)
-                  for p, (_, s) in zip((state,) if bare else state, layout))
-    return parts[0] if bare else parts
+    state = backend.run(job.launch(arrays, m, n, "state"))
+    return tuple(np.asarray(p).reshape((rows,) + s)
+                 for p, (_, s) in zip(state, state_layout(job)))
 
 
 def _worker_backend(wanted: str) -> str:
@@ -216,8 +186,11 @@ def finalize_task(job: BlockJob, state: Any, m: int, which: int | None = None) -
     else:
         with np.errstate(all="ignore"):
             outs = job.red.finalize(NUMPY, state)
-        shapes = job.red.out_dims(job.formula.dim, job.K,
-                                  job.weight.dim if job.weight else None)
+        # Sums' states are in the accumulator's type (double): the outputs in the data's.
+        outs = tuple(o if o.dtype.kind == "i" else o.astype(job.dtype, copy=False)
+                     for o in map(np.asarray, outs))
+        shapes = job.red.outputs(job.formula.dim, job.K,
+                                 job.weight.dim if job.weight else None)
     outs = tuple(np.asarray(o).reshape(job.batch + (m,) + s) for o, (_, s) in zip(outs, shapes))
     return outs if which is None else outs[which]
 

@@ -44,7 +44,7 @@ them with ``BLOCK`` in place of the CPU's lane count). Batch ``b`` reads variabl
 those of batch ``b - 1``. With ``nsplit > 1`` the columns are also cut into parts of
 ``chunk`` columns: part ``s`` reduces the columns ``[s * chunk, (s + 1) * chunk)`` only
 and writes its outputs after those of part ``s - 1`` (``nsplit * nbatch * M`` rows in
-all), for the caller to combine (the reduction's ``split_with``/``state_of``/``merge``):
+all), for the caller to combine (the reduction's ``merge``):
 this gives a GPU enough blocks when M is small. ``nsplit = 1, chunk = N`` is the plain
 reduction. :mod:`lazymat.backends.cuda` launches them.
 
