@@ -520,12 +520,14 @@ def _softmax_finalize(xp, state):
     m, s0, s = state
     with xp.errstate():
         # m = -inf: every F is -inf (or no column): 0, NaN if a weight is NaN.
-        return (xp.where(m == -INF, xp.where(_isnan(s), s, 0.0), s / xp.where(m == -INF, 1.0, s0)),)
+        masked = xp.where(_isnan(s), s, 0.0)
+        return (xp.where(m == -INF, masked, s / xp.where(m == -INF, 1.0, s0)),)
 
 
 def _softmax_store(rc):
     return [_loop("e", rc.E, f"{rc.out(0)}[row * {rc.E} + e] = mx[l] == -INFINITY_T ? "
-                             f"(s[e][l] != s[e][l] ? ({rc.T})s[e][l] : ({rc.T})0) : ({rc.T})(s[e][l] / s0[l]);")]
+                             f"(s[e][l] != s[e][l] ? ({rc.T})s[e][l] : ({rc.T})0) : "
+                             f"({rc.T})(s[e][l] / s0[l]);")]
 
 
 REDUCTIONS["SumSoftMaxWeight"] = ReductionDef(

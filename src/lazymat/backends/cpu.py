@@ -142,11 +142,7 @@ def _run_split(launch: Launch, parts: int, lanes: int) -> tuple:
     per_part = [tuple(o.reshape((-1,) + shape) for o, (_, shape) in zip(part, shapes))
                 for part in outs]
     state = abi.combine(launch.red, xp, per_part, None, launch.K)
-    if launch.store == "state":
-        return state
-    # Sums' states are in the accumulator's type (double): the outputs in the data's.
-    return tuple(o if kind == "index" else xp.cast(o, like)
-                 for o, (kind, _) in zip(launch.red.finalize(xp, state), launch.shapes))
+    return state if launch.store == "state" else abi.finalize(launch.red, xp, state, like)
 
 
 def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int) -> None:

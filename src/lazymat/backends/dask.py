@@ -185,10 +185,7 @@ def finalize_task(job: BlockJob, state: Any, m: int, which: int | None = None) -
         outs, shapes = (state if isinstance(state, tuple) else (state,)), state_layout(job)
     else:
         with np.errstate(all="ignore"):
-            outs = job.red.finalize(NUMPY, state)
-        # Sums' states are in the accumulator's type (double): the outputs in the data's.
-        outs = tuple(o if o.dtype.kind == "i" else o.astype(job.dtype, copy=False)
-                     for o in map(np.asarray, outs))
+            outs = abi.finalize(job.red, NUMPY, state, np.empty(0, dtype=job.dtype))
         shapes = job.red.outputs(job.formula.dim, job.K,
                                  job.weight.dim if job.weight else None)
     outs = tuple(np.asarray(o).reshape(job.batch + (m,) + s) for o, (_, s) in zip(outs, shapes))
