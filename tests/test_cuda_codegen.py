@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -422,10 +423,11 @@ def test_emulation_shim_is_kept_in_sync():
 
 
 @requires_emulation
-@pytest.mark.parametrize("reduction", [r for r in REDUCTIONS if REDUCTIONS[r].split_with])
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
 def test_split_columns_run_like_reference(reduction):
-    """``nsplit`` column parts written one after the other, combined as the CUDA backend
-    does (``split_with``, ``state_of``, ``merge``, ``finalize``), equal the reduction."""
+    """``nsplit`` column parts, each kernel part storing its raw state (``store="state"``),
+    merged in column order with the reduction's ``merge`` and finalized, equal the
+    reduction."""
     import ctypes
 
     from lazymat.arraylib import NUMPY
@@ -433,7 +435,7 @@ def test_split_columns_run_like_reference(reduction):
 
     red = REDUCTIONS[reduction]
     f, w, K = reduction_case(reduction)
-    spec = spec_of(red.split_with, f, w, K, "float64", nargs=4)
+    spec = dataclasses.replace(spec_of(reduction, f, w, K, "float64", nargs=4), store="state")
     block, nsplit, M, N = 8, 3, 21, 50
     source = SHIM + cuda.render(spec, name="lm_cuda", block=block) + HOST % {"block": block}
     lib = load_library(source, name=f"cuda_emulation_split_{reduction}")
@@ -443,7 +445,7 @@ def test_split_columns_run_like_reference(reduction):
     rng = np.random.default_rng(4)
     arrays = [rng.standard_normal((M, 3)), rng.standard_normal((N, 3)),
               rng.random((N, 2)) + 0.1, rng.random(1) + 0.5]
-    shapes = spec.reduction.outputs(f.dim, K, w.dim if w is not None else None)
+    shapes = spec.stored  # value: T, acc: double, index: long long
     outs = [np.full((nsplit, M) + shape, -7, dtype=np.int64 if kind == "index" else np.float64)
             for kind, shape in shapes]
     ntasks, tasks, slices, redranges, _ = launch.dense_layout(M, N, block)
@@ -454,7 +456,7 @@ def test_split_columns_run_like_reference(reduction):
     assert lib.lm_emulation_ok()
     state = None
     for part in range(nsplit):
-        s = red.state_of(NUMPY, tuple(o[part] for o in outs))
+        s = tuple(o[part] for o in outs)
         state = s if state is None else red.merge(NUMPY, state, s, K=K)
     got = red.finalize(NUMPY, state)
     want = run(Request(reduction, f, K=K, weight=w), arrays, backend="reference")

@@ -80,11 +80,6 @@ class ReductionDef:
     tangents: Callable[..., Node] | None = None
     selects_with: str | None = None
     needs_log_normalizer: bool = False
-    # Splitting the columns from finalized outputs (the CUDA backend, until it stores
-    # states): each part runs ``split_with``, ``state_of(xp, outputs)`` turns its outputs
-    # into a state of this reduction. None: the outputs do not hold enough to combine.
-    split_with: str | None = None
-    state_of: Callable[[Any, tuple], Any] | None = None
 
     def outputs(self, fdim: int, K: int | None, wdim: int | None) -> Shapes:
         """(kind, shape per row) of each output, in order."""
@@ -177,8 +172,7 @@ REDUCTIONS["Sum"] = ReductionDef(
     finalize=lambda xp, s: s,
     c_decl=_sum_decl, c_tile=_sum_tile, c_store=_sum_store, c_state_store=_sum_state_store,
     cotangents=lambda F, W, G, O, L: (G, None),
-    tangents=lambda F, W, dF, dW, O, L: dF,
-    split_with="Sum", state_of=lambda xp, outs: (outs[0],))
+    tangents=lambda F, W, dF, dW, O, L: dF)
 
 
 # --------------------------------------------------------------------------- Min / Max and arg
@@ -252,9 +246,7 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
         block=block, merge=merge, finalize=finalize,
         c_decl=decl, c_tile=tile, c_store=store, c_state_store=state_store,
         selects_with=(("Min_ArgMin" if smaller else "Max_ArgMax") if "value" in outputs
-                      else None),
-        split_with="Min_ArgMin" if smaller else "Max_ArgMax",
-        state_of=lambda xp, outs: tuple(outs))
+                      else None))
 
 
 _extremum("Min", True, ("value",))
@@ -349,8 +341,7 @@ def _kmin(name: str, outputs: tuple[str, ...]):
         c_decl=decl, c_tile=tile, c_store=store,
         c_state_store=lambda rc: [write(rc, 0, "kv"), write(rc, 1, "ki")],
         needs_k=True,
-        selects_with="KMin_ArgKMin" if "value" in outputs else None,
-        split_with="KMin_ArgKMin", state_of=lambda xp, outs: tuple(outs))
+        selects_with="KMin_ArgKMin" if "value" in outputs else None)
 
 
 _kmin("KMin", ("value",))
@@ -525,23 +516,21 @@ REDUCTIONS["LogSumExp"] = ReductionDef(
     c_state_store=_shifted_exp_state_store,
     weight="optional", scalar_formula=True,
     cotangents=lambda F, W, G, O, L: _lse_cotangents(F, W, G, O),
-    tangents=_lse_tangents,
-    # log Σ over a part, per component: a state whose max is that value and sums are 1
-    split_with="LogSumExp",
-    state_of=lambda xp, outs: (outs[0], xp.full(outs[0].shape, 1.0, like=outs[0]),
-                               xp.full(outs[0].shape, 1.0, like=outs[0])))
+    tangents=_lse_tangents)
 
 
 def _softmax_finalize(xp, state):
     m, s0, s = state
     with xp.errstate():
         # m = -inf: every F is -inf (or no column): 0, NaN if a weight is NaN.
-        return (xp.where(m == -INF, xp.where(_isnan(s), s, 0.0), s / xp.where(m == -INF, 1.0, s0)),)
+        masked = xp.where(_isnan(s), s, 0.0)
+        return (xp.where(m == -INF, masked, s / xp.where(m == -INF, 1.0, s0)),)
 
 
 def _softmax_store(rc):
     return [_loop("e", rc.E, f"{rc.out(0)}[row * {rc.E} + e] = mx[l] == -INFINITY_T ? "
-                             f"(s[e][l] != s[e][l] ? ({rc.T})s[e][l] : ({rc.T})0) : ({rc.T})(s[e][l] / s0[l]);")]
+                             f"(s[e][l] != s[e][l] ? ({rc.T})s[e][l] : ({rc.T})0) : "
+                             f"({rc.T})(s[e][l] / s0[l]);")]
 
 
 REDUCTIONS["SumSoftMaxWeight"] = ReductionDef(

@@ -142,7 +142,7 @@ def _run_split(launch: Launch, parts: int, lanes: int) -> tuple:
     per_part = [tuple(o.reshape((-1,) + shape) for o, (_, shape) in zip(part, shapes))
                 for part in outs]
     state = abi.combine(launch.red, xp, per_part, None, launch.K)
-    return state if launch.store == "state" else launch.red.finalize(xp, state)
+    return state if launch.store == "state" else abi.finalize(launch.red, xp, state, like)
 
 
 def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int) -> None:

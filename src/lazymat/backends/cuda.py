@@ -292,7 +292,9 @@ def _run_on(launch: Launch, torch: Any, device: Any, index: int) -> tuple:
     per_part = [tuple(o[p].reshape((-1,) + shape) for o, (_, shape) in zip(outs, shapes))
                 for p in range(parts)]
     state = abi.combine(launch.red, launch.xp, per_part, None, launch.K)
-    return state if launch.store == "state" else launch.red.finalize(launch.xp, state)
+    if launch.store == "state":
+        return state
+    return abi.finalize(launch.red, launch.xp, state, launch.like)
 
 
 def _kernel(launch: Launch, block: int, index: int) -> Any:

@@ -111,17 +111,19 @@ class BlockJob:
 
 
 def state_layout(job: BlockJob) -> list[tuple[str, tuple[int, ...]]]:
-    """(kind, per-row shape) of each array of a block's raw state (the reduction's
-    ``state``)."""
-    return list(job.red.state(job.formula.dim, job.K, job.weight.dim if job.weight else None))
+    """(kind, per-row shape) of each array of a block's raw state, as ``block_state`` gives
+    it: the reduction's ``state``."""
+    red, fdim, wdim = job.red, job.formula.dim, (job.weight.dim if job.weight else None)
+    return list(red.state(fdim, job.K, wdim))
 
 
 def block_state(job: BlockJob, arrays: Sequence[Any], m: int, n: int) -> tuple:
-    """The raw state of one block (m output rows, n columns; indices local to the block):
-    a tuple of arrays of shape (nbatch * m,) + their per-row shape, stored by the kernel
-    of the worker's backend."""
+    """The raw state of one block (indices local to the block), each array of shape
+    (nbatch * m,) + its per-row shape, in the order of :func:`state_layout`: the kernel's
+    raw-state store."""
     rows = math.prod(job.batch) * m
-    state = REGISTRY[_worker_backend(job.backend)].run(job.launch(arrays, m, n, "state"))
+    backend = REGISTRY[_worker_backend(job.backend)]
+    state = backend.run(job.launch(arrays, m, n, "state"))
     return tuple(np.asarray(p).reshape((rows,) + s)
                  for p, (_, s) in zip(state, state_layout(job)))
 
@@ -184,12 +186,10 @@ def finalize_task(job: BlockJob, state: Any, m: int, which: int | None = None) -
         outs, shapes = state, state_layout(job)
     else:
         with np.errstate(all="ignore"):
-            outs = job.red.finalize(NUMPY, state)
+            outs = abi.finalize(job.red, NUMPY, state, np.empty(0, dtype=job.dtype))
         shapes = job.red.outputs(job.formula.dim, job.K,
-                                  job.weight.dim if job.weight else None)
-    # values in the data's dtype (a sum's state is its accumulator), as the kernel stores them
-    outs = tuple(np.asarray(o, dtype=job.dtype if kind == "value" else None)
-                 .reshape(job.batch + (m,) + s) for o, (kind, s) in zip(outs, shapes))
+                                 job.weight.dim if job.weight else None)
+    outs = tuple(np.asarray(o).reshape(job.batch + (m,) + s) for o, (_, s) in zip(outs, shapes))
     return outs if which is None else outs[which]
 
 

@@ -202,3 +202,17 @@ def combine(red: Any, xp: Any, states: Sequence[Any], column_starts: Sequence[in
 def _rows(a: Any) -> Any:
     """(pairs, rows, ...) -> (pairs * rows, ...): every pair's rows side by side."""
     return a.reshape((-1,) + tuple(a.shape[2:]))
+
+
+def finalize(red: Any, xp: Any, state: Any, like: Any) -> tuple:
+    """The outputs of ``red`` from a merged state, values in ``like``'s dtype (sums' states
+    are in the accumulator's type, double by default).
+
+    >>> import numpy as np
+    >>> from lazymat.arraylib import NUMPY
+    >>> from lazymat.reductions import REDUCTIONS
+    >>> finalize(REDUCTIONS["Sum"], NUMPY, (np.ones((2, 1)),), np.zeros(1, np.float32))[0].dtype
+    dtype('float32')
+    """
+    return tuple(o if kind == "index" else xp.cast(o, like)
+                 for o, kind in zip(red.finalize(xp, state), red.output_kinds))
