@@ -85,17 +85,20 @@ class Emitter:
                     self.nodes.append(n)
         uses: dict[int, int] = {}
         consumer_level: dict[int, int] = {}
+        broadcast: set[int] = set()
         for n in self.nodes:
             for a in n.args:
                 uses[id(a)] = uses.get(id(a), 0) + 1
                 consumer_level[id(a)] = n.deps
+                if a.dim < n.dim:  # inlined, a would be recomputed for each of n's components
+                    broadcast.add(id(a))
         roots_ids = {id(r) for r in roots}
         self.materialized: dict[int, str] = {}
         for n in self.nodes:
             if n.op in ("Var", "Const"):
                 continue
             if (id(n) in roots_ids or not OPS[n.op].elementwise or uses.get(id(n), 0) > 1
-                    or consumer_level.get(id(n)) != n.deps):
+                    or consumer_level.get(id(n)) != n.deps or id(n) in broadcast):
                 self.materialized[id(n)] = f"t{len(self.materialized)}"
 
     # ------------------------------------------------------------------ expressions
