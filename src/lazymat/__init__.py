@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .errors import CompileError, DtypeError, FormulaSyntaxError, LazymatError, ShapeError
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
-from .lazy_tensor import LazyTensor, Pm, Vi, Vj
+from .lazy_tensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
+from .pykeops_compat import install_as_pykeops, uninstall_as_pykeops
 from .ranges import (
     cluster_centroids,
     cluster_ranges,
@@ -26,7 +27,8 @@ from .solve import ConvergenceWarning, KernelSolve
 __version__ = "0.1.0"
 
 __all__ = [
-    "LazyTensor", "Vi", "Vj", "Pm", "Genred", "generic_sum", "generic_logsumexp",
+    "LazyTensor", "ComplexLazyTensor", "Vi", "Vj", "Pm", "install_as_pykeops",
+    "uninstall_as_pykeops", "Genred", "generic_sum", "generic_logsumexp",
     "generic_argmin", "generic_argkmin", "KernelSolve", "ConvergenceWarning", "cache_clear",
     "check_health", "grid_cluster", "sort_clusters", "cluster_ranges", "cluster_centroids",
     "cluster_ranges_centroids", "from_matrix", "swap_axes",
@@ -53,7 +55,10 @@ def check_health(verbose: bool = True) -> dict:
     """
     from .compile import health_report
 
+    from .pykeops_compat import active
+
     report = health_report()
+    report["pykeops"] = active()  # what `import pykeops` gives: lazymat, the real one, none
     if verbose:
         print("lazymat", __version__)
         for key, value in report.items():
@@ -62,3 +67,12 @@ def check_health(verbose: bool = True) -> dict:
             print("  -> no C++ compiler: reductions use the slow reference backend. "
                   "Install g++ (or set CXX).")
     return report
+
+
+def _switch_from_environment() -> None:
+    from .pykeops_compat import install_from_environment
+
+    install_from_environment()
+
+
+_switch_from_environment()  # LAZYMAT_AS_PYKEOPS=1: `import pykeops` gives lazymat
