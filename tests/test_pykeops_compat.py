@@ -478,6 +478,30 @@ def test_the_switch_never_shadows_a_real_pykeops_silently(tmp_path):
     assert forced.returncode == 0 and forced.stdout.strip().endswith("lazymat"), forced.stderr
 
 
+def test_the_shim_defers_to_lazymat_when_the_variable_is_set(tmp_path):
+    shims = tmp_path / "shims"
+    r = _run(f"import lazymat.pykeops_compat as c; print(c.write_shim({str(shims)!r}))")
+    assert r.returncode == 0 and r.stdout.strip().endswith("__init__.py"), r.stderr
+    code = """
+        try:
+            import pykeops.torch, lazymat
+            print(pykeops.torch.LazyTensor is lazymat.LazyTensor,
+                  lazymat.check_health(verbose=False)["pykeops"])
+        except ImportError as e:
+            print("ImportError", e)
+    """
+    on = _run(code, env={"LAZYMAT_AS_PYKEOPS": "1"}, cwd=str(shims))
+    assert on.returncode == 0 and on.stdout.split() == ["True", "lazymat"], on.stderr
+    off = _run(code, cwd=str(shims))
+    assert off.returncode == 0 and "LAZYMAT_AS_PYKEOPS=1" in off.stdout, off.stderr
+    # never over a real pykeops
+    real = tmp_path / "real" / "pykeops"
+    real.mkdir(parents=True)
+    (real / "__init__.py").write_text("__version__ = '2.3'\n")
+    refused = _run(f"import lazymat.pykeops_compat as c; c.write_shim({str(real.parent)!r})")
+    assert refused.returncode != 0 and "real pykeops" in refused.stderr
+
+
 def test_the_environment_variable_turns_the_switch_on(tmp_path):
     r = _run("""
         import lazymat, pykeops.torch

@@ -6,8 +6,10 @@
 It never shadows a real pykeops silently: if one is installed (or already imported) it
 raises, unless ``force=True`` says so explicitly. The environment variable
 ``LAZYMAT_AS_PYKEOPS=1`` turns the switch on when lazymat is imported (same rules;
-``LAZYMAT_AS_PYKEOPS=force`` shadows an installed pykeops). ``check_health()`` reports
-which one is active.
+``LAZYMAT_AS_PYKEOPS=force`` shadows an installed pykeops); for programs that never import
+lazymat, ``python -m lazymat.pykeops_compat --shim`` writes a tiny ``pykeops`` package
+that defers to lazymat when that variable is set (and fails to import otherwise).
+``check_health()`` reports which one is active.
 
 >>> import lazymat
 >>> lazymat.install_as_pykeops()  # doctest: +SKIP
@@ -46,9 +48,18 @@ def active() -> str:
 def _find_real() -> str | None:
     """The location of an installed pykeops, searched on sys.path without importing it."""
     spec = importlib.machinery.PathFinder.find_spec("pykeops")
-    if spec is None:
+    if spec is None or _is_shim(spec.origin):
         return None
     return spec.origin or ", ".join(spec.submodule_search_locations or []) or "?"
+
+
+def _is_shim(path: str | None) -> bool:
+    """Whether a pykeops file is the shim :func:`write_shim` wrote."""
+    try:
+        with open(path or "", encoding="utf-8") as f:
+            return "lazymat's pykeops shim" in f.read(200)
+    except OSError:
+        return False
 
 
 def install_as_pykeops(force: bool = False) -> None:
@@ -63,7 +74,7 @@ def install_as_pykeops(force: bool = False) -> None:
     if current is not None and getattr(current, _MARK, False):
         return  # already on
     if not force:
-        if current is not None:
+        if current is not None and not getattr(current, "__lazymat_shim_file__", False):
             raise RuntimeError("install_as_pykeops: the real pykeops is already imported "
                                f"({getattr(current, '__file__', '?')}); lazymat will not "
                                "replace it silently: call install_as_pykeops(force=True) "
@@ -232,6 +243,48 @@ def test_torch_bindings() -> bool:
     return _bindings_test("torch")
 
 
+_SHIM = '''"""lazymat's pykeops shim (written by ``python -m lazymat.pykeops_compat --shim``).
+
+With LAZYMAT_AS_PYKEOPS=1 in the environment, ``import pykeops`` gives lazymat; without it
+the import fails as if pykeops were not installed (libraries then take their fallbacks).
+"""
+import os
+
+if os.environ.get("LAZYMAT_AS_PYKEOPS", "").strip().lower() not in ("1", "true", "yes", "on",
+                                                                    "force"):
+    raise ImportError("this pykeops is lazymat's shim: set LAZYMAT_AS_PYKEOPS=1 to use lazymat "
+                      "under pykeops' name")
+__lazymat_shim_file__ = True  # lazymat may replace this module
+import lazymat.pykeops_compat
+
+lazymat.pykeops_compat.install_as_pykeops(force=True)  # replaces this module
+'''
+
+
+def write_shim(directory: str | None = None) -> str:
+    """Write the tiny ``pykeops`` package that defers to lazymat when ``LAZYMAT_AS_PYKEOPS=1``
+    into ``directory`` (default: the site-packages lazymat is installed in); returns its
+    path. Refuses where a real pykeops is installed.
+
+    >>> write_shim("/tmp/shims")  # doctest: +SKIP
+    '/tmp/shims/pykeops/__init__.py'
+    """
+    import sysconfig
+
+    directory = os.fspath(directory or sysconfig.get_paths()["purelib"])
+    target = os.path.join(directory, "pykeops")
+    init = os.path.join(target, "__init__.py")
+    if os.path.exists(target):
+        with open(init, encoding="utf-8") if os.path.exists(init) else open(os.devnull) as f:
+            if "lazymat's pykeops shim" not in f.read():
+                raise RuntimeError(f"write_shim: a real pykeops is installed at {target}; "
+                                   f"lazymat will not replace it")
+    os.makedirs(target, exist_ok=True)
+    with open(init, "w", encoding="utf-8") as f:
+        f.write(_SHIM)
+    return init
+
+
 def install_from_environment() -> None:
     """The ``LAZYMAT_AS_PYKEOPS`` variable: "1" turns the switch on, "force" shadows a real
     pykeops too; anything else (or unset) does nothing."""
@@ -240,3 +293,10 @@ def install_from_environment() -> None:
         install_as_pykeops()
     elif value == "force":
         install_as_pykeops(force=True)
+
+
+if __name__ == "__main__":  # python -m lazymat.pykeops_compat --shim [DIRECTORY]
+    args = sys.argv[1:]
+    if not args or args[0] != "--shim":
+        sys.exit("usage: python -m lazymat.pykeops_compat --shim [DIRECTORY]")
+    print(write_shim(args[1] if len(args) > 1 else None))
