@@ -8,7 +8,7 @@
 - GeomLoss: ``SamplesLoss("sinkhorn", p=2, blur=0.05)`` value and gradient,
   ``backend="online"`` against ``backend="tensorized"``, float32, D = 3.
 
-Best of two warm runs; the table gives the load average, since the machine may be shared.
+One warm run, then one timed run; the table gives the load average, since the machine may be shared.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ lazymat.install_as_pykeops()
 import torch  # noqa: E402
 
 
-def _best(f, repeat: int = 2) -> float:
+def _best(f, repeat: int = 1) -> float:
     f()  # warm: compiles, caches
     times = []
     for _ in range(repeat):

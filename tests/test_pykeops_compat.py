@@ -2,6 +2,7 @@
 each checked against dense numpy/torch; the opt-in ``install_as_pykeops()`` switch; SciPy's
 ``aslinearoperator`` on a LazyTensor."""
 
+import importlib.machinery
 import os
 import pickle
 import subprocess
@@ -18,6 +19,9 @@ from lazymat import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
 from lazymat.torch.utils import torchtools
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
+# the switch refuses to shadow a real pykeops (the bench extra installs one): those tests skip
+REAL_PYKEOPS = importlib.machinery.PathFinder.find_spec("pykeops") is not None
+no_real_pykeops = pytest.mark.skipif(REAL_PYKEOPS, reason="a real pykeops is installed")
 
 
 def tol(dtype):
@@ -46,8 +50,10 @@ def test_feature_axis_nbatch_plus_2_is_the_component_op(pts):
     D_ij = (x_i - y_j) ** 2
     for axis in (2, -1):
         np.testing.assert_allclose(t(D_ij.sum(axis).sum(1)), t(diff.sum(-1).sum(1))[:, None])
-        np.testing.assert_allclose(t(D_ij.sum(dim=axis).sum(dim=0)), t(diff.sum(-1).sum(0))[:, None])
-        np.testing.assert_allclose(t(D_ij.min(axis).min(1)), t(diff.min(-1).values.min(1).values)[:, None])
+        np.testing.assert_allclose(t(D_ij.sum(dim=axis).sum(dim=0)),
+                                   t(diff.sum(-1).sum(0))[:, None])
+        np.testing.assert_allclose(t(D_ij.min(axis).min(1)),
+                                   t(diff.min(-1).values.min(1).values)[:, None])
         np.testing.assert_allclose(t(D_ij.max(axis=axis).max(1)),
                                    t(diff.max(-1).values.max(1).values)[:, None])
         # argmin over the components, then a value reduction of those indices
@@ -55,7 +61,8 @@ def test_feature_axis_nbatch_plus_2_is_the_component_op(pts):
                                    t(diff.argmin(-1).double().sum(1))[:, None])
         np.testing.assert_allclose(t(D_ij.argmax(dim=axis).sum(1)),
                                    t(diff.argmax(-1).double().sum(1))[:, None])
-    np.testing.assert_allclose(t((x_i - y_j).norm(dim=2).sum(1)), t(diff.sum(-1).sqrt().sum(1))[:, None])
+    np.testing.assert_allclose(t((x_i - y_j).norm(dim=2).sum(1)),
+                               t(diff.sum(-1).sqrt().sum(1))[:, None])
     # the default of sum/min/max/argmin/argmax is the feature axis, as in pykeops
     assert D_ij.sum().ndim == 1 and D_ij.sum().shape == (40, 30)
 
@@ -79,7 +86,8 @@ def test_reduction_spellings_always_reduce(pts):
     x, y = pts
     K = (-Vi(x).sqdist(Vj(y))).exp()
     Kd = torch.exp(-torch.cdist(x, y) ** 2)
-    np.testing.assert_allclose(t(K.sum_reduction(axis=1)), t(Kd.sum(1, keepdim=True)), **tol(x.dtype))
+    np.testing.assert_allclose(t(K.sum_reduction(axis=1)),
+                               t(Kd.sum(1, keepdim=True)), **tol(x.dtype))
     np.testing.assert_allclose(t(K.sum_reduction(dim=0)), t(Kd.sum(0))[:, None], **tol(x.dtype))
     np.testing.assert_allclose(t(K.min_reduction(dim=1)), t(Kd.min(1).values)[:, None])
     np.testing.assert_array_equal(t(K.argmax_reduction(axis=1))[:, 0], t(Kd.argmax(1)))
@@ -101,7 +109,8 @@ def test_weights_as_other_and_K_as_a_0d_tensor(pts):
     D = Vi(x).sqdist(Vj(y))
     Dd = torch.cdist(x, y) ** 2
     for K in (torch.tensor(3), np.int64(3), torch.tensor(3.0)):
-        np.testing.assert_array_equal(t(D.argKmin(K, dim=1)), t(Dd.topk(3, 1, largest=False).indices))
+        np.testing.assert_array_equal(t(D.argKmin(K, dim=1)),
+                                      t(Dd.topk(3, 1, largest=False).indices))
         np.testing.assert_allclose(t(D.Kmin(K=K, dim=1)), t(Dd.topk(3, 1, largest=False).values),
                                    **tol(x.dtype))
         vals, idx = D.Kmin_argKmin(K, 1)
@@ -424,6 +433,7 @@ def _run(code: str, env: dict | None = None, cwd: str | None = None) -> subproce
                           text=True, env=full, timeout=240, cwd=cwd)
 
 
+@no_real_pykeops
 def test_install_as_pykeops_gives_the_pykeops_modules(tmp_path):
     r = _run("""
         import lazymat
@@ -478,6 +488,7 @@ def test_the_switch_never_shadows_a_real_pykeops_silently(tmp_path):
     assert forced.returncode == 0 and forced.stdout.strip().endswith("lazymat"), forced.stderr
 
 
+@no_real_pykeops
 def test_the_shim_defers_to_lazymat_when_the_variable_is_set(tmp_path):
     shims = tmp_path / "shims"
     r = _run(f"import lazymat.pykeops_compat as c; print(c.write_shim({str(shims)!r}))")
@@ -502,6 +513,7 @@ def test_the_shim_defers_to_lazymat_when_the_variable_is_set(tmp_path):
     assert refused.returncode != 0 and "real pykeops" in refused.stderr
 
 
+@no_real_pykeops
 def test_the_environment_variable_turns_the_switch_on(tmp_path):
     r = _run("""
         import lazymat, pykeops.torch

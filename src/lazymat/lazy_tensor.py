@@ -1148,8 +1148,13 @@ def _symbolic_lazy(index: Any, dim: Any, cat: int) -> LazyTensor:
 
 
 def LazyVar(x: Any, dim: int | None = None, cat: int | None = None) -> LazyTensor:
-    """pykeops' ``Var`` (exported under that name by lazymat.torch and lazymat.numpy): ``Var(x, axis)``-style data (cat 0: i, 1: j, 2: parameter), or the
-    symbolic ``Var(index, dim, cat)``."""
+    """pykeops' ``Var`` (exported under that name by lazymat.torch and lazymat.numpy): data
+    with a category (0: i, 1: j, 2: parameter), or the symbolic ``Var(index, dim, cat)``.
+
+    >>> import numpy as np
+    >>> LazyVar(np.ones((4, 2)), cat=0).ni, LazyVar(0, 2, 1).symbolic_variables
+    (4, ((0, 2, 1),))
+    """
     if dim is None:
         return Pm(x) if cat == P_CAT else LazyTensor(x, axis=cat)
     return _symbolic_lazy(x, dim, cat) if cat == P_CAT else _variable(x, dim, cat)

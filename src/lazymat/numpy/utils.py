@@ -124,7 +124,8 @@ def differences(x: Any, y: Any) -> Any:
 
 
 def np_kernel(x: Any, y: Any, s: float, kernel: str) -> Any:
-    """The dense kernel matrix of pykeops' tests: gaussian, laplacian, cauchy, inverse_multiquadric."""
+    """The dense kernel matrix of pykeops' tests: gaussian, laplacian, cauchy or
+    inverse_multiquadric."""
     sq = squared_distances(x, y)
     if kernel == "gaussian":
         return np.exp(-sq / (s * s))
