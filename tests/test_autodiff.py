@@ -374,7 +374,7 @@ def random_formulas(draw, broadcast_add: bool):
 
 def _check_against_dense(F, dims, axis, seed=0):
     from lazymat.arraylib import lib_of
-    from lazymat.backends.reference import evaluate
+    from lazymat.formula.evaluate import evaluate
 
     di, dj, dp = dims
     m, n = 4, 5
@@ -617,7 +617,7 @@ def test_inputs_without_grad_cost_nothing(monkeypatch, wanted, new_kernels):
     """One backward reduction per category of wanted inputs, none for the others."""
     from lazymat.backends import cpu
 
-    monkeypatch.setattr(cpu, "_kernels", {})  # this test's kernels only (they load from disk)
+    monkeypatch.setattr(cpu, "kernels", {})  # this test's kernels only (they load from disk)
     rng = np.random.default_rng(9)
     tensors = {"x": _t(rng.standard_normal((M, 4)), grad="x" in wanted),
                "y": _t(rng.standard_normal((N, 4)), grad="y" in wanted),
@@ -628,13 +628,13 @@ def test_inputs_without_grad_cost_nothing(monkeypatch, wanted, new_kernels):
 
     with torch.no_grad():
         forward()
-    assert len(cpu._kernels) == 1
+    assert len(cpu.kernels) == 1
     a = forward()
-    assert len(cpu._kernels) == 1
+    assert len(cpu.kernels) == 1
     assert a.requires_grad == bool(wanted)
     if wanted:
         a.pow(2).sum().backward()
-    assert len(cpu._kernels) == 1 + new_kernels, list(cpu._kernels)
+    assert len(cpu.kernels) == 1 + new_kernels, list(cpu.kernels)
     for name, t in tensors.items():
         if name in wanted:
             assert t.grad is not None and t.grad.shape == t.shape

@@ -289,7 +289,7 @@ extern "C" int lm_emulation_ok(void) { return lm_team_ok; }
 extern "C" void lm_set_split(i64 nsplit) { lm_nsplit = nsplit; }
 extern "C" void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntasks,
                           const i64* tasks, const i64* slices, const i64* redranges,
-                          void** args, void* out, i64* out_idx, int threads) {
+                          void** args, void** outs, int threads) {
   (void)threads;
   omp_set_dynamic(0);
   #pragma omp parallel num_threads(%(block)d)
@@ -299,8 +299,10 @@ extern "C" void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntas
       threadIdx.x = omp_get_thread_num();
       lm_cuda_scope::Args by_value;  // the kernel takes the pointers by value
       memcpy(by_value.p, args, sizeof by_value.p);
-      lm_cuda_scope::lm_cuda(M, N, nbatch, lm_nsplit, (N + lm_nsplit - 1) / lm_nsplit,
-                             offsets, ntasks, tasks, slices, redranges, by_value, out, out_idx);
+      lm_cuda_scope::Outs outs_by_value;
+      memcpy(outs_by_value.p, outs, sizeof outs_by_value.p);
+      lm_cuda_scope::lm_cuda(M, N, nbatch, lm_nsplit, (N + lm_nsplit - 1) / lm_nsplit, offsets,
+                             ntasks, tasks, slices, redranges, by_value, outs_by_value);
     }
   }
 }
@@ -321,10 +323,10 @@ def emulate(monkeypatch):
         lib = load_library(source, name=f"cuda_emulation_{spec.reduction.name}")
         libs.append(lib)
         fn = lib.lm_kernel
-        fn.argtypes, fn.restype = cpu._ARGTYPES, None
+        fn.argtypes, fn.restype = cpu.ARGTYPES, None
         return fn
 
-    monkeypatch.setattr(cpu, "_kernels", {})
+    monkeypatch.setattr(cpu, "kernels", {})
     monkeypatch.setattr(cpu, "kernel_for", kernel_for)
     yield
     assert all(lib.lm_emulation_ok() for lib in libs), "OpenMP gave a team of the wrong size"
@@ -430,7 +432,7 @@ def test_split_columns_run_like_reference(reduction):
     import ctypes
 
     from lazymat.arraylib import NUMPY
-    from lazymat.backends import cpu
+    from lazymat.backends import cpu, launch
 
     red = REDUCTIONS[reduction]
     f, w, K = reduction_case(reduction)
@@ -440,19 +442,18 @@ def test_split_columns_run_like_reference(reduction):
     lib = load_library(source, name=f"cuda_emulation_split_{reduction}")
     lib.lm_set_split(nsplit)
     fn = lib.lm_kernel
-    fn.argtypes, fn.restype = cpu._ARGTYPES, None
+    fn.argtypes, fn.restype = cpu.ARGTYPES, None
     rng = np.random.default_rng(4)
     arrays = [rng.standard_normal((M, 3)), rng.standard_normal((N, 3)),
               rng.random((N, 2)) + 0.1, rng.random(1) + 0.5]
-    shapes = spec.reduction.out_dims(f.dim, K, w.dim if w is not None else None)
+    shapes = spec.reduction.outputs(f.dim, K, w.dim if w is not None else None)
     outs = [np.full((nsplit, M) + shape, -7, dtype=np.int64 if kind == "index" else np.float64)
             for kind, shape in shapes]
-    ntasks, tasks, slices, redranges, _ = cpu._dense_layout(M, N, block)
+    ntasks, tasks, slices, redranges, _ = launch.dense_layout(M, N, block)
     ptrs = (ctypes.c_void_p * 4)(*[a.ctypes.data for a in arrays])
-    values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
-    indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
-    fn(M, N, 1, cpu._no_offsets(4), ntasks, tasks, slices, redranges, ptrs,
-       values[0].ctypes.data if values else None, indices[0].ctypes.data if indices else None, 1)
+    out_ptrs = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
+    fn(M, N, 1, launch.zero_offsets(4).ctypes.data, ntasks, tasks, slices, redranges, ptrs,
+       out_ptrs, 1)
     assert lib.lm_emulation_ok()
     state = None
     for part in range(nsplit):

@@ -328,54 +328,54 @@ def test_float_constants_do_not_recompile(data):
         return (Vi(x).sqdist(Vj(y)) * c).exp().sum(dim=1, backend="cpu")
 
     np.testing.assert_allclose(run(-0.5), np.exp(-0.5 * D).sum(1, keepdims=True), rtol=1e-12)
-    n_kernels, n_compiles = len(cpu_backend._kernels), stats["compiles"]
+    n_kernels, n_compiles = len(cpu_backend.kernels), stats["compiles"]
     for c in (-0.7, 0.25, -1.5e-3):
         np.testing.assert_allclose(run(c), np.exp(c * D).sum(1, keepdims=True), rtol=1e-12)
-    assert len(cpu_backend._kernels) == n_kernels
+    assert len(cpu_backend.kernels) == n_kernels
     assert stats["compiles"] == n_compiles
 
     # a clamp bound and a real exponent too (one float per formula)
     xp, yp, s = data["xp"], data["yp"], data["s"]
     (Vi(xp) * Vj(yp)).clamp(Vi(s), 0.9).sum(dim=1, backend="cpu")
     ((Vi(xp) * Vj(yp)) ** 1.5).sum(dim=1, backend="cpu")
-    n_kernels = len(cpu_backend._kernels)
+    n_kernels = len(cpu_backend.kernels)
     r = (Vi(xp) * Vj(yp)).clamp(Vi(s), 0.8).sum(dim=1, backend="cpu")
     np.testing.assert_allclose(r, np.minimum(np.maximum(_i(xp) * _j(yp), _i(s)), 0.8).sum(1),
                                rtol=1e-12)
     r = ((Vi(xp) * Vj(yp)) ** 2.5).sum(dim=1, backend="cpu")
     np.testing.assert_allclose(r, ((_i(xp) * _j(yp)) ** 2.5).sum(1), rtol=1e-12)
-    assert len(cpu_backend._kernels) == n_kernels
+    assert len(cpu_backend.kernels) == n_kernels
 
 
 def test_same_arrays_new_lazytensors_no_new_kernel(data):
     x, y = data["x"], data["y"]
     (Vi(x) * Vj(y)).sum(dim=1, backend="cpu")
-    n_kernels, n_compiles = len(cpu_backend._kernels), stats["compiles"]
+    n_kernels, n_compiles = len(cpu_backend.kernels), stats["compiles"]
     for _ in range(3):
         r = (Vi(x) * Vj(y)).sum(dim=1, backend="cpu")
     np.testing.assert_allclose(r, (_i(x) * _j(y)).sum(1), rtol=1e-12)
-    assert len(cpu_backend._kernels) == n_kernels and stats["compiles"] == n_compiles
+    assert len(cpu_backend.kernels) == n_kernels and stats["compiles"] == n_compiles
 
 
 def test_equal_formulas_share_a_kernel_whatever_the_arrays():
     rng = np.random.default_rng(5)
     a, b = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
-    n_kernels = len(cpu_backend._kernels)
+    n_kernels = len(cpu_backend.kernels)
     (Vi(a) * Vj(b) * 7919).sum(dim=1, backend="cpu")  # a formula no other test uses
-    assert len(cpu_backend._kernels) == n_kernels + 1
+    assert len(cpu_backend.kernels) == n_kernels + 1
     r = (Vi(b) * Vj(a) * 7919).sum(dim=1, backend="cpu")  # the same formula x_i * y_j * 7919
     np.testing.assert_allclose(r, (_i(b) * _j(a)).sum(1) * 7919, rtol=1e-12)
-    assert len(cpu_backend._kernels) == n_kernels + 1
+    assert len(cpu_backend.kernels) == n_kernels + 1
 
 
 def test_changing_two_float_constants_no_new_kernel(data):
     K = Vi(data["xp"]) * Vj(data["yp"])
     K.clamp(0.0123, 0.0456).sum(dim=1, backend="cpu")
-    n_kernels = len(cpu_backend._kernels)
+    n_kernels = len(cpu_backend.kernels)
     r = K.clamp(0.0078, 0.0123).sum(dim=1, backend="cpu")
     np.testing.assert_allclose(r, np.clip(_i(data["xp"]) * _j(data["yp"]), 0.0078, 0.0123).sum(1),
                                rtol=1e-12)
-    assert len(cpu_backend._kernels) == n_kernels
+    assert len(cpu_backend.kernels) == n_kernels
 
 
 # --------------------------------------------------------------------------- non-contiguous inputs

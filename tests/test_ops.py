@@ -46,14 +46,27 @@ class Row:
     oracle: Callable[[SimpleNamespace], np.ndarray]
     dom: dict = field(default_factory=dict)  # variable name -> domain (default "normal")
     pdim: int = 3
+    # Unary math ops: (float64 oracle of the op, of its derivative, (lo, hi)) for the
+    # accuracy tests over a wide range (tails, near 0), forward and backward.
+    precise: tuple | None = None
 
     @property
     def id(self) -> str:
         return f"{self.op}-{self.variant}" if self.variant else self.op
 
 
-def R(op, build, oracle, variant="", pdim=3, **dom):
-    return Row(op, variant, build, oracle, dom, pdim)
+def R(op, build, oracle, variant="", pdim=3, precise=None, **dom):
+    return Row(op, variant, build, oracle, dom, pdim, precise)
+
+
+def _scipy(name):
+    """scipy.special's ``name`` (imported when the oracle runs: scipy is a test extra)."""
+    def fn(a):
+        import scipy.special
+
+        return getattr(scipy.special, name)(a)
+
+    return fn
 
 
 def _matvec(a, b):
@@ -135,6 +148,23 @@ ROWS = [
       x="int", y="int"),
     R("Sin", lambda v: apply("Sin", v.x * v.y), lambda a: np.sin(a.x * a.y)),
     R("Cos", lambda v: apply("Cos", v.x + v.y), lambda a: np.cos(a.x + a.y)),
+    R("Sinh", lambda v: apply("Sinh", v.x - v.y), lambda a: np.sinh(a.x - a.y),
+      precise=(np.sinh, np.cosh, (-80, 80))),
+    R("Cosh", lambda v: apply("Cosh", v.x * v.y), lambda a: np.cosh(a.x * a.y),
+      precise=(np.cosh, np.sinh, (-80, 80))),
+    R("Tanh", lambda v: apply("Tanh", v.x - v.y), lambda a: np.tanh(a.x - a.y),
+      precise=(np.tanh, lambda a: 1 / np.cosh(a) ** 2, (-100, 100))),
+    R("Expm1", lambda v: apply("Expm1", v.x * v.y), lambda a: np.expm1(a.x * a.y),
+      precise=(np.expm1, np.exp, (-100, 80))),
+    R("Log1p", lambda v: apply("Log1p", v.x * v.t), lambda a: np.log1p(a.x * a.t),
+      precise=(np.log1p, lambda a: 1 / (1 + a), (-0.999, 1e3)), x="pos", t="pos"),
+    R("Sigmoid", lambda v: apply("Sigmoid", v.x * v.y), lambda a: 1 / (1 + np.exp(-a.x * a.y)),
+      precise=(_scipy("expit"), lambda a: _scipy("expit")(a) * _scipy("expit")(-a),
+               (-100, 100))),
+    R("Softplus", lambda v: apply("Softplus", v.x * v.y), lambda a: np.logaddexp(a.x * a.y, 0),
+      precise=(lambda a: np.logaddexp(a, 0), _scipy("expit"), (-100, 1e3))),
+    R("Erf", lambda v: apply("Erf", v.x - v.y), lambda a: _scipy("erf")(a.x - a.y),
+      precise=(_scipy("erf"), lambda a: 2 / np.sqrt(np.pi) * np.exp(-a * a), (-10, 10))),
     R("Powf", lambda v: apply("Powf", v.x, v.y), lambda a: a.x ** a.y, x="pos", y="small"),
     R("Powf", lambda v: apply("Powf", v.x, v.t), lambda a: a.x ** a.t, "bcast",
       x="pos", t="small"),
@@ -588,6 +618,165 @@ def test_op_sum_torch(row):
         assert_close(out, want, dtype, mag=mag, err_msg=f"torch {backend}, {row.id}")
 
 
+# --------------------------------------------------------------------------- precise math ops
+
+PRECISE_ROWS = [r for r in ROWS if r.precise is not None]
+
+
+def _wide_grid(lo: float, hi: float) -> np.ndarray:
+    """0, ±1e-10 .. ±1e3 (log-spaced), and the ends, clipped to [lo, hi]."""
+    mags = np.logspace(-10, 3, 261)
+    pts = np.concatenate([[0.0, lo, hi], mags, -mags, np.linspace(lo, hi, 101)])
+    return np.unique(pts[(pts >= lo) & (pts <= hi)])
+
+
+# float32: within 16 ulps of the float64 truth of the float32 input (libmvec's vector
+# functions are within 4); results below float32's smallest normal may be flushed to 0.
+# float64: within 64 ulps (our lm_exp, libm, and the few roundings of Sigmoid/Softplus).
+_PRECISE_TOL = {"float32": (16 * 2.0**-23, 1.2e-38), "float64": (64 * 2.0**-52, 2.3e-308)}
+
+
+def _precise_data(row, dtype):
+    lo, hi = row.precise[2]
+    s = _wide_grid(lo, hi).astype(dtype)
+    return s, np.asarray(row.precise[0](s.astype(np.float64)), dtype=np.float64)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("row", PRECISE_ROWS, ids=[r.id for r in PRECISE_ROWS])
+def test_precise_ops_match_numpy_and_scipy(row, dtype, backend):
+    """Forward: op(s_i) on a wide grid (tails, near 0) to within a few ulps, per point."""
+    s, want = _precise_data(row, dtype)
+    f = apply(row.op, Var(0, 1, 0)) * Var(1, 1, 1)
+    (got,) = run(Request("Sum", f, axis=1), [s[:, None], np.ones((1, 1), dtype)],
+                 backend=backend)
+    got = got[:, 0].astype(np.float64)
+    want = np.where(np.abs(want) > np.finfo(dtype).max, np.copysign(np.inf, want), want)
+    rtol, atol = _PRECISE_TOL[dtype]
+    err = np.abs(got - want)
+    bad = ~((err <= rtol * np.abs(want) + atol) | (got == want))
+    assert not bad.any(), (f"{row.op} {dtype} {backend}: at s = {s[bad][:5]} got {got[bad][:5]}"
+                           f", want {want[bad][:5]}")
+
+
+# The gradient formula is a product of a few rounded factors: a few times the tolerance.
+_PRECISE_GRAD_TOL = {"float32": (32 * 2.0**-23, 1.2e-38), "float64": (256 * 2.0**-52, 2.3e-308)}
+
+
+@requires_torch
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("row", PRECISE_ROWS, ids=[r.id for r in PRECISE_ROWS])
+def test_precise_ops_gradients(row, dtype):
+    """Backward: d/ds Σ_j op(s_i) t_j by torch autograd through the compiled kernels (the
+    LazyTensor method the op registers, its VJP) against the float64 derivative, per point,
+    in the tails too (where 1 - tanh² would be 0)."""
+    import torch
+
+    import lazymat as lm
+
+    s, _ = _precise_data(row, dtype)
+    with np.errstate(all="ignore"):
+        want = np.asarray(row.precise[1](s.astype(np.float64)), dtype=np.float64)
+    si = torch.tensor(s[:, None], requires_grad=True)
+    t = torch.ones((2, 1), dtype=getattr(torch, dtype))
+    out = (getattr(lm.Vi(si), row.op.lower())() * lm.Vj(t)).sum(dim=1)
+    assert out.dtype == getattr(torch, dtype)
+    (got,) = torch.autograd.grad(out.sum(), si)
+    got = got[:, 0].double().numpy() / 2  # two columns t_j = 1
+    rtol, atol = _PRECISE_GRAD_TOL[dtype]
+    big = np.finfo(dtype).max
+    want = np.where(np.abs(want) > big, np.copysign(np.inf, want), want)  # overflows in dtype
+    err = np.abs(got - want)
+    bad = ~((err <= rtol * np.abs(want) + atol) | (got == want))
+    assert not bad.any(), (f"{row.op} {dtype}: d/ds at s = {s[bad][:5]} got {got[bad][:5]}, "
+                           f"want {want[bad][:5]}")
+
+
+def test_erf_reference_without_scipy(monkeypatch):
+    """scipy is optional at run time: the reference backend's numpy Erf falls back to
+    math.erf per element."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.special", None)  # import fails
+    s = np.linspace(-4, 4, 17)[:, None]
+    f = apply("Erf", Var(0, 1, 0)) * Var(1, 1, 1)
+    (got,) = run(Request("Sum", f, axis=1), [s, np.ones((1, 1))], backend="reference")
+    np.testing.assert_allclose(got[:, 0], [math.erf(v) for v in s[:, 0]], rtol=1e-15)
+
+
+# --------------------------------------------------------------------------- C helpers
+
+def test_op_helpers_are_target_neutral_and_complete():
+    """Each op's C helper is written once for every target (math through the target's
+    macros, no __builtin_/__device__/OpenMP), calls only helpers registered before it, and
+    lists the libm functions it calls (the CPU declares them for libmvec)."""
+    import re
+
+    from lazymat.codegen.c_like import TARGET_MACROS, helpers, libm_functions, prelude
+
+    text = helpers()
+    for word in ("__builtin", "__device__", "#pragma", "__float_as_int"):
+        assert word not in text, word
+    defined: set[str] = set()
+    for op in OPS.values():
+        new = set(re.findall(r"\b(?:float|double|F)\s+(lm_\w+)\s*\(", op.c_helper))
+        used = set(re.findall(r"\b(lm_\w+)\s*\(", op.c_helper + (op.c or ""))) - new
+        assert used <= defined, f"{op.name} calls {sorted(used - defined)} before their helper"
+        libm = set(re.findall(r"LM_[FD]\((\w+)\)", op.c_helper)) - {"exp"}  # LM_NATIVE_EXP
+        assert libm <= {name for name, _ in op.libm}, op.name
+        defined |= new
+    assert {"tanh", "erf", "expm1", "log1p", "sinh", "cosh"} <= {n for n, _ in libm_functions()}
+    cuda = prelude(target="cuda")
+    assert "__builtin" not in cuda and TARGET_MACROS["cuda"] in cuda
+    for name in re.findall(r"\b(LM_[A-Z0-9_]+)\b", text):
+        assert f"#define {name}" in TARGET_MACROS["cpu"] + TARGET_MACROS["cuda"] + prelude(True)
+    with pytest.raises(ValueError, match="unknown target"):
+        prelude(target="metal")
+
+
+def test_cpu_prelude_compiles_warning_free():
+    import shutil
+    import subprocess
+
+    from lazymat.codegen.c_like import prelude
+
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    for vector_math in (False, True):
+        src = prelude(vector_math) + "\nfloat lm_use(float x) { return lm_sigmoid(x); }\n"
+        run_ = subprocess.run([cxx, "-x", "c++", "-std=c++17", "-fsyntax-only", "-Wall",
+                               "-Wextra", "-Werror", "-"], input=src, text=True,
+                              capture_output=True, timeout=120)
+        assert run_.returncode == 0, run_.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- deep formulas
+
+def test_deep_and_long_formulas_never_recurse():
+    """Building, hashing, pickling, printing and differentiating Sin nested 3000 deep (beyond
+    Python's recursion limit) and a sum of 2000 terms: no step recurses per level."""
+    import pickle
+
+    from lazymat.formula import grad, to_string
+
+    x, y = Var(0, 1, 0), Var(1, 1, 1)
+    deep = x
+    for _ in range(3000):
+        deep = apply("Sin", deep)
+    long = Const(0)
+    for k in range(2000):
+        long = long + apply("Exp", -(x - y) * (k + 1))
+    for f in (deep, long):
+        assert {f: 1}[f] == 1 and hash(f) == hash(f)
+        assert pickle.loads(pickle.dumps(f)) is f
+        assert len(to_string(f)) < 100 * len(walk(f))  # linear: no text copied per level
+        d = grad(f, x, Const(1))
+        assert d.dim == 1 and len(walk(d)) < 4 * len(walk(f))
+        assert pickle.loads(pickle.dumps(d)) is d
+
+
 # --------------------------------------------------------------------------- simplifications
 
 X = Var(0, 3, 0)
@@ -738,10 +927,10 @@ TENSOR_ROWS = [r for r in ROWS if r.op in ("TensorDot", "Kron")]
 def test_tensordot_loops_match_the_unrolled_sums(row, monkeypatch):
     """Above TENSORDOT_UNROLL_LIMIT products, TensorDot's C code loops over the axes."""
     from lazymat.backends import cpu
-    from lazymat.formula import ops
+    from lazymat.formula.ops import tensordot
 
-    monkeypatch.setattr(ops, "TENSORDOT_UNROLL_LIMIT", 0)
-    monkeypatch.setattr(cpu, "_kernels", {})
+    monkeypatch.setattr(tensordot, "TENSORDOT_UNROLL_LIMIT", 0)
+    monkeypatch.setattr(cpu, "kernels", {})
     data = make_data(row, 13, 33, "float64", seed=5)
     want, mag = oracle_sum(row, data)
     assert_close(reduce_sum(row, data, "cpu"), want, "float64", mag=mag, err_msg=row.id)

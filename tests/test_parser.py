@@ -530,3 +530,61 @@ def test_alias_errors(text, fragment, pos):
     assert fragment in message
     assert re.search(rf"at position {pos} in alias:", message)
     assert info.value.position == pos
+
+
+# --------------------------------------------------------------------------- limits (issue 11.5)
+
+def test_tiny_strings_cannot_ask_for_huge_positions_or_dims(no_compile):
+    """A position or dim beyond lazymat's limits is a ShapeError naming the limit, raised
+    before anything is allocated (a list of 2**40 labels) or compiled (a C CompileError)."""
+    import tracemalloc
+
+    import numpy as np
+
+    import lazymat as lm
+    from lazymat.formula import MAX_DIM
+    from lazymat.formula.parser import MAX_POSITION
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ShapeError, match="MAX_POSITION"):
+            lm.Genred("x", ["x = Vi(1099511627776, 1)"])
+        with pytest.raises(ShapeError, match="MAX_POSITION"):
+            lm.Genred("x * Vj(1099511627776, 1)", ["x = Vi(0, 1)"])
+        with pytest.raises(ShapeError, match="MAX_DIM"):
+            lm.Genred("x", ["x = Vi(0, 1099511627776)"])
+        with pytest.raises(ShapeError, match="MAX_DIM"):
+            lm.Genred("Zero(4611686018427387904) + x", ["x = Vi(0, 1)"])
+        for text in ("SumT(x, 4611686018427387904)", "OneHot(x, 4611686018427387904)",
+                     "ElemT(x, 4611686018427387904, 0)", "Pow(x, 4611686018427387904)",
+                     "Round(x, 4611686018427387904)"):
+            with pytest.raises(ShapeError, match="out of range|MAX_DIM"):
+                lm.Genred(text, ["x = Vi(0, 1)"])
+        with pytest.raises(ShapeError, match="MAX_DIM"):  # a product of two fine dims
+            lm.Genred("TensorProd(x, y)", [f"x = Vi(0, {2**13})", f"y = Vj(1, {2**12})"])
+        with pytest.raises(ShapeError, match="MAX_DIM"):
+            lm.Vi(np.ones((2, 1))).one_hot(2**30)
+        assert tracemalloc.get_traced_memory()[1] < 50e6
+    finally:
+        tracemalloc.stop()
+    no_compile.assert_none()
+    # The limits themselves are fine.
+    assert parse_alias(f"x = Vi({MAX_POSITION}, {MAX_DIM})") == ("x", MAX_POSITION, MAX_DIM, 0)
+    assert parse_formula(f"SumT(s, {MAX_DIM})", NAMES).dim == MAX_DIM
+
+
+# --------------------------------------------------------------------------- deep formulas (11.4)
+
+def test_deep_and_long_formulas_print_and_parse_back():
+    """Sin nested 3000 deep (beyond Python's recursion limit) and a sum of 2000 terms read back
+    as the same nodes: the printer and the parser keep their own stacks."""
+    deep = s
+    for _ in range(3000):
+        deep = make("Sin", (deep,))
+    long = Const(0)
+    for k in range(2000):
+        long = long + make("Exp", (-(s - b) * (k + 1),))
+    for f in (deep, long):
+        text = to_string(f)
+        assert parse_formula(text, NAMES) is f
+        assert repr(f) == text

@@ -146,7 +146,7 @@ def compute(case: Case, arrays, axis: int, backend: str, lib: str = "numpy", dty
 
 
 def kinds(case: Case) -> list[str]:
-    return [k for k, _ in REDUCTIONS[case.red].out_dims(case.formula.dim, case.K,
+    return [k for k, _ in REDUCTIONS[case.red].outputs(case.formula.dim, case.K,
                                                           2 if case.weight is not None else None)]
 
 
@@ -361,7 +361,7 @@ IDENTITY = {"Sum": [0.0], "Min": [np.inf], "Max": [-np.inf], "ArgMin": [-1], "Ar
 
 def _expected_shapes(case: Case, L: int):
     out = []
-    for kind, shape in REDUCTIONS[case.red].out_dims(case.formula.dim, case.K,
+    for kind, shape in REDUCTIONS[case.red].outputs(case.formula.dim, case.K,
                                                      2 if case.weight is not None else None):
         if case.K is not None and shape[-1] == 1:
             shape = shape[:-1]
@@ -562,7 +562,7 @@ def test_split_columns_combine_to_the_whole(case, kind):
     ``split_with`` on each part (here: block-sparse ranges keeping one part of the
     columns), turn the outputs into states, merge them in j order, finalize."""
     from lazymat.arraylib import NUMPY
-    from lazymat.backends.cuda import _combine as combine
+    from lazymat.backends.launch import combine
 
     red = REDUCTIONS[case.red]
     M, N = 9, 40
@@ -575,11 +575,11 @@ def test_split_columns_combine_to_the_whole(case, kind):
         keep = np.array([[False, True, False]])
         req = Request(red.split_with, case.formula, K=case.K, weight=case.weight)
         outs = run(req, arrays, backend="reference", ranges=lm.from_matrix(rows, cols, keep))
-        shapes = REDUCTIONS[red.split_with].out_dims(case.formula.dim, case.K,
+        shapes = REDUCTIONS[red.split_with].outputs(case.formula.dim, case.K,
                                                      2 if case.weight is not None else None)
         parts.append(tuple(o.reshape((M,) + s) for o, (_, s) in zip(outs, shapes)))
-    tree = combine(red, NUMPY, [np.stack(a) for a in zip(*parts)], case.K)  # as on the GPU
     parts = [red.state_of(NUMPY, p) for p in parts]
+    tree = red.finalize(NUMPY, combine(red, NUMPY, parts, None, case.K))  # as on the GPU
     state = parts[0]
     for p in parts[1:]:
         state = red.merge(NUMPY, state, p, K=case.K)

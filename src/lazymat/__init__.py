@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from .config import __version__
 from .errors import CompileError, DtypeError, FormulaSyntaxError, LazymatError, ShapeError
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
 from .lazy_tensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
@@ -24,8 +25,6 @@ from .ranges import (
 )
 from .solve import ConvergenceWarning, KernelSolve
 
-__version__ = "0.1.0"
-
 __all__ = [
     "LazyTensor", "ComplexLazyTensor", "Vi", "Vj", "Pm", "install_as_pykeops",
     "uninstall_as_pykeops", "Genred", "generic_sum", "generic_logsumexp",
@@ -38,35 +37,27 @@ __all__ = [
 
 
 def cache_clear() -> None:
-    """Delete every compiled kernel of the cache directory (see ``LAZYMAT_CACHE_DIR``)."""
-    from .backends import cpu
-    from .compile import cache_clear as _clear
+    """Delete every compiled kernel of the cache directory (see ``LAZYMAT_CACHE_DIR``) and
+    empty every in-process memo (``config.clear_all``: loaded CPU and CUDA kernels, layouts,
+    compiler facts, ...)."""
+    from . import config
+    from .compile import cache_clear as clear_disk
 
-    _clear()
-    cpu._kernels.clear()
+    clear_disk()
+    config.clear_all()
 
 
 def check_health(verbose: bool = True) -> dict:
-    """Report what lazymat can use here: compiler, OpenMP, cache dir, torch, CUDA.
+    """Report what lazymat can use here: compiler, OpenMP, cache dir, torch, CUDA
+    (:func:`lazymat.health.check_health`).
 
     >>> report = check_health(verbose=False)
     >>> sorted(report)[:2]
     ['cache_dir', 'cache_writable']
     """
-    from .compile import health_report
+    from .health import check_health as check
 
-    from .pykeops_compat import active
-
-    report = health_report()
-    report["pykeops"] = active()  # what `import pykeops` gives: lazymat, the real one, none
-    if verbose:
-        print("lazymat", __version__)
-        for key, value in report.items():
-            print(f"  {key:15s} {value}")
-        if report.get("compiler") is None:
-            print("  -> no C++ compiler: reductions use the slow reference backend. "
-                  "Install g++ (or set CXX).")
-    return report
+    return check(verbose)
 
 
 def _switch_from_environment() -> None:

@@ -50,10 +50,13 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
         raise DtypeError("out= cannot be used when an input requires grad "
                          "(autograd needs the output it creates)")
     names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
-    # The backward needs M and N even when its formulas lose every i- (or j-) variable.
-    M, N, _, _, _ = plan._validate(req, arrays, names, sizes, like)
-    spec = _Spec(req, tuple(names), backend, (M, N), like if like is not None else arrays[0],
-                 None if ranges is None else tuple(ranges))
+    # Checked and oriented once: the forward runs this launch (the backward needs M and N
+    # even when its formulas lose every i- (or j-) variable).
+    prepared = plan.prepare(_forward_request(req), arrays, names=names, backend=backend,
+                            sizes=sizes, like=like, ranges=ranges)
+    spec = _Spec(req, tuple(names), backend, prepared.sizes,
+                 like if like is not None else arrays[0],
+                 None if ranges is None else tuple(ranges), prepared, tuple(arrays))
     outs = _reduction_function().apply(spec, *arrays)
     red = req.definition
     if red.selects_with and red.selects_with != red.name:
@@ -82,7 +85,9 @@ class _Spec:
     backend: str
     sizes: tuple[int | None, int | None]
     like: Any
-    ranges: tuple | None = None  # the block-sparse 6-tuple, or None
+    ranges: tuple | None  # the block-sparse 6-tuple, or None
+    prepared: plan.Prepared  # the forward's checked, oriented launch, for ``inputs``
+    inputs: tuple
 
     def run(self, req: plan.Request, arrays: Sequence[Any], names: Sequence[str],
             sizes: tuple[int | None, int | None], ranges: Any = None) -> tuple:
@@ -105,6 +110,10 @@ def _reduction_function():
         # jacfwd, hessian, vmap) work through it.
         @staticmethod
         def forward(spec: _Spec, *arrays):
+            if len(arrays) == len(spec.inputs) and all(
+                    a is b for a, b in zip(arrays, spec.inputs)):
+                return plan.execute(spec.prepared)  # checked by autograd.run already
+            # Other arrays (a torch.func transform unwrapped them, vmap moved a dim): anew.
             return tuple(plan.run(_forward_request(spec.req), [a.detach() for a in arrays],
                                   names=spec.names, backend=spec.backend, sizes=spec.sizes,
                                   like=spec.like, ranges=spec.ranges))
@@ -112,7 +121,7 @@ def _reduction_function():
         @staticmethod
         def setup_context(ctx, inputs, output):
             spec, *arrays = inputs
-            kinds = [k for k, _ in _forward_request(spec.req).definition.out_dims(1, 1, 1)]
+            kinds = _forward_request(spec.req).definition.output_kinds
             ctx.spec, ctx.n_args = spec, len(arrays)
             ctx.indices = output[kinds.index("index")] if "index" in kinds else None
             values = [o for o, k in zip(output, kinds) if k == "value"]
@@ -125,11 +134,11 @@ def _reduction_function():
             saved = ctx.saved_tensors
             arrays, values = saved[:ctx.n_args], saved[ctx.n_args:]
             O = values[0] if values else None
-            if ctx.spec.req.definition.cotangents is not None:
+            if ctx.spec.req.definition.tangents is not None:
                 out = _sum_like_jvp(ctx.spec, arrays, O, tangents)
             else:
                 out = _selection_jvp(ctx.spec, arrays, O, ctx.indices, tangents)
-            kinds = [k for k, _ in _forward_request(ctx.spec.req).definition.out_dims(1, 1, 1)]
+            kinds = _forward_request(ctx.spec.req).definition.output_kinds
             return tuple(out if k == "value" else None for k in kinds)
 
         @staticmethod
@@ -180,12 +189,10 @@ def _vmapped(req: plan.Request, arrays: Sequence[Any], in_dims: Sequence[Any]) -
     return out
 
 
-def _oriented(req: plan.Request) -> tuple[Node, Node | None]:
-    """F and W with category 0 = the output index (axis=0 reductions swap i and j)."""
-    if req.axis == 1:
-        return req.formula, req.weight
-    swap = plan._swap_categories
-    return swap(req.formula), (swap(req.weight) if req.weight is not None else None)
+def _oriented(spec: _Spec) -> tuple[Node, Node | None]:
+    """F and W with category 0 = the output index (axis=0 reductions swap i and j): the
+    forward launch's, oriented once by plan."""
+    return spec.prepared.launch.formula, spec.prepared.launch.weight
 
 
 def _var_at(roots: Sequence[Node | None], position: int) -> Node | None:
@@ -226,7 +233,7 @@ def _split_columns(t: Any, dims: list[int]) -> list[Any]:
 
 def _sum_like_backward(spec: _Spec, arrays, O, G, wanted: list[int]) -> dict[int, Any]:
     red = spec.req.definition
-    F, W = _oriented(spec.req)
+    F, W = _oriented(spec)
     n = len(arrays)
     extra = [G, O]  # (..., M, E): i-variables, with the batch dims of the output
     Gv = Var(n, G.shape[-1], I_CAT)
@@ -289,9 +296,9 @@ def _tangent(roots: Sequence[Node], tangents, first: int, renamed=None) -> tuple
 
 
 def _sum_like_jvp(spec: _Spec, arrays, O, tangents) -> Any:
-    """Forward mode: the output's tangent, one reduction of the directional derivatives
-    dF = Σ_v Diff(F, v, t_v) (and dW of the weight): Sum → Σ dF; LogSumExp → Σ e^(F-O) (W dF
-    + dW); SumSoftMaxWeight → Σ e^(F-L) (dF (W - O) + dW), L its log-normalizer."""
+    """Forward mode: the output's tangent, one Sum of the reduction's ``tangents`` term,
+    made of the directional derivatives dF = Σ_v Diff(F, v, t_v) (and dW of the weight),
+    the saved output O and (softmax) the log-normalizer L."""
     red, F, W = spec.req.definition, spec.req.formula, spec.req.weight
     n = len(arrays)
     (dF, dW), extra = _tangent((F, W), tangents, n)
@@ -304,17 +311,12 @@ def _sum_like_jvp(spec: _Spec, arrays, O, tangents) -> Any:
         return Var(n + len(extra) - 1, dim, out_cat)
 
     dF = dF if dF is not None else F * 0  # only the weight has a tangent
-    if red.name == "Sum":
-        T = dF
-    elif red.name == "LogSumExp":  # d log Σ exp(F) W = Σ exp(F - O) (W dF + dW)
-        Ov = saved(O, O.shape[-1])
-        T = make("Exp", (F - Ov,)) * (dF if W is None else
-                                      W * dF + (dW if dW is not None else W * 0))
-    else:  # SumSoftMaxWeight: O = Σ p W with p = exp(F - L)
+    Lv = None
+    if red.needs_log_normalizer:
         L, = spec.run(plan.Request("LogSumExp", F, axis=spec.req.axis), arrays, spec.names,
                       spec.sizes, spec.ranges)
-        Lv, Ov = saved(L.reshape(O.shape[:-1] + (1,)), 1), saved(O, O.shape[-1])
-        T = make("Exp", (F - Lv,)) * (dF * (W - Ov) + (dW if dW is not None else W * 0))
+        Lv = saved(L.reshape(O.shape[:-1] + (1,)), 1)
+    T = red.tangents(F, W, dF, dW, saved(O, O.shape[-1]), Lv)
     names = list(spec.names) + [f"tangent {k}" for k in range(len(extra))]
     out, = spec.run(plan.Request("Sum", T, axis=spec.req.axis), list(arrays) + extra, names,
                     spec.sizes, spec.ranges)
@@ -328,7 +330,7 @@ def _selection_jvp(spec: _Spec, arrays, O, indices, tangents) -> Any:
     selected value is dF at its pair (i, j*), F evaluated on the gathered j*."""
     import torch
 
-    F, _ = _oriented(spec.req)
+    F, _ = _oriented(spec)
     n, D = len(arrays), F.dim
     per_row = 2 if spec.req.definition.needs_k and D > 1 else 1
     batch = tuple(indices.shape[:indices.ndim - 1 - per_row])
@@ -370,7 +372,7 @@ def _oriented_sizes(spec: _Spec) -> tuple[int | None, int | None]:
 def _selection_backward(spec: _Spec, arrays, indices, G, wanted: list[int]) -> dict[int, Any]:
     import torch
 
-    F, _ = _oriented(spec.req)
+    F, _ = _oriented(spec)
     n = len(arrays)
     D = F.dim
     # indices: (..., M, D), or (..., M, K, D) for K-min ((..., M, K) when D = 1)

@@ -18,36 +18,7 @@ from . import autograd, plan
 from .errors import FormulaSyntaxError, ShapeError
 from .formula import Node, Var
 from .formula.parser import parse_alias, parse_formula
-
-_ACC_OPTIONS = ("auto", "float32", "float64")
-_SUM_SCHEMES = ("auto", "direct_sum", "block_sum", "kahan_scheme")
-# KeOps options: dtype_acc, use_double_acc and sum_scheme choose how sums accumulate; the others
-# lazymat accepts and does not need (it has no chunk modes to toggle, device_id is taken from the
-# inputs, the dtype from the data).
-_ACCEPTED = ("dtype_acc", "use_double_acc", "sum_scheme", "enable_chunks", "use_fast_math",
-             "rec_multVar_highdim", "device_id", "dtype", "cuda_type")
-
-
-def accumulation_options(options: dict[str, Any]) -> dict[str, str]:
-    """The Request fields for KeOps' accumulation options (use_double_acc = float64)."""
-    dtype_acc = options.get("dtype_acc", "auto")
-    if options.get("use_double_acc"):
-        if dtype_acc not in ("auto", "float64"):
-            raise ShapeError(f"use_double_acc=True conflicts with dtype_acc={dtype_acc!r}")
-        dtype_acc = "float64"
-    return {"dtype_acc": dtype_acc, "sum_scheme": options.get("sum_scheme", "auto")}
-
-
-def check_options(where: str, options: dict[str, Any]) -> None:
-    """KeOps' accumulation and compilation options: checked, then handled as documented."""
-    unknown = [k for k in options if k not in _ACCEPTED]
-    if unknown:
-        raise TypeError(f"{where}: unexpected keyword argument(s) {', '.join(unknown)}")
-    if options.get("dtype_acc", "auto") not in _ACC_OPTIONS:
-        raise ShapeError(f"dtype_acc must be one of {_ACC_OPTIONS}, got {options['dtype_acc']!r}")
-    if options.get("sum_scheme", "auto") not in _SUM_SCHEMES:
-        raise ShapeError(f"sum_scheme must be one of {_SUM_SCHEMES}, got "
-                         f"{options['sum_scheme']!r}")
+from .plan import accumulation_options, check_options
 
 
 def _parse_aliases(aliases: Sequence[str], categories: dict[int, int] | None = None
@@ -84,6 +55,9 @@ class Genred:
     LogSumExp / SumSoftMaxWeight.
     """
 
+    #: runs the reduction (plan.run's signature); lazymat.jax's Genred sets its own
+    _run = staticmethod(autograd.run)
+
     def __init__(self, formula: str, aliases: Sequence[str], reduction_op: str = "Sum",
                  axis: int = 0, dtype: Any = None, opt_arg: int | None = None,
                  formula2: str | None = None, cuda_type: Any = None, dtype_acc: str = "auto",
@@ -117,8 +91,8 @@ class Genred:
         # j-) variable (a gradient that is zero, x * 0...), the output keeps its rows.
         sizes = tuple(next((_rows(args[p]) for p, c in sorted(self._categories.items())
                             if c == cat and p < len(args)), None) for cat in (0, 1))
-        outs = autograd.run(self.request, list(args), names=names, backend=backend, out=out,
-                            ranges=ranges, sizes=sizes)
+        outs = self._run(self.request, list(args), names=names, backend=backend, out=out,
+                         ranges=ranges, sizes=sizes)
         return outs[0] if len(outs) == 1 else outs
 
     def _label(self, pos: int) -> str:

@@ -18,9 +18,9 @@ from collections import OrderedDict
 from typing import Any
 
 from . import autograd, plan
-from .arraylib import is_torch, lib_of
+from .arraylib import is_array, is_dask, is_torch, lib_of
 from .errors import DtypeError, ShapeError
-from .formula import I_CAT, J_CAT, P_CAT, Const, Node, Var, apply, substitute, variables, walk
+from .formula import I_CAT, J_CAT, OPS, P_CAT, Const, Node, Var, apply, substitute, variables, walk
 
 _ROLE = {I_CAT: "Vi", J_CAT: "Vj", P_CAT: "Pm"}
 _float_uids: dict[float, int] = {}
@@ -56,8 +56,8 @@ class _Leaf:
 
 
 def _is_array(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype") and (is_torch(x) or type(x).__module__
-                                                            .startswith("numpy"))
+    return hasattr(x, "shape") and hasattr(x, "dtype") and (
+        is_array(x) or is_dask(x) or type(x).__module__.startswith("numpy"))
 
 
 class LazyTensor:
@@ -70,6 +70,9 @@ class LazyTensor:
 
     __array_ufunc__ = None  # numpy operators defer to ours
     __array_priority__ = 1000
+    #: runs a reduction (plan.run's signature); a front end for another array library
+    #: (lazymat.jax) subclasses LazyTensor and sets its own
+    _run = staticmethod(autograd.run)
 
     def __init__(self, x: Any = None, axis: int | None = None, is_complex: bool = False):
         #: block-sparse ranges (KeOps' 6-tuple) used by the reductions, or None
@@ -77,7 +80,7 @@ class LazyTensor:
         if isinstance(x, LazyTensor):
             self.formula, self._leaves, self.ranges = x.formula, x._leaves, x.ranges
             self.is_complex = x.is_complex
-            self.__class__ = ComplexLazyTensor if x.is_complex else LazyTensor
+            self.__class__ = _klass(type(self), self.is_complex)
             return
         node, leaves = _leaf(x, axis)
         self.formula: Node = node
@@ -88,13 +91,12 @@ class LazyTensor:
             promoted = self.real2complex()
             self.formula, self._leaves, self.is_complex = (promoted.formula, promoted._leaves,
                                                            True)
-        if self.is_complex:
-            self.__class__ = ComplexLazyTensor
+        self.__class__ = _klass(type(self), self.is_complex)
 
     @classmethod
     def _make(cls, formula: Node, leaves: dict[int, _Leaf], ranges: tuple | None = None,
               is_complex: bool = False) -> "LazyTensor":
-        lt = object.__new__(ComplexLazyTensor if is_complex else LazyTensor)
+        lt = object.__new__(_klass(cls, is_complex))
         lt.formula, lt._leaves, lt.ranges, lt.is_complex = formula, leaves, ranges, is_complex
         return lt
 
@@ -184,7 +186,7 @@ class LazyTensor:
 
     def dense(self) -> Any:
         """The symbolic matrix as an array of shape ``self.shape`` (for small problems)."""
-        from .backends.reference import batch_slices, evaluate, stack_batches
+        from .formula.evaluate import batch_slices, evaluate, stack_batches
 
         size = math.prod(self.shape)
         if size > 2**27:
@@ -211,7 +213,7 @@ class LazyTensor:
         if self.is_complex and op not in _COMPLEX_UNARY and not is_complex:
             raise DtypeError(f"{op} is not defined for complex LazyTensors; use .real, .imag, "
                              f".abs(), .angle(), .conj(), .exp() or arithmetic")
-        return LazyTensor._make(apply(op, self.formula, *params), self._leaves, self.ranges,
+        return type(self)._make(apply(op, self.formula, *params), self._leaves, self.ranges,
                                 _COMPLEX_UNARY.get(op, is_complex) if self.is_complex
                                 else is_complex)
 
@@ -229,7 +231,9 @@ class LazyTensor:
             described = ", ".join(f"{_describe(o)}" for o in operands)
             raise ShapeError(f"{symbol or op}: {described}: {e}") from None
         ranges = next((o.ranges for o in operands if o.ranges is not None), None)
-        return LazyTensor._make(node, leaves, ranges, is_complex)
+        # The most derived class wins: 1.0 + jax_lazy_tensor stays a jax LazyTensor.
+        cls = max((_klass(type(o), False) for o in operands), key=lambda c: len(c.__mro__))
+        return cls._make(node, leaves, ranges, is_complex)
 
     def factorize(self, other: "LazyTensor | None" = None) -> "LazyTensor":
         """KeOps' factorize/auto_factorize: a no-op here, since formulas are hash-consed (a
@@ -420,7 +424,7 @@ class LazyTensor:
                                           leaf.complex, leaf.symbolic)
                   for (uid, cat), leaf in self._leaves.items()}
         ranges = None if self.ranges is None else tuple(self.ranges[3:]) + tuple(self.ranges[:3])
-        return LazyTensor._make(substitute(self.formula, mapping), leaves, ranges,
+        return type(self)._make(substitute(self.formula, mapping), leaves, ranges,
                                 self.is_complex)
 
     @property
@@ -457,7 +461,7 @@ class LazyTensor:
                 backend: str = "auto", out: Any = None, axis: Any = None, ranges: Any = None,
                 call: bool = True, other: Any = None, opt_arg: Any = None,
                 is_complex: Any = None, **options: Any):
-        from .genred import accumulation_options, check_options
+        from .plan import accumulation_options, check_options
 
         check_options(name, options)
         if axis is not None:
@@ -478,7 +482,8 @@ class LazyTensor:
         if dim is None:
             raise ShapeError(f"{name} needs dim={nb} (reduce over i) or dim={nb + 1} "
                              f"(reduce over j)")
-        dim = _as_count(dim, name) if not isinstance(dim, int) else dim
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            dim = _as_count(dim, name)  # a numpy integer or a 0-d tensor (bools raise)
         if dim not in (nb, nb + 1):
             raise ShapeError(f"{name}: dim must be {nb} (reduce over i) or {nb + 1} (reduce over "
                              f"j) for {'no' if not nb else nb} batch dim{'s' if nb != 1 else ''}"
@@ -495,7 +500,7 @@ class LazyTensor:
         sizes = (_rows(leaves, I_CAT), _rows(leaves, J_CAT))
         if backend == "auto" and self.backend is not None:
             backend = self.backend
-        outs = autograd.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
+        outs = self._run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
                             like=next(leaf.array for leaf in leaves.values()
                                       if leaf.array is not None),
                             ranges=ranges if ranges is not None else self.ranges)
@@ -629,7 +634,7 @@ class LazyTensor:
         >>> bool(np.abs(0.1 * a + K @ a - b).max() < 1e-5)
         True
         """
-        from .genred import accumulation_options
+        from .plan import accumulation_options
         from .solve import KernelSystem, solve
 
         options = dict(alpha=alpha, eps=eps, max_iter=max_iter, precond=precond,
@@ -668,7 +673,11 @@ class LazyTensor:
         params = list({id(leaf.array): leaf.array for leaf in self._leaves.values()
                        if leaf.array is not None and is_torch(leaf.array)}.values())
         system = None
-        if self.ranges is not None or kw.get("ranges") is not None or self.is_complex:
+        if is_dask(b) or any(is_dask(leaf.array) for leaf in self._leaves.values()):
+            if precond not in ("auto", None, False) or truncate is True:
+                raise ShapeError("precond and truncate need the points in one memory; with "
+                                 "dask arrays the solve runs plain CG on distributed matvecs")
+        elif self.ranges is not None or kw.get("ranges") is not None or self.is_complex:
             if precond not in ("auto", None, False) or truncate is True:
                 raise ShapeError("precond and truncate need a real K without ranges")
         elif precond not in (None, False) or truncate not in (False, None):
@@ -743,6 +752,14 @@ class ComplexLazyTensor(LazyTensor):
 
     def __init__(self, x: Any = None, axis: int | None = None, is_complex: bool = True):
         super().__init__(x, axis, is_complex=True)
+
+
+def _klass(cls: type, is_complex: bool) -> type:
+    """The class of a result: ComplexLazyTensor or LazyTensor for lazymat's own classes (by
+    the values), a subclass (the JAX front end's) as it is."""
+    if cls in (LazyTensor, ComplexLazyTensor):
+        return ComplexLazyTensor if is_complex else LazyTensor
+    return cls
 
 
 def _as_operand_of(K: LazyTensor, v: Any, product: Any) -> Any:
@@ -892,7 +909,7 @@ class SymbolicReduction:
                 want = f"(..., n, {dim})" if leaf.cat != P_CAT else f"({dim},)"
                 raise ShapeError(f"{role}: argument {index} has shape {shape}, expected {want}")
             leaves[key] = _Leaf(a, None, leaf.cat, a)
-        return LazyTensor._make(lazy.formula, leaves, lazy.ranges, lazy.is_complex)
+        return type(lazy)._make(lazy.formula, leaves, lazy.ranges, lazy.is_complex)
 
 
 class SymbolicSolve:
@@ -968,9 +985,22 @@ def _to_complex(out: Any) -> Any:
 
 
 # Unary ops that keep (True) or drop (False) complex values, for complex LazyTensors.
-_COMPLEX_UNARY = {"ComplexExp": True, "Conj": True, "ComplexSum": True, "ComplexReal": False,
-                  "ComplexImag": False, "ComplexAbs": False, "ComplexSquareAbs": False,
-                  "ComplexAngle": False, "Minus": True, "Extract": True}
+_COMPLEX_UNARY = {name: op.complex_result for name, op in OPS.items()
+                  if op.complex_result is not None}
+
+
+def _op_method(op) -> Any:
+    def method(self: LazyTensor) -> LazyTensor:
+        return self._unary(op.name)
+
+    method.__name__, method.__doc__ = op.method, f"{op.name}: {op.doc}"
+    return method
+
+
+# The methods unary ops declare in their registration (x.tanh() is Tanh(x), ...).
+for _op in OPS.values():
+    if _op.method is not None and not hasattr(LazyTensor, _op.method):
+        setattr(LazyTensor, _op.method, _op_method(_op))
 _COMPLEX_BINARY = {"Add": "ComplexAdd", "Subtract": "ComplexSubtract", "Mult": "ComplexMult",
                    "Divide": "ComplexDivide"}
 
@@ -1137,6 +1167,11 @@ def _variable(x: Any, dim: int | None, cat: int) -> LazyTensor:
     if isinstance(x, int) and not isinstance(x, bool):
         raise ShapeError(f"{_ROLE[cat]}({x}): a symbolic variable needs its dim, "
                          f"{_ROLE[cat]}({x}, dim); data needs an array")
+    if isinstance(x, (float, complex)) or (_is_array(x) and len(x.shape) == 0):
+        raise ShapeError(f"{_ROLE[cat]} needs an ({'M' if cat == I_CAT else 'N'}, D) or "
+                         f"({'M' if cat == I_CAT else 'N'},) array, got a scalar "
+                         f"({type(x).__name__}{', shape ()' if _is_array(x) else ''}): "
+                         "use Pm(x) for a parameter")
     return LazyTensor(x, axis=0 if cat == I_CAT else 1)
 
 

@@ -1,7 +1,10 @@
 """From a reduction request and its arrays to outputs: checks, backend choice, launch.
 
-Every front end (LazyTensor, Genred) ends here. All user errors are raised
-here *before* anything is compiled, naming the operand and the shapes.
+Every front end (LazyTensor, Genred, KernelSolve, the autograd glue) ends here. A call is
+checked once (all user errors are raised here *before* anything is compiled, naming the
+operand and the shapes), oriented once (the kernel always reduces over j: axis=0 swaps i
+and j), made into one :class:`~lazymat.backends.base.Launch` (:func:`prepare`) and run by the
+backend :data:`~lazymat.backends.base.REGISTRY` names (:func:`execute`).
 
 >>> import numpy as np
 >>> from lazymat.formula import Var, SqDist
@@ -13,20 +16,23 @@ here *before* anything is compiled, naming the operand and the shapes.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from . import reductions
-from .arraylib import is_torch, lib_of
+from . import config, reductions
+from .arraylib import is_dask, is_torch, lib_of
+from .backends import launch as abi
+from .backends.base import REGISTRY, Launch
 from .errors import CudaUnavailableError, DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, P_CAT, Node, Var, substitute, variables
 from .reductions import ReductionDef
 
-BACKENDS = ("auto", "cpu", "cuda", "reference")  # and KeOps' "GPU", "GPU_1D"...: "cuda"
+#: What ``backend=`` accepts besides the names in REGISTRY (and KeOps' "GPU", "GPU_1D", ...:
+#: "cuda").
+AUTO = "auto"
 #: float16 and bfloat16 data are reduced in float32 and the results returned in their dtype.
 _HALF_DTYPES = ("float16", "bfloat16")
 _FLOAT_DTYPES = ("float32", "float64") + _HALF_DTYPES
@@ -62,7 +68,42 @@ class Request:
         return acc, scheme
 
 
-_dtype_names: dict[Any, str] = {}
+_ACC_OPTIONS = ("auto", "float32", "float64")
+_SUM_SCHEMES = ("auto", "direct_sum", "block_sum", "kahan_scheme")
+# KeOps options: dtype_acc, use_double_acc and sum_scheme choose how sums accumulate; the others
+# lazymat accepts and does not need (it has no chunk modes to toggle, device_id is taken from the
+# inputs, the dtype from the data).
+_ACCEPTED = ("dtype_acc", "use_double_acc", "sum_scheme", "enable_chunks", "use_fast_math",
+             "rec_multVar_highdim", "device_id", "dtype", "cuda_type")
+
+
+def accumulation_options(options: dict[str, Any]) -> dict[str, str]:
+    """The Request fields for KeOps' accumulation options (use_double_acc = float64).
+
+    >>> accumulation_options({"use_double_acc": True})
+    {'dtype_acc': 'float64', 'sum_scheme': 'auto'}
+    """
+    dtype_acc = options.get("dtype_acc", "auto")
+    if options.get("use_double_acc"):
+        if dtype_acc not in ("auto", "float64"):
+            raise ShapeError(f"use_double_acc=True conflicts with dtype_acc={dtype_acc!r}")
+        dtype_acc = "float64"
+    return {"dtype_acc": dtype_acc, "sum_scheme": options.get("sum_scheme", "auto")}
+
+
+def check_options(where: str, options: dict[str, Any]) -> None:
+    """KeOps' accumulation and compilation options: checked, then handled as documented."""
+    unknown = [k for k in options if k not in _ACCEPTED]
+    if unknown:
+        raise TypeError(f"{where}: unexpected keyword argument(s) {', '.join(unknown)}")
+    if options.get("dtype_acc", "auto") not in _ACC_OPTIONS:
+        raise ShapeError(f"dtype_acc must be one of {_ACC_OPTIONS}, got {options['dtype_acc']!r}")
+    if options.get("sum_scheme", "auto") not in _SUM_SCHEMES:
+        raise ShapeError(f"sum_scheme must be one of {_SUM_SCHEMES}, got "
+                         f"{options['sum_scheme']!r}")
+
+
+_dtype_names: dict[Any, str] = config.memo("plan.dtype_names", maxsize=None)
 
 
 def _dtype_name(a: Any) -> str:
@@ -84,7 +125,7 @@ def check_request(req: Request) -> None:
     except KeyError:
         raise ShapeError(f"unknown reduction {req.reduction!r}; known: "
                          f"{', '.join(sorted(reductions.REDUCTIONS))}") from None
-    if req.axis not in (0, 1):
+    if isinstance(req.axis, bool) or req.axis not in (0, 1):
         raise ShapeError(f"axis/dim must be 0 (reduce over i) or 1 (reduce over j), "
                          f"got {req.axis!r}")
     if red.needs_k:
@@ -101,7 +142,7 @@ def check_request(req: Request) -> None:
         raise ShapeError(f"{red.name} takes no weight formula")
 
 
-_signatures: dict[tuple, dict[int, Node]] = {}
+_signatures: dict[tuple, dict[int, Node]] = config.memo("plan.signatures", maxsize=1024)
 
 
 def _arguments(req: Request) -> dict[int, Node]:
@@ -117,8 +158,6 @@ def _arguments(req: Request) -> dict[int, Node]:
             raise ShapeError(f"argument {pos} is used with two signatures: "
                              f"{_sig(by_pos[pos])} and {_sig(v)}")
         by_pos[pos] = v
-    if len(_signatures) > 1024:
-        _signatures.clear()
     _signatures[key] = by_pos
     return by_pos
 
@@ -195,25 +234,17 @@ def _broadcast_batch(batch: tuple[int, ...], dims: tuple[int, ...], name: str,
     return tuple(out)
 
 
-def batch_offsets(arrays: Sequence[Any], by_pos: dict[int, Node], batch: tuple[int, ...]
-                  ) -> np.ndarray:
-    """(prod(batch), len(arrays)) element offsets of each batch in each array (0 along
-    broadcast dims), for contiguous arrays."""
-    nbatch = math.prod(batch)
-    offsets = np.zeros((nbatch, max(1, len(arrays))), dtype=np.int64)
-    if not batch:
-        return offsets
-    grid = np.indices(batch).reshape(len(batch), -1)  # (ndims, nbatch) batch multi-indices
-    for pos, v in by_pos.items():
-        shape = tuple(arrays[pos].shape)
-        inner = shape[-1:] if v.params[2] == P_CAT else shape[-2:]
-        own = (1,) * (len(batch) - (len(shape) - len(inner))) + shape[:len(shape) - len(inner)]
-        stride, total = [], math.prod(inner)
-        for d in reversed(own):
-            stride.append(0 if d == 1 else total)
-            total *= d
-        offsets[:, pos] = (np.array(stride[::-1], dtype=np.int64)[:, None] * grid).sum(0)
-    return offsets
+def validate(req: Request, arrays: Sequence[Any], names: Sequence[str] | None = None,
+             sizes: tuple[int | None, int | None] = (None, None), like: Any = None
+             ) -> tuple[int, int, tuple[int, ...], str]:
+    """The checks of :func:`run`, without running: (M, N, batch dims, dtype name).
+
+    Front ends that run reductions their own way (lazymat.jax) raise the same errors.
+    """
+    check_request(req)
+    names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
+    M, N, batch, dtype, _ = _validate(req, arrays, names, sizes, like)
+    return M, N, batch, dtype
 
 
 def _check_array(a: Any, name: str, xp: Any, dtype: str, device: str,
@@ -241,178 +272,207 @@ def _sig(v: Node) -> str:
     return f"Var({pos},{dim},{cat})"
 
 
-def _swap_categories(f: Node) -> Node:
+_swapped: dict[Node, Node] = config.memo("plan.swapped", maxsize=1024)
+
+
+def swap_categories(f: Node) -> Node:
+    """``f`` with its i- and j-variables exchanged (an axis=0 reduction, oriented).
+
+    >>> swap_categories(Var(0, 3, 0)).params
+    (0, 3, 1)
+    """
+    found = _swapped.get(f)
+    if found is not None:
+        return found
     mapping = {}
     for v in variables(f):
         pos, dim, cat = v.params
         if cat in (I_CAT, J_CAT):
             mapping[v] = Var(pos, dim, J_CAT if cat == I_CAT else I_CAT)
-    return substitute(f, mapping)
+    found = _swapped[f] = substitute(f, mapping)
+    return found
 
 
 _warned: set[str] = set()  # the fallback warnings already given (once per process each)
-_cuda_reason: list[str | None] = []  # memo of backends.cuda.unavailable_reason()
+# backend name -> REGISTRY[name].unavailable_reason(), looked up once per process
+_reasons: dict[str, str | None] = config.memo("plan.unavailable_reasons", maxsize=None)
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """Why a registered backend cannot run here (None when it can); looked up once."""
+    if backend not in _reasons:
+        _reasons[backend] = REGISTRY[backend].unavailable_reason()
+    return _reasons[backend]
 
 
 def cuda_unavailable_reason() -> str | None:
     """Why the CUDA backend cannot run (None when it can); looked up once per process."""
-    if not _cuda_reason:
-        from .backends import cuda
-
-        _cuda_reason.append(cuda.unavailable_reason())
-    return _cuda_reason[0]
+    return unavailable_reason("cuda")
 
 
-def choose_backend(backend: str, xp: Any, first: Any) -> str:
-    """"cpu", "cuda" or "reference" for the backend asked for and the data's device.
+def choose_backend(backend: str, first: Any) -> str:
+    """The name in ``REGISTRY`` of the backend that runs a call on ``first``'s device.
 
-    "auto" is CUDA for CUDA tensors (the reference backend, with a warning, when the CUDA
-    backend cannot run) and the compiled CPU backend otherwise.
+    "auto" is CUDA for CUDA tensors and the compiled CPU backend otherwise, or (with one
+    warning per process) the reference backend when that one cannot run here.
     """
-    backend = str(backend).lower()
-    if backend.startswith("gpu"):  # KeOps' names: "GPU", "GPU_1D", "GPU_2D"
-        backend = "cuda"
-    if backend not in BACKENDS:
-        raise ShapeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    on_gpu = _device(first) != "cpu"
-    if backend == "cpu" and on_gpu:
-        raise DtypeError(f"backend='cpu' needs CPU arrays, got a tensor on {_device(first)}")
-    if backend == "cuda":
-        reason = cuda_unavailable_reason()
+    name = str(backend).lower()
+    if name.startswith("gpu"):  # KeOps' names: "GPU", "GPU_1D", "GPU_2D"
+        name = "cuda"
+    if name != AUTO and name not in REGISTRY:
+        raise ShapeError(f"unknown backend {backend!r}; choose one of "
+                         f"{', '.join((AUTO, *REGISTRY))}")
+    device = _device(first)
+    if name == AUTO:
+        return _automatic(device)
+    if name == "cpu" and device != "cpu":
+        raise DtypeError(f"backend='cpu' needs CPU arrays, got a tensor on {device}")
+    if name == "cuda":
+        reason = unavailable_reason("cuda")
         if reason is not None:
             raise CudaUnavailableError(f"backend='cuda' cannot run here: {reason}. "
                                        "lazymat.check_health() tells more.")
-        if on_gpu and not _device(first).startswith("cuda"):
+        if device != "cpu" and not device.startswith("cuda"):
             raise DtypeError(f"backend='cuda' needs CUDA tensors or CPU arrays, got a "
-                             f"tensor on {_device(first)}")
-        return "cuda"
-    if backend != "auto":
-        return backend
-    if on_gpu:
-        reason = cuda_unavailable_reason() if _device(first).startswith("cuda") else "not CUDA"
-        if reason is None:
-            return "cuda"
-        if "gpu" not in _warned:
-            warnings.warn(f"lazymat: tensors on {_device(first)} but the CUDA backend cannot "
-                          f"run ({reason}); using the slow reference backend. "
-                          "lazymat.check_health() tells more.", RuntimeWarning, stacklevel=3)
-            _warned.add("gpu")
-        return "reference"
-    if not _have_compiler():
-        if "compiler" not in _warned:
-            warnings.warn("lazymat: no C++ compiler found (looked for $CXX, g++, clang++); "
-                          "using the slow reference backend. lazymat.check_health() tells more.",
-                          RuntimeWarning, stacklevel=3)
-            _warned.add("compiler")
-        return "reference"
-    return "cpu"
+                             f"tensor on {device}")
+    return name
 
 
-_compiler_found: bool | None = None
+def _automatic(device: str) -> str:
+    if device == "cpu":
+        wanted, fallback_reason = "cpu", None
+    else:
+        wanted, fallback_reason = "cuda", (None if device.startswith("cuda") else "not CUDA")
+    reason = fallback_reason or unavailable_reason(wanted)
+    if reason is None:
+        return wanted
+    if wanted not in _warned:
+        where = "CPU arrays" if device == "cpu" else f"tensors on {device}"
+        warnings.warn(f"lazymat: {where} but the {wanted.upper()} backend cannot run "
+                      f"({reason}); using the slow reference backend. "
+                      "lazymat.check_health() tells more.", RuntimeWarning, stacklevel=4)
+        _warned.add(wanted)
+    return "reference"
 
 
-def _have_compiler() -> bool:
-    global _compiler_found
-    if _compiler_found is None:
-        from .compile import compiler_info
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A checked call, ready to run: the launch and the backend that runs it.
 
-        _compiler_found = compiler_info() is not None
-    return _compiler_found
+    ``sizes`` are the request's (M, N) (before orientation), ``like`` an array of the
+    caller's library, dtype and device (float16/bfloat16 data run in float32: ``half``).
+    """
+
+    launch: Launch
+    backend: str
+    sizes: tuple[int, int]
+    like: Any
+    half: bool = False
+
+    @property
+    def result_shapes(self) -> list[tuple[int, ...]]:
+        """The shape of each array :func:`execute` returns."""
+        launch = self.launch
+        lead = launch.batch + (launch.M,)
+        if launch.store == "state":
+            return [lead + shape for _, shape in launch.shapes]
+        return [lead + _squeezed(shape, launch.red) for _, shape in launch.shapes]
 
 
-def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
-        backend: str = "auto", out: Any = None,
-        sizes: tuple[int | None, int | None] = (None, None), like: Any = None,
-        ranges: Sequence[Any] | None = None) -> tuple:
-    """Run a reduction; returns a tuple of outputs (values and/or int64 indices).
+def prepare(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
+            backend: str = "auto", sizes: tuple[int | None, int | None] = (None, None),
+            like: Any = None, ranges: Sequence[Any] | None = None,
+            store: str = "output") -> Prepared:
+    """Check a call, orient it and pick its backend (nothing is compiled yet).
 
     ``sizes`` gives M and N when no i- (or j-) variable is left in the formula (else 1);
     ``like`` the library and dtype when no array is left at all; ``ranges`` the KeOps
-    block-sparse 6-tuple (ranges_i, slices_i, redranges_j, ranges_j, slices_j, redranges_i).
+    block-sparse 6-tuple (ranges_i, slices_i, redranges_j, ranges_j, slices_j, redranges_i);
+    ``store="state"`` asks for the reduction's raw partial state instead of its outputs
+    (what column splits and distributed runs merge).
     """
     check_request(req)
+    if store not in ("output", "state"):
+        raise ShapeError(f"store must be 'output' or 'state', got {store!r}")
     names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
     M, N, batch, dtype, xp = _validate(req, arrays, names, sizes, like)
     like = arrays[0] if arrays else like
-    if dtype in _HALF_DTYPES:
-        return _run_half(req, arrays, names, backend, out, sizes, like, ranges)
     red = req.definition
     if red.needs_k and req.K > (N if req.axis == 1 else M):
         raise ShapeError(f"{red.name}: K = {req.K} is larger than the number of "
                          f"{'columns N' if req.axis == 1 else 'rows M'} = "
                          f"{N if req.axis == 1 else M} being reduced")
-    formula, weight = req.formula, req.weight
+    # dask arrays anywhere: lazy dask results, one task per block (backends/dask.py)
+    which = "dask" if any(is_dask(a) for a in arrays) else choose_backend(backend, like)
+    half = dtype in _HALF_DTYPES
+    data, data_like = arrays, like
+    if half:  # reduced in float32, returned in the data's dtype
+        data = [_widen(a) for a in arrays]
+        data_like, dtype = _widen(like), "float32"
+    formula, weight, rows, cols = req.formula, req.weight, M, N
     if req.axis == 0:
-        formula = _swap_categories(formula)
-        weight = _swap_categories(weight) if weight is not None else None
-        M, N = N, M
-    oriented_ranges = _check_ranges(ranges, req.axis, M, N) if ranges is not None else None
-    which = choose_backend(backend, xp, like)
-    wdim = weight.dim if weight is not None else None
-    shapes = red.out_dims(formula.dim, req.K, wdim)
-    if out is not None:
-        _check_out(out, batch + (M,) + _squeezed(shapes[0][1], red), like, shapes[0][0])
-    if M == 0 or N == 0 or 0 in batch:
-        outs = tuple(
-            xp.full(batch + (M,) + shape, fill, like=like,
-                    dtype=xp.int64 if kind == "index" else None)
-            for (kind, shape), fill in zip(shapes, red.identity))
-    elif which == "reference":
-        from .backends import reference
+        formula = swap_categories(formula)
+        weight = swap_categories(weight) if weight is not None else None
+        rows, cols = N, M
+    oriented_ranges = _check_ranges(ranges, req.axis, rows, cols) if ranges is not None else None
+    offsets = None
+    if batch and which != "reference":
+        by_pos = _arguments(req)
+        arg_dims = [by_pos[p].params[1:] if p in by_pos else None for p in range(len(arrays))]
+        offsets = abi.batch_offsets(data, arg_dims, batch)
+    launch = Launch(red, formula, weight, req.K, dtype, req.accumulation(dtype), data, rows,
+                    cols, batch, offsets, oriented_ranges, xp, data_like, store)
+    return Prepared(launch, which, (M, N), like, half)
 
-        outs = reference.run(red, formula, weight, req.K, arrays, M, N, xp, like, batch,
-                             oriented_ranges)
+
+def execute(prepared: Prepared, out: Any = None) -> tuple:
+    """Run a prepared call: a tuple of outputs (values and/or int64 indices), or of state
+    arrays for ``store="state"``; ``out=`` receives the first one."""
+    launch, like = prepared.launch, prepared.like
+    if out is not None and launch.store != "output":
+        raise ShapeError("out= receives an output: it cannot be used with store='state'")
+    shapes = prepared.result_shapes
+    if out is not None:
+        _check_out(out, shapes[0], like, launch.shapes[0][0])
+    if launch.M == 0 or launch.N == 0 or 0 in launch.batch:
+        xp = launch.xp
+        outs = tuple(xp.full(shape, fill, like=launch.like,
+                             dtype=xp.int64 if kind == "index" else None)
+                     for shape, (kind, _), fill in zip(shapes, launch.shapes, launch.fills))
     else:
-        offsets = batch_offsets(arrays, _arguments(req), batch) if batch else None
-        args = (red, formula, weight, req.K, arrays, M, N, dtype, xp, shapes, like, batch,
-                offsets, oriented_ranges, req.accumulation(dtype))
-        if which == "cpu":
-            from .backends import cpu
-
-            outs = cpu.run(*args)
-        else:
-            outs = _run_cuda(args)
-    outs = tuple(o.reshape(batch + (M,) + _squeezed(shape, red))
-                 for o, (_, shape) in zip(outs, shapes))
+        outs = tuple(o.reshape(shape) for o, shape
+                     in zip(REGISTRY[prepared.backend].run(launch), shapes))
+    if prepared.half:
+        outs = tuple(o if kind != "value" else
+                     (o.to(like.dtype) if is_torch(o) else o.astype(like.dtype))
+                     for o, (kind, _) in zip(outs, launch.shapes))
     if out is not None:
         out[...] = outs[0]
         return (out,) + outs[1:]
     return outs
 
 
-def _run_cuda(args: tuple) -> tuple:
-    """The CUDA backend; numpy arrays go to the current GPU and their results come back."""
-    from .backends import cuda
-
-    xp, like = args[8], args[10]
-    if xp.name == "torch":
-        return cuda.run(*args)
-    import torch
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    arrays = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in args[4]]
-    like = arrays[0] if arrays else torch.from_numpy(np.asarray(like)).to(device)
-    outs = cuda.run(*args[:4], arrays, *args[5:8], lib_of(like), args[9], like, *args[11:])
-    return tuple(o.cpu().numpy() for o in outs)
+def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
+        backend: str = "auto", out: Any = None,
+        sizes: tuple[int | None, int | None] = (None, None), like: Any = None,
+        ranges: Sequence[Any] | None = None, store: str = "output") -> tuple:
+    """Run a reduction (:func:`prepare` then :func:`execute`); returns a tuple of outputs
+    (values and/or int64 indices), or the raw state arrays for ``store="state"``."""
+    return execute(prepare(req, arrays, names=names, backend=backend, sizes=sizes, like=like,
+                           ranges=ranges, store=store), out)
 
 
-def _run_half(req: Request, arrays: Sequence[Any], names: Sequence[str], backend: str,
-              out: Any, sizes: tuple[int | None, int | None], like: Any,
-              ranges: Sequence[Any] | None) -> tuple:
-    """float16/bfloat16 data: reduce in float32, return the values in the data's dtype."""
-    def widen(a: Any) -> Any:
-        return a.float() if is_torch(a) else np.asarray(a, dtype=np.float32)
+def _widen(a: Any) -> Any:
+    if is_dask(a):
+        return a.astype(np.float32)  # stays lazy
+    return a.float() if is_torch(a) else np.asarray(a, dtype=np.float32)
 
-    outs = run(req, [widen(a) for a in arrays], names=names, backend=backend, sizes=sizes,
-               like=widen(like), ranges=ranges)
-    outs = tuple(o if _dtype_name(o) == "int64" else
-                 (o.to(like.dtype) if is_torch(o) else o.astype(like.dtype)) for o in outs)
-    if out is not None:
-        _check_out(out, tuple(outs[0].shape), like, "index" if _dtype_name(outs[0]) == "int64"
-                   else "value")
-        out[...] = outs[0]
-        return (out,) + outs[1:]
-    return outs
+
+def check_ranges(ranges: Sequence[Any], axis: int, M: int, N: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The block-sparse 6-tuple checked: (ranges_i, slices_i, redranges_j) of this axis as
+    int64 numpy arrays (M output rows and N reduced columns, already oriented)."""
+    return _check_ranges(ranges, axis, M, N)
 
 
 _RANGE_NAMES = ("ranges_i", "slices_i", "redranges_j", "ranges_j", "slices_j", "redranges_i")
@@ -453,6 +513,19 @@ def _check_ranges(ranges: Sequence[Any], axis: int, M: int, N: int
     order = np.argsort(rows[:, 0], kind="stable")
     if (rows[order][1:, 0] < rows[order][:-1, 1]).any():
         raise ShapeError(f"the output ranges of {names[0]} overlap")
+    # Overlapping column intervals of one output range would count their columns twice.
+    group = np.repeat(np.arange(len(slices)), np.diff(slices, prepend=0))
+    iv = cols[:len(group)]
+    nonempty = iv[:, 1] > iv[:, 0]
+    group, iv = group[nonempty], iv[nonempty]
+    order = np.lexsort((iv[:, 0], group))
+    group, iv = group[order], iv[order]
+    clash = np.nonzero((group[1:] == group[:-1]) & (iv[1:, 0] < iv[:-1, 1]))[0]
+    if len(clash):
+        k = clash[0]
+        raise ShapeError(f"{names[2]} intervals {iv[k].tolist()} and {iv[k + 1].tolist()} of "
+                         f"output range {group[k]} ({names[0]}[{group[k]}]) overlap: their "
+                         "columns would be counted twice")
     return rows, slices, cols
 
 
@@ -461,7 +534,24 @@ def _squeezed(shape: tuple[int, ...], red: ReductionDef) -> tuple[int, ...]:
     return shape[:-1] if red.needs_k and shape[-1] == 1 else shape
 
 
+def _check_out_target(out: Any, like: Any) -> None:
+    """out= must be an array of the inputs' library and device that can be written."""
+    if not (is_torch(out) or isinstance(out, np.ndarray)):
+        raise DtypeError(f"out= must be a numpy array or a torch tensor, got "
+                         f"{type(out).__name__}")
+    if isinstance(out, np.ma.MaskedArray):
+        raise DtypeError("out= is a numpy masked array: pass a plain numpy array")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise DtypeError("out= is a read-only numpy array")
+    if is_torch(out):
+        if out.requires_grad:
+            raise DtypeError("out= requires grad: autograd cannot record a write into it")
+        if is_torch(like) and out.device != like.device:
+            raise DtypeError(f"out= is on {out.device} but the inputs are on {like.device}")
+
+
 def _check_out(out: Any, shape: tuple[int, ...], like: Any, kind: str) -> None:
+    _check_out_target(out, like)
     if lib_of(out) is not lib_of(like):
         raise DtypeError(f"out= is a {lib_of(out).name} array but the inputs are "
                          f"{lib_of(like).name} arrays")
@@ -470,26 +560,3 @@ def _check_out(out: Any, shape: tuple[int, ...], like: Any, kind: str) -> None:
     want = "int64" if kind == "index" else _dtype_name(like)
     if _dtype_name(out) != want:
         raise DtypeError(f"out= has dtype {_dtype_name(out)} but the result has dtype {want}")
-
-
-_cores: int | None = None
-
-
-def num_threads(pairs: int | None = None) -> int:
-    """Threads for a reduction: LAZYMAT_NUM_THREADS, OMP_NUM_THREADS or the usable cores;
-    one for a tiny problem, where waking threads costs more than the work."""
-    global _cores
-    if pairs is not None and pairs < 1 << 15:
-        return 1
-    env = os.environ.get("LAZYMAT_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            pass
-    if _cores is None:
-        try:
-            _cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not Linux
-            _cores = os.cpu_count() or 1
-    return _cores

@@ -1,19 +1,34 @@
-"""Every reduction, defined once: its outputs, its reference rules and its C code.
+"""Every reduction, defined once: its outputs, its partial state, its rules and its C code.
 
 A reduction folds the values F_ij of one output row i over j. Each one here
 gives, side by side:
 
-- ``out_dims``: the shapes of its outputs (values and/or int64 indices);
+- ``outputs(fdim, K, wdim)``: the kinds and shapes of its outputs ("value" or
+  int64 "index"), and ``identity``: what they hold for a row that saw no column;
+- ``state(fdim, K, wdim)``: the kinds and shapes of its raw partial state
+  ("value", "acc": the accumulator type, "index"), and ``state_fill``: the
+  state of a row that saw no column. Kernels store it with ``store="state"``;
 - the reference rules on arrays: ``block`` (the state of a dense block of
   values, j starting at ``j0``), ``merge`` (two states of the same rows, the
-  second one holding larger j), ``finalize`` (state -> outputs). Tiles,
-  threads, chunks and distributed runs all combine partial states with
-  ``merge``;
-- the C code of the lane kernel: ``c_decl``/``c_init`` (per block of rows),
-  ``c_tile`` (fold one tile of values), ``c_store`` (finalize and write).
+  second one holding larger j, its indices already global), ``finalize``
+  (state -> outputs). Column splits (CUDA, CPU threads, Dask) combine the
+  states of their parts with ``merge``;
+- the C code of the kernel: ``c_decl`` (per block of rows), ``c_tile`` (fold
+  one tile of values), ``c_store`` (finalize and write the outputs),
+  ``c_state_store`` (write the raw state);
+- the gradient facts: ``cotangents`` (reverse mode) and ``tangents`` (forward
+  mode) of sum-like reductions, ``selects_with`` of selections.
 
->>> REDUCTIONS["Sum"].out_dims(fdim=3, K=None, wdim=None)
+NaN and inf follow numpy and torch (the README's "NaN and inf"): Min/Max return
+NaN and ArgMin/ArgMax the first NaN's index; KMin sorts NaN last (after +inf,
+as ``numpy.sort`` and ``torch.topk`` do); LogSumExp of a row with NaN is NaN,
+else of a row with +inf +inf; SumSoftMaxWeight of a row with NaN is NaN, of a
+row with +inf the mean of the weights at the +inf entries (the limit).
+
+>>> REDUCTIONS["Sum"].outputs(fdim=3, K=None, wdim=None)
 [('value', (3,))]
+>>> REDUCTIONS["Min_ArgMin"].state(fdim=3, K=None, wdim=None)
+[('value', (3,)), ('index', (3,))]
 """
 
 from __future__ import annotations
@@ -25,36 +40,56 @@ from .formula import Node, make
 
 INF = float("inf")
 
+Shapes = list[tuple[str, tuple[int, ...]]]  # (kind, shape per row) of each array
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class ReductionDef:
+    """One reduction's facts (see the module docstring).
+
+    >>> REDUCTIONS["KMin_ArgKMin"].outputs(fdim=2, K=3, wdim=None)
+    [('value', (3, 2)), ('index', (3, 2))]
+    """
+
     name: str
-    needs_k: bool
-    weight: str  # "none", "optional" or "required": whether formula2 (G) is used
-    scalar_formula: bool  # F must have dim 1 (LogSumExp, SumSoftMaxWeight)
-    out_dims: Callable[..., list[tuple[str, tuple[int, ...]]]]
+    doc: str
+    output_kinds: tuple[str, ...]  # "value" | "index", in output order
+    out_shape: Callable[[int, int | None, int | None], tuple[int, ...]]  # each output, per row
     identity: tuple[float, ...]  # what each output holds when nothing is reduced (N = 0)
-    block: Callable[..., Any]
-    merge: Callable[..., Any]
+    state: Callable[[int, int | None, int | None], Shapes]
+    state_fill: tuple[float, ...]  # each state array of a row that saw no column
+    block: Callable[..., tuple]
+    merge: Callable[..., tuple]
     finalize: Callable[..., tuple]
     c_decl: Callable[[Any], list[str]]
     c_tile: Callable[[Any], list[str]]
     c_store: Callable[[Any], list[str]]
-    doc: str = ""
-    # Gradient rule. Sum-like reductions give ``cotangents(F, W, G, O, L)``: the cotangents
+    c_state_store: Callable[[Any], list[str]]
+    needs_k: bool = False
+    weight: str = "none"  # "none", "optional" or "required": whether formula2 (G) is used
+    scalar_formula: bool = False  # F must have dim 1 (LogSumExp, SumSoftMaxWeight)
+    # Gradient rules. Sum-like reductions give ``cotangents(F, W, G, O, L)``: the cotangents
     # of the formula F and the weight W, from the output cotangent G, the saved output O and
-    # (softmax) the log-normalizer L, all formulas in the output index. Selection reductions
-    # (Min, KMin, ...) name ``selects_with``, the reduction that also returns the selected
-    # indices: the gradient flows to those pairs only. Neither: no gradient (Arg*).
+    # (softmax) the log-normalizer L, all formulas in the output index; and
+    # ``tangents(F, W, dF, dW, O, L)``: the term T_ij whose sum over j is the output's
+    # tangent, from the directional derivatives dF and dW (dW None without a weight).
+    # Selection reductions (Min, KMin, ...) name ``selects_with``, the reduction that also
+    # returns the selected indices: the gradient flows to those pairs only. Neither: no
+    # gradient (Arg*).
     cotangents: Callable[..., tuple[Node, Node | None]] | None = None
+    tangents: Callable[..., Node] | None = None
     selects_with: str | None = None
     needs_log_normalizer: bool = False
-    # Splitting the columns (the CUDA backend does, when there are too few rows to fill the
-    # GPU): each part runs the reduction ``split_with``, ``state_of(xp, outputs)`` turns its
-    # outputs into a state of this reduction, and ``merge`` then ``finalize`` combine the
-    # parts. None: the outputs do not hold enough to combine (SumSoftMaxWeight).
+    # Splitting the columns from finalized outputs (the CUDA backend, until it stores
+    # states): each part runs ``split_with``, ``state_of(xp, outputs)`` turns its outputs
+    # into a state of this reduction. None: the outputs do not hold enough to combine.
     split_with: str | None = None
     state_of: Callable[[Any, tuple], Any] | None = None
+
+    def outputs(self, fdim: int, K: int | None, wdim: int | None) -> Shapes:
+        """(kind, shape per row) of each output, in order."""
+        shape = self.out_shape(fdim, K, wdim)
+        return [(kind, shape) for kind in self.output_kinds]
 
 
 REDUCTIONS: dict[str, ReductionDef] = {}
@@ -79,10 +114,14 @@ def _lanes(body: str) -> list[str]:
     return ["#pragma omp simd", f"for (int l = 0; l < LANES; l++) {{ {body} }}"]
 
 
+def _isnan(a: Any) -> Any:
+    return a != a  # numpy and torch alike
+
+
 # --------------------------------------------------------------------------- Sum
 
 def _sum_block(xp, values, weights, j0, K=None):
-    return xp.sum(values, 1)
+    return (xp.sum(values, 1),)
 
 
 def _sum_decl(rc):
@@ -122,36 +161,46 @@ def _sum_tile(rc):
 
 
 def _sum_store(rc):
-    return [_loop("k", rc.D, f"out[row * {rc.D} + k] = ({rc.T})acc[k][l];")]
+    return [_loop("k", rc.D, f"{rc.out(0)}[row * {rc.D} + k] = ({rc.T})acc[k][l];")]
+
+
+def _sum_state_store(rc):
+    return [_loop("k", rc.D, f"{rc.out(0)}[row * {rc.D} + k] = acc[k][l];")]
 
 
 REDUCTIONS["Sum"] = ReductionDef(
-    "Sum", False, "none", False,
-    out_dims=lambda fdim, K, wdim: [("value", (fdim,))], identity=(0.0,),
-    block=_sum_block, merge=lambda xp, a, b, K=None: a + b, finalize=lambda xp, s: (s,),
-    c_decl=_sum_decl, c_tile=_sum_tile, c_store=_sum_store,
-    doc="Σ_j F_ij, per component",
+    name="Sum", doc="Σ_j F_ij, per component",
+    output_kinds=("value",), out_shape=lambda fdim, K, wdim: (fdim,), identity=(0.0,),
+    state=lambda fdim, K, wdim: [("acc", (fdim,))], state_fill=(0.0,),
+    block=_sum_block, merge=lambda xp, a, b, K=None: (a[0] + b[0],),
+    finalize=lambda xp, s: s,
+    c_decl=_sum_decl, c_tile=_sum_tile, c_store=_sum_store, c_state_store=_sum_state_store,
     cotangents=lambda F, W, G, O, L: (G, None),
-    split_with="Sum", state_of=lambda xp, outs: outs[0])
+    tangents=lambda F, W, dF, dW, O, L: dF,
+    split_with="Sum", state_of=lambda xp, outs: (outs[0],))
 
 
 # --------------------------------------------------------------------------- Min / Max and arg
 
 def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
-    op = "<" if smaller else ">"
     xp_pick = "amin" if smaller else "amax"
     arg_pick = "argmin" if smaller else "argmax"
     init = "INFINITY_T" if smaller else "-INFINITY_T"
     worst = INF if smaller else -INF
+    # "v is better than best, or v is NaN", false once best is NaN: NaN propagates and the
+    # first NaN (or the first of equal values) is kept. One unordered compare.
+    better_or_nan = "!(v >= best[k][l])" if smaller else "!(v <= best[k][l])"
 
     def block(xp, values, weights, j0, K=None):
-        idx = getattr(xp, arg_pick)(values, 1)
-        return getattr(xp, xp_pick)(values, 1), idx + j0
+        # numpy and torch: amin/amax propagate NaN, argmin/argmax give the first NaN.
+        return getattr(xp, xp_pick)(values, 1), getattr(xp, arg_pick)(values, 1) + j0
 
     def merge(xp, a, b, K=None):
         (va, ia), (vb, ib) = a, b
-        # b holds larger j: take it only when strictly better (first index on ties).
-        take_b = (vb < va) if smaller else (vb > va)
+        # b holds larger j: take it only when strictly better (first index on ties), when
+        # it is the first NaN, or when a saw no column.
+        better = (vb < va) if smaller else (vb > va)
+        take_b = (better | _isnan(vb) | (ia < 0)) & ~_isnan(va)
         return xp.where(take_b, vb, va), xp.where(take_b, ib, ia)
 
     def finalize(xp, state):
@@ -166,26 +215,40 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
                                        f"{{ best[k][l] = {init}; arg[k][l] = -1; }}"))]
 
     def tile(rc):
-        return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
+        # A row's first column is taken once per tile, outside the pair loop (so a row of
+        # +inf gets its first index); the pair loop then needs no test of the index.
+        return [f"for (int k = 0; k < {rc.D}; k++) {{",
+                "  const int jj = 0;",
+                f"  for (int l = 0; l < LANES; l++) if (arg[k][l] < 0) {{ "
+                f"best[k][l] = {rc.V('k')}; arg[k][l] = j0; }}",
+                "}",
+                f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
                 *["  " + s for s in _lanes(
-                    f"{rc.T} v = {rc.V('k')}; bool b = (v {op} best[k][l]) | (arg[k][l] < 0); "
-                    f"best[k][l] = b ? v : best[k][l]; arg[k][l] = b ? j0 + jj : arg[k][l];")],
+                    f"{rc.T} v = {rc.V('k')}; "
+                    f"bool take = {better_or_nan} & (best[k][l] == best[k][l]); "
+                    "best[k][l] = take ? v : best[k][l]; arg[k][l] = take ? j0 + jj : arg[k][l];")],
                 "}"]
 
     def store(rc):
         lines = []
-        if "value" in outputs:
-            lines.append(_loop("k", rc.D, f"out[row * {rc.D} + k] = best[k][l];"))
-        if "index" in outputs:
-            lines.append(_loop("k", rc.D, f"out_idx[row * {rc.D} + k] = arg[k][l];"))
+        for n, o in enumerate(outputs):
+            src = "best" if o == "value" else "arg"
+            lines.append(_loop("k", rc.D, f"{rc.out(n)}[row * {rc.D} + k] = {src}[k][l];"))
         return lines
 
+    def state_store(rc):
+        return [_loop("k", rc.D, f"{rc.out(0)}[row * {rc.D} + k] = best[k][l];"),
+                _loop("k", rc.D, f"{rc.out(1)}[row * {rc.D} + k] = arg[k][l];")]
+
     REDUCTIONS[name] = ReductionDef(
-        name, False, "none", False,
-        out_dims=lambda fdim, K, wdim: [(o, (fdim,)) for o in outputs],
-        identity=tuple(worst if o == "value" else -1 for o in outputs),
-        block=block, merge=merge, finalize=finalize, c_decl=decl, c_tile=tile, c_store=store,
+        name=name,
         doc=f"{'min' if smaller else 'max'}_j F_ij per component ({', '.join(outputs)})",
+        output_kinds=outputs, out_shape=lambda fdim, K, wdim: (fdim,),
+        identity=tuple(worst if o == "value" else -1 for o in outputs),
+        state=lambda fdim, K, wdim: [("value", (fdim,)), ("index", (fdim,))],
+        state_fill=(worst, -1),
+        block=block, merge=merge, finalize=finalize,
+        c_decl=decl, c_tile=tile, c_store=store, c_state_store=state_store,
         selects_with=(("Min_ArgMin" if smaller else "Max_ArgMax") if "value" in outputs
                       else None),
         split_with="Min_ArgMin" if smaller else "Max_ArgMax",
@@ -202,6 +265,16 @@ _extremum("Max_ArgMax", False, ("value", "index"))
 
 # --------------------------------------------------------------------------- K-min
 
+def _kmin_sorted(xp, v, i, K):
+    """The first K slots of (v, i) along axis 1 in KMin's order: values ascending, NaN after
+    +inf (numpy's and torch's sorts), empty slots (index -1) last; stable, so the first
+    index wins ties."""
+    order = xp.stable_argsort(v, 1)
+    v, i = xp.take_along(v, order, 1), xp.take_along(i, order, 1)
+    order = xp.stable_argsort((i < 0) * 1, 1)[:, :K]
+    return xp.take_along(v, order, 1), xp.take_along(i, order, 1)
+
+
 def _kmin(name: str, outputs: tuple[str, ...]):
     def block(xp, values, weights, j0, K):
         # values (m, n, D): the K smallest along n, ascending, first index on ties.
@@ -215,17 +288,15 @@ def _kmin(name: str, outputs: tuple[str, ...]):
 
     def merge(xp, a, b, K):
         (va, ia), (vb, ib) = a, b
-        v, i = xp.concat([va, vb], 1), xp.concat([ia, ib], 1)
-        order = xp.stable_argsort(v, 1)[:, :K, :]
-        return xp.take_along(v, order, 1), xp.take_along(i, order, 1)
+        return _kmin_sorted(xp, xp.concat([va, vb], 1), xp.concat([ia, ib], 1), K)
 
     def finalize(xp, state):
         v, i = state
         return tuple(v if o == "value" else i for o in outputs)
 
     def decl(rc):
-        # Index -1 marks an empty slot, larger than any value (+inf included): rows whose
-        # values are +inf keep their first columns, slots of an empty row stay -1.
+        # Index -1 marks an empty slot, larger than any value (+inf and NaN included): rows
+        # whose values are +inf keep their first columns, slots of an empty row stay -1.
         return [f"{rc.T} kv[{rc.D}][{rc.K}][LANES]; long long ki[{rc.D}][{rc.K}][LANES];",
                 _loop("k", rc.D, _loop("r", rc.K, _loop(
                     "l", "LANES", "{ kv[k][r][l] = INFINITY_T; ki[k][r][l] = -1; }")))]
@@ -234,40 +305,47 @@ def _kmin(name: str, outputs: tuple[str, ...]):
         # Cheap threshold test against the current K-th value; sorted insertion only
         # for the rare candidates that pass it.
         # The test runs on all lanes at once (vectorized); most columns end there.
+        # "v before w" in KMin's order: !(v >= w) & (v == v) is v < w, or w NaN and v not
+        # (one unordered compare): NaN goes after every number, after earlier NaN.
         K = rc.K
+
+        def before(v: str, r: str) -> str:
+            return f"((!({v} >= kv[k][{r}][l]) & ({v} == {v})) | (ki[k][{r}][l] < 0))"
+
         return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
                 "  int pass = 0;",
                 "  #pragma omp simd reduction(|:pass)",
-                f"  for (int l = 0; l < LANES; l++) pass |= ({rc.V('k')} < kv[k][{K - 1}][l]) "
+                # (a superset of "before": a NaN passes here, the exact test below drops it)
+                f"  for (int l = 0; l < LANES; l++) pass |= !({rc.V('k')} >= kv[k][{K - 1}][l]) "
                 f"| (ki[k][{K - 1}][l] < 0);",
                 "  if (!pass) continue;",
                 "  for (int l = 0; l < LANES; l++) {",
                 f"    {rc.T} v = {rc.V('k')};",
-                f"    if (!(v < kv[k][{K - 1}][l]) && ki[k][{K - 1}][l] >= 0) continue;",
+                f"    if (!{before('v', str(K - 1))}) continue;",
                 f"    int r = {K - 1};",
-                "    while (r > 0 && (v < kv[k][r - 1][l] || ki[k][r - 1][l] < 0)) {",
+                f"    while (r > 0 && {before('v', 'r - 1')}) {{",
                 "      kv[k][r][l] = kv[k][r - 1][l]; ki[k][r][l] = ki[k][r - 1][l]; r--; }",
                 "    kv[k][r][l] = v; ki[k][r][l] = j0 + jj;",
                 "  }",
                 "}"]
 
+    def write(rc, n: int, src: str) -> str:
+        return _loop("r", rc.K, _loop(
+            "k", rc.D, f"{rc.out(n)}[(row * {rc.K} + r) * {rc.D} + k] = {src}[k][r][l];"))
+
     def store(rc):
-        lines = []
-        if "value" in outputs:
-            lines.append(_loop("r", rc.K, _loop(
-                "k", rc.D, f"out[(row * {rc.K} + r) * {rc.D} + k] = kv[k][r][l];")))
-        if "index" in outputs:
-            lines.append(_loop("r", rc.K, _loop(
-                "k", rc.D, f"out_idx[(row * {rc.K} + r) * {rc.D} + k] = ki[k][r][l];")))
-        return lines
+        return [write(rc, n, "kv" if o == "value" else "ki") for n, o in enumerate(outputs)]
 
     REDUCTIONS[name] = ReductionDef(
-        name, True, "none", False,
-        out_dims=lambda fdim, K, wdim: [(o, (K, fdim)) for o in outputs],
+        name=name, doc=f"the K smallest F_ij over j, ascending ({', '.join(outputs)})",
+        output_kinds=outputs, out_shape=lambda fdim, K, wdim: (K, fdim),
         identity=tuple(INF if o == "value" else -1 for o in outputs),
+        state=lambda fdim, K, wdim: [("value", (K, fdim)), ("index", (K, fdim))],
+        state_fill=(INF, -1),
         block=block, merge=merge, finalize=finalize,
         c_decl=decl, c_tile=tile, c_store=store,
-        doc=f"the K smallest F_ij over j, ascending ({', '.join(outputs)})",
+        c_state_store=lambda rc: [write(rc, 0, "kv"), write(rc, 1, "ki")],
+        needs_k=True,
         selects_with="KMin_ArgKMin" if "value" in outputs else None,
         split_with="KMin_ArgKMin", state_of=lambda xp, outs: tuple(outs))
 
@@ -278,22 +356,29 @@ _kmin("KMin_ArgKMin", ("value", "index"))
 
 
 # --------------------------------------------------------------------------- LogSumExp family
+#
+# State (m, s0, s): m the running max of F (NaN once a NaN is seen), s0 = Σ_j r(F_j, m) and
+# s_e = Σ_j r(F_j, m) W_je with r(v, m) = 1 if v == m, else exp(v - m). For a finite m that
+# is exp(v - m); for m = +inf it counts the +inf entries (their softmax limit); for m = -inf
+# (all F = -inf) the sums are not used: finalize gives -inf and 0.
+
+def _rel(xp, v, m):
+    with xp.errstate():
+        return xp.where(v == m, 1.0, xp.exp(v - m))
+
 
 def _shifted_exp_block(xp, values, weights, j0, K=None):
-    # values (m, n, 1), weights (m, n, E) or None: (max, Σ exp(F - max) [G])
-    mx = xp.amax(values, 1)  # (m, 1)
-    safe = xp.where(xp.isneginf(mx), 0.0, mx)  # a row of -inf values shifts by 0, not NaN
-    e = xp.exp(values - xp.expand_dims(safe, 1))
+    # values (m, n, 1), weights (m, n, E) or None
+    mx = xp.amax(values, 1)  # (m, 1); NaN propagates
+    e = _rel(xp, values, xp.expand_dims(mx, 1))
     s = xp.sum(e if weights is None else e * weights, 1)
-    s0 = xp.sum(e, 1)
-    return mx, s0, s
+    return mx, xp.sum(e, 1), s
 
 
 def _shifted_exp_merge(xp, a, b, K=None):
     (ma, s0a, sa), (mb, s0b, sb) = a, b
-    m = xp.maximum(ma, mb)
-    safe = xp.where(xp.isneginf(m), 0.0, m)
-    fa, fb = xp.exp(ma - safe), xp.exp(mb - safe)
+    m = xp.maximum(ma, mb)  # NaN propagates
+    fa, fb = _rel(xp, ma, m), _rel(xp, mb, m)
     return m, s0a * fa + s0b * fb, sa * fa + sb * fb
 
 
@@ -314,7 +399,10 @@ def _lse_tile(rc):
     # shifted exponentials, stored once and reused for every weight component. The sums
     # follow the accumulation options as Sum does: per-tile partial sums in T added to
     # the accumulator (block, the default), every term straight into it (direct), or
-    # compensated (kahan).
+    # compensated (kahan). A NaN needs no test: exp(NaN - max) is NaN, and so are the
+    # sums from then on (the C max ignores it; the reference's is NaN: both finalize to
+    # NaN). An infinite max (rare: +inf values, rows of -inf) takes the pass that applies
+    # r(v, m) = 1 where v == m.
     acc = rc.acc
     rescale = f"s0[l] *= sc; for (int e = 0; e < {rc.E}; e++) s[e][l] *= sc;"
     if rc.scheme == "kahan":
@@ -324,15 +412,24 @@ def _lse_tile(rc):
              "for (int jj = 0; jj < tj; jj++) {",
              *["  " + s for s in _lanes(f"{rc.T} v = {rc.V(0)}; tm[l] = v > tm[l] ? v : tm[l];")],
              "}",
+             "int inf_lanes = 0;",
              "for (int l = 0; l < LANES; l++) {",
              f"  {acc} sc = (mx[l] == tm[l]) ? ({acc})1 : lm_exp(({acc})mx[l] - ({acc})tm[l]);",
-             f"  {rescale} mx[l] = tm[l]; }}"]
-    shifted = f"{rc.T} x = (mx[l] == -INFINITY_T) ? ({rc.T})0 : lm_exp({rc.V(0)} - mx[l]);"
+             f"  {rescale} mx[l] = tm[l];",
+             "  inf_lanes |= (tm[l] == INFINITY_T) | (tm[l] == -INFINITY_T); }"]
+    fast = f"{rc.T} x = lm_exp({rc.V(0)} - mx[l]);"
+    slow = f"{rc.T} v = {rc.V(0)}; {rc.T} x = (v == mx[l]) ? ({rc.T})1 : lm_exp(v - mx[l]);"
+
+    def both(body: str) -> list[str]:
+        """The loop over the tile's columns, with the usual or the infinite-max shift."""
+        return ["if (!inf_lanes) {", "  for (int jj = 0; jj < tj; jj++) {",
+                *["    " + t for t in _lanes(f"{fast} {body}")], "  }",
+                "} else {", "  for (int jj = 0; jj < tj; jj++) {",
+                *["    " + t for t in _lanes(f"{slow} {body}")], "  }", "}"]
+
     if rc.scheme == "block":
         return lines + [f"{rc.T} ts0[LANES] = {{0}};",
-                        "for (int jj = 0; jj < tj; jj++) {",
-                        *["  " + s for s in _lanes(f"{shifted} ex[jj][l] = x; ts0[l] += x;")],
-                        "}",
+                        *both("ex[jj][l] = x; ts0[l] += x;"),
                         "for (int l = 0; l < LANES; l++) s0[l] += ts0[l];",
                         *_weighted_sums(rc)]
     if rc.scheme == "direct":
@@ -342,9 +439,7 @@ def _lse_tile(rc):
         add0 = f"{acc} y = ({acc})x - kc0[l], t = s0[l] + y; kc0[l] = (t - s0[l]) - y; s0[l] = t;"
         add = (f"{acc} y = ({acc})x * ({acc}){rc.W('e')} - kc[e][l], t = s[e][l] + y; "
                "kc[e][l] = (t - s[e][l]) - y; s[e][l] = t;")
-    return lines + ["for (int jj = 0; jj < tj; jj++) {",
-                    *["  " + s for s in _lanes(f"{shifted} ex[jj][l] = x; {add0}")],
-                    "}",
+    return lines + [*both(f"ex[jj][l] = x; {add0}"),
                     f"for (int e = 0; e < {rc.E}; e++) for (int jj = 0; jj < tj; jj++) {{",
                     *["  " + s for s in _lanes(f"{rc.T} x = ex[jj][l]; {add}")],
                     "}"]
@@ -374,6 +469,11 @@ def _weighted_sums(rc) -> list[str]:
     return lines
 
 
+def _shifted_exp_state_store(rc):
+    return [f"{rc.out(0)}[row] = mx[l];", f"{rc.out(1)}[row] = s0[l];",
+            _loop("e", rc.E, f"{rc.out(2)}[row * {rc.E} + e] = s[e][l];")]
+
+
 def _lse_cotangents(F, W, G, O):
     # out_e = log Σ_j exp(F) W_e: ∂out_e/∂F = exp(F - out_e) W_e, ∂out_e/∂W_e = exp(F - out_e).
     p = make("Exp", (F - O,))
@@ -382,31 +482,47 @@ def _lse_cotangents(F, W, G, O):
     return make("Sum", (G * p * W,)), G * p
 
 
+def _lse_tangents(F, W, dF, dW, O, L):
+    # d log Σ exp(F) W = Σ exp(F - O) (W dF + dW)
+    p = make("Exp", (F - O,))
+    return p * (dF if W is None else W * dF + (dW if dW is not None else W * 0))
+
+
 def _softmax_cotangents(F, W, G, O, L):
     # out = Σ_j s_j W_j with s = softmax(F): ∂out/∂W_j = s_j, ∂<G, out>/∂F_j = s_j <G, W_j - out>.
     s = make("Exp", (F - L,))
     return s * make("Sum", (G * (W - O),)), s * G
 
 
+def _softmax_tangents(F, W, dF, dW, O, L):
+    # O = Σ p W with p = exp(F - L): dO = Σ p (dF (W - O) + dW)
+    return make("Exp", (F - L,)) * (dF * (W - O) + (dW if dW is not None else W * 0))
+
+
 def _lse_finalize(xp, state):
     m, s0, s = state
-    safe = xp.where(xp.isneginf(m), 0.0, m)
     with xp.errstate():
-        return (xp.where(xp.isneginf(m), m + s * 0, safe + xp.log(s)),)
+        # m = -inf: every F is -inf (or no column): -inf, NaN if a weight is NaN.
+        return (xp.where(m == -INF, xp.where(_isnan(s), s, m), m + xp.log(s)),)
 
 
 def _lse_store(rc):
-    return [_loop("e", rc.E, f"out[row * {rc.E} + e] = mx[l] == -INFINITY_T ? -INFINITY_T : "
+    return [_loop("e", rc.E, f"{rc.out(0)}[row * {rc.E} + e] = mx[l] == -INFINITY_T ? "
+                             f"(s[e][l] != s[e][l] ? ({rc.T})s[e][l] : -INFINITY_T) : "
                              f"({rc.T})((double)mx[l] + lm_log(s[e][l]));")]
 
 
 REDUCTIONS["LogSumExp"] = ReductionDef(
-    "LogSumExp", False, "optional", True,
-    out_dims=lambda fdim, K, wdim: [("value", (wdim or 1,))], identity=(-INF,),
+    name="LogSumExp", doc="log Σ_j exp(F_ij) [G_ij], computed with a running max (stable)",
+    output_kinds=("value",), out_shape=lambda fdim, K, wdim: (wdim or 1,), identity=(-INF,),
+    state=lambda fdim, K, wdim: [("value", (1,)), ("acc", (1,)), ("acc", (wdim or 1,))],
+    state_fill=(-INF, 0.0, 0.0),
     block=_shifted_exp_block, merge=_shifted_exp_merge, finalize=_lse_finalize,
     c_decl=_lse_decl, c_tile=_lse_tile, c_store=_lse_store,
-    doc="log Σ_j exp(F_ij) [G_ij], computed with a running max (stable)",
+    c_state_store=_shifted_exp_state_store,
+    weight="optional", scalar_formula=True,
     cotangents=lambda F, W, G, O, L: _lse_cotangents(F, W, G, O),
+    tangents=_lse_tangents,
     # log Σ over a part, per component: a state whose max is that value and sums are 1
     split_with="LogSumExp",
     state_of=lambda xp, outs: (outs[0], xp.full(outs[0].shape, 1.0, like=outs[0]),
@@ -416,19 +532,24 @@ REDUCTIONS["LogSumExp"] = ReductionDef(
 def _softmax_finalize(xp, state):
     m, s0, s = state
     with xp.errstate():
-        return (xp.where(s0 > 0, s / xp.where(s0 > 0, s0, s0 + 1), s * 0),)
+        # m = -inf: every F is -inf (or no column): 0, NaN if a weight is NaN.
+        return (xp.where(m == -INF, xp.where(_isnan(s), s, 0.0), s / xp.where(m == -INF, 1.0, s0)),)
 
 
 def _softmax_store(rc):
-    return [_loop("e", rc.E, f"out[row * {rc.E} + e] = s0[l] > 0 ? ({rc.T})(s[e][l] / s0[l]) : "
-                             f"({rc.T})0;")]
+    return [_loop("e", rc.E, f"{rc.out(0)}[row * {rc.E} + e] = mx[l] == -INFINITY_T ? "
+                             f"(s[e][l] != s[e][l] ? ({rc.T})s[e][l] : ({rc.T})0) : ({rc.T})(s[e][l] / s0[l]);")]
 
 
 REDUCTIONS["SumSoftMaxWeight"] = ReductionDef(
-    "SumSoftMaxWeight", False, "required", True,
-    out_dims=lambda fdim, K, wdim: [("value", (wdim,))], identity=(0.0,),
+    name="SumSoftMaxWeight", doc="Σ_j exp(F_ij) G_ij / Σ_j exp(F_ij) (attention)",
+    output_kinds=("value",), out_shape=lambda fdim, K, wdim: (wdim,), identity=(0.0,),
+    state=lambda fdim, K, wdim: [("value", (1,)), ("acc", (1,)), ("acc", (wdim,))],
+    state_fill=(-INF, 0.0, 0.0),
     block=_shifted_exp_block, merge=_shifted_exp_merge, finalize=_softmax_finalize,
     c_decl=_lse_decl, c_tile=_lse_tile, c_store=_softmax_store,
-    doc="Σ_j exp(F_ij) G_ij / Σ_j exp(F_ij) (attention)",
+    c_state_store=_shifted_exp_state_store,
+    weight="required", scalar_formula=True,
     cotangents=lambda F, W, G, O, L: _softmax_cotangents(F, W, G, O, L),
+    tangents=_softmax_tangents,
     needs_log_normalizer=True)

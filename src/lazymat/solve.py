@@ -15,7 +15,6 @@ True
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 import warnings
@@ -23,9 +22,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import plan
-from .arraylib import is_torch
-from .formula import I_CAT, J_CAT, P_CAT, Node, Var, variables, walk
+from . import config, plan
+from .arraylib import is_dask, is_torch
+from .errors import NonFiniteError
+from .formula import I_CAT, J_CAT, OPS, P_CAT, Node, Var, variables, walk
 from .preconditioners import SchwarzPreconditioner, kd_order, leaf_boxes
 
 
@@ -42,7 +42,7 @@ _MAX_ROUNDS = 5
 
 
 def _verbose() -> bool:
-    return os.environ.get("LAZYMAT_VERBOSE", "") not in ("", "0")
+    return config.verbose()
 
 
 def _default_max_iter(n: int) -> int:
@@ -57,23 +57,60 @@ def _dot(a: Any, b: Any) -> float:
     return float((a * b).sum())
 
 
+def _stagnation_window(n: int) -> int:
+    """Iterations without progress after which CG gives up: CG needs at most n in exact
+    arithmetic, so a quarter of n (at least 50, at most 500) with no gain means rounding
+    (or an indefinite K) has taken over."""
+    return max(50, min(n // 4, 500))
+
+
+#: Progress over a stagnation window: the best |r|² must shrink at least by this factor.
+_PROGRESS = 0.99
+
+
+def _not_finite(what: str) -> NonFiniteError:
+    return NonFiniteError(f"{what} holds NaN or inf: the kernel matrix-vector product of the "
+                          "solve is not finite; check b, the points and the parameters of K "
+                          "for NaN/inf (and that K's formula does not overflow)")
+
+
+def _persist(*vectors: Any) -> tuple:
+    """Dask vectors computed once and kept on the workers (CG reads each several times;
+    unpersisted, every iteration would recompute the whole history); others unchanged."""
+    if not any(is_dask(v) for v in vectors):
+        return vectors
+    from .backends.dask import persist
+
+    return persist(*vectors)
+
+
 def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
          precond: Callable[[Any], Any] | None, clock: tuple[float, int] = (0.0, 0)
-         ) -> tuple[Any, int, float]:
-    """(x, iterations, |r|²): preconditioned CG on op(x) = b from x = 0, stopped when the
-    recurrence residual |r|² < tol. ``clock`` = (start time, iterations done before) for the
+         ) -> tuple[Any, int, float, bool]:
+    """(x, iterations, |r|², stagnated): preconditioned CG on op(x) = b from x = 0, stopped
+    when the recurrence residual |r|² < tol, or when the best |r|² has not improved over a
+    window of iterations (then x is the best iterate seen). Raises NonFiniteError when the
+    residual becomes NaN or inf. ``clock`` = (start time, iterations done before) for the
     verbose progress lines."""
     verbose = _verbose()
     x = b * 0
     r = b * 1  # the residual of x = 0 (a copy)
     z = r if precond is None else precond(r)
     p = z * 1
+    x, r, p = _persist(x, r, p)
+    z = r if precond is None else z
     rr, rz = _dot(r, r), _dot(r, z)
+    if not (math.isfinite(rr) and math.isfinite(rz)):
+        raise _not_finite("the right-hand side (or its preconditioned image)")
+    best_x, best_rr, window = x, rr, _stagnation_window(b.shape[0])
+    mark_it, mark_rr, stagnated = 0, rr, False
     it = 0
     while rr >= tol and rr > 0 and it < max_iter:
         it += 1
-        Ap = op(p)
+        (Ap,) = _persist(op(p))
         curvature = _dot(p, Ap)
+        if not math.isfinite(curvature):
+            raise _not_finite("K @ p")
         if not curvature > 0 or not rz > 0:  # breakdown: K (or the preconditioner) not SPD
             break
         step = rz / curvature
@@ -81,6 +118,15 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
         r_old = r
         r = r - step * Ap
         rr = _dot(r, r)
+        if not math.isfinite(rr):
+            raise _not_finite("the residual")
+        if rr < best_rr:
+            best_x, best_rr = x, rr
+        if it - mark_it >= window:
+            if best_rr > _PROGRESS * mark_rr:  # no progress over a whole window
+                stagnated = True
+                break
+            mark_it, mark_rr = it, best_rr
         if precond is None:
             z, beta = r, rr / rz
             rz = rr
@@ -91,18 +137,29 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
             beta = max(0.0, (rz_new - _dot(r_old, z)) / rz)
             rz = rz_new
         p = z + beta * p
+        x, r, p = _persist(x, r, p)
         if verbose and ((clock[1] + it) % 10 == 0):
             print(f"[lazymat] conjugate gradient: iteration {clock[1] + it}, |r|^2 = {rr:.3e} "
                   f"(target {tol:.1e}), {time.perf_counter() - clock[0]:.1f} s", file=sys.stderr)
-    return x, it, rr
+    if rr > best_rr:  # the last iterate is not the best one
+        x, rr = best_x, best_rr
+    return x, it, rr, stagnated
 
 
 def _warn_not_converged(iterations: int, rr: float, tol: float, stacklevel: int,
-                        hint: str = "") -> None:
-    warnings.warn(f"conjugate gradient did not converge in {iterations} iterations "
-                  f"(|r|^2 = {rr:.3e}, target {tol:.3e}): is the kernel matrix "
-                  f"positive definite? A larger alpha helps.{hint}", ConvergenceWarning,
-                  stacklevel=stacklevel + 1)
+                        hint: str = "", stagnated: bool = False) -> None:
+    how = (f"stopped after {iterations} iterations without progress (stagnation; the best "
+           "iterate is returned)" if stagnated else f"did not converge in {iterations} "
+           "iterations")
+    warnings.warn(f"conjugate gradient {how} (|r|^2 = {rr:.3e}, target {tol:.3e}): is the "
+                  f"kernel matrix positive definite? A larger alpha helps.{hint}",
+                  ConvergenceWarning, stacklevel=stacklevel + 1)
+
+
+def _check_finite(b: Any) -> None:
+    finite = bool(b.isfinite().all()) if is_torch(b) else bool(np.isfinite(b).all())
+    if not finite:
+        raise NonFiniteError("the right-hand side b of the solve holds NaN or inf")
 
 
 def conjugate_gradient(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: float,
@@ -124,10 +181,11 @@ def conjugate_gradient(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: 
     n = b.shape[0]
     max_iter = _default_max_iter(n) if max_iter is None else max_iter
     tol = _size(b) * eps * eps
-    x, its, rr = _pcg(lambda v: alpha * v + matvec(v), b, tol, max_iter, precond,
-                      (time.perf_counter(), 0))
+    _check_finite(b)
+    x, its, rr, stagnated = _pcg(lambda v: alpha * v + matvec(v), b, tol, max_iter, precond,
+                                 (time.perf_counter(), 0))
     if rr >= tol:
-        _warn_not_converged(its, rr, tol, stacklevel=2)
+        _warn_not_converged(its, rr, tol, stacklevel=2, stagnated=stagnated)
     return x
 
 
@@ -143,7 +201,8 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
     n = b.shape[0]
     max_iter = _default_max_iter(n) if max_iter is None else max_iter
     tol = _size(b) * eps * eps
-    work = b.double() if is_torch(b) else b.astype(np.float64)
+    _check_finite(b)
+    (work,) = _persist(b.double() if is_torch(b) else b.astype(np.float64))
     data_dtype = b.dtype
 
     def exact(v: Any) -> Any:
@@ -159,15 +218,22 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
         if _verbose():
             print(f"[lazymat] solve: {system.summary()}", file=sys.stderr)
     x, r, rr = work * 0, work, _dot(work, work)
-    total, rounds = 0, 0
+    total, rounds, stagnated = 0, 0, False
     while rr >= tol and rr > 0 and total < max_iter and rounds < _MAX_ROUNDS:
         rounds += 1
         rhs = r if sort is None else r[sort]
-        d, its, _ = _pcg(op, rhs, 0.5 * tol, max_iter - total, precond, (start, total))
+        d, its, _, stagnated = _pcg(op, rhs, 0.5 * tol, max_iter - total, precond,
+                                    (start, total))
         total += its
         x_new = x + (d if unsort is None else d[unsort])
-        r_new = work - exact(x_new)
+        x_new, r_new = _persist(x_new, work - exact(x_new))
         rr_new = _dot(r_new, r_new)
+        if not math.isfinite(rr_new):
+            raise _not_finite("the residual against the exact K")
+        if stagnated:  # more rounds would stagnate the same way
+            if rr_new < rr:
+                x, r, rr = x_new, r_new, rr_new
+            break
         if rr_new > 0.5 * rr and rounds > 1:
             # Stagnation: the matvec's own rounding (float32 data) is at the target's level.
             if rr_new < rr:
@@ -177,7 +243,8 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
     if rr >= tol:
         _warn_not_converged(total, rr, tol, stacklevel=4,  # the caller of K.solve
                             hint=" Float32 data limits the attainable residual: try float64 "
-                            "or a larger eps." if str(data_dtype).endswith("float32") else "")
+                            "or a larger eps." if str(data_dtype).endswith("float32") else "",
+                            stagnated=stagnated)
     if info is not None:
         info.update(iterations=total, rounds=rounds, residual=rr, target=tol,
                     seconds=time.perf_counter() - start)
@@ -236,12 +303,6 @@ def solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: float,
     return KernelSolveFunction.apply(b, *params)
 
 
-_NUMBER_OPS: dict[str, Callable[..., float]] = {
-    "Minus": lambda a: -a, "Add": lambda a, b: a + b, "Subtract": lambda a, b: a - b,
-    "Mult": lambda a, b: a * b, "Divide": lambda a, b: a / b, "Square": lambda a: a * a,
-    "Sqrt": math.sqrt, "Inv": lambda a: 1 / a, "Exp": math.exp}
-
-
 def _number(node: Node, arrays: Sequence[Any]) -> float | None:
     """The value of a scalar formula of constants and (one-number) parameters, else None."""
     if node.dim != 1:
@@ -254,12 +315,13 @@ def _number(node: Node, arrays: Sequence[Any]) -> float | None:
         if cat != P_CAT or _size(a) != 1:
             return None
         return float((a.detach() if is_torch(a) else a).reshape(-1)[0])
-    rule = _NUMBER_OPS.get(node.op)
+    fold = OPS[node.op].fold if node.op in OPS else None  # the op's own constant folding
     values = [_number(a, arrays) for a in node.args]
-    if rule is None or None in values:
+    if fold is None or None in values:
         return None
     try:
-        return float(rule(*values))
+        folded = fold(values, node.params)
+        return None if folded is None else float(folded)
     except (ArithmeticError, ValueError):
         return None
 
@@ -463,7 +525,7 @@ class KernelSystem:
     def _block(self, idx: Any) -> Any:
         """The dense K[idx][:, idx] (indices of the sorted points), in float64."""
         from .arraylib import lib_of
-        from .backends.reference import evaluate
+        from .formula.evaluate import evaluate
 
         like = self.sorted_arrays[0]
         if self.gauss is not None:  # w·exp(-γ|x_i - x_j|²), with BLAS
@@ -604,7 +666,13 @@ class KernelSolve:
             return self.genred(*args, backend=backend)
 
         system = None
-        if precond not in (None, False) or truncate not in (None, False):
+        if any(is_dask(a) for a in args):  # plain CG on distributed matvecs
+            if precond not in ("auto", None, False) or truncate is True:
+                from .errors import ShapeError
+
+                raise ShapeError("precond and truncate need the points in one memory; with "
+                                 "dask arrays the solve runs plain CG on distributed matvecs")
+        elif precond not in (None, False) or truncate not in (None, False):
             system = self._system(args, alpha, precond, truncate or False, backend)
         # Each tensor once: one array given for two aliases (Kinv(x, x, b)) is one parameter,
         # whose gradient autograd must not count twice.
@@ -617,7 +685,7 @@ class KernelSolve:
         """The KernelSystem of K when the formula is K * a (or a * K), else None (or an error
         if precond or truncate was asked for explicitly)."""
         from .errors import ShapeError
-        from .plan import _swap_categories
+        from .plan import swap_categories
 
         req = self.genred.request
         f, kernel = req.formula, None
@@ -632,7 +700,7 @@ class KernelSolve:
                                  f"with K scalar")
             return None
         if req.axis == 0:
-            kernel = _swap_categories(kernel)
+            kernel = swap_categories(kernel)
         try:
             system = KernelSystem(kernel, args, alpha, precond, truncate, backend=backend,
                                   acc={"dtype_acc": req.dtype_acc,

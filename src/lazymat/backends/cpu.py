@@ -6,19 +6,31 @@ ctypes releases the GIL during the call; the kernel threads with OpenMP.
 from __future__ import annotations
 
 import ctypes
-import math
-from typing import Any, Sequence
+import threading
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
+from .. import config
 from ..codegen.cpu import LANES, KernelSpec, render
-from ..formula import Node, variables
-from ..reductions import ReductionDef
+from . import launch as abi
+from .base import Launch
 
-_kernels: dict[tuple, Any] = {}  # per process: (reduction, formula, ...) -> kernel function
-_ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
-             ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+#: The kernels loaded in this process, by ``Launch.key``.
+kernels: dict[tuple, Any] = config.memo("backends.cpu.kernels", maxsize=1024)
+ARGTYPES = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
+            ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+
+
+def unavailable_reason() -> str | None:
+    """Why compiled CPU kernels cannot run here: no C++ compiler (None when one is found)."""
+    from ..compile import compiler_info
+
+    if compiler_info() is None:
+        return "no C++ compiler found (looked for $CXX, g++, clang++)"
+    return None
 
 
 def kernel_for(spec: KernelSpec) -> Any:
@@ -27,20 +39,12 @@ def kernel_for(spec: KernelSpec) -> Any:
 
     lib = load_library(render(spec), name=f"{spec.reduction.name}_{spec.dtype}")
     fn = lib.lm_kernel
-    fn.argtypes, fn.restype = _ARGTYPES, None
+    fn.argtypes, fn.restype = ARGTYPES, None
     return fn
 
 
-def _arg_dims(roots: list[Node], n_args: int) -> tuple[tuple[int, int], ...]:
-    dims = [(1, 2)] * n_args  # unused arguments: passed, never read
-    for r in roots:
-        for v in variables(r):
-            pos, dim, cat = v.params
-            dims[pos] = (dim, cat)
-    return tuple(dims)
-
-
-def _pointer(a: Any, keep: list) -> int:
+def pointer(a: Any, keep: list) -> int:
+    """The address of a contiguous copy of ``a`` (numpy or CPU torch), kept alive in ``keep``."""
     if isinstance(a, np.ndarray):
         a = np.ascontiguousarray(a)
         keep.append(a)
@@ -52,79 +56,113 @@ def _pointer(a: Any, keep: list) -> int:
     return a.data_ptr()
 
 
-def _layout(tasks: np.ndarray, slices: Any, redranges: Any) -> tuple:
-    """(ntasks, pointers to tasks, slices, redranges, the arrays that own the memory)."""
-    arrays = (tasks, np.ascontiguousarray(slices, dtype=np.int64),
-              np.ascontiguousarray(redranges, dtype=np.int64))
-    return (len(tasks),) + tuple(a.ctypes.data for a in arrays) + (arrays,)
+#: Column splits (few rows, many columns): a part has at least this many columns, and the
+#: rows give fewer than SPLIT_BLOCKS_PER_THREAD blocks of LANES rows per thread.
+SPLIT_MIN_COLUMNS = 4096
+SPLIT_BLOCKS_PER_THREAD = 4
 
 
-_dense_layouts: dict[tuple[int, int, int], tuple] = {}
-_zero_offsets: dict[int, np.ndarray] = {}
-
-
-def _dense_layout(M: int, N: int, lanes: int) -> tuple:
-    """The layout without ranges (cached: it is on the path of every call)."""
-    key = (M, N, lanes)
-    layout = _dense_layouts.get(key)
-    if layout is None:
-        if len(_dense_layouts) > 256:
-            _dense_layouts.clear()
-        ranges_i = np.array([[0, M]], np.int64)
-        layout = _dense_layouts[key] = _layout(_tasks(ranges_i, lanes), [1], [[0, N]])
-    return layout
-
-
-def _no_offsets(nargs: int) -> int:
-    """Pointer to zero offsets for a call without batch dims."""
-    zeros = _zero_offsets.get(nargs)
-    if zeros is None:
-        zeros = _zero_offsets[nargs] = np.zeros(max(1, nargs), dtype=np.int64)
-    return zeros.ctypes.data
-
-
-def _tasks(ranges_i: np.ndarray, lanes: int) -> np.ndarray:
-    """(start, end, range) of every block of at most ``lanes`` rows of every output range."""
-    starts, ends = ranges_i[:, 0].astype(np.int64), ranges_i[:, 1].astype(np.int64)
-    counts = np.maximum(0, (ends - starts + lanes - 1) // lanes)
-    which = np.repeat(np.arange(len(starts), dtype=np.int64), counts)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    i0 = starts[which] + (np.arange(counts.sum(), dtype=np.int64) - first) * lanes
-    return np.ascontiguousarray(np.stack([i0, np.minimum(i0 + lanes, ends[which]), which], 1))
-
-
-def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
-        arrays: Sequence[Any], M: int, N: int, dtype: str, xp: Any,
-        shapes: list[tuple[str, tuple[int, ...]]], like: Any, batch: tuple[int, ...] = (),
-        offsets: Any = None, ranges: tuple[Any, Any, Any] | None = None,
-        accumulation: tuple[str, str] = ("double", "block")) -> tuple:
-    """``ranges``: (ranges_i, slices_i, redranges_j) as int64 numpy arrays, or None."""
-    from ..plan import num_threads
-
-    key = (red.name, formula, weight, K, dtype, len(arrays), accumulation)
-    fn = _kernels.get(key)
+def _kernel(launch: Launch) -> Any:
+    key = launch.key
+    fn = kernels.get(key)
     if fn is None:
-        roots = [formula] + ([weight] if weight is not None else [])
-        fn = _kernels[key] = kernel_for(
-            KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, len(arrays)),
-                       accumulation))
-    keep: list = []
-    ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[_pointer(a, keep) for a in arrays])
-    if ranges is None:  # one output range of all rows, one interval of all columns
-        layout = _dense_layout(M, N, LANES[dtype])
-        outs = [xp.empty(batch + (M,) + shape, like=like,
-                         dtype=xp.int64 if kind == "index" else None) for kind, shape in shapes]
+        fn = kernels[key] = kernel_for(launch.spec)
+    return fn
+
+
+def run(launch: Launch) -> tuple:
+    """The arrays of ``launch.shapes``, each of shape ``batch + (M,) + shape``.
+
+    When the rows are too few to keep every thread busy, the columns are cut into one part
+    per thread instead: each thread's kernel stores its part's raw state, and the states
+    are merged with the reduction's ``merge`` (``launch.combine``).
+    """
+    fn = _kernel(launch)
+    xp, like, lead = launch.xp, launch.like, launch.batch + (launch.M,)
+    lanes = LANES[launch.dtype]
+    threads = abi.num_threads(launch.nbatch * launch.M * launch.N)
+    if launch.ranges is None:  # one output range of all rows, one interval of all columns
+        parts = _column_parts(launch, threads, lanes)
+        if parts > 1:
+            return _run_split(launch, parts, lanes)
+        layout = abi.dense_layout(launch.M, launch.N, lanes)
+        outs = [xp.empty(lead + shape, like=like, dtype=launch.array_dtype(kind))
+                for kind, shape in launch.shapes]
     else:  # rows outside every range hold the identity
-        layout = _layout(_tasks(ranges[0], LANES[dtype]), ranges[1], ranges[2])
-        outs = [xp.full(batch + (M,) + shape, fill, like=like,
-                        dtype=xp.int64 if kind == "index" else None)
-                for (kind, shape), fill in zip(shapes, red.identity)]
-    values = [o for (kind, _), o in zip(shapes, outs) if kind == "value"]
-    indices = [o for (kind, _), o in zip(shapes, outs) if kind == "index"]
-    nbatch = math.prod(batch)
-    offsets_ptr = _no_offsets(len(arrays)) if offsets is None else offsets.ctypes.data
-    ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
-    fn(M, N, nbatch, offsets_ptr, ntasks, tasks_ptr, slices_ptr, redranges_ptr,
-       ptrs, _pointer(values[0], keep) if values else None,
-       _pointer(indices[0], keep) if indices else None, num_threads(nbatch * M * N))
+        layout = abi.layout(launch.ranges, lanes)
+        outs = [xp.full(lead + shape, fill, like=like, dtype=launch.array_dtype(kind))
+                for (kind, shape), fill in zip(launch.shapes, launch.fills)]
+    _call(fn, launch, layout, outs, threads)
     return tuple(outs)
+
+
+def _column_parts(launch: Launch, threads: int, lanes: int) -> int:
+    """1, or the number of column parts when the row blocks cannot feed ``threads``."""
+    if threads < 2:
+        return 1
+    blocks = launch.nbatch * -(-launch.M // lanes)
+    if blocks >= SPLIT_BLOCKS_PER_THREAD * threads:
+        return 1
+    return max(1, min(threads, launch.N // SPLIT_MIN_COLUMNS))
+
+
+def _run_split(launch: Launch, parts: int, lanes: int) -> tuple:
+    """The columns cut into ``parts`` intervals, each reduced by one thread into its raw
+    state (ctypes releases the GIL), then merged in column order."""
+    stored = replace(launch, store="state")
+    fn = _kernel(stored)
+    xp, like, lead = launch.xp, launch.like, launch.batch + (launch.M,)
+    shapes = stored.shapes
+    columns = abi.column_parts(launch.N, parts)
+    outs = [[xp.empty(lead + shape, like=like, dtype=stored.array_dtype(kind))
+             for kind, shape in shapes] for _ in columns]
+
+    def work(p: int) -> None:
+        layout = abi.dense_layout(launch.M, launch.N, lanes, columns[p])
+        _call(fn, stored, layout, outs[p], 1)
+
+    errors: list[BaseException] = []
+
+    def guarded(p: int) -> None:
+        try:
+            work(p)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            errors.append(e)
+
+    helpers = [threading.Thread(target=guarded, args=(p,), daemon=True)
+               for p in range(1, parts)]
+    for t in helpers:
+        t.start()
+    guarded(0)
+    for t in helpers:
+        t.join()
+    if errors:
+        raise errors[0]
+    # The kernel's indices are global: each part reduces its own columns of [0, N).
+    per_part = [tuple(o.reshape((-1,) + shape) for o, (_, shape) in zip(part, shapes))
+                for part in outs]
+    state = abi.combine(launch.red, xp, per_part, None, launch.K)
+    return state if launch.store == "state" else launch.red.finalize(xp, state)
+
+
+def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int) -> None:
+    """One kernel call: the ABI's arguments from the launch, the layout and the outputs."""
+    keep: list = []
+    arrays = launch.arrays
+    ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[pointer(a, keep) for a in arrays])
+    offsets = abi.zero_offsets(len(arrays)) if launch.offsets is None else launch.offsets
+    out_ptrs = (ctypes.c_void_p * max(1, len(outs)))(*[pointer(o, keep) for o in outs])
+    ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
+    # Long reductions run in chunks of tasks: Python handles a pending Ctrl-C between them.
+    chunk = max(16 * threads, CHUNK_PAIRS // max(1, LANES[launch.dtype] * launch.N
+                                                  * launch.nbatch))
+    for start in range(0, ntasks, chunk):
+        fn(launch.M, launch.N, launch.nbatch, offsets.ctypes.data, min(chunk, ntasks - start),
+           tasks_ptr + TASK_BYTES * start, slices_ptr, redranges_ptr, ptrs, out_ptrs,
+           threads)
+
+
+#: Pairs (i, j) per kernel call of a long reduction (~0.05-0.5 s): the Ctrl-C latency. A
+#: column split (few rows) is one call per part: it answers when its parts are done.
+CHUNK_PAIRS = 1 << 27
+TASK_BYTES = 3 * 8  # a task is (start, end, range) in int64 (launch.tasks)

@@ -18,25 +18,28 @@ device(type='cuda', index=0)
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
 
+from .. import config
 from ..codegen import cuda as codegen
 from ..codegen.cuda import KernelSpec, render
 from ..errors import CompileError, CudaUnavailableError
-from ..formula import Node
-from ..reductions import REDUCTIONS, ReductionDef
-from .cpu import _arg_dims, _tasks
+from . import launch as abi
+from .base import Launch
 
 _lock = threading.Lock()
-_functions: dict[tuple, Any] = {}  # (kernel key, device index) -> CUfunction
+# (kernel key, device index) -> CUfunction
+_functions: dict[tuple, Any] = config.memo("backends.cuda.functions", maxsize=1024)
 _modules: list[Any] = []  # loaded modules, kept alive for the process
 _contexts: dict[int, Any] = {}  # device index -> its primary context
-_dense: dict[tuple, tuple] = {}  # (device, M, N, nargs, block) -> _table() without ranges
-_streams: dict[int, Any] = {}  # torch's raw stream handle -> the CUstream object
+# (device, M, N, nargs, block) -> _table() without ranges
+_dense: dict[tuple, tuple] = config.memo("backends.cuda.dense_tables", maxsize=256)
+# torch's raw stream handle -> the CUstream object
+_streams: dict[int, Any] = config.memo("backends.cuda.streams", maxsize=256)
 _driver_module: Any = None
 #: Blocks of one launch (a grid-stride loop covers more tasks).
 MAX_GRID = 65535 * 32
@@ -148,7 +151,7 @@ def _function(key: tuple, spec: KernelSpec, index: int, block: int) -> Any:
     return fn
 
 
-_multiprocessors: dict[int, int] = {}
+_multiprocessors: dict[int, int] = config.memo("backends.cuda.multiprocessors", maxsize=None)
 
 
 def _block_size(M: int, index: int) -> int:
@@ -177,7 +180,7 @@ def _upload(table: np.ndarray, device: Any) -> Any:
 def _table(ranges: Sequence[Any], nargs: int, device: Any, block: int) -> tuple[Any, int, tuple]:
     """(tensor, ntasks, pointers to zero offsets, tasks, slices, redranges) on the device,
     for ``ranges`` = (ranges_i, slices_i, redranges_j)."""
-    tasks = _tasks(np.asarray(ranges[0], np.int64), block)
+    tasks = abi.tasks(np.asarray(ranges[0], np.int64), block)
     parts = [np.zeros(max(1, nargs), np.int64), tasks.reshape(-1),
              np.asarray(ranges[1], np.int64).reshape(-1),
              np.asarray(ranges[2], np.int64).reshape(-1)]
@@ -187,25 +190,21 @@ def _table(ranges: Sequence[Any], nargs: int, device: Any, block: int) -> tuple[
 
 
 def _dense_table(index: int, M: int, N: int, nargs: int, device: Any, block: int) -> tuple:
-    """The table of a call without ranges (cached per device and sizes: every call needs
+    """The table of a call without ranges (memoized per device and sizes: every call needs
     it), and the stream it was made on."""
     key = (index, M, N, nargs, block)
     found = _dense.get(key)
     if found is None:
         import torch
 
-        if len(_dense) > 256:
-            _dense.clear()
-        found = _dense[key] = (*_table(([[0, M]], [1], [[0, N]]), nargs, device, block),
+        found = _dense[key] = (*_table(abi.dense_ranges(M, N), nargs, device, block),
                                torch.cuda.current_stream(index).cuda_stream)
     return found
 
 
-def _parts(red: ReductionDef, blocks: int, N: int, index: int) -> int:
+def _parts(blocks: int, N: int, index: int) -> int:
     """How many parts to cut the columns into: 1, or a power of two when ``blocks`` would
-    leave multiprocessors idle and the reduction can combine parts."""
-    if red.split_with is None:
-        return 1
+    leave multiprocessors idle (each part's raw state is stored, then merged)."""
     want = BLOCKS_PER_SM * _multiprocessors[index]
     parts = 1
     while blocks * parts < want and N >= 2 * parts * MIN_CHUNK:
@@ -213,100 +212,97 @@ def _parts(red: ReductionDef, blocks: int, N: int, index: int) -> int:
     return parts
 
 
-def _combine(red: ReductionDef, xp: Any, outs: list[Any], K: int | None) -> tuple:
-    """The outputs of ``red`` from those of ``red.split_with`` on each part (axis 0 of
-    every array, in column order): adjacent parts are merged, halving the count each round,
-    so the merge rule's "the second holds larger j" stays true."""
-    def each(state: Any, fn: Any) -> Any:
-        return tuple(fn(a) for a in state) if isinstance(state, tuple) else fn(state)
-
-    state = red.state_of(xp, tuple(outs))
-    parts = outs[0].shape[0]
-    while parts > 1:
-        first = each(state, lambda a: a[0::2].reshape((-1,) + tuple(a.shape[2:])))
-        second = each(state, lambda a: a[1::2].reshape((-1,) + tuple(a.shape[2:])))
-        parts //= 2
-        state = each(red.merge(xp, first, second, K=K),
-                     lambda a: a.reshape((parts, -1) + tuple(a.shape[1:])))
-    return red.finalize(xp, each(state, lambda a: a[0]))
-
-
-def run(red: ReductionDef, formula: Node, weight: Node | None, K: int | None,
-        arrays: Sequence[Any], M: int, N: int, dtype: str, xp: Any,
-        shapes: list[tuple[str, tuple[int, ...]]], like: Any, batch: tuple[int, ...] = (),
-        offsets: Any = None, ranges: tuple[Any, Any, Any] | None = None,
-        accumulation: tuple[str, str] = ("double", "block")) -> tuple:
-    """The CPU backend's ``run`` on torch CUDA tensors (all on ``like``'s device)."""
+def run(launch: Launch) -> tuple:
+    """The arrays of ``launch.shapes`` on the device of ``launch.like`` (torch CUDA tensors);
+    numpy data goes to the current GPU and its results come back."""
+    if launch.xp.name != "torch":
+        return _run_from_host(launch)
     import torch
 
-    device = like.device
+    device = launch.like.device
     current = torch.cuda.current_device()
     index = device.index if device.index is not None else current
-    block = _block_size(M, index)
     with torch.cuda.device(index) if index != current else contextlib.nullcontext():
-        torch_stream = torch.cuda.current_stream(index)
-        stream = torch_stream.cuda_stream
-        if ranges is None:
-            table, ntasks, pointers, made_on = _dense_table(index, M, N, len(arrays), device,
-                                                            block)
-            if made_on != stream:  # keep its memory until this stream is done with it
-                table.record_stream(torch_stream)
-        else:  # made on this stream: torch's allocator orders its reuse after the kernel
-            table, ntasks, pointers = _table(ranges, len(arrays), device, block)
-        offsets_ptr, tasks_ptr, slices_ptr, redranges_ptr = pointers
-        if offsets is not None:  # batch dims: per-array offsets of every batch
-            batch_table = _upload(offsets, device)
-            offsets_ptr = batch_table.data_ptr()
-        nbatch = math.prod(batch)
-        parts = _parts(red, nbatch * ntasks, N, index)
-        kernel_red = REDUCTIONS[red.split_with] if parts > 1 else red
-        wdim = weight.dim if weight is not None else None
-        kernel_shapes = kernel_red.out_dims(formula.dim, K, wdim)
-        fn = _kernel(kernel_red, formula, weight, K, dtype, len(arrays), accumulation, block,
-                     index)
-        lead = ((parts,) if parts > 1 else ()) + batch + (M,)
-        tensors = [a if a.is_contiguous() else a.contiguous() for a in arrays]
-        if ranges is None:
-            outs = [torch.empty(lead + shape, device=device,
-                                dtype=torch.int64 if kind == "index" else like.dtype)
-                    for kind, shape in kernel_shapes]
-        else:  # rows outside every range hold the identity
-            outs = [torch.full(lead + shape, fill, device=device,
-                               dtype=torch.int64 if kind == "index" else like.dtype)
-                    for (kind, shape), fill in zip(kernel_shapes, kernel_red.identity)]
-        values = [o for (kind, _), o in zip(kernel_shapes, outs) if kind == "value"]
-        indices = [o for (kind, _), o in zip(kernel_shapes, outs) if kind == "index"]
-        # Every parameter is 8 bytes (the Args struct is nargs pointers): one buffer holds
-        # them all, and the driver gets the address of each.
-        buffer = np.array([M, N, nbatch, parts, -(-N // parts), offsets_ptr, ntasks, tasks_ptr,
-                           slices_ptr, redranges_ptr, *[t.data_ptr() for t in tensors]]
-                          + [0] * (len(tensors) == 0)
-                          + [values[0].data_ptr() if values else 0,
-                             indices[0].data_ptr() if indices else 0], dtype=np.uint64)
-        base, nargs = buffer.ctypes.data, max(1, len(tensors))
-        where = np.array([base + 8 * k for k in range(11)]
-                         + [base + 8 * (10 + nargs), base + 8 * (11 + nargs)], dtype=np.uint64)
-        grid = max(1, min(parts * nbatch * ntasks, MAX_GRID))
-        driver = _driver_module
-        handle = _streams.get(stream)
-        if handle is None:
-            handle = _streams[stream] = driver.CUstream(stream)
-        _check(driver.cuCtxSetCurrent(_contexts[index]), "cuCtxSetCurrent")
-        _check(driver.cuLaunchKernel(fn, grid, 1, 1, block, 1, 1, 0, handle,
-                                     where.ctypes.data, 0), "cuLaunchKernel")
-        if parts > 1:
-            flat = [o.reshape((parts, -1) + shape) for o, (_, shape) in zip(outs, kernel_shapes)]
-            outs = [o.reshape(batch + (M,) + shape) for o, (_, shape)
-                    in zip(_combine(red, xp, flat, K), shapes)]
-    return tuple(outs)
+        return _run_on(launch, torch, device, index)
 
 
-def _kernel(red: ReductionDef, formula: Node, weight: Node | None, K: int | None, dtype: str,
-            nargs: int, accumulation: tuple[str, str], block: int, index: int) -> Any:
-    key = (red.name, formula, weight, K, dtype, nargs, accumulation, block)
+def _run_from_host(launch: Launch) -> tuple:
+    import torch
+
+    from ..arraylib import lib_of
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    arrays = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in launch.arrays]
+    like = arrays[0] if arrays else torch.from_numpy(np.asarray(launch.like)).to(device)
+    outs = run(replace(launch, arrays=arrays, like=like, xp=lib_of(like)))
+    return tuple(o.cpu().numpy() for o in outs)
+
+
+def _run_on(launch: Launch, torch: Any, device: Any, index: int) -> tuple:
+    M, N, nargs = launch.M, launch.N, len(launch.arrays)
+    block = _block_size(M, index)
+    torch_stream = torch.cuda.current_stream(index)
+    stream = torch_stream.cuda_stream
+    if launch.ranges is None:
+        table, ntasks, pointers, made_on = _dense_table(index, M, N, nargs, device, block)
+        if made_on != stream:  # keep its memory until this stream is done with it
+            table.record_stream(torch_stream)
+    else:  # made on this stream: torch's allocator orders its reuse after the kernel
+        table, ntasks, pointers = _table(launch.ranges, nargs, device, block)
+    offsets_ptr, tasks_ptr, slices_ptr, redranges_ptr = pointers
+    if launch.offsets is not None:  # batch dims: per-array offsets of every batch
+        batch_table = _upload(launch.offsets, device)
+        offsets_ptr = batch_table.data_ptr()
+    nbatch = launch.nbatch
+    parts = _parts(nbatch * ntasks, N, index)
+    # Cut columns: every part stores its raw state, merged below.
+    stored = replace(launch, store="state") if parts > 1 else launch
+    shapes = stored.shapes
+    fn = _kernel(stored, block, index)
+    lead = ((parts,) if parts > 1 else ()) + launch.batch + (M,)
+    tensors = [a if a.is_contiguous() else a.contiguous() for a in launch.arrays]
+    dtypes = {"index": torch.int64, "value": launch.like.dtype, "acc": _acc_dtype(launch, torch)}
+    if launch.ranges is None:
+        outs = [torch.empty(lead + shape, device=device, dtype=dtypes[kind])
+                for kind, shape in shapes]
+    else:  # rows outside every range hold the identity (or the empty state)
+        outs = [torch.full(lead + shape, fill, device=device, dtype=dtypes[kind])
+                for (kind, shape), fill in zip(shapes, stored.fills)]
+    # Every parameter is 8 bytes (the Args and Outs structs are nargs and nouts pointers):
+    # one buffer holds them all, and the driver gets the address of each.
+    buffer = np.array([M, N, nbatch, parts, -(-N // parts), offsets_ptr, ntasks, tasks_ptr,
+                       slices_ptr, redranges_ptr, *[t.data_ptr() for t in tensors]]
+                      + [0] * (len(tensors) == 0)
+                      + [o.data_ptr() for o in outs], dtype=np.uint64)
+    base, nargs = buffer.ctypes.data, max(1, len(tensors))
+    where = np.array([base + 8 * k for k in range(11)] + [base + 8 * (10 + nargs)],
+                     dtype=np.uint64)
+    grid = max(1, min(parts * nbatch * ntasks, MAX_GRID))
+    driver = _driver_module
+    handle = _streams.get(stream)
+    if handle is None:
+        handle = _streams[stream] = driver.CUstream(stream)
+    _check(driver.cuCtxSetCurrent(_contexts[index]), "cuCtxSetCurrent")
+    _check(driver.cuLaunchKernel(fn, grid, 1, 1, block, 1, 1, 0, handle,
+                                 where.ctypes.data, 0), "cuLaunchKernel")
+    if parts == 1:
+        return tuple(outs)
+    # The kernel's indices are global (each part reduces its own columns of [0, N)).
+    # Each part's state as (nbatch * M, ...) rows: merge rules work on rows.
+    per_part = [tuple(o[p].reshape((-1,) + shape) for o, (_, shape) in zip(outs, shapes))
+                for p in range(parts)]
+    state = abi.combine(launch.red, launch.xp, per_part, None, launch.K)
+    return state if launch.store == "state" else launch.red.finalize(launch.xp, state)
+
+
+def _acc_dtype(launch: Launch, torch: Any) -> Any:
+    """The torch dtype of "acc" state arrays: the kernel's accumulator type."""
+    return torch.float32 if launch.accumulation[0] == "float" else torch.float64
+
+
+def _kernel(launch: Launch, block: int, index: int) -> Any:
+    key = launch.key + (block,)
     fn = _functions.get((key, index))
     if fn is None:
-        roots = [formula] + ([weight] if weight is not None else [])
-        spec = KernelSpec(red, formula, weight, K, dtype, _arg_dims(roots, nargs), accumulation)
-        fn = _function(key, spec, index, block)
+        fn = _function(key, launch.spec, index, block)
     return fn

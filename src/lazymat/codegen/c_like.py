@@ -1,7 +1,7 @@
 """The shared C renderer: turns formula nodes into C statements.
 
 Backends differ in their scaffold (loops, threads, memory), not in how an op
-is spelled: every op's C comes from its one definition in ``formula/ops.py``.
+is spelled: every op's C comes from its one registration in ``formula/ops/``.
 
 Each node lives at a *level*: which of the two indices its value varies with
 (0: neither, parameters only; 1: the output index i; 2: the reduced index j;
@@ -170,33 +170,44 @@ class KernelSpec:
     arg_dims: tuple[tuple[int, int], ...]  # (dim, cat) of each argument, by position
     # Sums: the accumulator's C type and the scheme ("block", "direct" or "kahan").
     accumulation: tuple[str, str] = ("double", "block")
+    # What the kernel writes: the reduction's finalized outputs ("output") or its raw
+    # partial state ("state"), for the caller to merge column parts.
+    store: str = "output"
+
+    def __post_init__(self):
+        if self.store not in ("output", "state"):
+            raise ValueError(f"KernelSpec.store is 'output' or 'state', not {self.store!r}")
 
     @property
-    def value_row_size(self) -> dict[str, int]:
-        """Numbers per output row of the value output and of the index output."""
+    def stored(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(kind, shape per row) of each array the kernel writes, in ``outs`` order:
+        kinds "value" (T), "acc" (the accumulator type) and "index" (long long)."""
+        red = self.reduction
         wdim = self.weight.dim if self.weight is not None else None
-        sizes = {"value": 0, "index": 0}
-        for kind, shape in self.reduction.out_dims(self.formula.dim, self.K, wdim):
-            sizes[kind] = math.prod(shape)
-        return sizes
+        if self.store == "state":
+            return red.state(self.formula.dim, self.K, wdim)
+        return red.outputs(self.formula.dim, self.K, wdim)
 
 
 class ReductionContext:
-    """What a reduction's C code (``c_decl``, ``c_tile``, ``c_store`` in reductions.py)
-    is given: ``T`` (the data's C type), ``K``, ``D`` (the formula's dim), ``E`` (the
-    weight's), ``acc``/``scheme`` (sums' accumulation), and ``V(k)``/``W(e)``: the C
-    expressions of component k of the formula and e of the weight at the current pair.
+    """What a reduction's C code (``c_decl``, ``c_tile``, ``c_store``, ``c_state_store`` in
+    reductions.py) is given: ``T`` (the data's C type), ``K``, ``D`` (the formula's dim),
+    ``E`` (the weight's), ``acc``/``scheme`` (sums' accumulation), ``V(k)``/``W(e)``: the C
+    expressions of component k of the formula and e of the weight at the current pair, and
+    ``out(k)``: the C name of the kernel's output pointer k (``KernelSpec.stored`` order),
+    typed and offset to the current batch, so that a store writes
+    ``{rc.out(0)}[row * D + k] = ...``.
 
     The scaffold (CPU or CUDA) around that code provides these C names, and nothing else
     may be assumed: ``T``, ``LANES`` (rows per block; 1 on CUDA), ``TJ`` (the most columns
     in one stage pass, a constant) and ``tj`` (the columns of this pass), ``l`` (the lane,
     in ``for (int l = 0; l < LANES; l++)`` loops the reduction writes itself), ``jj`` (the
     column in the pass, in loops the reduction writes itself), ``j0`` (the global index
-    of the pass's first column), ``row`` (in ``c_store``: the row of lane ``l``), ``out``
-    and ``out_idx`` (the batch's outputs, rows of ``value_row_size``), ``INFINITY_T`` and
-    the prelude's ``lm_*`` helpers. ``#pragma omp`` lines are dropped on CUDA. Its own
-    declarations must not reuse the scaffolds' names: ``b``, ``c``, ``t``, ``q``, ``i0``,
-    ``nl``, ``jb``, ``jt``, ``nj``, ``task``, ``part``, ``a<n>``, ``xv<n>``, ``ys<n>``.
+    of the pass's first column), ``row`` (in the stores: the row of lane ``l``),
+    ``INFINITY_T`` and the prelude's ``lm_*`` helpers. ``#pragma omp`` lines are dropped
+    on CUDA. Its own declarations must not reuse the scaffolds' names: ``b``, ``c``, ``t``,
+    ``q``, ``i0``, ``nl``, ``jb``, ``jt``, ``nj``, ``task``, ``part``, ``a<n>``, ``xv<n>``,
+    ``ys<n>``, ``out<n>``.
     """
 
     def __init__(self, spec: KernelSpec, em: Emitter, T: str):
@@ -205,6 +216,7 @@ class ReductionContext:
         self.D = spec.formula.dim
         self.E = spec.weight.dim if spec.weight is not None else 1
         self._em, self._f, self._g = em, spec.formula, spec.weight
+        self._nout = len(spec.stored)
 
     def V(self, k) -> str:
         return self._em.expr(self._f, k)
@@ -212,16 +224,91 @@ class ReductionContext:
     def W(self, e) -> str:
         return "1" if self._g is None else self._em.expr(self._g, e)
 
+    def out(self, k: int) -> str:
+        """The C name of output pointer ``k``."""
+        if not 0 <= k < self._nout:
+            raise IndexError(f"the kernel stores {self._nout} arrays; there is no output {k}")
+        return f"out{k}"
+
+
+def output_pointers(spec: KernelSpec, T: str, outs: str, first_row: str) -> list[str]:
+    """C declarations of ``out<k>`` (see ``ReductionContext.out``): pointer ``{outs}[k]``,
+    typed by kind and advanced by ``first_row`` rows of its width."""
+    types = {"value": T, "acc": spec.accumulation[0], "index": "long long"}
+    lines = []
+    for k, (kind, shape) in enumerate(spec.stored):
+        lines.append(f"{types[kind]}* out{k} = ({types[kind]}*){outs}[{k}] + "
+                     f"({first_row}) * {math.prod(shape)}; (void)out{k};")
+    return lines
+
+
+#: What a target defines for the prelude's helpers (the helper text itself, in each op's
+#: registration, is the same for every target). A target gives:
+#:
+#: - ``LM_INLINE``: the qualifiers of a helper function;
+#: - ``LM_F(name)`` / ``LM_D(name)``: the float / double libm function ``name`` (sin, log,
+#:   tanh, erf, ...: those the ops list in ``libm``);
+#: - ``LM_BF(name)`` / ``LM_BD(name)``: the float / double functions the compiler inlines
+#:   (sqrt, fabs, rint, floor);
+#: - ``LM_AS_INT(x)``, ``LM_AS_FLOAT(x)``, ``LM_AS_I64(x)``, ``LM_AS_DOUBLE(x)``: bit casts
+#:   float -> int, int -> float, double -> long long, long long -> double;
+#: - ``LM_INF_F``, ``LM_INF_D``, ``LM_NAN_F``, ``LM_NAN_D``: +inf and a quiet NaN;
+#: - optionally ``LM_NATIVE_EXP``: ``lm_exp`` calls the target's exp instead of our polynomial.
+#:
+#: The CPU's ``LM_F``/``LM_D`` come from :func:`_math_declarations` (libmvec or builtins).
+TARGET_MACROS: dict[str, str] = {
+    "cpu": """#define LM_INLINE static inline __attribute__((always_inline))
+#define LM_BF(name) __builtin_##name##f
+#define LM_BD(name) __builtin_##name
+#define LM_AS_INT(x) __builtin_bit_cast(int, x)
+#define LM_AS_FLOAT(x) __builtin_bit_cast(float, x)
+#define LM_AS_I64(x) __builtin_bit_cast(long long, x)
+#define LM_AS_DOUBLE(x) __builtin_bit_cast(double, x)
+#define LM_INF_F __builtin_inff()
+#define LM_INF_D __builtin_inf()
+#define LM_NAN_F __builtin_nanf("")
+#define LM_NAN_D __builtin_nan("")""",
+    "cuda": """#define LM_INLINE __device__ __forceinline__
+#define LM_F(name) name##f
+#define LM_D(name) name
+#define LM_BF(name) name##f
+#define LM_BD(name) name
+#define LM_AS_INT(x) __float_as_int(x)
+#define LM_AS_FLOAT(x) __int_as_float(x)
+#define LM_AS_I64(x) __double_as_longlong(x)
+#define LM_AS_DOUBLE(x) __longlong_as_double(x)
+#define LM_INF_F __int_as_float(0x7f800000)
+#define LM_INF_D __longlong_as_double(0x7ff0000000000000LL)
+#define LM_NAN_F __int_as_float(0x7fffffff)
+#define LM_NAN_D __longlong_as_double(0x7ff8000000000000LL)
+#define LM_NATIVE_EXP 1""",
+}
+
+
+def libm_functions() -> tuple[tuple[str, int], ...]:
+    """The libm functions the registered ops' helpers call: (name, number of arguments)."""
+    seen: dict[str, int] = {}
+    for op in OPS.values():
+        for name, args in op.libm:
+            seen.setdefault(name, args)
+    return tuple(seen.items())
+
+
+def helpers() -> str:
+    """The C helpers of every registered op, in registration order (a helper may call the
+    helpers before it), in the target-neutral dialect of :data:`TARGET_MACROS`."""
+    return "\n".join(op.c_helper for op in OPS.values() if op.c_helper)
+
 
 def _math_declarations(vector_math: bool) -> str:
-    """libm functions for the kernels. With glibc's libmvec, declaring them ``simd`` lets
+    """libm functions for the CPU kernels. With glibc's libmvec, declaring them ``simd`` lets
     the compiler call the vector versions (8 floats at once) inside the lane loops."""
     if not vector_math:
         return "#define LM_F(name) __builtin_##name##f\n#define LM_D(name) __builtin_##name"
     attrs = '__attribute__((simd("notinbranch"), const, nothrow))'
     lines = ["#define LM_F(name) name##f", "#define LM_D(name) name"]
-    for name, args in _LIBM_FUNCTIONS:
-        # Older glibc (< 2.35) has no vector acos/asin/atan/atan2: plain scalar calls then.
+    for name, args in libm_functions():
+        # Older glibc (< 2.35) has no vector acos, tanh, erf & co: plain scalar calls then.
         fn_attrs = attrs if _has_vector_variant(name, args) else "__attribute__((const, nothrow))"
         for T, suffix in (("float", "f"), ("double", "")):
             params = ", ".join([T] * args)
@@ -229,9 +316,6 @@ def _math_declarations(vector_math: bool) -> str:
     return "\n".join(lines)
 
 
-#: libm functions called through LM_F / LM_D: (name, number of arguments).
-_LIBM_FUNCTIONS = (("sin", 1), ("cos", 1), ("log", 1), ("pow", 2),
-                   ("acos", 1), ("asin", 1), ("atan", 1), ("atan2", 2))
 _ALWAYS_VECTOR = {"sin", "cos", "log", "pow"}  # in every libmvec (glibc >= 2.22)
 _vector_variants: dict[str, bool] = {}
 
@@ -275,110 +359,14 @@ def has_vector_math() -> bool:
 def prelude(vector_math: bool = False, target: str = "cpu") -> str:
     """Math helpers for generated kernels: no headers, overloaded for float and double.
 
-    On the CPU, ``lm_exp`` is our own: range reduction by ln 2 (two constants), a
-    polynomial, and the exponent set by integer addition; it vectorizes, has no slow
-    path for large negative arguments, and gives 0 below the smallest normal number.
-    For ``target="cuda"`` the helpers are ``__device__`` functions, libm names are
-    CUDA's, and ``lm_exp`` is CUDA's own (a few instructions around the hardware exp2).
+    The target's macros (:data:`TARGET_MACROS`; on the CPU also the libm declarations,
+    vector ones with ``vector_math``), then every op's helper (:func:`helpers`). On the CPU,
+    ``lm_exp`` is our own (see the Exp op); CUDA defines ``LM_NATIVE_EXP``: its own exp.
     """
-    if target == "cuda":
-        return _PRELUDE.format(
-            inline="__device__ __forceinline__", exp=_CUDA_EXP,
-            math="#define LM_F(name) name##f\n#define LM_D(name) name")
-    if target != "cpu":
+    if target not in TARGET_MACROS:
         raise ValueError(f"unknown target {target!r}: 'cpu' or 'cuda'")
-    taylor = ", ".join(repr(1.0 / math.factorial(n)) for n in range(13, -1, -1))
-    return _PRELUDE.format(inline="static inline __attribute__((always_inline))",
-                           exp=_CPU_EXP.replace("TAYLOR", taylor),
-                           math=_math_declarations(vector_math))
-
-
-_CUDA_EXP = """LM_INLINE float lm_exp(float x) { return expf(x); }
-LM_INLINE double lm_exp(double x) { return exp(x); }"""
-_CPU_EXP = """LM_INLINE float lm_exp(float x) {
-  float xc = x < -87.5f ? -87.5f : (x > 88.75f ? 88.75f : x);
-  float n = __builtin_rintf(xc * 1.44269504088896341f);
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  int bits = __builtin_bit_cast(int, p) + (int)((unsigned)(int)n << 23);
-  float y = __builtin_bit_cast(float, bits);
-  y = x < -87.33654f ? 0.0f : y;
-  y = x > 88.72283f ? __builtin_inff() : y;
-  return x != x ? x : y;
-}
-
-LM_INLINE double lm_exp(double x) {
-  const double c[14] = {TAYLOR};
-  double xc = x < -708.0 ? -708.0 : (x > 709.7 ? 709.7 : x);
-  double n = __builtin_rint(xc * 1.4426950408889634);
-  double r = xc - n * 6.93147180369123816490e-01;
-  r = r - n * 1.90821492927058770002e-10;
-  double p = c[0];
-  for (int q = 1; q < 14; q++) p = p * r + c[q];
-  long long bits = __builtin_bit_cast(long long, p)
-                   + (long long)((unsigned long long)(long long)n << 52);
-  double y = __builtin_bit_cast(double, bits);
-  y = x < -708.0 ? 0.0 : y;
-  y = x > 709.78 ? __builtin_inf() : y;
-  return x != x ? x : y;
-}"""
-_PRELUDE = """
-#define LM_INLINE {inline}
-typedef long long i64;
-
-{exp}
-
-{math}
-LM_INLINE float lm_log(float x) {{ return LM_F(log)(x); }}
-LM_INLINE double lm_log(double x) {{ return LM_D(log)(x); }}
-LM_INLINE float lm_sqrt(float x) {{ return __builtin_sqrtf(x); }}
-LM_INLINE double lm_sqrt(double x) {{ return __builtin_sqrt(x); }}
-LM_INLINE float lm_rsqrt(float x) {{ return x == 0.0f ? 0.0f : 1.0f / __builtin_sqrtf(x); }}
-LM_INLINE double lm_rsqrt(double x) {{ return x == 0.0 ? 0.0 : 1.0 / __builtin_sqrt(x); }}
-LM_INLINE float lm_abs(float x) {{ return __builtin_fabsf(x); }}
-LM_INLINE double lm_abs(double x) {{ return __builtin_fabs(x); }}
-LM_INLINE float lm_sin(float x) {{ return LM_F(sin)(x); }}
-LM_INLINE double lm_sin(double x) {{ return LM_D(sin)(x); }}
-LM_INLINE float lm_cos(float x) {{ return LM_F(cos)(x); }}
-LM_INLINE double lm_cos(double x) {{ return LM_D(cos)(x); }}
-LM_INLINE float lm_pow(float x, float y) {{ return LM_F(pow)(x, y); }}
-LM_INLINE double lm_pow(double x, double y) {{ return LM_D(pow)(x, y); }}
-LM_INLINE float lm_round(float x) {{ return __builtin_rintf(x); }}
-LM_INLINE double lm_round(double x) {{ return __builtin_rint(x); }}
-template <typename F> LM_INLINE F lm_clamp(F x, F lo, F hi) {{
-  x = x < lo ? lo : x; return x > hi ? hi : x;
-}}
-template <typename F> LM_INLINE F lm_powi(F x, int n) {{
-  F base = n < 0 ? (F)1 / x : x; unsigned e = n < 0 ? -n : n; F r = 1;
-  while (e) {{ if (e & 1) r *= base; base *= base; e >>= 1; }}
-  return r;
-}}
-LM_INLINE float lm_floor(float x) {{ return __builtin_floorf(x); }}
-LM_INLINE double lm_floor(double x) {{ return __builtin_floor(x); }}
-LM_INLINE float lm_acos(float x) {{ return LM_F(acos)(x); }}
-LM_INLINE double lm_acos(double x) {{ return LM_D(acos)(x); }}
-LM_INLINE float lm_asin(float x) {{ return LM_F(asin)(x); }}
-LM_INLINE double lm_asin(double x) {{ return LM_D(asin)(x); }}
-LM_INLINE float lm_atan(float x) {{ return LM_F(atan)(x); }}
-LM_INLINE double lm_atan(double x) {{ return LM_D(atan)(x); }}
-LM_INLINE float lm_atan2(float y, float x) {{ return LM_F(atan2)(y, x); }}
-LM_INLINE double lm_atan2(double y, double x) {{ return LM_D(atan2)(y, x); }}
-template <typename F> LM_INLINE F lm_round_dec(F x, int d) {{
-  F s = lm_powi((F)10, d < 0 ? -d : d);
-  return d < 0 ? lm_round(x / s) * s : lm_round(x * s) / s;
-}}
-template <typename F> LM_INLINE F lm_mod(F x, F n, F d) {{ return x - n * lm_floor((x - d) / n); }}
-template <typename F> LM_INLINE F lm_xlogx(F x) {{ return x == (F)0 ? (F)0 : x * lm_log(x); }}
-template <typename F> LM_INLINE F lm_sinxdivx(F x) {{ return x == (F)0 ? (F)1 : lm_sin(x) / x; }}
-template <typename F> LM_INLINE F lm_softmin3(F a, F b, F c, F g) {{
-  F m = a < b ? a : b; m = m < c ? m : c;
-  return m - g * lm_log(lm_exp((m - a) / g) + lm_exp((m - b) / g) + lm_exp((m - c) / g));
-}}
-"""
+    parts = ["", TARGET_MACROS[target]]
+    if target == "cpu":
+        parts.append(_math_declarations(vector_math))
+    parts += ["typedef long long i64;", "", helpers(), ""]
+    return "\n".join(parts)

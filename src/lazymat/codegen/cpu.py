@@ -11,12 +11,12 @@ Every kernel has the same C signature::
 
     void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntasks,
                    const i64* tasks, const i64* slices, const i64* redranges, void** args,
-                   void* out, i64* out_idx, int threads)
+                   void** outs, int threads)
 
 where ``args[v]`` points at the contiguous data of variable ``v``; batch ``b``
 reads variable ``v`` at ``args[v] + offsets[b * nargs + v]`` (offsets are 0
-along broadcast batch dims) and writes its M output rows after those of batch
-``b - 1``. The threads share the (batch, task) pairs; a task is a block of at
+along broadcast batch dims) and writes its M rows of output ``k`` at ``outs[k]`` after those of
+batch ``b - 1`` (``KernelSpec.stored``: the reduction's outputs, or its raw state). The threads share the (batch, task) pairs; a task is a block of at
 most LANES rows ``[tasks[3t], tasks[3t+1])`` of one output range ``c =
 tasks[3t+2]``, reduced over the column intervals ``redranges[slices[c-1] ..
 slices[c]]`` (block-sparse ranges; without them, one range of all rows and
@@ -26,7 +26,8 @@ one interval of all columns).
 from __future__ import annotations
 
 from ..formula import Node, to_string
-from .c_like import Emitter, KernelSpec, ReductionContext, has_vector_math, prelude
+from .c_like import (Emitter, KernelSpec, ReductionContext, has_vector_math, output_pointers,
+                     prelude)
 
 L1_BUDGET = 16 * 1024  # bytes of tile buffers per thread we aim to keep in L1
 LANES = {"float32": 16, "float64": 8}  # rows per block: two AVX2 registers
@@ -59,6 +60,7 @@ def render(spec: KernelSpec) -> str:
         tj //= 2
     rc = ReductionContext(spec, em, T)
     red = spec.reduction
+    store = red.c_state_store if spec.store == "state" else red.c_store
 
     header = [f"// lazymat kernel: {red.name} over j of {to_string(spec.formula)}"]
     if spec.weight is not None:
@@ -82,7 +84,6 @@ def render(spec: KernelSpec) -> str:
 
     thread_decls = [f"T xv{v}[{d}][LANES];" for v, d in i_vars]
     thread_decls += [em.declaration(n, tj, lanes) for lv in (0, 1, 2, 3) for n in em.at_level(lv)]
-    value_row = spec.value_row_size
 
     load = [f"for (int k = 0; k < {d}; k++) for (int l = 0; l < LANES; l++) "
             f"xv{v}[k][l] = a{v}[(i0 + (l < nl ? l : nl - 1)) * {d} + k];" for v, d in i_vars]
@@ -107,7 +108,7 @@ def render(spec: KernelSpec) -> str:
     lines = header + [prelude(has_vector_math()),
                       'extern "C" void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, '
                       "i64 ntasks, const i64* tasks, const i64* slices, const i64* redranges, "
-                      "void** args, void* out_v, i64* out_idx_v, int threads) {",
+                      "void** args, void** outs, int threads) {",
                       *_indent(bases, 2),
                       "  (void)N;",
                       "  #pragma omp parallel num_threads(threads)",
@@ -118,10 +119,7 @@ def render(spec: KernelSpec) -> str:
                       "      const i64 b = task / ntasks, t = task % ntasks;",
                       "      const i64 i0 = tasks[3 * t], c = tasks[3 * t + 2];",
                       *_indent(args, 6),
-                      f"      T* out = out_v ? (T*)out_v + b * M * {value_row['value']} : 0;",
-                      f"      i64* out_idx = out_idx_v ? out_idx_v + b * M * {value_row['index']} "
-                      ": 0;",
-                      "      (void)out; (void)out_idx;",
+                      *_indent(output_pointers(spec, T, "outs", "b * M"), 6),
                       *_indent(level0, 6),
                       "      const int nl = tasks[3 * t + 1] - i0 < LANES ? "
                       "(int)(tasks[3 * t + 1] - i0) : LANES;",
@@ -139,7 +137,7 @@ def render(spec: KernelSpec) -> str:
                       "      }",
                       "      for (int l = 0; l < nl; l++) {",
                       "        const i64 row = i0 + l;",
-                      *_indent(red.c_store(rc), 8),
+                      *_indent(store(rc), 8),
                       "      }",
                       "    }",
                       "  }",

@@ -24,13 +24,14 @@ When one column of the staged data does not fit the shared-memory budget
 per thread, as in the CPU kernel.
 
 Every kernel has the CPU kernel's signature, except that the array pointers are
-passed by value (a struct of ``nargs`` pointers, so a launch uploads nothing) and
-there is no thread count::
+passed by value (structs of ``nargs`` and of ``nouts`` pointers, so a launch uploads
+nothing) and there is no thread count::
 
-    namespace NAME_scope { struct Args { const void* p[nargs]; }; }
+    namespace NAME_scope { struct Args { const void* p[nargs]; };
+                           struct Outs { void* p[nouts]; }; }
     extern "C" __global__ void NAME(i64 M, i64 N, i64 nbatch, i64 nsplit, i64 chunk,
         const i64* offsets, i64 ntasks, const i64* tasks, const i64* slices,
-        const i64* redranges, NAME_scope::Args args, void* out, i64* out_idx)
+        const i64* redranges, NAME_scope::Args args, NAME_scope::Outs outs)
 
 (``i64`` is ``long long``.) Every pointer is device memory. The launch uses
 ``blockDim = (BLOCK, 1, 1)`` (the value rendered into the kernel's header comment
@@ -61,7 +62,7 @@ import re
 from typing import Mapping
 
 from ..formula import Node, to_string, variables
-from .c_like import Emitter, KernelSpec, ReductionContext, prelude
+from .c_like import Emitter, KernelSpec, ReductionContext, output_pointers, prelude
 
 __all__ = ["BLOCK", "KernelSpec", "render", "render_module", "cuda_prelude"]
 
@@ -210,16 +211,11 @@ def _kernel(spec: KernelSpec, name: str, block: int) -> list[str]:
     rc = ReductionContext(spec, em, T)
     red = spec.reduction
     nargs = len(spec.arg_dims)
-    value_row = spec.value_row_size
     used = sorted({v.params[0] for r in plan.roots for v in variables(r)})
     i_vars = [(v, d) for v, (d, c) in enumerate(spec.arg_dims)
               if c == 0 and v in used and d <= MAX_ROW_REGISTERS]
-    outputs = []
-    if value_row["value"]:
-        outputs.append(f"    T* out = (T*)out_v + (part * nbatch + b) * M * {value_row['value']};")
-    if value_row["index"]:
-        outputs.append(f"    i64* out_idx = out_idx_v + (part * nbatch + b) * M * "
-                       f"{value_row['index']};")
+    outputs = _indent(output_pointers(spec, T, "outs.p", "(part * nbatch + b) * M"), 4)
+    store = red.c_state_store if spec.store == "state" else red.c_store
 
     header = [f"// lazymat CUDA kernel {name}: {red.name} over j of {to_string(spec.formula)}"]
     if spec.weight is not None:
@@ -302,7 +298,7 @@ def _kernel(spec: KernelSpec, name: str, block: int) -> list[str]:
         "    }",
         "    if (active)",
         "      for (int l = 0; l < LANES; l++) {",
-        *_indent(red.c_store(rc), 8),
+        *_indent(store(rc), 8),
         "      }",
         "  }",
     ]
@@ -315,11 +311,12 @@ def _kernel(spec: KernelSpec, name: str, block: int) -> list[str]:
         f"constexpr int JT = {jt};  // columns per tile",
         f"constexpr int TJ = {tj};  // columns per stage pass",
         f"struct Args {{ const void* p[{max(1, nargs)}]; }};  // by value: no upload per call",
+        f"struct Outs {{ void* p[{max(1, len(spec.stored))}]; }};",
         f'extern "C" __global__ void __launch_bounds__(BLOCK) {name}(',
         "    i64 M, i64 N, i64 nbatch, i64 nsplit, i64 chunk, const i64* __restrict__ offsets,",
         "    i64 ntasks,",
         "    const i64* __restrict__ tasks, const i64* __restrict__ slices,",
-        "    const i64* __restrict__ redranges, Args args, void* out_v, i64* out_idx_v) {",
+        "    const i64* __restrict__ redranges, Args args, Outs outs) {",
         *body,
         "}",
         f"}}  // namespace {name}_scope",

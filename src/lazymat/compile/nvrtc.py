@@ -18,12 +18,12 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import config
 from ..errors import CompileError
 
 __all__ = ["available", "version", "compile_cubin", "DEFAULT_ARCH", "OPTIONS"]
@@ -36,7 +36,7 @@ _LOG_LINES = 40
 _ELF = b"\x7fELF"
 
 _module: Any = None
-_memo: dict[str, bytes] = {}
+_memo: dict[str, bytes] = config.memo("compile.nvrtc.cubins", maxsize=256)
 
 
 def _nvrtc() -> Any:
@@ -133,7 +133,7 @@ def _compile(source: str, name: str, opts: list[str], where: str) -> bytes:
         _check(nvrtc.nvrtcGetCUBIN(prog, data), "cubin")
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
-    if os.environ.get("LAZYMAT_VERBOSE", "").strip().lower() not in ("", "0", "false", "no"):
+    if config.verbose():
         print(f"[lazymat] NVRTC {name} ({opts[0]}) ... {time.perf_counter() - t0:.2f} s",
               file=sys.stderr, flush=True)
     return data

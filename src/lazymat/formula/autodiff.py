@@ -16,8 +16,7 @@ import inspect
 import itertools
 
 from ..errors import ShapeError
-from .node import Const, Node, make, walk
-from .ops import MACROS, OPS, OneHot
+from .node import OPS, Const, Node, make, register_macro, walk
 
 _placeholders = itertools.count(1)
 
@@ -84,7 +83,7 @@ def diff(f: Node, v: Node, u: Node) -> Node:
 
 def basis(k: int, dim: int) -> Node:
     """The k-th standard basis vector of length dim."""
-    return Const(1) if dim == 1 else OneHot(Const(k), dim)
+    return Const(1) if dim == 1 else make("OneHot", (Const(k),), (dim,))
 
 
 def grad_matrix(f: Node, v: Node) -> Node:
@@ -132,7 +131,6 @@ def _requires_variable(fn):
 
 
 # KeOps formula-string names of the symbolic calculus.
-MACROS.update({"Grad": _requires_variable(grad), "Diff": _requires_variable(diff),
-               "GradMatrix": _requires_variable(grad_matrix),
-               "Divergence": _requires_variable(divergence),
-               "Laplacian": _requires_variable(laplacian)})
+for _name, _fn in (("Grad", grad), ("Diff", diff), ("GradMatrix", grad_matrix),
+                   ("Divergence", divergence), ("Laplacian", laplacian)):
+    register_macro(_name, _requires_variable(_fn))

@@ -26,32 +26,28 @@ from fractions import Fraction
 from typing import Any, Callable, Union
 
 from ..errors import FormulaSyntaxError, LazymatError, ShapeError
-from .node import I_CAT, J_CAT, P_CAT, Const, Node, Var, as_node
-from .ops import MACROS, OPS, apply
+from .node import (
+    I_CAT,
+    J_CAT,
+    MACROS,
+    MAX_DIM,
+    OPS,
+    P_CAT,
+    Const,
+    Node,
+    Var,
+    apply,
+    as_node,
+    int_param_slots,
+)
 
-__all__ = ["parse_formula", "parse_alias", "INT_PARAM_SLOTS"]
+__all__ = ["parse_formula", "parse_alias", "MAX_POSITION"]
 
-# Argument slots of composite ops (MACROS) that take integer literals (or int
-# lists) rather than formulas; anywhere else an integer literal means a
-# constant. A new parametric op adds one row here.
-INT_PARAM_SLOTS: dict[str, tuple[int, ...]] = {
-    "Pow": (1,),
-    "Elem": (1,),
-    "Extract": (1, 2),
-    "OneHot": (1,),
-    "IntInv": (0,),
-    # primitive ops with integer parameters after their formula argument
-    "Round": (1,),
-    "ClampInt": (1, 2),
-    "DiffClampInt": (1, 2),
-    "SumT": (1,),
-    "ElemT": (1, 2),
-    "ExtractT": (1, 2),
-    "BSpline": (2,),
-    # integer lists: TensorDot(a, b, dimsa, dimsb, conta, contb[, permute]), Kron(a, b, da, db)
-    "TensorDot": (2, 3, 4, 5, 6),
-    "Kron": (2, 3),
-}
+#: The largest argument position a variable may name (Vi(position, dim)): a Genred call with
+#: that many arguments is far beyond real use, and a bound keeps a tiny string from asking
+#: for a huge argument list. Integer literals that fill an op's integer parameter slots (its
+#: ``int_params``) are bounded by the op's registry (MAX_INT_PARAM, MAX_DIM).
+MAX_POSITION = 2**16 - 1
 
 # Variable spellings: name -> (category, replacement if deprecated).
 _VAR_KINDS: dict[str, tuple[int, str | None]] = {
@@ -471,7 +467,7 @@ class _FormulaParser:
     def op_arguments(self, call: _Call) -> list:
         """Check the argument count and kinds; turn literals into what apply expects."""
         name, args = call.name, call.args
-        slots = INT_PARAM_SLOTS.get(name, ())
+        slots = int_param_slots(name)
         if name in MACROS:
             fewest, most = _arg_counts(MACROS[name])
             n_formulas = None
@@ -480,7 +476,7 @@ class _FormulaParser:
             n_formulas = opdef.arity
             if n_formulas is None:
                 fewest, most = 0, None
-            elif name in INT_PARAM_SLOTS or opdef.elementwise:
+            elif slots or opdef.elementwise:
                 fewest = most = n_formulas + len(slots)
             else:
                 # Structural ops may take integer parameters after their formulas;
@@ -545,18 +541,34 @@ class _FormulaParser:
         (d,) = self.int_args(call, 1, "Zero(dim)")
         if d < 1:
             raise self.error(call.args[0][1], f"Zero needs a dim >= 1, got {d}")
+        if d > MAX_DIM:
+            raise self.shape_error(ShapeError(f"Zero: the dim is at most {MAX_DIM:,} "
+                                              f"(lazymat.formula.MAX_DIM), got {d:,}"),
+                                   "Zero", call.args[0][1])
         return Const(0, d)
 
 
 def _check_var(lx: _Lexer, call: _Call, index: int, dim: int, cat: int) -> None:
-    """Reject impossible variables with the position of the offending number."""
+    """Reject impossible variables with the position of the offending number; a position or
+    dim beyond lazymat's limits is a ShapeError naming the limit."""
     names = ("position", "dim", "category")
     for k, (value, ok, rule) in enumerate(((index, index >= 0, ">= 0"),
                                            (dim, dim >= 1, ">= 1"),
                                            (cat, cat in (I_CAT, J_CAT, P_CAT), "0, 1 or 2"))):
+        pos = call.args[k][1] if k < len(call.args) else call.pos
         if not ok:
-            pos = call.args[k][1] if k < len(call.args) else call.pos
             raise lx.error(pos, f"a variable's {names[k]} must be {rule}, got {value}")
+        limit = (MAX_POSITION, MAX_DIM, None)[k]
+        if limit is not None and value > limit:
+            raise _limit_error(lx, pos, names[k], value, limit)
+
+
+def _limit_error(lx: _Lexer, pos: int, what: str, value: int, limit: int) -> ShapeError:
+    name = "MAX_POSITION" if what == "position" else "MAX_DIM"
+    module = "parser" if what == "position" else ""
+    where = f"lazymat.formula.{module + '.' if module else ''}{name}"
+    return ShapeError(f"a variable's {what} is at most {limit:,} ({where}), got {value:,}, at "
+                      f"position {pos} in {lx.what}:\n{_excerpt(lx.text, pos)}")
 
 
 _SPECIAL: dict[str, Callable[[_FormulaParser, _Call], Node]] = {
@@ -658,6 +670,8 @@ def parse_alias(text: str) -> tuple[str | None, int | None, int, int]:
         (dim,) = ints
         if dim < 1:
             raise lx.error(call.args[0][1], f"a variable's dim must be >= 1, got {dim}")
+        if dim > MAX_DIM:
+            raise _limit_error(lx, call.args[0][1], "dim", dim, MAX_DIM)
         return name, None, dim, cat
     index, dim = ints
     _check_var(lx, call, index, dim, cat)

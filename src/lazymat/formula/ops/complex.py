@@ -1,4 +1,4 @@
-"""Complex ops, each defined once (like ``ops.py``), on interleaved (re, im) pairs.
+"""Complex ops, each defined once (like the real ones), on interleaved (re, im) pairs.
 
 A complex formula of D components is a real formula of dim 2D holding
 ``re_0, im_0, re_1, im_1, ...``, as in KeOps; a complex scalar (dim 2)
@@ -13,9 +13,9 @@ the cotangent of a holomorphic f(a) is g·conj(f'(a)).
 
 from __future__ import annotations
 
-from ..errors import ShapeError
-from .node import Const, Node
-from .ops import MACROS, _m, _structural, apply
+from ...errors import ShapeError
+from ..node import Const, Node, apply, register, register_macro
+from .base import call
 
 
 def _pairs(a):
@@ -75,7 +75,7 @@ def _binary_render(body):
 
 def _summed_if_scalar(arg: Node, c: Node) -> Node:
     """The cotangent of a complex scalar that was broadcast: summed over components."""
-    return _m("ComplexSum", c) if arg.dim == 2 and c.dim > 2 else c
+    return call("ComplexSum", c) if arg.dim == 2 and c.dim > 2 else c
 
 
 # --------------------------------------------------------------------------- products
@@ -86,12 +86,12 @@ def _mult_ref(xp, p, a, b):
     return _join(xp, ar * br - ai * bi, ar * bi + ai * br)
 
 
-_structural("ComplexMult", 2, _complex_binary_dim, _mult_ref,
-            _binary_render(lambda T: f"{T} re = ar * br - ai * bi, im = ar * bi + ai * br;"),
-            doc="complex product (a complex scalar broadcasts)",
-            vjp=lambda n, g: (_summed_if_scalar(n.args[0], _m("ComplexMult", g, _m(
-                "Conj", n.args[1]))), _summed_if_scalar(n.args[1], _m(
-                    "ComplexMult", g, _m("Conj", n.args[0])))))
+register("ComplexMult", 2, _mult_ref, dims=_complex_binary_dim,
+         render=_binary_render(lambda T: f"{T} re = ar * br - ai * bi, im = ar * bi + ai * br;"),
+         doc="complex product (a complex scalar broadcasts)",
+         vjp=lambda n, g: (
+             _summed_if_scalar(n.args[0], call("ComplexMult", g, call("Conj", n.args[1]))),
+             _summed_if_scalar(n.args[1], call("ComplexMult", g, call("Conj", n.args[0])))))
 
 
 def _div_ref(xp, p, a, b):
@@ -100,14 +100,15 @@ def _div_ref(xp, p, a, b):
     return _join(xp, (ar * br + ai * bi) / den, (ai * br - ar * bi) / den)
 
 
-_structural("ComplexDivide", 2, _complex_binary_dim, _div_ref,
-            _binary_render(lambda T: f"{T} den = br * br + bi * bi, re = (ar * br + ai * bi) / den,"
-                                     f" im = (ai * br - ar * bi) / den;"),
-            doc="complex quotient a / b",
-            vjp=lambda n, g: (
-                _summed_if_scalar(n.args[0], _m("ComplexDivide", g, _m("Conj", n.args[1]))),
-                _summed_if_scalar(n.args[1], -_m("ComplexMult", g, _m(
-                    "Conj", _m("ComplexDivide", n, n.args[1]))))))
+register("ComplexDivide", 2, _div_ref, dims=_complex_binary_dim,
+         render=_binary_render(lambda T: f"{T} den = br * br + bi * bi, "
+                                         f"re = (ar * br + ai * bi) / den, "
+                                         f"im = (ai * br - ar * bi) / den;"),
+         doc="complex quotient a / b",
+         vjp=lambda n, g: (
+             _summed_if_scalar(n.args[0], call("ComplexDivide", g, call("Conj", n.args[1]))),
+             _summed_if_scalar(n.args[1], -call("ComplexMult", g, call(
+                 "Conj", call("ComplexDivide", n, n.args[1]))))))
 
 
 def _realscal_dim(name, dims, params):
@@ -123,19 +124,17 @@ def _realscal_ref(xp, p, f, a):
     return _join(xp, f * ar, f * ai)
 
 
-_structural("ComplexRealScal", 2, _realscal_dim, _realscal_ref,
-            lambda ctx, node: [
+register("ComplexRealScal", 2, _realscal_ref, dims=_realscal_dim, render=lambda ctx, node: [
                 f"for (int k = 0; k < {node.dim // 2}; k++) {{ {ctx.T} f = {ctx.arg(0, 'k')}; "
                 f"{ctx.out('2 * k')} = f * {ctx.arg(1, '2 * k')}; "
                 f"{ctx.out('2 * k + 1')} = f * {ctx.arg(1, '2 * k + 1')}; }}"],
-            doc="real factor (dim 1 or D) times complex vector",
-            vjp=lambda n, g: (
-                _sum_if(n.args[0], _m("ComplexReal", _m("ComplexMult", g, _m("Conj", n.args[1])))),
-                _m("ComplexRealScal", n.args[0], g)))
+         doc="real factor (dim 1 or D) times complex vector", vjp=lambda n, g: (
+         _sum_if(n.args[0], call("ComplexReal", call("ComplexMult", g, call("Conj", n.args[1])))),
+         call("ComplexRealScal", n.args[0], g)))
 
 
 def _sum_if(arg: Node, c: Node) -> Node:
-    return _m("Sum", c) if arg.dim == 1 and c.dim > 1 else c
+    return call("Sum", c) if arg.dim == 1 and c.dim > 1 else c
 
 
 # --------------------------------------------------------------------------- unary
@@ -144,28 +143,26 @@ def _sum_if(arg: Node, c: Node) -> Node:
 def _exp_ref(xp, p, a):
     ar, ai = _parts(a)
     e = xp.exp(ar)
-    return _join(xp, e * xp.cos(ai), e * xp.sin(ai))
+    return _join(xp, e * xp.module.cos(ai), e * xp.module.sin(ai))
 
 
-_structural("ComplexExp", 1, _unary_dim(1, 1), _exp_ref,
-            lambda ctx, node: [
-                f"for (int k = 0; k < {node.dim // 2}; k++) {{ "
-                f"{ctx.T} e = lm_exp({ctx.arg(0, '2 * k')}), t = {ctx.arg(0, '2 * k + 1')}; "
-                f"{ctx.out('2 * k')} = e * lm_cos(t); {ctx.out('2 * k + 1')} = e * lm_sin(t); }}"],
-            doc="complex exponential",
-            vjp=lambda n, g: (_m("ComplexMult", g, _m("Conj", n)),))
+register("ComplexExp", 1, _exp_ref, dims=_unary_dim(1, 1), complex_result=True,
+         render=lambda ctx, node: [
+         f"for (int k = 0; k < {node.dim // 2}; k++) {{ "
+         f"{ctx.T} e = lm_exp({ctx.arg(0, '2 * k')}), t = {ctx.arg(0, '2 * k + 1')}; "
+         f"{ctx.out('2 * k')} = e * lm_cos(t); {ctx.out('2 * k + 1')} = e * lm_sin(t); }}"],
+         doc="complex exponential", vjp=lambda n, g: (call("ComplexMult", g, call("Conj", n)),))
 
 
 def _exp1j_ref(xp, p, f):
-    return _join(xp, xp.cos(f), xp.sin(f))
+    return _join(xp, xp.module.cos(f), xp.module.sin(f))
 
 
-_structural("ComplexExp1j", 1, _unary_dim(1, 2), _exp1j_ref,
-            lambda ctx, node: [
+register("ComplexExp1j", 1, _exp1j_ref, dims=_unary_dim(1, 2), render=lambda ctx, node: [
                 f"for (int k = 0; k < {node.dim // 2}; k++) {{ {ctx.T} t = {ctx.arg(0, 'k')}; "
                 f"{ctx.out('2 * k')} = lm_cos(t); {ctx.out('2 * k + 1')} = lm_sin(t); }}"],
-            doc="exp(i f) for a real f (dim D -> complex D)",
-            vjp=lambda n, g: (_m("ComplexImag", _m("ComplexMult", g, _m("Conj", n))),))
+         doc="exp(i f) for a real f (dim D -> complex D)",
+         vjp=lambda n, g: (call("ComplexImag", call("ComplexMult", g, call("Conj", n))),))
 
 
 def _conj_ref(xp, p, a):
@@ -173,20 +170,20 @@ def _conj_ref(xp, p, a):
     return _join(xp, ar, -ai)
 
 
-_structural("Conj", 1, _unary_dim(2, 2), _conj_ref,
-            lambda ctx, node: [
-                f"for (int k = 0; k < {node.dim // 2}; k++) {{ "
-                f"{ctx.out('2 * k')} = {ctx.arg(0, '2 * k')}; "
-                f"{ctx.out('2 * k + 1')} = -{ctx.arg(0, '2 * k + 1')}; }}"],
-            doc="complex conjugate", vjp=lambda n, g: (_m("Conj", g),))
+register("Conj", 1, _conj_ref, dims=_unary_dim(2, 2), complex_result=True,
+         render=lambda ctx, node: [
+         f"for (int k = 0; k < {node.dim // 2}; k++) {{ "
+         f"{ctx.out('2 * k')} = {ctx.arg(0, '2 * k')}; "
+         f"{ctx.out('2 * k + 1')} = -{ctx.arg(0, '2 * k + 1')}; }}"], doc="complex conjugate",
+         vjp=lambda n, g: (call("Conj", g),))
 
 
 def _part_op(name: str, part: int, embed: str):
-    _structural(name, 1, _unary_dim(2, 1), lambda xp, p, a: _parts(a)[part],
-                lambda ctx, node: [f"for (int k = 0; k < {node.dim}; k++) "
-                                   f"{ctx.out('k')} = {ctx.arg(0, f'2 * k + {part}')};"],
-                doc=f"{'real' if part == 0 else 'imaginary'} parts",
-                vjp=lambda n, g: (_m(embed, g),))
+    register(name, 1, lambda xp, p, a: _parts(a)[part], dims=_unary_dim(2, 1), complex_result=False,
+             render=lambda ctx, node: [f"for (int k = 0; k < {node.dim}; k++) "
+             f"{ctx.out('k')} = {ctx.arg(0, f'2 * k + {part}')};"],
+             doc=f"{'real' if part == 0 else 'imaginary'} parts",
+             vjp=lambda n, g: (call(embed, g),))
 
 
 def _embed_op(name: str, part: int, back: str):
@@ -194,12 +191,12 @@ def _embed_op(name: str, part: int, back: str):
         zero = f * 0
         return _join(xp, f, zero) if part == 0 else _join(xp, zero, f)
 
-    _structural(name, 1, _unary_dim(1, 2), ref,
-                lambda ctx, node: [f"for (int k = 0; k < {node.dim // 2}; k++) {{ "
-                                   f"{ctx.out(f'2 * k + {part}')} = {ctx.arg(0, 'k')}; "
-                                   f"{ctx.out(f'2 * k + {1 - part}')} = ({ctx.T})0; }}"],
-                doc=f"a real vector as the {'real' if part == 0 else 'imaginary'} part",
-                vjp=lambda n, g: (_m(back, g),))
+    register(name, 1, ref, dims=_unary_dim(1, 2),
+             render=lambda ctx, node: [f"for (int k = 0; k < {node.dim // 2}; k++) {{ "
+             f"{ctx.out(f'2 * k + {part}')} = {ctx.arg(0, 'k')}; "
+             f"{ctx.out(f'2 * k + {1 - part}')} = ({ctx.T})0; }}"],
+             doc=f"a real vector as the {'real' if part == 0 else 'imaginary'} part",
+             vjp=lambda n, g: (call(back, g),))
 
 
 _part_op("ComplexReal", 0, "Real2Complex")
@@ -212,40 +209,36 @@ def _modulus(name: str, squared: bool):
     def ref(xp, p, a):
         ar, ai = _parts(a)
         s = ar * ar + ai * ai
-        return s if squared else xp.sqrt(s)
+        return s if squared else xp.module.sqrt(s)
 
     def vjp(n, g):
         a = n.args[0]
         if squared:
-            return (_m("ComplexRealScal", g * 2, a),)
+            return (call("ComplexRealScal", g * 2, a),)
         # d|a| = (re, im) / |a|, 0 at a = 0 (as Sqrt's subgradient)
-        return (_m("ComplexRealScal", g * _m("Rsqrt", _m("ComplexSquareAbs", a)), a),)
+        return (call("ComplexRealScal", g * call("Rsqrt", call("ComplexSquareAbs", a)), a),)
 
-    _structural(name, 1, _unary_dim(2, 1), ref,
-                lambda ctx, node: [
+    register(name, 1, ref, dims=_unary_dim(2, 1), complex_result=False, render=lambda ctx, node: [
                     f"for (int k = 0; k < {node.dim}; k++) {{ {ctx.T} re = "
                     f"{ctx.arg(0, '2 * k')}, im = {ctx.arg(0, '2 * k + 1')}; "
                     f"{ctx.out('k')} = " + ("re * re + im * im" if squared else
                                             "lm_sqrt(re * re + im * im)") + "; }"],
-                doc="|a|²" if squared else "|a|", vjp=vjp)
-
-
+             doc="|a|²" if squared else "|a|", vjp=vjp)
 _modulus("ComplexAbs", False)
 _modulus("ComplexSquareAbs", True)
 
 
 def _angle_ref(xp, p, a):
     ar, ai = _parts(a)
-    return xp.arctan2(ai, ar)
+    return xp.module.arctan2(ai, ar)
 
 
-_structural("ComplexAngle", 1, _unary_dim(2, 1), _angle_ref,
-            lambda ctx, node: [f"for (int k = 0; k < {node.dim}; k++) {ctx.out('k')} = "
-                               f"lm_atan2({ctx.arg(0, '2 * k + 1')}, {ctx.arg(0, '2 * k')});"],
-            doc="argument atan2(im, re)",
-            # d angle = (-im, re) / |a|² = i·a / |a|²
-            vjp=lambda n, g: (_m("ComplexRealScal", g / _m("ComplexSquareAbs", n.args[0]),
-                                 _m("ComplexMult", _m("Imag2Complex", Const(1)), n.args[0])),))
+register("ComplexAngle", 1, _angle_ref, dims=_unary_dim(2, 1), complex_result=False,
+         render=lambda ctx, node: [f"for (int k = 0; k < {node.dim}; k++) {ctx.out('k')} = "
+         f"lm_atan2({ctx.arg(0, '2 * k + 1')}, {ctx.arg(0, '2 * k')});"],
+         doc="argument atan2(im, re)",
+         vjp=lambda n, g: (call("ComplexRealScal", g / call("ComplexSquareAbs", n.args[0]),
+         call("ComplexMult", call("Imag2Complex", Const(1)), n.args[0])),))
 
 
 def _csum_ref(xp, p, a):
@@ -258,14 +251,13 @@ def _csum_dim(name, dims, params):
     return 2
 
 
-_structural("ComplexSum", 1, _csum_dim, _csum_ref,
-            lambda ctx, node: [
+register("ComplexSum", 1, _csum_ref, dims=_csum_dim, complex_result=True, render=lambda ctx, node: [
                 f"{ctx.T} re = 0, im = 0;",
                 f"for (int k = 0; k < {node.args[0].dim // 2}; k++) {{ "
                 f"re += {ctx.arg(0, '2 * k')}; im += {ctx.arg(0, '2 * k + 1')}; }}",
                 f"{ctx.out(0)} = re; {ctx.out(1)} = im;"],
-            doc="sum of the complex components (a complex scalar)",
-            vjp=lambda n, g: (_m("ComplexSumT", g, params=(n.args[0].dim // 2,)),))
+         doc="sum of the complex components (a complex scalar)",
+         vjp=lambda n, g: (call("ComplexSumT", g, params=(n.args[0].dim // 2,)),))
 
 
 def _csumt_dim(name, dims, params):
@@ -280,12 +272,12 @@ def _csumt_ref(xp, p, a):
     return _join(xp, ar * ones, ai * ones)
 
 
-_structural("ComplexSumT", 1, _csumt_dim, _csumt_ref,
-            lambda ctx, node: [f"for (int k = 0; k < {node.params[0]}; k++) {{ "
-                               f"{ctx.out('2 * k')} = {ctx.arg(0, 0)}; "
-                               f"{ctx.out('2 * k + 1')} = {ctx.arg(0, 1)}; }}"],
-            doc="a complex scalar repeated D times (adjoint of ComplexSum)",
-            vjp=lambda n, g: (_m("ComplexSum", g),))
+register("ComplexSumT", 1, _csumt_ref, dims=_csumt_dim,
+         render=lambda ctx, node: [f"for (int k = 0; k < {node.params[0]}; k++) {{ "
+         f"{ctx.out('2 * k')} = {ctx.arg(0, 0)}; "
+         f"{ctx.out('2 * k + 1')} = {ctx.arg(0, 1)}; }}"],
+         doc="a complex scalar repeated D times (adjoint of ComplexSum)",
+         vjp=lambda n, g: (call("ComplexSum", g),))
 
 
 # --------------------------------------------------------------------------- composites
@@ -294,9 +286,9 @@ _structural("ComplexSumT", 1, _csumt_dim, _csumt_ref,
 def _broadcast_pair(a: Node, b: Node) -> tuple[Node, Node]:
     da, db = a.dim // 2, b.dim // 2
     if da == 1 and db > 1:
-        a = _m("ComplexSumT", a, params=(db,))
+        a = call("ComplexSumT", a, params=(db,))
     elif db == 1 and da > 1:
-        b = _m("ComplexSumT", b, params=(da,))
+        b = call("ComplexSumT", b, params=(da,))
     return a, b
 
 
@@ -313,5 +305,6 @@ def ComplexSubtract(a: Node, b: Node) -> Node:
     return a - b
 
 
-MACROS.update({"ComplexAdd": ComplexAdd, "ComplexSubtract": ComplexSubtract})
+register_macro("ComplexAdd", ComplexAdd)
+register_macro("ComplexSubtract", ComplexSubtract)
 __all__ = ["ComplexAdd", "ComplexSubtract", "apply"]
