@@ -60,6 +60,9 @@ def health_report() -> dict[str, Any]:
         report["numpy"] = str(numpy.__version__)
     except Exception:  # noqa: BLE001
         report["numpy"] = None
+    from .pykeops_compat import active
+
+    report["pykeops"] = active()  # what `import pykeops` gives: lazymat, a real one, none
     return report
 
 

@@ -674,7 +674,10 @@ class KernelSolve:
                                  "dask arrays the solve runs plain CG on distributed matvecs")
         elif precond not in (None, False) or truncate not in (None, False):
             system = self._system(args, alpha, precond, truncate or False, backend)
-        params = [a for k, a in enumerate(args) if k != self.position and is_torch(a)]
+        # Each tensor once: one array given for two aliases (Kinv(x, x, b)) is one parameter,
+        # whose gradient autograd must not count twice.
+        params = list({id(a): a for k, a in enumerate(args)
+                       if k != self.position and is_torch(a)}.values())
         return solve(matvec, b, alpha, eps, max_iter, params, system, info)
 
     def _system(self, args: list, alpha: float, precond: Any, truncate: Any,

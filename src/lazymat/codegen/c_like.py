@@ -135,10 +135,13 @@ class Emitter:
                     self.nodes.append(n)
         uses: dict[int, int] = {}
         consumer_level: dict[int, int] = {}
+        broadcast: set[int] = set()
         for n in self.nodes:
             for a in n.args:
                 uses[id(a)] = uses.get(id(a), 0) + 1
                 consumer_level[id(a)] = n.deps
+                if a.dim < n.dim:  # inlined, a would be recomputed for each of n's components
+                    broadcast.add(id(a))
         roots_ids = {id(r) for r in roots}
         self.materialized: dict[int, str] = {}
         # Inlined expressions nest at most MAX_INLINE_DEPTH deep: a longer chain (Sin of Sin
@@ -151,7 +154,8 @@ class Emitter:
                 continue
             d = 1 + max((depth[id(a)] for a in n.args), default=0)
             if (id(n) in roots_ids or not OPS[n.op].elementwise or uses.get(id(n), 0) > 1
-                    or consumer_level.get(id(n)) != n.deps or d > MAX_INLINE_DEPTH):
+                    or consumer_level.get(id(n)) != n.deps or id(n) in broadcast
+                    or d > MAX_INLINE_DEPTH):
                 self.materialized[id(n)] = f"t{len(self.materialized)}"
                 d = 0
             depth[id(n)] = d
