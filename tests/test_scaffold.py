@@ -19,7 +19,7 @@ import pytest
 
 import lazymat as lm
 from lazymat.codegen import cpu, cuda
-from lazymat.codegen.c_like import MAX_INLINE_DEPTH, Emitter, KernelSpec, c_number
+from lazymat.codegen.c_like import MAX_INLINE_DEPTH, Emitter, KernelSpec, c_int, c_number
 from lazymat.codegen.scaffold import STACK_BUDGET, Kernel
 from lazymat.compile import compiler_info, load_library
 from lazymat.errors import CompileError, ShapeError
@@ -241,19 +241,24 @@ def test_big_integer_constants_compute(dtype):
              "x * IntCst(1000000000000000000000000000000)": x * 1e30,
              "x * IntCst(100000000000000000000)": x * 1e20,
              "x * RatCst(1000000000000000000000000000000, 7)": x * (1e30 / 7),
-             "Pow(x, 4294967296)": np.where(np.abs(x) < 1, 0.0, np.inf),
-             "Pow(x, 4294967297)": np.where(np.abs(x) < 1, 0.0, np.sign(x) * np.inf),
-             "Round(x, 1099511627776)": x}
+             "Pow(x, 2147483647)": np.where(np.abs(x) < 1, 0.0, np.sign(x) * np.inf),
+             "Pow(x, -2147483647)": np.where(np.abs(x) < 1, np.sign(x) * np.inf, 0.0),
+             "Round(x, 2147483647)": x}
     for formula, want in cases.items():
         got = lm.Genred(formula, ["x = Vi(1)", "y = Vj(1)"], reduction_op="Max", axis=1,
                         dtype=dtype)(x, y, backend="cpu")
         np.testing.assert_allclose(got, want.astype(dtype), rtol=1e-6, err_msg=formula)
 
 
-def test_integer_parameters_beyond_64_bits_are_refused():
-    f = make("Pow", (Var(0, 1, 0),), (2**70,))
+def test_integer_parameters_beyond_c_are_refused():
+    """Beyond a C int, an op's integer parameter is refused when the formula is built; the
+    renderer refuses anything beyond 64 bits itself."""
+    for params in ((2**32,), (2**70,)):
+        with pytest.raises(ShapeError, match="out of range"):
+            make("Pow", (Var(0, 1, 0),), params)
     with pytest.raises(ShapeError, match="beyond the 64-bit range"):
-        cpu.render(spec("Sum", f))
+        c_int(2**70, "Pow")
+    assert c_int(2**40, "Pow") == "1099511627776LL" and c_int(-7, "Pow") == "-7"
 
 
 @requires_cxx
