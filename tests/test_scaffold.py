@@ -178,6 +178,7 @@ def _long_formula(n: int):
     return f
 
 
+@pytest.mark.slow  # minutes of gcc on 2 busy cores
 @requires_cxx
 def test_ten_thousand_nodes_compile():
     f = _long_formula(10_000)
@@ -204,6 +205,7 @@ def test_ten_thousand_nodes_compile():
     assert seconds < 300 and rss < 2048, out  # compile and run; the compiler's peak memory
 
 
+@pytest.mark.slow
 def test_hundred_thousand_nodes_render_in_bounded_memory():
     """The source of a 10**5-node formula is rendered in linear size and memory."""
     import tracemalloc
