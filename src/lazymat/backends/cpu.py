@@ -139,10 +139,7 @@ def _run_split(launch: Launch, parts: int, lanes: int) -> tuple:
     if errors:
         raise errors[0]
     # The kernel's indices are global: each part reduces its own columns of [0, N).
-    per_part = [tuple(o.reshape((-1,) + shape) for o, (_, shape) in zip(part, shapes))
-                for part in outs]
-    state = abi.combine(launch.red, xp, per_part, None, launch.K)
-    return state if launch.store == "state" else launch.red.finalize(xp, state)
+    return abi.merge_parts(launch, outs)
 
 
 def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int) -> None:
