@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -223,7 +224,7 @@ def test_source_is_cuda_spelled():
     assert "#pragma omp" not in src and "__builtin_" not in src
     assert "__syncthreads();" in src and "__shared__ T ys1[" in src and "typedef double T;" in src
     assert "#define LM_INLINE __device__ __forceinline__" in src
-    assert "// lazymat CUDA kernel lm_lse: LogSumExp over j of" in src  # readable header
+    assert "// lazymat kernel lm_lse: LogSumExp over j of" in src  # readable header
 
 
 def test_cpu_prelude_is_untouched():
@@ -243,21 +244,18 @@ def test_module_holds_distinct_kernels():
         cuda.render(next(iter(kernels.values())), name="bad-name")
 
 
-def test_unknown_builtin_is_reported():
-    with pytest.raises(ValueError, match="__builtin_frobnicate"):
-        cuda._cuda_spelling("x = __builtin_frobnicate(y);")
+def test_kernels_come_from_one_scaffold():
+    """The CPU and CUDA kernels are the same skeleton: the reduction's pieces and every
+    stage appear in both, spelled for each target by its declared attributes only."""
+    from lazymat.codegen import cpu as cpu_codegen
 
-
-def test_tile_sizes():
-    f, w, K = reduction_case("Sum")
-    plan = cuda._Plan(spec_of("Sum", f, w, K, "float64"), cuda.BLOCK)
-    assert plan.staged and plan.jt == cuda.BLOCK and 1 <= plan.tj <= cuda.MAX_TJ
-    name, f, w, K, nargs = SCAFFOLD["wide_dim"]
-    plan = cuda._Plan(spec_of(name, f, w, K, "float64", nargs), cuda.BLOCK)
-    assert plan.staged and 1 < plan.jt < cuda.BLOCK  # 1500 doubles a column: a few per tile
-    assert plan.jt * (1500 + 2) * 8 <= cuda.SHARED_BUDGET
-    name, f, w, K, nargs = SCAFFOLD["huge_dim"]
-    assert not cuda._Plan(spec_of(name, f, w, K, "float32", nargs), cuda.BLOCK).staged
+    f, w, K = reduction_case("KMin_ArgKMin")
+    spec = spec_of("KMin_ArgKMin", f, w, K, "float32")
+    gpu, host = cuda.render(spec, name="lm_k"), cpu_codegen.render(spec)
+    for text in (gpu, host):
+        assert "LM_SIMD_OR(pass)" in text and "for (i64 q = c ? slices[c - 1] : 0;" in text
+    assert "#define LM_SIMD_OR(v)\n" in gpu and "omp" not in gpu
+    assert "#pragma omp simd" in host and "__syncthreads" not in host
 
 
 # --------------------------------------------------------------------------- running on the CPU
@@ -425,10 +423,11 @@ def test_emulation_shim_is_kept_in_sync():
 
 
 @requires_emulation
-@pytest.mark.parametrize("reduction", [r for r in REDUCTIONS if REDUCTIONS[r].split_with])
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
 def test_split_columns_run_like_reference(reduction):
-    """``nsplit`` column parts written one after the other, combined as the CUDA backend
-    does (``split_with``, ``state_of``, ``merge``, ``finalize``), equal the reduction."""
+    """``nsplit`` column parts, each kernel part storing its raw state (``store="state"``),
+    merged in column order with the reduction's ``merge`` and finalized, equal the
+    reduction."""
     import ctypes
 
     from lazymat.arraylib import NUMPY
@@ -436,7 +435,7 @@ def test_split_columns_run_like_reference(reduction):
 
     red = REDUCTIONS[reduction]
     f, w, K = reduction_case(reduction)
-    spec = spec_of(red.split_with, f, w, K, "float64", nargs=4)
+    spec = dataclasses.replace(spec_of(reduction, f, w, K, "float64", nargs=4), store="state")
     block, nsplit, M, N = 8, 3, 21, 50
     source = SHIM + cuda.render(spec, name="lm_cuda", block=block) + HOST % {"block": block}
     lib = load_library(source, name=f"cuda_emulation_split_{reduction}")
@@ -446,7 +445,7 @@ def test_split_columns_run_like_reference(reduction):
     rng = np.random.default_rng(4)
     arrays = [rng.standard_normal((M, 3)), rng.standard_normal((N, 3)),
               rng.random((N, 2)) + 0.1, rng.random(1) + 0.5]
-    shapes = spec.reduction.outputs(f.dim, K, w.dim if w is not None else None)
+    shapes = spec.stored  # value: T, acc: double, index: long long
     outs = [np.full((nsplit, M) + shape, -7, dtype=np.int64 if kind == "index" else np.float64)
             for kind, shape in shapes]
     ntasks, tasks, slices, redranges, _ = launch.dense_layout(M, N, block)
@@ -457,7 +456,7 @@ def test_split_columns_run_like_reference(reduction):
     assert lib.lm_emulation_ok()
     state = None
     for part in range(nsplit):
-        s = red.state_of(NUMPY, tuple(o[part] for o in outs))
+        s = tuple(o[part] for o in outs)
         state = s if state is None else red.merge(NUMPY, state, s, K=K)
     got = red.finalize(NUMPY, state)
     want = run(Request(reduction, f, K=K, weight=w), arrays, backend="reference")

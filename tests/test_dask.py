@@ -29,7 +29,7 @@ SMALL = {"lazymat.rows-per-task": 80, "lazymat.columns-per-task": 80, "lazymat.s
 @pytest.fixture(scope="module")
 def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=40)
+                                       dashboard_address=":0", silence_logs=40)
     c = distributed.Client(cluster)
     try:
         yield c

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import TORCH, assert_close, requires_torch
+from test_cuda_codegen import emulate, requires_emulation  # noqa: F401 (a fixture)
 
 from lazymat.backends import reference
 from lazymat.formula import Var, make
@@ -176,6 +177,24 @@ def test_one_rule(placement, case, dtype, axis, monkeypatch):
     monkeypatch.setattr(reference, "MAX_ROWS", 4)
     check(run(req, list(arrays), backend="reference"), want, dtype,
           "reference (small blocks): " + label)
+
+
+@requires_emulation
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}{c[1] or ''}" for c in CASES])
+def test_one_rule_on_cuda(case, dtype, emulate):  # noqa: F811
+    """The CUDA kernel (run on the CPU by the emulation shim) follows it too: the same C
+    pieces in the CUDA scaffold, every placement, over j and over i."""
+    name, K = case
+    for placement in PLACEMENTS:
+        if (placement, case) not in MATRIX:
+            continue
+        arrays = make_data(placement, dtype, seed=len(placement))
+        for axis in (0, 1):
+            req, _ = request(name, K, axis)
+            want = oracle(name, K, *dense(name, arrays, axis))
+            check(run(req, list(arrays), backend="cpu"), want, dtype,
+                  f"cuda: {name} {placement} {dtype} axis={axis}")
 
 
 @requires_torch

@@ -554,42 +554,6 @@ def test_accumulation_option_errors():
 
 # --------------------------------------------------------------------------- column splits
 
-@pytest.mark.parametrize("kind", ["int", "normal"])
-@pytest.mark.parametrize("case", [c for c in CASES if REDUCTIONS[c.red].split_with],
-                         ids=lambda c: c.id)
-def test_split_columns_combine_to_the_whole(case, kind):
-    """The rule the CUDA backend uses when it splits the columns across blocks: run
-    ``split_with`` on each part (here: block-sparse ranges keeping one part of the
-    columns), turn the outputs into states, merge them in j order, finalize."""
-    from lazymat.arraylib import NUMPY
-    from lazymat.backends.launch import combine
-
-    red = REDUCTIONS[case.red]
-    M, N = 9, 40
-    arrays = make_data(M, N, "float64", kind, case.positive_weight, seed=5)
-    edges = [0, 7, 8, 8, 40]  # uneven parts, one empty
-    rows = np.array([[0, M]])
-    parts = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        cols = np.array([[0, lo], [lo, hi], [hi, N]])
-        keep = np.array([[False, True, False]])
-        req = Request(red.split_with, case.formula, K=case.K, weight=case.weight)
-        outs = run(req, arrays, backend="reference", ranges=lm.from_matrix(rows, cols, keep))
-        shapes = REDUCTIONS[red.split_with].outputs(case.formula.dim, case.K,
-                                                     2 if case.weight is not None else None)
-        parts.append(tuple(o.reshape((M,) + s) for o, (_, s) in zip(outs, shapes)))
-    parts = [red.state_of(NUMPY, p) for p in parts]
-    tree = red.finalize(NUMPY, combine(red, NUMPY, parts, None, case.K))  # as on the GPU
-    state = parts[0]
-    for p in parts[1:]:
-        state = red.merge(NUMPY, state, p, K=case.K)
-    got = red.finalize(NUMPY, state)
-    want = compute(case, arrays, 1, "reference")
-    for g, t, w in zip(got, tree, want):
-        np.testing.assert_allclose(g.reshape(w.shape), w, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(t.reshape(w.shape), w, rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_kmin_of_rows_that_see_fewer_than_K_columns(backend):
     """With ranges a row may see fewer than K columns: the empty slots are (+inf, -1)."""

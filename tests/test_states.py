@@ -151,3 +151,24 @@ def test_states_of_parts_with_nan_merge_to_the_whole(name, backend):
         for g, wv in zip(merged(red, states, K), want):
             np.testing.assert_array_equal(np.asarray(g).reshape(wv.shape), wv,
                                           err_msg=f"{name} {edges}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("Sum", "LogSumExp",
+                                                               "SumSoftMaxWeight", "Min_ArgMin")],
+                         ids=lambda c: c[0] + ("-w" if c[3] is not None else ""))
+def test_cpu_column_split_keeps_the_data_dtype(case, monkeypatch):
+    """A CPU column split merges states in the accumulator's type (double sums): its
+    outputs come back in the data's dtype, as the unsplit run's do."""
+    from lazymat.backends import cpu, launch
+
+    name, formula, K, weight = case
+    arrays = make_data(1, "float32")
+    req = Request(name, formula, K=K, weight=weight)
+    whole = run(req, arrays, backend="cpu")
+    monkeypatch.setenv("LAZYMAT_NUM_THREADS", "3")
+    monkeypatch.setattr(cpu, "SPLIT_MIN_COLUMNS", 40)
+    monkeypatch.setattr(launch, "SMALL_PAIRS", 1)
+    split = run(req, arrays, backend="cpu")
+    for s, w in zip(split, whole):
+        assert s.dtype == w.dtype, name
+        np.testing.assert_allclose(s, w, rtol=2e-6, atol=2e-6 * np.abs(w).max())

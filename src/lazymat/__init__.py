@@ -12,7 +12,8 @@ from __future__ import annotations
 from .config import __version__
 from .errors import CompileError, DtypeError, FormulaSyntaxError, LazymatError, ShapeError
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
-from .lazy_tensor import LazyTensor, Pm, Vi, Vj
+from .lazy_tensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
+from .pykeops_compat import install_as_pykeops, uninstall_as_pykeops
 from .ranges import (
     cluster_centroids,
     cluster_ranges,
@@ -25,7 +26,8 @@ from .ranges import (
 from .solve import ConvergenceWarning, KernelSolve
 
 __all__ = [
-    "LazyTensor", "Vi", "Vj", "Pm", "Genred", "generic_sum", "generic_logsumexp",
+    "LazyTensor", "ComplexLazyTensor", "Vi", "Vj", "Pm", "install_as_pykeops",
+    "uninstall_as_pykeops", "Genred", "generic_sum", "generic_logsumexp",
     "generic_argmin", "generic_argkmin", "KernelSolve", "ConvergenceWarning", "cache_clear",
     "check_health", "grid_cluster", "sort_clusters", "cluster_ranges", "cluster_centroids",
     "cluster_ranges_centroids", "from_matrix", "swap_axes",
@@ -56,3 +58,12 @@ def check_health(verbose: bool = True) -> dict:
     from .health import check_health as check
 
     return check(verbose)
+
+
+def _switch_from_environment() -> None:
+    from .pykeops_compat import install_from_environment
+
+    install_from_environment()
+
+
+_switch_from_environment()  # LAZYMAT_AS_PYKEOPS=1: `import pykeops` gives lazymat

@@ -1,4 +1,4 @@
-"""The few array functions lazymat needs, for numpy and for torch.
+"""The few array functions lazymat needs, for numpy, torch and jax.
 
 The reference backend and the front ends are written once against this small
 namespace (``xp``) so numpy arrays stay numpy and torch tensors stay torch, on
@@ -179,8 +179,75 @@ class TorchLib:
         return self.torch.einsum(subscripts, *operands)
 
 
+class JaxLib(NumpyLib):
+    """jax.numpy under the numpy names (jax arrays and tracers: the reference backend then
+    traces into jit, grad and vmap like any jax code). Indices are int64 with
+    ``jax_enable_x64``, else jax's int32."""
+
+    name = "jax"
+
+    def __init__(self) -> None:
+        import jax.numpy as jnp
+
+        self.jnp = self.module = jnp
+        for name in ("exp", "log", "maximum", "minimum", "where", "isneginf", "einsum",
+                     "expand_dims", "broadcast_to"):
+            setattr(self, name, getattr(jnp, name))
+        self.int64 = jnp.int64
+
+    def cast(self, a, like):
+        return self.jnp.asarray(a).astype(like.dtype)
+
+    def sum(self, a, axis, keepdims=False):
+        return self.jnp.sum(a, axis=axis, keepdims=keepdims)
+
+    def amin(self, a, axis, keepdims=False):
+        return self.jnp.min(a, axis=axis, keepdims=keepdims)
+
+    def amax(self, a, axis, keepdims=False):
+        return self.jnp.max(a, axis=axis, keepdims=keepdims)
+
+    def argmin(self, a, axis, keepdims=False):
+        return self.jnp.argmin(a, axis=axis, keepdims=keepdims)
+
+    def argmax(self, a, axis, keepdims=False):
+        return self.jnp.argmax(a, axis=axis, keepdims=keepdims)
+
+    def concat(self, arrays, axis):
+        return self.jnp.concatenate(list(arrays), axis=axis)
+
+    def stable_argsort(self, a, axis):
+        return self.jnp.argsort(a, axis=axis, stable=True)
+
+    def take_along(self, a, idx, axis):
+        return self.jnp.take_along_axis(a, idx, axis=axis)
+
+    def arange(self, n, like):
+        return self.jnp.arange(n, dtype=self._index_dtype())
+
+    def full(self, shape, value, like, dtype=None):
+        if dtype is self.jnp.int64:
+            dtype = self._index_dtype()
+        return self.jnp.full(shape, value, dtype=like.dtype if dtype is None else dtype)
+
+    def empty(self, shape, like, dtype=None):
+        return self.full(shape, 0, like, dtype)
+
+    def int64_like(self, a):
+        return self.jnp.asarray(a).astype(self._index_dtype())
+
+    def to_float64(self, a):
+        return self.jnp.asarray(a, dtype=self.jnp.float64)
+
+    def _index_dtype(self):
+        import jax
+
+        return self.jnp.int64 if jax.config.jax_enable_x64 else self.jnp.int32
+
+
 NUMPY = NumpyLib()
 _torch_lib: TorchLib | None = None
+_jax_lib: JaxLib | None = None
 
 
 _torch_types: dict[type, bool] = {}
@@ -195,20 +262,50 @@ def is_torch(a: Any) -> bool:
     return known
 
 
+_jax_types: dict[type, bool] = {}
+
+
+def is_jax(a: Any) -> bool:
+    """Whether ``a`` is a jax array or tracer (jax is imported only when one is seen)."""
+    t = type(a)
+    known = _jax_types.get(t)
+    if known is None:
+        known = False
+        if t.__module__.startswith(("jax", "jaxlib")):
+            import jax
+
+            known = isinstance(a, jax.Array)
+        _jax_types[t] = known
+    return known
+
+
+def is_array(a: Any) -> bool:
+    """Whether ``a`` is an array of a library lazymat knows (numpy, torch, jax)."""
+    return isinstance(a, np.ndarray) or is_torch(a) or is_jax(a)
+
+
 def is_dask(a: Any) -> bool:
     """Whether ``a`` is a dask array (without importing dask)."""
     t = type(a)
     return t.__name__ == "Array" and t.__module__.startswith("dask.")
 
 
-def lib_of(a: Any) -> NumpyLib | TorchLib:
+def lib_of(a: Any) -> NumpyLib | TorchLib | JaxLib:
     """The adapter for the library that holds ``a`` (numpy's for dask arrays, whose chunks
     are numpy arrays and which numpy's functions dispatch to)."""
-    global _torch_lib
+    global _torch_lib, _jax_lib
     if is_torch(a):
         if _torch_lib is None:
             _torch_lib = TorchLib()
         return _torch_lib
+    if isinstance(a, np.ma.MaskedArray):  # its mask would be silently ignored
+        raise DtypeError("numpy masked arrays are not supported (the mask would be "
+                         "ignored): pass a.filled(value), or select the unmasked rows")
     if isinstance(a, np.ndarray) or is_dask(a):
         return NUMPY
-    raise DtypeError(f"expected a numpy array or a torch tensor, got {type(a).__name__}")
+    if is_jax(a):
+        if _jax_lib is None:
+            _jax_lib = JaxLib()
+        return _jax_lib
+    raise DtypeError(f"expected a numpy array, a torch tensor or a jax array, got "
+                     f"{type(a).__name__}")

@@ -143,8 +143,10 @@ def _reduction_function():
 
         @staticmethod
         def vmap(info, in_dims, spec: _Spec, *arrays):
-            # The mapped dim becomes the outermost batch dim; unmapped arrays broadcast.
-            moved = [a if d is None else a.movedim(d, 0) for a, d in zip(arrays, in_dims[1:])]
+            # The mapped dim becomes the outermost batch dim. Batch dims broadcast from the
+            # right, so every array is padded to the same number of batch dims first: an
+            # array's own size-1 batch dims (a nested vmap's) must not meet the mapped dim.
+            moved = _vmapped(spec.req, arrays, in_dims[1:])
             outs = LazymatReduction.apply(spec, *moved)
             return outs, tuple(0 for _ in outs)
 
@@ -168,6 +170,24 @@ def _reduction_function():
 
 
 # ---------------------------------------------------------------------- helpers
+
+def _vmapped(req: plan.Request, arrays: Sequence[Any], in_dims: Sequence[Any]) -> list:
+    """The arrays of a vmapped call with the mapped dim first and all batch dims aligned:
+    (B, 1.., *batch, n, D) for a mapped array, (1, 1.., *batch, n, D) for an unmapped one."""
+    cats = {v.params[0]: v.params[2] for root in (req.formula, req.weight) if root is not None
+            for v in variables(root)}
+    inner = [1 if cats.get(p) == P_CAT else 2 for p in range(len(arrays))]
+    own = [a.ndim - (0 if d is None else 1) - k for a, d, k in zip(arrays, in_dims, inner)]
+    depth = max(own, default=0)
+    out = []
+    for a, d, n in zip(arrays, in_dims, own):
+        if d is None:
+            out.append(a.reshape((1,) * (depth - n + 1) + tuple(a.shape)))
+        else:
+            a = a.movedim(d, 0)
+            out.append(a.reshape(a.shape[:1] + (1,) * (depth - n) + tuple(a.shape[1:])))
+    return out
+
 
 def _oriented(spec: _Spec) -> tuple[Node, Node | None]:
     """F and W with category 0 = the output index (axis=0 reductions swap i and j): the

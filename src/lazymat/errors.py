@@ -21,6 +21,10 @@ class FormulaSyntaxError(LazymatError, ValueError):
     """A formula or alias string that cannot be parsed; the message gives the position."""
 
 
+class NonFiniteError(LazymatError, ValueError):
+    """NaN or inf where a finite number is needed (a solve's right-hand side or residual)."""
+
+
 class CompileError(LazymatError, RuntimeError):
     """The system compiler failed; the message shows the command and the source path."""
 

@@ -21,8 +21,11 @@ from .formula.parser import parse_alias, parse_formula
 from .plan import accumulation_options, check_options
 
 
-def _parse_aliases(aliases: Sequence[str]) -> tuple[dict[str, Node], list[str]]:
-    """Alias strings -> ({name: Var}, display name of each argument position)."""
+def _parse_aliases(aliases: Sequence[str], categories: dict[int, int] | None = None
+                   ) -> tuple[dict[str, Node], list[str]]:
+    """Alias strings -> ({name: Var}, display name of each argument position); ``categories``
+    receives the category of each position."""
+    categories = {} if categories is None else categories
     if isinstance(aliases, str):
         raise FormulaSyntaxError("aliases must be a list of strings like ['x = Vi(3)', ...], "
                                  "not a single string")
@@ -31,6 +34,7 @@ def _parse_aliases(aliases: Sequence[str]) -> tuple[dict[str, Node], list[str]]:
     for k, text in enumerate(aliases):
         name, pos, dim, cat = parse_alias(text)
         pos = k if pos is None else pos
+        categories[pos] = cat
         if pos in labels:
             raise FormulaSyntaxError(f"aliases {labels[pos]!r} and {text!r} both claim "
                                      f"argument position {pos}")
@@ -51,6 +55,9 @@ class Genred:
     LogSumExp / SumSoftMaxWeight.
     """
 
+    #: runs the reduction (plan.run's signature); lazymat.jax's Genred sets its own
+    _run = staticmethod(autograd.run)
+
     def __init__(self, formula: str, aliases: Sequence[str], reduction_op: str = "Sum",
                  axis: int = 0, dtype: Any = None, opt_arg: int | None = None,
                  formula2: str | None = None, cuda_type: Any = None, dtype_acc: str = "auto",
@@ -63,7 +70,8 @@ class Genred:
         self.formula_string, self.aliases = formula, list(aliases)
         self.reduction_op, self.axis, self.opt_arg = reduction_op, axis, opt_arg
         self.formula2_string = formula2
-        names, self._labels = _parse_aliases(aliases)
+        self._categories: dict[int, int] = {}
+        names, self._labels = _parse_aliases(aliases, self._categories)
         f = parse_formula(formula, names)
         g = parse_formula(formula2, names) if formula2 is not None else None
         self.request = plan.Request(reduction_op, f, axis=axis, K=opt_arg, weight=g,
@@ -79,8 +87,12 @@ class Genred:
                              f"({', '.join(self._label(p) for p in range(self._n_args))}), "
                              f"got {len(args)}")
         names = [self._label(p) for p in range(len(args))]
-        outs = autograd.run(self.request, list(args), names=names, backend=backend, out=out,
-                            ranges=ranges)
+        # M and N from the aliased arrays, as pykeops: the formula may have lost every i- (or
+        # j-) variable (a gradient that is zero, x * 0...), the output keeps its rows.
+        sizes = tuple(next((_rows(args[p]) for p, c in sorted(self._categories.items())
+                            if c == cat and p < len(args)), None) for cat in (0, 1))
+        outs = self._run(self.request, list(args), names=names, backend=backend, out=out,
+                         ranges=ranges, sizes=sizes)
         return outs[0] if len(outs) == 1 else outs
 
     def _label(self, pos: int) -> str:
@@ -98,6 +110,13 @@ class Genred:
     def __repr__(self) -> str:
         return (f"Genred({self.formula_string!r}, {self.aliases!r}, "
                 f"reduction_op={self.reduction_op!r}, axis={self.axis})")
+
+
+def _rows(a: Any) -> int | None:
+    shape = getattr(a, "shape", None)
+    if shape is None or len(shape) == 0:
+        return None
+    return int(shape[-2]) if len(shape) >= 2 else int(shape[0])
 
 
 def _vars(f: Node, g: Node | None) -> list[Node]:

@@ -25,11 +25,14 @@ def health_report() -> dict[str, Any]:
     cache_writable, torch (version or None), cuda (whether torch sees a GPU),
     cuda_backend ("ready: <GPUs>, NVRTC <version>" or why it cannot run), numpy.
     """
-    info = compiler_info()
-    report: dict[str, Any] = {
-        "compiler": f"{info.path} ({info.version})" if info else None,
-        "openmp": bool(info and info.openmp),
-    }
+    from .errors import CompileError
+
+    try:
+        info = compiler_info()
+        compiler = f"{info.path} ({info.version})" if info else None
+    except CompileError as e:  # an explicit $CXX that does not work: say why
+        info, compiler = None, f"unusable: {e}"
+    report: dict[str, Any] = {"compiler": compiler, "openmp": bool(info and info.openmp)}
     try:
         directory = cache_dir()
         report["cache_dir"] = str(directory)
@@ -57,6 +60,9 @@ def health_report() -> dict[str, Any]:
         report["numpy"] = str(numpy.__version__)
     except Exception:  # noqa: BLE001
         report["numpy"] = None
+    from .pykeops_compat import active
+
+    report["pykeops"] = active()  # what `import pykeops` gives: lazymat, a real one, none
     return report
 
 

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from . import autograd, plan
-from .arraylib import is_dask, is_torch, lib_of
+from .arraylib import is_array, is_dask, is_torch, lib_of
 from .errors import DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, OPS, P_CAT, Const, Node, Var, apply, substitute, variables, walk
 
@@ -57,7 +57,7 @@ class _Leaf:
 
 def _is_array(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype") and (
-        is_torch(x) or is_dask(x) or type(x).__module__.startswith("numpy"))
+        is_array(x) or is_dask(x) or type(x).__module__.startswith("numpy"))
 
 
 class LazyTensor:
@@ -70,28 +70,42 @@ class LazyTensor:
 
     __array_ufunc__ = None  # numpy operators defer to ours
     __array_priority__ = 1000
+    #: runs a reduction (plan.run's signature); a front end for another array library
+    #: (lazymat.jax) subclasses LazyTensor and sets its own
+    _run = staticmethod(autograd.run)
 
-    def __init__(self, x: Any = None, axis: int | None = None):
+    def __init__(self, x: Any = None, axis: int | None = None, is_complex: bool = False):
         #: block-sparse ranges (KeOps' 6-tuple) used by the reductions, or None
         self.ranges: tuple | None = None
         if isinstance(x, LazyTensor):
             self.formula, self._leaves, self.ranges = x.formula, x._leaves, x.ranges
             self.is_complex = x.is_complex
+            self.__class__ = _klass(type(self), self.is_complex)
             return
         node, leaves = _leaf(x, axis)
         self.formula: Node = node
         self._leaves: dict[tuple[int, int], _Leaf] = leaves  # (uid, cat) -> data
         #: complex values: the formula holds D complex numbers as 2D interleaved reals
         self.is_complex = any(leaf.complex for leaf in leaves.values())
+        if is_complex and not self.is_complex:  # pykeops' LazyTensor(x, is_complex=True)
+            promoted = self.real2complex()
+            self.formula, self._leaves, self.is_complex = (promoted.formula, promoted._leaves,
+                                                           True)
+        self.__class__ = _klass(type(self), self.is_complex)
 
     @classmethod
     def _make(cls, formula: Node, leaves: dict[int, _Leaf], ranges: tuple | None = None,
               is_complex: bool = False) -> "LazyTensor":
-        lt = cls.__new__(cls)
+        lt = object.__new__(_klass(cls, is_complex))
         lt.formula, lt._leaves, lt.ranges, lt.is_complex = formula, leaves, ranges, is_complex
         return lt
 
     # ------------------------------------------------------------------ description
+    #: pykeops' duck-typing flag (libraries test ``hasattr(x, "__GenericLazyTensor__")``)
+    __GenericLazyTensor__ = True
+    #: settable default backend of the reductions (pykeops' ``K.backend = "CPU"``)
+    backend: str | None = None
+
     @property
     def ndim(self) -> int:
         """Number of components of the formula's value (the inner dim), as in pykeops."""
@@ -114,6 +128,61 @@ class LazyTensor:
         """(..., M, N) or (..., M, N, D): the trailing 1 is dropped, as in pykeops."""
         base = self.batch_shape + (self._size(I_CAT), self._size(J_CAT))
         return base if self.ndim == 1 else base + (self.ndim,)
+
+    @property
+    def _shape(self) -> tuple[int, ...]:
+        """pykeops' internal shape: batch + (M, N, D), the inner dim D always present."""
+        return self.batch_shape + (self._size(I_CAT), self._size(J_CAT), self.ndim)
+
+    def dim(self) -> int:
+        """The number of axes of ``_shape`` (as pykeops: nbatchdims + 3)."""
+        return len(self._shape)
+
+    @property
+    def batchdims(self) -> tuple[int, ...] | None:
+        return self.batch_shape or None
+
+    @property
+    def ni(self) -> int | None:
+        return _rows(self._leaves, I_CAT)
+
+    @property
+    def nj(self) -> int | None:
+        return _rows(self._leaves, J_CAT)
+
+    def _like(self) -> Any:
+        return next((leaf.array for leaf in self._leaves.values() if leaf.array is not None),
+                    None)
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype name of the data ("float32", "float64", ...), None before any array, as
+        in pykeops."""
+        like = self._like()
+        return None if like is None else str(like.dtype).replace("torch.", "")
+
+    @property
+    def tools(self) -> Any:
+        """pykeops' array helpers for the library of the data (``torchtools``/``numpytools``)."""
+        like = self._like()
+        if like is not None and is_torch(like):
+            from .torch.utils import torchtools
+
+            return torchtools
+        from .numpy.utils import numpytools
+
+        return numpytools
+
+    @property
+    def variables(self) -> tuple:
+        """The arrays of the formula (pykeops' attribute)."""
+        return tuple(leaf.array for leaf in self._leaves.values() if leaf.array is not None)
+
+    @property
+    def symbolic_variables(self) -> tuple:
+        """(index, dim, cat) of each symbolic variable."""
+        return tuple(sorted((*leaf.symbolic, leaf.cat) for leaf in self._leaves.values()
+                            if leaf.symbolic))
 
     def dense(self) -> Any:
         """The symbolic matrix as an array of shape ``self.shape`` (for small problems)."""
@@ -144,7 +213,7 @@ class LazyTensor:
         if self.is_complex and op not in _COMPLEX_UNARY and not is_complex:
             raise DtypeError(f"{op} is not defined for complex LazyTensors; use .real, .imag, "
                              f".abs(), .angle(), .conj(), .exp() or arithmetic")
-        return LazyTensor._make(apply(op, self.formula, *params), self._leaves, self.ranges,
+        return type(self)._make(apply(op, self.formula, *params), self._leaves, self.ranges,
                                 _COMPLEX_UNARY.get(op, is_complex) if self.is_complex
                                 else is_complex)
 
@@ -162,7 +231,9 @@ class LazyTensor:
             described = ", ".join(f"{_describe(o)}" for o in operands)
             raise ShapeError(f"{symbol or op}: {described}: {e}") from None
         ranges = next((o.ranges for o in operands if o.ranges is not None), None)
-        return LazyTensor._make(node, leaves, ranges, is_complex)
+        # The most derived class wins: 1.0 + jax_lazy_tensor stays a jax LazyTensor.
+        cls = max((_klass(type(o), False) for o in operands), key=lambda c: len(c.__mro__))
+        return cls._make(node, leaves, ranges, is_complex)
 
     def factorize(self, other: "LazyTensor | None" = None) -> "LazyTensor":
         """KeOps' factorize/auto_factorize: a no-op here, since formulas are hash-consed (a
@@ -309,8 +380,10 @@ class LazyTensor:
     def one_hot(self, D: int): return self._unary("OneHot", int(D))
 
     def norm(self, dim: int = -1) -> "LazyTensor":
-        if dim != -1:
-            raise ShapeError(f"norm is over the inner (last) dimension only: dim=-1, got {dim}")
+        """The Euclidean norm of the components: dim -1 or nbatchdims + 2 (the feature axis)."""
+        if not self._inner_axis(dim):
+            raise ShapeError(f"norm is over the inner (feature) axis only: dim=-1 or "
+                             f"{self.nbatchdims + 2}, got {dim}")
         return self.norm2()
 
     def sqdist(self, other): return self._combine("SqDist", other, symbol="sqdist")
@@ -347,10 +420,12 @@ class LazyTensor:
             if cat in (I_CAT, J_CAT):
                 mapping[v] = Var(uid, dim, J_CAT if cat == I_CAT else I_CAT)
         swap = {I_CAT: J_CAT, J_CAT: I_CAT, P_CAT: P_CAT}
-        leaves = {(uid, swap[cat]): _Leaf(leaf.array, leaf.value, swap[cat], leaf.source)
+        leaves = {(uid, swap[cat]): _Leaf(leaf.array, leaf.value, swap[cat], leaf.source,
+                                          leaf.complex, leaf.symbolic)
                   for (uid, cat), leaf in self._leaves.items()}
         ranges = None if self.ranges is None else tuple(self.ranges[3:]) + tuple(self.ranges[:3])
-        return LazyTensor._make(substitute(self.formula, mapping), leaves, ranges)
+        return type(self)._make(substitute(self.formula, mapping), leaves, ranges,
+                                self.is_complex)
 
     @property
     def T(self) -> "LazyTensor":
@@ -382,14 +457,21 @@ class LazyTensor:
         return self._calculus("Laplacian", v)
 
     # ------------------------------------------------------------------ reductions
-    def _reduce(self, name: str, dim: Any, K: int | None = None, weight: Any = None,
+    def _reduce(self, name: str, dim: Any, K: Any = None, weight: Any = None,
                 backend: str = "auto", out: Any = None, axis: Any = None, ranges: Any = None,
-                call: bool = True, **options: Any):
+                call: bool = True, other: Any = None, opt_arg: Any = None,
+                is_complex: Any = None, **options: Any):
         from .plan import accumulation_options, check_options
 
         check_options(name, options)
         if axis is not None:
             dim = axis
+        # pykeops' spellings: other= is the weight, opt_arg= is K; is_complex is implied here
+        if other is not None:
+            if weight is not None:
+                raise ShapeError(f"{name}: give the weight once, as weight= or other=")
+            weight = other
+        K = _as_count(K if K is not None else opt_arg, name)
         operands = [self] + ([_as_lazy(weight)] if weight is not None else [])
         leaves = _merge_leaves(operands)
         if not call or any(leaf.symbolic for leaf in leaves.values()):
@@ -400,6 +482,8 @@ class LazyTensor:
         if dim is None:
             raise ShapeError(f"{name} needs dim={nb} (reduce over i) or dim={nb + 1} "
                              f"(reduce over j)")
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            dim = _as_count(dim, name)  # a numpy integer or a 0-d tensor (bools raise)
         if dim not in (nb, nb + 1):
             raise ShapeError(f"{name}: dim must be {nb} (reduce over i) or {nb + 1} (reduce over "
                              f"j) for {'no' if not nb else nb} batch dim{'s' if nb != 1 else ''}"
@@ -414,7 +498,9 @@ class LazyTensor:
         req = plan.Request(name, formula, axis=dim, K=K, weight=weight_f,
                            **accumulation_options(options))
         sizes = (_rows(leaves, I_CAT), _rows(leaves, J_CAT))
-        outs = autograd.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
+        if backend == "auto" and self.backend is not None:
+            backend = self.backend
+        outs = self._run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
                             like=next(leaf.array for leaf in leaves.values()
                                       if leaf.array is not None),
                             ranges=ranges if ranges is not None else self.ranges)
@@ -422,52 +508,92 @@ class LazyTensor:
             return _to_complex(outs[0])
         return outs[0] if len(outs) == 1 else outs
 
-    def sum(self, dim: int | None = -1, **kw):
-        """``dim=-1``: sum of the components (a LazyTensor); 0 or 1: reduction over i or j."""
-        return self._inner_or_reduce("Sum", "Sum", dim, kw)
+    def _inner_axis(self, dim: Any) -> bool:
+        """Whether ``dim`` names the inner (feature) axis: -1, or nbatchdims + 2 as in pykeops
+        (its LazyTensors have the shape batch + (M, N, D))."""
+        return dim == -1 or dim == self.nbatchdims + 2
 
-    def _inner_or_reduce(self, inner: str, red: str, dim: Any, kw: dict):
-        # As in pykeops, dim=-1 (the default) is the op over the inner vector, not a reduction.
+    def _inner_or_reduce(self, inner: str, red: str, dim: Any, kw: dict, default: Any = -1):
+        # As in pykeops, the feature axis (-1, the default, or nbatchdims + 2) is the op over
+        # the inner vector, not a reduction; nbatchdims + 0 / + 1 reduce over i / j.
         if "axis" in kw:
-            dim = kw.pop("axis")
-        if dim == -1:
+            axis = kw.pop("axis")
+            dim = axis if axis is not None else dim
+        if dim is None:
+            dim = default
+        if self._inner_axis(dim):  # (pykeops ignores reduction options here, and so do we)
             return self._unary("ComplexSum" if self.is_complex and inner == "Sum" else inner)
         return self._reduce(red, dim, **kw)
 
-    def min(self, dim: int | None = -1, **kw): return self._inner_or_reduce("Min", "Min", dim, kw)
-    def max(self, dim: int | None = -1, **kw): return self._inner_or_reduce("Max", "Max", dim, kw)
+    def sum(self, axis: Any = -1, dim: Any = None, **kw):
+        """The feature axis (``-1``, the default, or nbatchdims + 2): the sum of the
+        components (a LazyTensor); nbatchdims + 0 or + 1: the reduction over i or j.
 
-    def argmin(self, dim: int | None = -1, **kw):
-        return self._inner_or_reduce("ArgMin", "ArgMin", dim, kw)
+        >>> import numpy as np
+        >>> Vi(np.ones((2, 3))).sum().ndim, Vi(np.ones((2, 3))).sum(0).shape
+        (1, (3,))
+        """
+        return self._inner_or_reduce("Sum", "Sum", dim if dim is not None else axis, kw)
 
-    def argmax(self, dim: int | None = -1, **kw):
-        return self._inner_or_reduce("ArgMax", "ArgMax", dim, kw)
+    def min(self, axis: Any = -1, dim: Any = None, **kw):
+        return self._inner_or_reduce("Min", "Min", dim if dim is not None else axis, kw)
 
-    def min_argmin(self, dim: int | None = None, **kw): return self._reduce("Min_ArgMin", dim, **kw)
-    def max_argmax(self, dim: int | None = None, **kw): return self._reduce("Max_ArgMax", dim, **kw)
+    def max(self, axis: Any = -1, dim: Any = None, **kw):
+        return self._inner_or_reduce("Max", "Max", dim if dim is not None else axis, kw)
 
-    def Kmin(self, K: int, dim: int | None = None, **kw):
-        return self._reduce("KMin", dim, K=K, **kw)
+    def argmin(self, axis: Any = -1, dim: Any = None, **kw):
+        return self._inner_or_reduce("ArgMin", "ArgMin", dim if dim is not None else axis, kw)
 
-    def argKmin(self, K: int, dim: int | None = None, **kw):
-        return self._reduce("ArgKMin", dim, K=K, **kw)
+    def argmax(self, axis: Any = -1, dim: Any = None, **kw):
+        return self._inner_or_reduce("ArgMax", "ArgMax", dim if dim is not None else axis, kw)
 
-    def Kmin_argKmin(self, K: int, dim: int | None = None, **kw):
-        return self._reduce("KMin_ArgKMin", dim, K=K, **kw)
+    def min_argmin(self, axis: Any = None, dim: Any = None, **kw):
+        return self._reduce("Min_ArgMin", dim if dim is not None else axis, **kw)
 
-    def logsumexp(self, dim: int | None = None, weight: Any = None, **kw):
-        return self._reduce("LogSumExp", dim, weight=weight, **kw)
+    def max_argmax(self, axis: Any = None, dim: Any = None, **kw):
+        return self._reduce("Max_ArgMax", dim if dim is not None else axis, **kw)
 
-    def sumsoftmaxweight(self, weight: Any, dim: int | None = None, **kw):
-        return self._reduce("SumSoftMaxWeight", dim, weight=weight, **kw)
+    def Kmin(self, K: Any = None, axis: Any = None, dim: Any = None, **kw):
+        return self._reduce("KMin", dim if dim is not None else axis, K=K, **kw)
 
-    # pykeops spellings
-    sum_reduction = sum
-    min_reduction, max_reduction = min, max
-    argmin_reduction, argmax_reduction = argmin, argmax
+    def argKmin(self, K: Any = None, axis: Any = None, dim: Any = None, **kw):
+        return self._reduce("ArgKMin", dim if dim is not None else axis, K=K, **kw)
+
+    def Kmin_argKmin(self, K: Any = None, axis: Any = None, dim: Any = None, **kw):
+        return self._reduce("KMin_ArgKMin", dim if dim is not None else axis, K=K, **kw)
+
+    def logsumexp(self, axis: Any = None, dim: Any = None, weight: Any = None, **kw):
+        """log Σ exp(self) (times ``weight``, also spelt ``other=`` as in pykeops)."""
+        if dim is not None and not _is_axis(dim):  # lazymat's older (dim, weight) order
+            dim, weight = None, dim if weight is None else weight
+        return self._reduce("LogSumExp", dim if dim is not None else axis, weight=weight, **kw)
+
+    def sumsoftmaxweight(self, weight: Any = None, axis: Any = None, dim: Any = None, **kw):
+        if weight is None and "other" not in kw:
+            raise ShapeError("sumsoftmaxweight needs the weight (weight= or other=)")
+        return self._reduce("SumSoftMaxWeight", dim if dim is not None else axis,
+                            weight=weight, **kw)
+
+    # pykeops' *_reduction spellings: always a reduction over i or j (axis required)
+    def sum_reduction(self, axis: Any = None, dim: Any = None, **kw):
+        return self._reduce("Sum", dim if dim is not None else axis, **kw)
+
+    def min_reduction(self, axis: Any = None, dim: Any = None, **kw):
+        return self._reduce("Min", dim if dim is not None else axis, **kw)
+
+    def max_reduction(self, axis: Any = None, dim: Any = None, **kw):
+        return self._reduce("Max", dim if dim is not None else axis, **kw)
+
+    def argmin_reduction(self, axis: Any = None, dim: Any = None, **kw):
+        return self._reduce("ArgMin", dim if dim is not None else axis, **kw)
+
+    def argmax_reduction(self, axis: Any = None, dim: Any = None, **kw):
+        return self._reduce("ArgMax", dim if dim is not None else axis, **kw)
+
     min_argmin_reduction, max_argmax_reduction = min_argmin, max_argmax
     Kmin_reduction, argKmin_reduction, Kmin_argKmin_reduction = Kmin, argKmin, Kmin_argKmin
     logsumexp_reduction, sumsoftmaxweight_reduction = logsumexp, sumsoftmaxweight
+    __min__, __max__ = min_reduction, max_reduction
 
     def __matmul__(self, v: Any, **kw):
         """``K @ v``: Σ_j K_ij v_j for an array v of shape (N,) or (N, E)."""
@@ -485,9 +611,10 @@ class LazyTensor:
         result = (self * vj).sum(dim=self.nbatchdims + 1, **kw)
         return result.reshape(tuple(result.shape[:-1])) if vector else result
 
-    def solve(self, b: Any, alpha: float = 1e-10, eps: float = 1e-6, max_iter: int | None = None,
+    def solve(self, b: Any, var: "LazyTensor | None" = None, call: bool = True,
+              alpha: float = 1e-10, eps: float = 1e-6, max_iter: int | None = None,
               precond: str | dict | None = "auto", truncate: str | bool = "auto",
-              info: dict | None = None, var: "LazyTensor | None" = None, **kw: Any) -> Any:
+              info: dict | None = None, **kw: Any) -> Any:
         """a with (alpha·Id + K) a = b, by conjugate gradient; K (self) must be a symmetric
         positive definite scalar matrix (not checked). b: (N,) or (N, E). Differentiable with
         torch (the backward is another solve). The result meets ‖(alpha·Id + K) a - b‖² <
@@ -510,6 +637,26 @@ class LazyTensor:
         from .plan import accumulation_options
         from .solve import KernelSystem, solve
 
+        options = dict(alpha=alpha, eps=eps, max_iter=max_iter, precond=precond,
+                       truncate=truncate, info=info, **kw)
+        if isinstance(b, LazyTensor):  # pykeops' form: K.solve(Vi(b), ...)
+            if not call or b.symbolic_variables or (var is None and self.symbolic_variables):
+                if var is not None:
+                    raise ShapeError("solve(var=...) takes an array right-hand side (or Vi(b) "
+                                     "of an array), called at once")
+                return SymbolicSolve(self, b, None, options)
+            if b.formula.op != "Var" or len(b._leaves) != 1:
+                raise ShapeError(f"solve: the right-hand side must be one variable, Vi(b) or "
+                                 f"Vj(b), got the formula {b.formula!r}")
+            leaf = next(iter(b._leaves.values()))
+            if leaf.cat == P_CAT or leaf.array is None:
+                raise ShapeError("solve: the right-hand side must be Vi(b) or Vj(b), not a "
+                                 "parameter")
+            if leaf.cat == J_CAT and var is None:  # Σ_i K_ij a_i = b_j: the transposed system
+                return self.t().solve(leaf.array, **options)
+            b = leaf.array
+        elif not call and var is None:
+            return SymbolicSolve(self, b, None, options)
         if var is not None:
             return self._solve_for(var, b, alpha, eps, max_iter, info, kw)
         _no_symbolic(self, "solve")
@@ -569,10 +716,72 @@ class LazyTensor:
         return solve(lambda v: reduction(*args, v), b, alpha, eps, max_iter, params, None, info)
 
     def matvec(self, v: Any):
-        return self @ v
+        """K @ v for scipy's ``aslinearoperator(K)``: v is cast to K's library and dtype (scipy
+        probes with int8 vectors and passes numpy arrays to torch-backed K), the result comes
+        back in v's library.
+
+        >>> import numpy as np, scipy.sparse.linalg as sla
+        >>> x = np.random.rand(50, 2)
+        >>> K = (-Vi(x).sqdist(Vj(x))).exp()
+        >>> sla.aslinearoperator(K).matvec(np.ones(50)).shape
+        (50,)
+        """
+        return _as_operand_of(self, v, lambda w: self @ w)
 
     def rmatvec(self, v: Any):
-        return self.t() @ v
+        """Kᵀ @ v (cast as in :meth:`matvec`)."""
+        return _as_operand_of(self, v, lambda w: self.t() @ w)
+
+    def matmat(self, v: Any):
+        """K @ V for an (N, E) V (cast as in :meth:`matvec`)."""
+        return _as_operand_of(self, v, lambda w: self @ w)
+
+    def rmatmat(self, v: Any):
+        return _as_operand_of(self, v, lambda w: self.t() @ w)
+
+
+class ComplexLazyTensor(LazyTensor):
+    """A LazyTensor of complex values (pykeops' name): built from complex arrays, by
+    ``exp1j()``/``real2complex()``, or as ``ComplexLazyTensor(x)`` (real data becomes complex).
+
+    >>> import numpy as np
+    >>> z = ComplexLazyTensor(np.ones((3, 1, 2), dtype=complex))
+    >>> isinstance(z, ComplexLazyTensor), z.is_complex
+    (True, True)
+    """
+
+    def __init__(self, x: Any = None, axis: int | None = None, is_complex: bool = True):
+        super().__init__(x, axis, is_complex=True)
+
+
+def _klass(cls: type, is_complex: bool) -> type:
+    """The class of a result: ComplexLazyTensor or LazyTensor for lazymat's own classes (by
+    the values), a subclass (the JAX front end's) as it is."""
+    if cls in (LazyTensor, ComplexLazyTensor):
+        return ComplexLazyTensor if is_complex else LazyTensor
+    return cls
+
+
+def _as_operand_of(K: LazyTensor, v: Any, product: Any) -> Any:
+    """product(v) with v in K's library, dtype and device; the result back in v's library."""
+    like = K._like()
+    if like is None or not _is_array(v):
+        return product(v)
+    if is_torch(like):
+        import torch
+
+        if is_torch(v):
+            return product(v.to(dtype=like.dtype, device=like.device))
+        import numpy as np
+
+        w = torch.as_tensor(np.asarray(v), device=like.device).to(like.dtype)
+        with torch.no_grad():
+            return product(w).cpu().numpy()
+    import numpy as np
+
+    if is_torch(v):
+        return product(v.detach().cpu().numpy().astype(like.dtype))
+    return product(np.asarray(v, dtype=like.dtype))
 
 
 # ---------------------------------------------------------------------- construction helpers
@@ -700,7 +909,35 @@ class SymbolicReduction:
                 want = f"(..., n, {dim})" if leaf.cat != P_CAT else f"({dim},)"
                 raise ShapeError(f"{role}: argument {index} has shape {shape}, expected {want}")
             leaves[key] = _Leaf(a, None, leaf.cat, a)
-        return LazyTensor._make(lazy.formula, leaves, lazy.ranges, lazy.is_complex)
+        return type(lazy)._make(lazy.formula, leaves, lazy.ranges, lazy.is_complex)
+
+
+class SymbolicSolve:
+    """A linear solve waiting for arrays: ``K.solve(Vi(0, 1), ...)`` (a symbolic right-hand
+    side) or ``call=False``. Calling it with arrays binds the symbolic variables (argument
+    ``k`` for index ``k``), then solves.
+
+    >>> import numpy as np
+    >>> x = np.random.rand(30, 2)
+    >>> K = (-Vi(x).sqdist(Vj(x))).exp()
+    >>> solver = K.solve(Vi(0, 1), alpha=1.0)
+    >>> solver(np.ones((30, 1))).shape
+    (30, 1)
+    """
+
+    def __init__(self, lazy: LazyTensor, other: Any, var: Any, options: dict[str, Any]):
+        self.lazy, self.other, self.var, self.options = lazy, other, var, options
+
+    def __call__(self, *arrays: Any, **options: Any) -> Any:
+        binder = SymbolicReduction(self.lazy, "Sum", {})
+        lazy = binder._bind(self.lazy, arrays) if self.lazy.symbolic_variables else self.lazy
+        other = self.other
+        if isinstance(other, LazyTensor) and other.symbolic_variables:
+            other = binder._bind(other, arrays)
+        return lazy.solve(other, **{**self.options, **options})
+
+    def __repr__(self) -> str:
+        return f"SymbolicSolve(of {self.lazy.formula!r})"
 
 
 #: Variable uids of symbolic variables: far from ids (positive) and float parameters (-1, -2...).
@@ -894,6 +1131,29 @@ def _rows(leaves: dict[tuple[int, int], _Leaf], cat: int) -> int | None:
     return None
 
 
+def _is_axis(x: Any) -> bool:
+    """An int-like axis (int, numpy integer, 0-d integer array or tensor)."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, int):
+        return True
+    return _is_array(x) and len(x.shape) == 0 and "int" in str(x.dtype)
+
+
+def _as_count(x: Any, where: str) -> Any:
+    """A Python int from an int, a numpy integer or a 0-d tensor/array (pykeops accepts
+    ``K=torch.tensor(10)``); None stays None."""
+    if x is None or (isinstance(x, int) and not isinstance(x, bool)):
+        return x
+    if hasattr(x, "shape") and len(x.shape) == 0 or type(x).__module__ == "numpy":
+        value = x.item() if hasattr(x, "item") else x
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise ShapeError(f"{where}: expected an integer (K or an axis), got {x!r}")
+
+
 def _index(i: int, dim: int) -> int:
     i = int(i)
     if not -dim <= i < dim:
@@ -907,6 +1167,11 @@ def _variable(x: Any, dim: int | None, cat: int) -> LazyTensor:
     if isinstance(x, int) and not isinstance(x, bool):
         raise ShapeError(f"{_ROLE[cat]}({x}): a symbolic variable needs its dim, "
                          f"{_ROLE[cat]}({x}, dim); data needs an array")
+    if isinstance(x, (float, complex)) or (_is_array(x) and len(x.shape) == 0):
+        raise ShapeError(f"{_ROLE[cat]} needs an ({'M' if cat == I_CAT else 'N'}, D) or "
+                         f"({'M' if cat == I_CAT else 'N'},) array, got a scalar "
+                         f"({type(x).__name__}{', shape ()' if _is_array(x) else ''}): "
+                         "use Pm(x) for a parameter")
     return LazyTensor(x, axis=0 if cat == I_CAT else 1)
 
 
@@ -915,6 +1180,19 @@ def _symbolic_lazy(index: Any, dim: Any, cat: int) -> LazyTensor:
         raise ShapeError(f"{_ROLE[cat]}(index, dim) makes a symbolic variable and needs two "
                          f"ints, got ({index!r}, {dim!r})")
     return LazyTensor((index, dim, cat))
+
+
+def LazyVar(x: Any, dim: int | None = None, cat: int | None = None) -> LazyTensor:
+    """pykeops' ``Var`` (exported under that name by lazymat.torch and lazymat.numpy): data
+    with a category (0: i, 1: j, 2: parameter), or the symbolic ``Var(index, dim, cat)``.
+
+    >>> import numpy as np
+    >>> LazyVar(np.ones((4, 2)), cat=0).ni, LazyVar(0, 2, 1).symbolic_variables
+    (4, ((0, 2, 1),))
+    """
+    if dim is None:
+        return Pm(x) if cat == P_CAT else LazyTensor(x, axis=cat)
+    return _symbolic_lazy(x, dim, cat) if cat == P_CAT else _variable(x, dim, cat)
 
 
 def Vi(x: Any, dim: int | None = None) -> LazyTensor:

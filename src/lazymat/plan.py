@@ -125,7 +125,7 @@ def check_request(req: Request) -> None:
     except KeyError:
         raise ShapeError(f"unknown reduction {req.reduction!r}; known: "
                          f"{', '.join(sorted(reductions.REDUCTIONS))}") from None
-    if req.axis not in (0, 1):
+    if isinstance(req.axis, bool) or req.axis not in (0, 1):
         raise ShapeError(f"axis/dim must be 0 (reduce over i) or 1 (reduce over j), "
                          f"got {req.axis!r}")
     if red.needs_k:
@@ -232,6 +232,19 @@ def _broadcast_batch(batch: tuple[int, ...], dims: tuple[int, ...], name: str,
         out.append(max(x, y))
     seen.append((name, dims))
     return tuple(out)
+
+
+def validate(req: Request, arrays: Sequence[Any], names: Sequence[str] | None = None,
+             sizes: tuple[int | None, int | None] = (None, None), like: Any = None
+             ) -> tuple[int, int, tuple[int, ...], str]:
+    """The checks of :func:`run`, without running: (M, N, batch dims, dtype name).
+
+    Front ends that run reductions their own way (lazymat.jax) raise the same errors.
+    """
+    check_request(req)
+    names = list(names) if names is not None else [f"argument {k}" for k in range(len(arrays))]
+    M, N, batch, dtype, _ = _validate(req, arrays, names, sizes, like)
+    return M, N, batch, dtype
 
 
 def _check_array(a: Any, name: str, xp: Any, dtype: str, device: str,
@@ -455,6 +468,13 @@ def _widen(a: Any) -> Any:
     return a.float() if is_torch(a) else np.asarray(a, dtype=np.float32)
 
 
+def check_ranges(ranges: Sequence[Any], axis: int, M: int, N: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The block-sparse 6-tuple checked: (ranges_i, slices_i, redranges_j) of this axis as
+    int64 numpy arrays (M output rows and N reduced columns, already oriented)."""
+    return _check_ranges(ranges, axis, M, N)
+
+
 _RANGE_NAMES = ("ranges_i", "slices_i", "redranges_j", "ranges_j", "slices_j", "redranges_i")
 
 
@@ -493,6 +513,19 @@ def _check_ranges(ranges: Sequence[Any], axis: int, M: int, N: int
     order = np.argsort(rows[:, 0], kind="stable")
     if (rows[order][1:, 0] < rows[order][:-1, 1]).any():
         raise ShapeError(f"the output ranges of {names[0]} overlap")
+    # Overlapping column intervals of one output range would count their columns twice.
+    group = np.repeat(np.arange(len(slices)), np.diff(slices, prepend=0))
+    iv = cols[:len(group)]
+    nonempty = iv[:, 1] > iv[:, 0]
+    group, iv = group[nonempty], iv[nonempty]
+    order = np.lexsort((iv[:, 0], group))
+    group, iv = group[order], iv[order]
+    clash = np.nonzero((group[1:] == group[:-1]) & (iv[1:, 0] < iv[:-1, 1]))[0]
+    if len(clash):
+        k = clash[0]
+        raise ShapeError(f"{names[2]} intervals {iv[k].tolist()} and {iv[k + 1].tolist()} of "
+                         f"output range {group[k]} ({names[0]}[{group[k]}]) overlap: their "
+                         "columns would be counted twice")
     return rows, slices, cols
 
 
@@ -501,7 +534,24 @@ def _squeezed(shape: tuple[int, ...], red: ReductionDef) -> tuple[int, ...]:
     return shape[:-1] if red.needs_k and shape[-1] == 1 else shape
 
 
+def _check_out_target(out: Any, like: Any) -> None:
+    """out= must be an array of the inputs' library and device that can be written."""
+    if not (is_torch(out) or isinstance(out, np.ndarray)):
+        raise DtypeError(f"out= must be a numpy array or a torch tensor, got "
+                         f"{type(out).__name__}")
+    if isinstance(out, np.ma.MaskedArray):
+        raise DtypeError("out= is a numpy masked array: pass a plain numpy array")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise DtypeError("out= is a read-only numpy array")
+    if is_torch(out):
+        if out.requires_grad:
+            raise DtypeError("out= requires grad: autograd cannot record a write into it")
+        if is_torch(like) and out.device != like.device:
+            raise DtypeError(f"out= is on {out.device} but the inputs are on {like.device}")
+
+
 def _check_out(out: Any, shape: tuple[int, ...], like: Any, kind: str) -> None:
+    _check_out_target(out, like)
     if lib_of(out) is not lib_of(like):
         raise DtypeError(f"out= is a {lib_of(out).name} array but the inputs are "
                          f"{lib_of(like).name} arrays")

@@ -80,11 +80,6 @@ class ReductionDef:
     tangents: Callable[..., Node] | None = None
     selects_with: str | None = None
     needs_log_normalizer: bool = False
-    # Splitting the columns from finalized outputs (the CUDA backend, until it stores
-    # states): each part runs ``split_with``, ``state_of(xp, outputs)`` turns its outputs
-    # into a state of this reduction. None: the outputs do not hold enough to combine.
-    split_with: str | None = None
-    state_of: Callable[[Any, tuple], Any] | None = None
 
     def outputs(self, fdim: int, K: int | None, wdim: int | None) -> Shapes:
         """(kind, shape per row) of each output, in order."""
@@ -110,8 +105,9 @@ def _loop(var: str, n: Any, body: str) -> str:
 
 
 def _lanes(body: str) -> list[str]:
-    """A loop over the lanes (rows) of the block, which the compiler vectorizes."""
-    return ["#pragma omp simd", f"for (int l = 0; l < LANES; l++) {{ {body} }}"]
+    """A loop over the lanes (rows) of the block, which the compiler vectorizes (LM_SIMD:
+    the target's vectorization hint, empty where a thread has one row)."""
+    return ["LM_SIMD", f"for (int l = 0; l < LANES; l++) {{ {body} }}"]
 
 
 def _isnan(a: Any) -> Any:
@@ -125,10 +121,10 @@ def _sum_block(xp, values, weights, j0, K=None):
 
 
 def _sum_decl(rc):
-    lines = [f"{rc.acc} acc[{rc.D}][LANES];",
+    lines = [rc.array(rc.acc, "acc", rc.D, "LANES"),
              _loop("k", rc.D, _loop("l", "LANES", "acc[k][l] = 0;"))]
     if rc.scheme == "kahan":
-        lines += [f"{rc.acc} comp[{rc.D}][LANES];",
+        lines += [rc.array(rc.acc, "comp", rc.D, "LANES"),
                   _loop("k", rc.D, _loop("l", "LANES", "comp[k][l] = 0;"))]
     return lines
 
@@ -176,8 +172,7 @@ REDUCTIONS["Sum"] = ReductionDef(
     finalize=lambda xp, s: s,
     c_decl=_sum_decl, c_tile=_sum_tile, c_store=_sum_store, c_state_store=_sum_state_store,
     cotangents=lambda F, W, G, O, L: (G, None),
-    tangents=lambda F, W, dF, dW, O, L: dF,
-    split_with="Sum", state_of=lambda xp, outs: (outs[0],))
+    tangents=lambda F, W, dF, dW, O, L: dF)
 
 
 # --------------------------------------------------------------------------- Min / Max and arg
@@ -210,7 +205,8 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
     def decl(rc):
         # Index -1 = nothing seen yet: the first value seen is always taken, so a row whose
         # values are all +inf (-inf) gets its first column, and an empty row keeps -1.
-        return [f"{rc.T} best[{rc.D}][LANES]; long long arg[{rc.D}][LANES];",
+        return [rc.array(rc.T, "best", rc.D, "LANES"),
+                rc.array("long long", "arg", rc.D, "LANES"),
                 _loop("k", rc.D, _loop("l", "LANES",
                                        f"{{ best[k][l] = {init}; arg[k][l] = -1; }}"))]
 
@@ -250,9 +246,7 @@ def _extremum(name: str, smaller: bool, outputs: tuple[str, ...]):
         block=block, merge=merge, finalize=finalize,
         c_decl=decl, c_tile=tile, c_store=store, c_state_store=state_store,
         selects_with=(("Min_ArgMin" if smaller else "Max_ArgMax") if "value" in outputs
-                      else None),
-        split_with="Min_ArgMin" if smaller else "Max_ArgMax",
-        state_of=lambda xp, outs: tuple(outs))
+                      else None))
 
 
 _extremum("Min", True, ("value",))
@@ -297,7 +291,8 @@ def _kmin(name: str, outputs: tuple[str, ...]):
     def decl(rc):
         # Index -1 marks an empty slot, larger than any value (+inf and NaN included): rows
         # whose values are +inf keep their first columns, slots of an empty row stay -1.
-        return [f"{rc.T} kv[{rc.D}][{rc.K}][LANES]; long long ki[{rc.D}][{rc.K}][LANES];",
+        return [rc.array(rc.T, "kv", rc.D, rc.K, "LANES"),
+                rc.array("long long", "ki", rc.D, rc.K, "LANES"),
                 _loop("k", rc.D, _loop("r", rc.K, _loop(
                     "l", "LANES", "{ kv[k][r][l] = INFINITY_T; ki[k][r][l] = -1; }")))]
 
@@ -314,8 +309,10 @@ def _kmin(name: str, outputs: tuple[str, ...]):
 
         return [f"for (int k = 0; k < {rc.D}; k++) for (int jj = 0; jj < tj; jj++) {{",
                 "  int pass = 0;",
-                "  #pragma omp simd reduction(|:pass)",
-                f"  for (int l = 0; l < LANES; l++) pass |= {before(rc.V('k'), str(K - 1))};",
+                "  LM_SIMD_OR(pass)",
+                # (a superset of "before": a NaN passes here, the exact test below drops it)
+                f"  for (int l = 0; l < LANES; l++) pass |= !({rc.V('k')} >= kv[k][{K - 1}][l]) "
+                f"| (ki[k][{K - 1}][l] < 0);",
                 "  if (!pass) continue;",
                 "  for (int l = 0; l < LANES; l++) {",
                 f"    {rc.T} v = {rc.V('k')};",
@@ -344,8 +341,7 @@ def _kmin(name: str, outputs: tuple[str, ...]):
         c_decl=decl, c_tile=tile, c_store=store,
         c_state_store=lambda rc: [write(rc, 0, "kv"), write(rc, 1, "ki")],
         needs_k=True,
-        selects_with="KMin_ArgKMin" if "value" in outputs else None,
-        split_with="KMin_ArgKMin", state_of=lambda xp, outs: tuple(outs))
+        selects_with="KMin_ArgKMin" if "value" in outputs else None)
 
 
 _kmin("KMin", ("value",))
@@ -381,12 +377,12 @@ def _shifted_exp_merge(xp, a, b, K=None):
 
 
 def _lse_decl(rc):
-    lines = [f"{rc.T} mx[LANES]; {rc.acc} s0[LANES]; {rc.acc} s[{rc.E}][LANES]; "
-             f"{rc.T} ex[TJ][LANES];",
+    lines = [f"{rc.T} mx[LANES]; {rc.acc} s0[LANES]; {rc.T} ex[TJ][LANES];",
+             rc.array(rc.acc, "s", rc.E, "LANES"),
              _loop("l", "LANES", "{ mx[l] = -INFINITY_T; s0[l] = 0; }"),
              _loop("e", rc.E, _loop("l", "LANES", "s[e][l] = 0;"))]
     if rc.scheme == "kahan":  # the compensations, rescaled with the sums
-        lines += [f"{rc.acc} kc0[LANES]; {rc.acc} kc[{rc.E}][LANES];",
+        lines += [f"{rc.acc} kc0[LANES];", rc.array(rc.acc, "kc", rc.E, "LANES"),
                   _loop("l", "LANES", "kc0[l] = 0;"),
                   _loop("e", rc.E, _loop("l", "LANES", "kc[e][l] = 0;"))]
     return lines
@@ -397,7 +393,10 @@ def _lse_tile(rc):
     # shifted exponentials, stored once and reused for every weight component. The sums
     # follow the accumulation options as Sum does: per-tile partial sums in T added to
     # the accumulator (block, the default), every term straight into it (direct), or
-    # compensated (kahan).
+    # compensated (kahan). A NaN needs no test: exp(NaN - max) is NaN, and so are the
+    # sums from then on (the C max ignores it; the reference's is NaN: both finalize to
+    # NaN). An infinite max (rare: +inf values, rows of -inf) takes the pass that applies
+    # r(v, m) = 1 where v == m.
     acc = rc.acc
     rescale = f"s0[l] *= sc; for (int e = 0; e < {rc.E}; e++) s[e][l] *= sc;"
     if rc.scheme == "kahan":
@@ -405,18 +404,26 @@ def _lse_tile(rc):
     lines = [f"{rc.T} tm[LANES];",
              "for (int l = 0; l < LANES; l++) tm[l] = mx[l];",
              "for (int jj = 0; jj < tj; jj++) {",
-             *["  " + s for s in _lanes(f"{rc.T} v = {rc.V(0)}; "
-                                        "tm[l] = (v > tm[l]) | (v != v) ? v : tm[l];")],
+             *["  " + s for s in _lanes(f"{rc.T} v = {rc.V(0)}; tm[l] = v > tm[l] ? v : tm[l];")],
              "}",
+             "int inf_lanes = 0;",
              "for (int l = 0; l < LANES; l++) {",
              f"  {acc} sc = (mx[l] == tm[l]) ? ({acc})1 : lm_exp(({acc})mx[l] - ({acc})tm[l]);",
-             f"  {rescale} mx[l] = tm[l]; }}"]
-    shifted = f"{rc.T} v = {rc.V(0)}; {rc.T} x = (v == mx[l]) ? ({rc.T})1 : lm_exp(v - mx[l]);"
+             f"  {rescale} mx[l] = tm[l];",
+             "  inf_lanes |= (tm[l] == INFINITY_T) | (tm[l] == -INFINITY_T); }"]
+    fast = f"{rc.T} x = lm_exp({rc.V(0)} - mx[l]);"
+    slow = f"{rc.T} v = {rc.V(0)}; {rc.T} x = (v == mx[l]) ? ({rc.T})1 : lm_exp(v - mx[l]);"
+
+    def both(body: str) -> list[str]:
+        """The loop over the tile's columns, with the usual or the infinite-max shift."""
+        return ["if (!inf_lanes) {", "  for (int jj = 0; jj < tj; jj++) {",
+                *["    " + t for t in _lanes(f"{fast} {body}")], "  }",
+                "} else {", "  for (int jj = 0; jj < tj; jj++) {",
+                *["    " + t for t in _lanes(f"{slow} {body}")], "  }", "}"]
+
     if rc.scheme == "block":
         return lines + [f"{rc.T} ts0[LANES] = {{0}};",
-                        "for (int jj = 0; jj < tj; jj++) {",
-                        *["  " + s for s in _lanes(f"{shifted} ex[jj][l] = x; ts0[l] += x;")],
-                        "}",
+                        *both("ex[jj][l] = x; ts0[l] += x;"),
                         "for (int l = 0; l < LANES; l++) s0[l] += ts0[l];",
                         *_weighted_sums(rc)]
     if rc.scheme == "direct":
@@ -426,9 +433,7 @@ def _lse_tile(rc):
         add0 = f"{acc} y = ({acc})x - kc0[l], t = s0[l] + y; kc0[l] = (t - s0[l]) - y; s0[l] = t;"
         add = (f"{acc} y = ({acc})x * ({acc}){rc.W('e')} - kc[e][l], t = s[e][l] + y; "
                "kc[e][l] = (t - s[e][l]) - y; s[e][l] = t;")
-    return lines + ["for (int jj = 0; jj < tj; jj++) {",
-                    *["  " + s for s in _lanes(f"{shifted} ex[jj][l] = x; {add0}")],
-                    "}",
+    return lines + [*both(f"ex[jj][l] = x; {add0}"),
                     f"for (int e = 0; e < {rc.E}; e++) for (int jj = 0; jj < tj; jj++) {{",
                     *["  " + s for s in _lanes(f"{rc.T} x = ex[jj][l]; {add}")],
                     "}"]
@@ -511,23 +516,21 @@ REDUCTIONS["LogSumExp"] = ReductionDef(
     c_state_store=_shifted_exp_state_store,
     weight="optional", scalar_formula=True,
     cotangents=lambda F, W, G, O, L: _lse_cotangents(F, W, G, O),
-    tangents=_lse_tangents,
-    # log Σ over a part, per component: a state whose max is that value and sums are 1
-    split_with="LogSumExp",
-    state_of=lambda xp, outs: (outs[0], xp.full(outs[0].shape, 1.0, like=outs[0]),
-                               xp.full(outs[0].shape, 1.0, like=outs[0])))
+    tangents=_lse_tangents)
 
 
 def _softmax_finalize(xp, state):
     m, s0, s = state
     with xp.errstate():
         # m = -inf: every F is -inf (or no column): 0, NaN if a weight is NaN.
-        return (xp.where(m == -INF, xp.where(_isnan(s), s, 0.0), s / xp.where(m == -INF, 1.0, s0)),)
+        masked = xp.where(_isnan(s), s, 0.0)
+        return (xp.where(m == -INF, masked, s / xp.where(m == -INF, 1.0, s0)),)
 
 
 def _softmax_store(rc):
     return [_loop("e", rc.E, f"{rc.out(0)}[row * {rc.E} + e] = mx[l] == -INFINITY_T ? "
-                             f"(s[e][l] != s[e][l] ? ({rc.T})s[e][l] : ({rc.T})0) : ({rc.T})(s[e][l] / s0[l]);")]
+                             f"(s[e][l] != s[e][l] ? ({rc.T})s[e][l] : ({rc.T})0) : "
+                             f"({rc.T})(s[e][l] / s0[l]);")]
 
 
 REDUCTIONS["SumSoftMaxWeight"] = ReductionDef(

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import config, plan
 from .arraylib import is_dask, is_torch
+from .errors import NonFiniteError
 from .formula import I_CAT, J_CAT, OPS, P_CAT, Node, Var, variables, walk
 from .preconditioners import SchwarzPreconditioner, kd_order, leaf_boxes
 
@@ -56,6 +57,23 @@ def _dot(a: Any, b: Any) -> float:
     return float((a * b).sum())
 
 
+def _stagnation_window(n: int) -> int:
+    """Iterations without progress after which CG gives up: CG needs at most n in exact
+    arithmetic, so a quarter of n (at least 50, at most 500) with no gain means rounding
+    (or an indefinite K) has taken over."""
+    return max(50, min(n // 4, 500))
+
+
+#: Progress over a stagnation window: the best |r|² must shrink at least by this factor.
+_PROGRESS = 0.99
+
+
+def _not_finite(what: str) -> NonFiniteError:
+    return NonFiniteError(f"{what} holds NaN or inf: the kernel matrix-vector product of the "
+                          "solve is not finite; check b, the points and the parameters of K "
+                          "for NaN/inf (and that K's formula does not overflow)")
+
+
 def _persist(*vectors: Any) -> tuple:
     """Dask vectors computed once and kept on the workers (CG reads each several times;
     unpersisted, every iteration would recompute the whole history); others unchanged."""
@@ -68,9 +86,11 @@ def _persist(*vectors: Any) -> tuple:
 
 def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
          precond: Callable[[Any], Any] | None, clock: tuple[float, int] = (0.0, 0)
-         ) -> tuple[Any, int, float]:
-    """(x, iterations, |r|²): preconditioned CG on op(x) = b from x = 0, stopped when the
-    recurrence residual |r|² < tol. ``clock`` = (start time, iterations done before) for the
+         ) -> tuple[Any, int, float, bool]:
+    """(x, iterations, |r|², stagnated): preconditioned CG on op(x) = b from x = 0, stopped
+    when the recurrence residual |r|² < tol, or when the best |r|² has not improved over a
+    window of iterations (then x is the best iterate seen). Raises NonFiniteError when the
+    residual becomes NaN or inf. ``clock`` = (start time, iterations done before) for the
     verbose progress lines."""
     verbose = _verbose()
     x = b * 0
@@ -80,11 +100,17 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
     x, r, p = _persist(x, r, p)
     z = r if precond is None else z
     rr, rz = _dot(r, r), _dot(r, z)
+    if not (math.isfinite(rr) and math.isfinite(rz)):
+        raise _not_finite("the right-hand side (or its preconditioned image)")
+    best_x, best_rr, window = x, rr, _stagnation_window(b.shape[0])
+    mark_it, mark_rr, stagnated = 0, rr, False
     it = 0
     while rr >= tol and rr > 0 and it < max_iter:
         it += 1
         (Ap,) = _persist(op(p))
         curvature = _dot(p, Ap)
+        if not math.isfinite(curvature):
+            raise _not_finite("K @ p")
         if not curvature > 0 or not rz > 0:  # breakdown: K (or the preconditioner) not SPD
             break
         step = rz / curvature
@@ -92,6 +118,15 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
         r_old = r
         r = r - step * Ap
         rr = _dot(r, r)
+        if not math.isfinite(rr):
+            raise _not_finite("the residual")
+        if rr < best_rr:
+            best_x, best_rr = x, rr
+        if it - mark_it >= window:
+            if best_rr > _PROGRESS * mark_rr:  # no progress over a whole window
+                stagnated = True
+                break
+            mark_it, mark_rr = it, best_rr
         if precond is None:
             z, beta = r, rr / rz
             rz = rr
@@ -106,15 +141,25 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
         if verbose and ((clock[1] + it) % 10 == 0):
             print(f"[lazymat] conjugate gradient: iteration {clock[1] + it}, |r|^2 = {rr:.3e} "
                   f"(target {tol:.1e}), {time.perf_counter() - clock[0]:.1f} s", file=sys.stderr)
-    return x, it, rr
+    if rr > best_rr:  # the last iterate is not the best one
+        x, rr = best_x, best_rr
+    return x, it, rr, stagnated
 
 
 def _warn_not_converged(iterations: int, rr: float, tol: float, stacklevel: int,
-                        hint: str = "") -> None:
-    warnings.warn(f"conjugate gradient did not converge in {iterations} iterations "
-                  f"(|r|^2 = {rr:.3e}, target {tol:.3e}): is the kernel matrix "
-                  f"positive definite? A larger alpha helps.{hint}", ConvergenceWarning,
-                  stacklevel=stacklevel + 1)
+                        hint: str = "", stagnated: bool = False) -> None:
+    how = (f"stopped after {iterations} iterations without progress (stagnation; the best "
+           "iterate is returned)" if stagnated else f"did not converge in {iterations} "
+           "iterations")
+    warnings.warn(f"conjugate gradient {how} (|r|^2 = {rr:.3e}, target {tol:.3e}): is the "
+                  f"kernel matrix positive definite? A larger alpha helps.{hint}",
+                  ConvergenceWarning, stacklevel=stacklevel + 1)
+
+
+def _check_finite(b: Any) -> None:
+    finite = bool(b.isfinite().all()) if is_torch(b) else bool(np.isfinite(b).all())
+    if not finite:
+        raise NonFiniteError("the right-hand side b of the solve holds NaN or inf")
 
 
 def conjugate_gradient(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: float,
@@ -136,10 +181,11 @@ def conjugate_gradient(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: 
     n = b.shape[0]
     max_iter = _default_max_iter(n) if max_iter is None else max_iter
     tol = _size(b) * eps * eps
-    x, its, rr = _pcg(lambda v: alpha * v + matvec(v), b, tol, max_iter, precond,
-                      (time.perf_counter(), 0))
+    _check_finite(b)
+    x, its, rr, stagnated = _pcg(lambda v: alpha * v + matvec(v), b, tol, max_iter, precond,
+                                 (time.perf_counter(), 0))
     if rr >= tol:
-        _warn_not_converged(its, rr, tol, stacklevel=2)
+        _warn_not_converged(its, rr, tol, stacklevel=2, stagnated=stagnated)
     return x
 
 
@@ -155,6 +201,7 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
     n = b.shape[0]
     max_iter = _default_max_iter(n) if max_iter is None else max_iter
     tol = _size(b) * eps * eps
+    _check_finite(b)
     (work,) = _persist(b.double() if is_torch(b) else b.astype(np.float64))
     data_dtype = b.dtype
 
@@ -171,15 +218,22 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
         if _verbose():
             print(f"[lazymat] solve: {system.summary()}", file=sys.stderr)
     x, r, rr = work * 0, work, _dot(work, work)
-    total, rounds = 0, 0
+    total, rounds, stagnated = 0, 0, False
     while rr >= tol and rr > 0 and total < max_iter and rounds < _MAX_ROUNDS:
         rounds += 1
         rhs = r if sort is None else r[sort]
-        d, its, _ = _pcg(op, rhs, 0.5 * tol, max_iter - total, precond, (start, total))
+        d, its, _, stagnated = _pcg(op, rhs, 0.5 * tol, max_iter - total, precond,
+                                    (start, total))
         total += its
         x_new = x + (d if unsort is None else d[unsort])
         x_new, r_new = _persist(x_new, work - exact(x_new))
         rr_new = _dot(r_new, r_new)
+        if not math.isfinite(rr_new):
+            raise _not_finite("the residual against the exact K")
+        if stagnated:  # more rounds would stagnate the same way
+            if rr_new < rr:
+                x, r, rr = x_new, r_new, rr_new
+            break
         if rr_new > 0.5 * rr and rounds > 1:
             # Stagnation: the matvec's own rounding (float32 data) is at the target's level.
             if rr_new < rr:
@@ -189,7 +243,8 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
     if rr >= tol:
         _warn_not_converged(total, rr, tol, stacklevel=4,  # the caller of K.solve
                             hint=" Float32 data limits the attainable residual: try float64 "
-                            "or a larger eps." if str(data_dtype).endswith("float32") else "")
+                            "or a larger eps." if str(data_dtype).endswith("float32") else "",
+                            stagnated=stagnated)
     if info is not None:
         info.update(iterations=total, rounds=rounds, residual=rr, target=tol,
                     seconds=time.perf_counter() - start)
@@ -619,7 +674,10 @@ class KernelSolve:
                                  "dask arrays the solve runs plain CG on distributed matvecs")
         elif precond not in (None, False) or truncate not in (None, False):
             system = self._system(args, alpha, precond, truncate or False, backend)
-        params = [a for k, a in enumerate(args) if k != self.position and is_torch(a)]
+        # Each tensor once: one array given for two aliases (Kinv(x, x, b)) is one parameter,
+        # whose gradient autograd must not count twice.
+        params = list({id(a): a for k, a in enumerate(args)
+                       if k != self.position and is_torch(a)}.values())
         return solve(matvec, b, alpha, eps, max_iter, params, system, info)
 
     def _system(self, args: list, alpha: float, precond: Any, truncate: Any,

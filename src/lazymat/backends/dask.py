@@ -22,7 +22,8 @@ so that a task stays under about a second); nothing runs before ``.compute()``/`
 Options (``dask.config.set({"lazymat.split-every": 4})``), read when the graph is built:
 
 - ``lazymat.pairs-per-task`` (2**28): the size of a block, in (i, j) pairs;
-- ``lazymat.rows-per-task`` / ``lazymat.columns-per-task`` (None: from pairs-per-task);
+- ``lazymat.rows-per-task`` / ``lazymat.columns-per-task`` (None: wide blocks, 2048 rows
+  or more when N is small, and the columns the pairs allow);
 - ``lazymat.split-every`` (8): how many column parts one merge task combines;
 - ``lazymat.worker-backend`` ("auto": CUDA on workers that own a GPU, as dask-cuda's, else
   CPU; or "cpu", "cuda", "reference");
@@ -35,7 +36,7 @@ import math
 import os
 import pickle
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -92,10 +93,9 @@ class BlockJob:
     def red(self) -> Any:
         return reductions.get(self.reduction)
 
-    def launch(self, arrays: Sequence[Any], m: int, n: int, store: str, red: Any = None,
-               weight: Any = "same") -> Launch:
+    def launch(self, arrays: Sequence[Any], m: int, n: int, store: str) -> Launch:
         """The single-machine launch of one block (m output rows, n columns)."""
-        weight = self.weight if weight == "same" else weight
+        weight = self.weight
         arrays = [np.ascontiguousarray(a) for a in arrays]
         offsets = None
         if self.batch:
@@ -105,57 +105,27 @@ class BlockJob:
             offsets = abi.batch_offsets(arrays, [used.get(p) for p in range(len(arrays))],
                                         self.batch)
         like = arrays[0] if arrays else np.empty(1, dtype=self.dtype)
-        return Launch(red or self.red, self.formula, weight, self.K, self.dtype,
+        return Launch(self.red, self.formula, weight, self.K, self.dtype,
                       self.accumulation, arrays, m, n, self.batch, offsets, None, NUMPY, like,
                       store)
 
 
 def state_layout(job: BlockJob) -> list[tuple[str, tuple[int, ...]]]:
     """(kind, per-row shape) of each array of a block's raw state, as ``block_state`` gives
-    it: the reduction's ``state`` when it declares one, else (before every reduction had
-    a raw-state store) the outputs of its ``split_with`` twin, turned into a state."""
+    it: the reduction's ``state``."""
     red, fdim, wdim = job.red, job.formula.dim, (job.weight.dim if job.weight else None)
-    if hasattr(red, "state"):
-        return list(red.state(fdim, job.K, wdim))
-    if red.split_with is not None:
-        outs = reductions.get(red.split_with).out_dims(fdim, job.K, wdim)
-        if red.name == "LogSumExp":  # (max, Σ exp, Σ exp·G), each per component
-            return [outs[0], ("acc", outs[0][1]), ("acc", outs[0][1])]
-        return list(outs)
-    return [("value", (1,)), ("acc", (1,)), ("acc", (wdim,))]  # SumSoftMaxWeight
+    return list(red.state(fdim, job.K, wdim))
 
 
 def block_state(job: BlockJob, arrays: Sequence[Any], m: int, n: int) -> tuple:
     """The raw state of one block (indices local to the block), each array of shape
-    (nbatch * m,) + its per-row shape, in the order of :func:`state_layout`.
-
-    The one place that knows how a block's state is obtained: the kernel's raw-state store
-    where the reduction has one; else the outputs of a reduction that hold the state
-    (Min_ArgMin for Min, ...) turned into it by ``state_of``; for SumSoftMaxWeight, with
-    L = log Σ_j exp(F), (L, 1, Σ_j exp(F - L) G) from two kernels.
-    """
-    red, rows = job.red, math.prod(job.batch) * m
+    (nbatch * m,) + its per-row shape, in the order of :func:`state_layout`: the kernel's
+    raw-state store."""
+    rows = math.prod(job.batch) * m
     backend = REGISTRY[_worker_backend(job.backend)]
-    layout = state_layout(job)
-    if hasattr(red, "state"):
-        state = backend.run(job.launch(arrays, m, n, "state"))
-    elif red.split_with is not None:
-        twin = reductions.get(red.split_with)
-        outs = backend.run(job.launch(arrays, m, n, "output", red=twin))
-        shapes = [s for _, s in twin.out_dims(job.formula.dim, job.K,
-                                              job.weight.dim if job.weight else None)]
-        state = red.state_of(NUMPY, tuple(np.asarray(o).reshape((rows,) + s)
-                                          for o, s in zip(outs, shapes)))
-    else:
-        lse = backend.run(job.launch(arrays, m, n, "output", red=reductions.get("LogSumExp"),
-                                     weight=None))[0]
-        soft = backend.run(job.launch(arrays, m, n, "output"))[0]
-        lse = np.asarray(lse).reshape(rows, 1)
-        state = (lse, np.ones_like(lse), soft)
-    bare = not isinstance(state, (tuple, list))
-    parts = tuple(np.asarray(p).reshape((rows,) + s)
-                  for p, (_, s) in zip((state,) if bare else state, layout))
-    return parts[0] if bare else parts
+    state = backend.run(job.launch(arrays, m, n, "state"))
+    return tuple(np.asarray(p).reshape((rows,) + s)
+                 for p, (_, s) in zip(state, state_layout(job)))
 
 
 def _worker_backend(wanted: str) -> str:
@@ -195,11 +165,12 @@ def block_task(job: BlockJob, arrays: list, m: int, n: int, j0: int) -> Any:
 
 
 def globalize(state: Any, j0: int) -> Any:
-    """Index states (int64 arrays) shifted by the block's first column; -1 (no column) stays."""
+    """Index states (int64 arrays) shifted by the block's first column; -1 (no column) stays.
+    """
     def shift(a: np.ndarray) -> np.ndarray:
         return np.where(a >= 0, a + j0, a) if a.dtype.kind == "i" and j0 else a
 
-    return tuple(shift(a) for a in state) if isinstance(state, tuple) else shift(state)
+    return tuple(shift(a) for a in state)
 
 
 def merge_task(job: BlockJob, states: list) -> Any:
@@ -212,12 +183,12 @@ def finalize_task(job: BlockJob, state: Any, m: int, which: int | None = None) -
     """The outputs (or, for store="state", the state) of one row block, shaped
     batch + (m,) + their per-row shape; output ``which`` alone when given."""
     if job.store == "state":
-        outs, shapes = (state if isinstance(state, tuple) else (state,)), state_layout(job)
+        outs, shapes = state, state_layout(job)
     else:
         with np.errstate(all="ignore"):
-            outs = job.red.finalize(NUMPY, state)
-        shapes = job.red.out_dims(job.formula.dim, job.K,
-                                  job.weight.dim if job.weight else None)
+            outs = abi.finalize(job.red, NUMPY, state, np.empty(0, dtype=job.dtype))
+        shapes = job.red.outputs(job.formula.dim, job.K,
+                                 job.weight.dim if job.weight else None)
     outs = tuple(np.asarray(o).reshape(job.batch + (m,) + s) for o, (_, s) in zip(outs, shapes))
     return outs if which is None else outs[which]
 
@@ -255,6 +226,9 @@ def run(launch: Launch) -> tuple:
                   [s for _, s in launch.shapes], dtypes)
 
 
+_MIN_ROWS = 2048
+
+
 def _split(chunks: Sequence[int], cap: int) -> tuple[int, ...]:
     """Each chunk cut into near-equal pieces of at most ``cap`` rows."""
     out: list[int] = []
@@ -280,7 +254,11 @@ def _task_chunks(launch: Launch, cats: list[int]) -> tuple[tuple[int, ...], tupl
     pairs = int(_option("pairs-per-task"))
     user = next((a.chunks[-2] for a, c in zip(launch.arrays, cats) if c == 0 and is_dask(a)),
                 (M,))
-    row_cap = _option("rows-per-task") or max(math.isqrt(pairs), pairs // max(N, 1))
+    # Wide blocks: enough rows to fill the kernel's lanes, as many columns as the pairs
+    # allow. Moving a block costs far less than computing it (2048 x 131072 points of
+    # D = 3 are 1.6 MB for 2.7e8 pairs), and fewer column parts mean fewer merges and, for
+    # the K-min family, fewer restarts of each row's sorted list.
+    row_cap = _option("rows-per-task") or max(_MIN_ROWS, pairs // max(N, 1))
     out_chunks = _split(user, int(row_cap))
     cols = _option("columns-per-task") or max(1, pairs // max(out_chunks))
     return out_chunks, _uniform(N, int(min(cols, N)), int(launch.K or 1))

@@ -15,6 +15,7 @@ comes back and :func:`combine` merges them with the reduction's own ``merge``.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -108,12 +109,35 @@ def batch_offsets(arrays: Sequence[Any], arg_dims: Sequence[tuple[int, int] | No
 SMALL_PAIRS = 1 << 15
 
 
+_threads_started = False  # this process ran a kernel on several OpenMP threads
+_single_threaded = False  # a fork() child of such a process
+
+
+def _after_fork_in_child() -> None:
+    # libgomp's thread pool does not survive fork(): a parallel region in the child would wait
+    # forever for threads that only exist in the parent. Like torch, the child of a process
+    # that started threads runs its kernels on one thread.
+    global _single_threaded
+    _single_threaded = _single_threaded or _threads_started
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def num_threads(pairs: int | None = None) -> int:
     """Threads for a reduction: LAZYMAT_NUM_THREADS, OMP_NUM_THREADS or the usable cores;
-    one for a tiny problem."""
+    one for a tiny problem, and one in a fork() child of a process that ran threaded
+    kernels (OpenMP is not fork-safe)."""
+    global _threads_started
     if pairs is not None and pairs < SMALL_PAIRS:
         return 1
-    return config.threads_setting() or config.cores()
+    n = config.threads_setting() or config.cores()
+    if n > 1:
+        if _single_threaded:
+            return 1
+        _threads_started = True
+    return n
 
 
 def column_parts(N: int, parts: int) -> list[tuple[int, int]]:
@@ -186,11 +210,23 @@ def merge_parts(launch: Any, parts: Sequence[Sequence[Any]]) -> tuple:
     state = combine(launch.red, launch.xp, states, None, launch.K)
     if launch.store == "state":
         return state
-    outs = launch.red.finalize(launch.xp, state)
-    return tuple(o if kind == "index" else launch.xp.cast(o, launch.like)
-                 for o, (kind, _) in zip(outs, launch.shapes))
+    return finalize(launch.red, launch.xp, state, launch.like)
 
 
 def _rows(a: Any) -> Any:
     """(pairs, rows, ...) -> (pairs * rows, ...): every pair's rows side by side."""
     return a.reshape((-1,) + tuple(a.shape[2:]))
+
+
+def finalize(red: Any, xp: Any, state: Any, like: Any) -> tuple:
+    """The outputs of ``red`` from a merged state, values in ``like``'s dtype (sums' states
+    are in the accumulator's type, double by default).
+
+    >>> import numpy as np
+    >>> from lazymat.arraylib import NUMPY
+    >>> from lazymat.reductions import REDUCTIONS
+    >>> finalize(REDUCTIONS["Sum"], NUMPY, (np.ones((2, 1)),), np.zeros(1, np.float32))[0].dtype
+    dtype('float32')
+    """
+    return tuple(o if kind == "index" else xp.cast(o, like)
+                 for o, kind in zip(red.finalize(xp, state), red.output_kinds))

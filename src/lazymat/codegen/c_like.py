@@ -25,21 +25,66 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
+from ..errors import ShapeError
 from ..formula import OPS, Node, walk
 from ..reductions import ReductionDef
 
 
 def c_number(value: Fraction | float, T: str) -> str:
-    """A C literal of type T for a Python number."""
+    """A C literal of type T for a Python number: exact integers and ratios of small
+    integers as such, anything else (2**64, 10**30, big ratios) as the nearest T, spelled
+    as a floating literal (C integer literals stop at 2**63, and gcc only warns).
+
+    >>> c_number(Fraction(1, 3), "float"), c_number(Fraction(2**64), "double")
+    ('((float)1 / (float)3)', '((double)1.8446744073709552e+19)')
+    """
     if isinstance(value, Fraction):
-        if value.denominator == 1:
-            return f"(({T}){value.numerator})"
-        return f"(({T}){value.numerator} / ({T}){value.denominator})"
+        p, q = value.numerator, value.denominator
+        exact = 1 << (24 if T == "float" else 53)  # integers exact in T: one rounding
+        if q == 1 and abs(p) < exact:
+            return f"(({T}){p})"
+        if abs(p) < exact and q < exact:
+            return f"(({T}){p} / ({T}){q})"
+        value = _nearest(value, T)
     if math.isnan(value):
-        return f"(({T})__builtin_nan(\"\"))"
+        return f"(({T})LM_NAN_F)"
     if math.isinf(value):
-        return f"(({T}){'-' if value < 0 else ''}__builtin_inf())"
+        return f"(({T}){'-' if value < 0 else ''}LM_INF_F)"
     return f"(({T}){value!r})"
+
+
+def _nearest(value: Fraction, T: str) -> float:
+    """The T nearest to ``value`` (ties to even), as a Python float; +-inf beyond range."""
+    try:
+        d = float(value)  # correctly rounded to double
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+    if T != "float":
+        return d
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        f = np.float32(d)  # may be a double rounding: settle it exactly
+    if math.isinf(f) or Fraction(float(f)) == value:
+        return float(f)
+    toward = np.float32(math.inf if value > Fraction(float(f)) else -math.inf)
+    g = np.nextafter(f, toward)
+    if math.isinf(g):
+        return float(f)
+    df, dg = abs(Fraction(float(f)) - value), abs(Fraction(float(g)) - value)
+    if dg < df or (dg == df and int(g.view(np.int32)) % 2 == 0):
+        return float(g)
+    return float(f)
+
+
+def c_int(n: int, what: str) -> str:
+    """A C integer literal for an op's integer parameter (64-bit; beyond: a clear error)."""
+    if -(1 << 31) <= n < (1 << 31):
+        return str(n)
+    if -(1 << 63) <= n < (1 << 63):
+        return f"{n}LL"
+    raise ShapeError(f"{what}: the integer parameter {n} is beyond the 64-bit range of the "
+                     "C kernels")
 
 
 _JJ = re.compile(r"\bjj\b")
@@ -67,6 +112,10 @@ class _OpContext:
         return _shift_column(self.em.access(self.node, k), u)
 
 
+#: The deepest nesting of inlined node expressions.
+MAX_INLINE_DEPTH = 24
+
+
 class Emitter:
     """Plans and renders the nodes of one or more formulas (the reduction's F and G).
 
@@ -76,6 +125,7 @@ class Emitter:
 
     def __init__(self, roots: list[Node], T: str, var_access: Callable[[Node, str], str]):
         self.T, self.var_access = T, var_access
+        self._levels: dict[int, list[Node]] | None = None
         self.nodes: list[Node] = []
         seen: set[int] = set()
         for r in roots:
@@ -85,18 +135,30 @@ class Emitter:
                     self.nodes.append(n)
         uses: dict[int, int] = {}
         consumer_level: dict[int, int] = {}
+        broadcast: set[int] = set()
         for n in self.nodes:
             for a in n.args:
                 uses[id(a)] = uses.get(id(a), 0) + 1
                 consumer_level[id(a)] = n.deps
+                if a.dim < n.dim:  # inlined, a would be recomputed for each of n's components
+                    broadcast.add(id(a))
         roots_ids = {id(r) for r in roots}
         self.materialized: dict[int, str] = {}
-        for n in self.nodes:
+        # Inlined expressions nest at most MAX_INLINE_DEPTH deep: a longer chain (Sin of Sin
+        # ... 1000 deep, a sum of 400 terms) is cut by materialized nodes, so rendering
+        # recurses a bounded depth and the C compiler sees short expressions.
+        depth: dict[int, int] = {}
+        for n in self.nodes:  # children before parents
             if n.op in ("Var", "Const"):
+                depth[id(n)] = 0
                 continue
+            d = 1 + max((depth[id(a)] for a in n.args), default=0)
             if (id(n) in roots_ids or not OPS[n.op].elementwise or uses.get(id(n), 0) > 1
-                    or consumer_level.get(id(n)) != n.deps):
+                    or consumer_level.get(id(n)) != n.deps or id(n) in broadcast
+                    or d > MAX_INLINE_DEPTH):
                 self.materialized[id(n)] = f"t{len(self.materialized)}"
+                d = 0
+            depth[id(n)] = d
 
     # ------------------------------------------------------------------ expressions
     def access(self, node: Node, k: int | str) -> str:
@@ -120,7 +182,8 @@ class Emitter:
     def _inline(self, node: Node, k: int | str) -> str:
         opdef = OPS[node.op]
         args = [self.expr(a, k) for a in node.args]
-        params = {f"p{i}": p for i, p in enumerate(node.params)}
+        params = {f"p{i}": c_int(p, node.op) if isinstance(p, int) and not isinstance(p, bool)
+                  else p for i, p in enumerate(node.params)}
         return opdef.c.format(*args, T=self.T, **params)
 
     # ------------------------------------------------------------------ statements
@@ -144,7 +207,12 @@ class Emitter:
 
     def at_level(self, level: int) -> list[Node]:
         """Materialized nodes of one level, in evaluation order."""
-        return [n for n in self.nodes if id(n) in self.materialized and n.deps == level]
+        if self._levels is None:
+            self._levels = {lv: [] for lv in range(4)}
+            for n in self.nodes:
+                if id(n) in self.materialized:
+                    self._levels[n.deps].append(n)
+        return self._levels[level]
 
     def declaration(self, node: Node, TJ: int | str, lanes: int | str) -> str:
         jj = TJ if node.deps & 2 else 1
@@ -201,14 +269,19 @@ class ReductionContext:
     in ``for (int l = 0; l < LANES; l++)`` loops the reduction writes itself), ``jj`` (the
     column in the pass, in loops the reduction writes itself), ``j0`` (the global index
     of the pass's first column), ``row`` (in the stores: the row of lane ``l``),
-    ``INFINITY_T`` and the prelude's ``lm_*`` helpers. ``#pragma omp`` lines are dropped
-    on CUDA. Its own declarations must not reuse the scaffolds' names: ``b``, ``c``, ``t``,
-    ``q``, ``i0``, ``nl``, ``jb``, ``jt``, ``nj``, ``task``, ``part``, ``a<n>``, ``xv<n>``,
-    ``ys<n>``, ``out<n>``.
+    ``INFINITY_T``, the prelude's ``lm_*`` helpers, and the target's macros ``LM_SIMD``
+    (before a lane loop to vectorize) and ``LM_SIMD_OR(v)`` (the same, OR-reducing ``v``),
+    empty where a thread has one row. Buffers that scale with D, E or K are declared with
+    ``array`` (the scaffold may put them on the heap). Its own declarations must not reuse
+    the scaffolds' names: ``b``, ``c``, ``t``, ``q``, ``i0``, ``nl``, ``jb``, ``jt``,
+    ``nj``, ``task``, ``part``, ``row``, ``lm_heap``, ``a<n>``, ``xv<n>``, ``ys<n>``,
+    ``out<n>``, ``t<n>``.
     """
 
-    def __init__(self, spec: KernelSpec, em: Emitter, T: str):
+    def __init__(self, spec: KernelSpec, em: Emitter, T: str,
+                 array: Callable[..., str] | None = None):
         self.T, self.K = T, spec.K
+        self._array = array
         self.acc, self.scheme = spec.accumulation
         self.D = spec.formula.dim
         self.E = spec.weight.dim if spec.weight is not None else 1
@@ -220,6 +293,14 @@ class ReductionContext:
 
     def W(self, e) -> str:
         return "1" if self._g is None else self._em.expr(self._g, e)
+
+    def array(self, ctype: str, name: str, *dims: int | str) -> str:
+        """Declaration of a per-row-block buffer ``ctype name[dims...]`` (dims: numbers or
+        ``"LANES"``/``"TJ"``), indexed ``name[a][b]...`` as a C array: the scaffold puts it
+        on the stack, or on the thread's heap when it is large."""
+        if self._array is not None:
+            return self._array(ctype, name, *dims)
+        return f"{ctype} {name}{''.join(f'[{d}]' for d in dims)};"
 
     def out(self, k: int) -> str:
         """The C name of output pointer ``k``."""

@@ -240,8 +240,9 @@ def _pow_ref(xp, p, a):
 
 
 register("Pow", 1, _pow_ref, c="lm_powi({0}, {p0})",
-         c_helper="""template <typename F> LM_INLINE F lm_powi(F x, int n) {
-  F base = n < 0 ? (F)1 / x : x; unsigned e = n < 0 ? -n : n; F r = 1;
+         c_helper="""template <typename F> LM_INLINE F lm_powi(F x, long long n) {
+  F base = n < 0 ? (F)1 / x : x; F r = 1;
+  unsigned long long e = n < 0 ? 0ULL - (unsigned long long)n : (unsigned long long)n;
   while (e) { if (e & 1) r *= base; base *= base; e >>= 1; }
   return r;
 }""",
@@ -350,7 +351,9 @@ def _round_fold(a, d):
 register("Round", 1, _round_ref, c="lm_round_dec({0}, {p0})",
          c_helper="""LM_INLINE float lm_round(float x) { return LM_BF(rint)(x); }
 LM_INLINE double lm_round(double x) { return LM_BD(rint)(x); }
-template <typename F> LM_INLINE F lm_round_dec(F x, int d) {
+template <typename F> LM_INLINE F lm_round_dec(F x, long long d) {
+  if (d > 400) return x;  // more decimals than any F holds (10**d would overflow)
+  if (d < -400) return lm_round(x * (F)0);  // 0 with x's sign, NaN for NaN/inf
   F s = lm_powi((F)10, d < 0 ? -d : d);
   return d < 0 ? lm_round(x / s) * s : lm_round(x * s) / s;
 }""",
