@@ -40,7 +40,9 @@ def _data(M: int, N: int, dtype: str, seed: int = 0):
 
 
 def _close(got, want, dtype, what):
+    assert len(got) == len(want), what
     for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, what
         if g.dtype.kind == "i":
             np.testing.assert_array_equal(g, w, err_msg=what)
         else:

@@ -288,13 +288,7 @@ def _run_on(launch: Launch, torch: Any, device: Any, index: int) -> tuple:
     if parts == 1:
         return tuple(outs)
     # The kernel's indices are global (each part reduces its own columns of [0, N)).
-    # Each part's state as (nbatch * M, ...) rows: merge rules work on rows.
-    per_part = [tuple(o[p].reshape((-1,) + shape) for o, (_, shape) in zip(outs, shapes))
-                for p in range(parts)]
-    state = abi.combine(launch.red, launch.xp, per_part, None, launch.K)
-    if launch.store == "state":
-        return state
-    return abi.finalize(launch.red, launch.xp, state, launch.like)
+    return abi.merge_parts(launch, [[o[p] for o in outs] for p in range(parts)])
 
 
 def _kernel(launch: Launch, block: int, index: int) -> Any:

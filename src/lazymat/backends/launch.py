@@ -199,6 +199,20 @@ def combine(red: Any, xp: Any, states: Sequence[Any], column_starts: Sequence[in
     return stacked[0][0] if bare else tuple(a[0] for a in stacked)
 
 
+def merge_parts(launch: Any, parts: Sequence[Sequence[Any]]) -> tuple:
+    """What a backend returns for ``launch`` from the raw states its kernels stored for
+    consecutive column parts (``parts[p][k]``: state array k of part p, ``batch + (M,) +
+    shape``, indices global): the merged state for ``store="state"``, else the finalized
+    outputs, values in the data's dtype (a sum's state is its accumulator, double)."""
+    stored = launch.red.state(launch.formula.dim, launch.K, launch.wdim)
+    states = [tuple(a.reshape((-1,) + shape) for a, (_, shape) in zip(part, stored))
+              for part in parts]  # rows first: merge rules work on rows
+    state = combine(launch.red, launch.xp, states, None, launch.K)
+    if launch.store == "state":
+        return state
+    return finalize(launch.red, launch.xp, state, launch.like)
+
+
 def _rows(a: Any) -> Any:
     """(pairs, rows, ...) -> (pairs * rows, ...): every pair's rows side by side."""
     return a.reshape((-1,) + tuple(a.shape[2:]))
