@@ -150,5 +150,16 @@ def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int) -> N
     offsets = abi.zero_offsets(len(arrays)) if launch.offsets is None else launch.offsets
     out_ptrs = (ctypes.c_void_p * max(1, len(outs)))(*[pointer(o, keep) for o in outs])
     ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
-    fn(launch.M, launch.N, launch.nbatch, offsets.ctypes.data, ntasks, tasks_ptr, slices_ptr,
-       redranges_ptr, ptrs, out_ptrs, threads)
+    # Long reductions run in chunks of tasks: Python handles a pending Ctrl-C between them.
+    chunk = max(16 * threads, CHUNK_PAIRS // max(1, LANES[launch.dtype] * launch.N
+                                                  * launch.nbatch))
+    for start in range(0, ntasks, chunk):
+        fn(launch.M, launch.N, launch.nbatch, offsets.ctypes.data, min(chunk, ntasks - start),
+           tasks_ptr + TASK_BYTES * start, slices_ptr, redranges_ptr, ptrs, out_ptrs,
+           threads)
+
+
+#: Pairs (i, j) per kernel call of a long reduction (~0.05-0.5 s): the Ctrl-C latency. A
+#: column split (few rows) is one call per part: it answers when its parts are done.
+CHUNK_PAIRS = 1 << 27
+TASK_BYTES = 3 * 8  # a task is (start, end, range) in int64 (launch.tasks)
