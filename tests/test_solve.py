@@ -141,19 +141,18 @@ def test_schwarz_works_for_other_kernels():
     (lambda x, y: (-lm.Vi(x).sqdist(lm.Vj(y))).exp() * lm.Vi(x[:, :1]), None, None),
 ])
 def test_gaussian_detection(make, gamma, weight):
-    from lazymat.lazy_tensor import _bind
     from lazymat.solve import gaussian_kernel
 
     x = X2[:50]
     K = make(x, x)
-    f, _, arrays, _ = _bind(K.formula, None, K._leaves)
+    f, arrays = K.bound()
     found = gaussian_kernel(f, arrays)
     if gamma is None:
         assert found is None
     else:
         assert found is not None and found[:2] == pytest.approx((gamma, weight))
     other = make(x, x.copy() + 1)  # different points as i and j: never a Gaussian of x
-    f, _, arrays, _ = _bind(other.formula, None, other._leaves)
+    f, arrays = other.bound()
     assert gaussian_kernel(f, arrays) is None
 
 

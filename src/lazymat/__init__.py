@@ -40,13 +40,10 @@ __all__ = [
 
 def cache_clear() -> None:
     """Delete every compiled kernel of the cache directory (see ``LAZYMAT_CACHE_DIR``) and
-    empty every in-process memo (``config.clear_all``: loaded CPU and CUDA kernels, layouts,
-    compiler facts, ...)."""
-    from . import config
-    from .compile import cache_clear as clear_disk
+    empty every in-process memo (:func:`lazymat.health.cache_clear`)."""
+    from .health import cache_clear as clear
 
-    clear_disk()
-    config.clear_all()
+    clear()
 
 
 def check_health(verbose: bool = True) -> dict:

@@ -60,7 +60,7 @@ def health_report() -> dict[str, Any]:
         report["numpy"] = str(numpy.__version__)
     except Exception:  # noqa: BLE001
         report["numpy"] = None
-    from .pykeops_compat import active
+    from .pykeops_detect import active
 
     report["pykeops"] = active()  # what `import pykeops` gives: lazymat, a real one, none
     return report
@@ -97,3 +97,13 @@ def check_health(verbose: bool = True) -> dict:
             print("  -> no C++ compiler: reductions use the slow reference backend. "
                   "Install g++ (or set CXX).")
     return report
+
+
+def cache_clear() -> None:
+    """Delete every compiled kernel of the cache directory (see ``LAZYMAT_CACHE_DIR``) and
+    empty every in-process memo (``config.clear_all``: loaded CPU and CUDA kernels, layouts,
+    compiler facts, ...)."""
+    from .compile import cache_clear as clear_disk
+
+    clear_disk()
+    config.clear_all()

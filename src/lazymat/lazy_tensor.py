@@ -184,6 +184,18 @@ class LazyTensor:
         return tuple(sorted((*leaf.symbolic, leaf.cat) for leaf in self._leaves.values()
                             if leaf.symbolic))
 
+    def bound(self) -> tuple[Node, list]:
+        """The formula with its variables numbered by argument position, and the arrays at
+        those positions: what a reduction of this LazyTensor runs.
+
+        >>> import numpy as np
+        >>> f, arrays = Vi(np.ones((2, 1))).exp().bound()
+        >>> len(arrays)
+        1
+        """
+        f, _, arrays, _ = _bind(self.formula, None, self._leaves)
+        return f, arrays
+
     def dense(self) -> Any:
         """The symbolic matrix as an array of shape ``self.shape`` (for small problems)."""
         from .formula.evaluate import batch_slices, evaluate, stack_batches

@@ -27,39 +27,13 @@ import sys
 import types
 from typing import Any
 
+from .config import __version__
+from .pykeops_detect import MARK as _MARK
+from .pykeops_detect import active, find_real, is_shim
+
 #: the pykeops release whose public behaviour lazymat follows
 PYKEOPS_VERSION = "2.3"
-_MARK = "__lazymat_shim__"
 _verbose = os.environ.get("PYKEOPS_VERBOSE", "1") != "0"
-
-
-def active() -> str:
-    """Which library ``import pykeops`` gives: "lazymat", "pykeops <version>" (the real one,
-    installed or imported), or "none"."""
-    mod = sys.modules.get("pykeops")
-    if mod is not None:
-        if getattr(mod, _MARK, False):
-            return "lazymat"
-        return f"pykeops {getattr(mod, '__version__', '?')}"
-    real = _find_real()
-    return f"pykeops (installed, not imported: {real})" if real else "none"
-
-
-def _find_real() -> str | None:
-    """The location of an installed pykeops, searched on sys.path without importing it."""
-    spec = importlib.machinery.PathFinder.find_spec("pykeops")
-    if spec is None or _is_shim(spec.origin):
-        return None
-    return spec.origin or ", ".join(spec.submodule_search_locations or []) or "?"
-
-
-def _is_shim(path: str | None) -> bool:
-    """Whether a pykeops file is the shim :func:`write_shim` wrote."""
-    try:
-        with open(path or "", encoding="utf-8") as f:
-            return "lazymat's pykeops shim" in f.read(200)
-    except OSError:
-        return False
 
 
 def install_as_pykeops(force: bool = False) -> None:
@@ -79,7 +53,7 @@ def install_as_pykeops(force: bool = False) -> None:
                                f"({getattr(current, '__file__', '?')}); lazymat will not "
                                "replace it silently: call install_as_pykeops(force=True) "
                                "before anything imports pykeops")
-        real = _find_real()
+        real = find_real()
         if real is not None:
             raise RuntimeError(f"install_as_pykeops: a real pykeops is installed ({real}); "
                                "lazymat will not shadow it silently: pass force=True (or "
@@ -121,14 +95,13 @@ def _module(name: str, doc: str, **attrs: Any) -> types.ModuleType:
 def _modules() -> dict[str, types.ModuleType]:
     if _cache:
         return _cache
-    import lazymat
-    from lazymat import lazy_tensor
-    from lazymat import numpy as lm_numpy
+    from . import lazy_tensor
+    from . import numpy as lm_numpy
     from lazymat.numpy import cluster as np_cluster
     from lazymat.numpy import utils as np_utils
 
     top = _module("pykeops", "lazymat, under pykeops' name (lazymat.install_as_pykeops()).",
-                  __version__=f"{PYKEOPS_VERSION}+lazymat.{lazymat.__version__}",
+                  __version__=f"{PYKEOPS_VERSION}+lazymat.{__version__}",
                   set_verbose=set_verbose, clean_pykeops=clean_pykeops,
                   check_health=check_health, set_build_folder=set_build_folder,
                   get_build_folder=get_build_folder, default_device_id=0,
@@ -181,24 +154,24 @@ def set_verbose(value: bool) -> None:
 def clean_pykeops(recompile_jit_binaries: bool = True) -> None:
     """pykeops.clean_pykeops: empty lazymat's kernel cache (there are no JIT binders to
     rebuild)."""
-    import lazymat
+    from .health import cache_clear
 
-    lazymat.cache_clear()
+    cache_clear()
 
 
 def check_health(config_type: str = "all") -> dict:
     """pykeops.check_health: lazymat's health report (it says that lazymat is what ``import
     pykeops`` gives)."""
-    import lazymat
+    from . import health
 
-    return lazymat.check_health(verbose=True)
+    return health.check_health(True)
 
 
 def get_build_folder() -> str:
     """The compile cache directory (``LAZYMAT_CACHE_DIR``)."""
-    import lazymat
+    from . import health
 
-    return str(lazymat.check_health(verbose=False).get("cache_dir", ""))
+    return str(health.check_health(False).get("cache_dir", ""))
 
 
 def set_build_folder(path: str | None = None) -> None:
@@ -215,12 +188,12 @@ def _bindings_test(library: str) -> bool:
     data, against numpy; prints the verdict (no exception), as pykeops does."""
     import numpy as np
 
-    import lazymat
+    from .genred import Genred
 
     x = np.arange(9, dtype=np.float32).reshape(3, 3) / 4
     y = np.arange(6, dtype=np.float32).reshape(2, 3) / 4
     want = ((x[:, None, :] - y[None]) ** 2).sum(-1).sum(0)
-    f = lazymat.Genred("SqNorm2(x - y)", ["x = Vi(3)", "y = Vj(3)"], axis=0)
+    f = Genred("SqNorm2(x - y)", ["x = Vi(3)", "y = Vj(3)"], axis=0)
     if library == "torch":
         import torch
 
