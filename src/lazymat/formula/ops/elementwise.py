@@ -183,11 +183,13 @@ register("Abs", 1, lambda xp, p, a: xp.module.abs(a), c="lm_abs({0})",
          c_helper="LM_INLINE float lm_abs(float x) { return LM_BF(fabs)(x); }\n"
                   "LM_INLINE double lm_abs(double x) { return LM_BD(fabs)(x); }",
          fold=exact_fold(abs), doc="|a|", vjp=lambda n, g: (g * call("Sign", n.args[0]),))
-register("Sign", 1, lambda xp, p, a: xp.module.sign(a), c="(({T})({0} > 0) - ({T})({0} < 0))",
+register("Sign", 1, lambda xp, p, a: xp.module.sign(a),
+         c="({0} != {0} ? {0} : ({T})({0} > 0) - ({T})({0} < 0))",  # NaN stays NaN
          fold=exact_fold(lambda a: (a > 0) - (a < 0)), doc="-1, 0 or 1", vjp=no_gradient)
 register("Step", 1, lambda xp, p, a: _cast_bool(xp, a >= 0, a), c="(({T})({0} >= 0))",
          fold=exact_fold(lambda a: int(a >= 0)), doc="1 where a >= 0 else 0", vjp=no_gradient)
-register("ReLU", 1, lambda xp, p, a: xp.where(a > 0, a, a * 0), c="({0} > 0 ? {0} : ({T})0)",
+register("ReLU", 1, lambda xp, p, a: xp.where(a > 0, a, a * 0),
+         c="({0} > 0 || {0} != {0} ? {0} : ({T})0)",  # NaN stays NaN, as in numpy
          fold=exact_fold(lambda a: max(a, 0)), doc="max(a, 0)",
          vjp=lambda n, g: (g * call("LessThan", 0, n.args[0]),))
 register("Sin", 1, lambda xp, p, a: xp.module.sin(a), c="lm_sin({0})",
