@@ -122,5 +122,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    print("| figure | " + " | ".join(a for a in sys.argv[1:] if not a.startswith("-") and not a.isdigit()) + " | new/old |")
+    trees = [a for a in sys.argv[1:] if not a.startswith("-") and not a.isdigit()]
+    print("| figure | " + " | ".join(trees) + " | new/old |")
     main(sys.argv[1:])
