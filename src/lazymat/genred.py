@@ -133,23 +133,34 @@ def _output_axis(output: str) -> tuple[int, int]:
     return (1 if cat == 0 else 0), dim
 
 
+def generic(reduction_op: str, formula: str, output: str, aliases: Sequence[str],
+            kwargs: dict, cls: type | None = None) -> "Genred":
+    """The ``generic_*`` constructors: a Genred (of class ``cls``) whose axis comes from the
+    output alias, and, for ArgKMin, whose K is the output's dim.
+
+    >>> generic("Sum", "SqDist(x, y)", "a = Vi(1)", ["x = Vi(3)", "y = Vj(3)"], {}).axis
+    1
+    """
+    axis, dim = _output_axis(output)
+    if reduction_op == "ArgKMin":
+        kwargs = dict(kwargs, opt_arg=dim)
+    return (cls or Genred)(formula, list(aliases), reduction_op=reduction_op, axis=axis,
+                           **kwargs)
+
+
 def generic_sum(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
     """``generic_sum("Exp(-SqDist(x,y))", "a = Vi(1)", "x = Vi(3)", "y = Vj(3)")``."""
-    axis, _ = _output_axis(output)
-    return Genred(formula, list(aliases), reduction_op="Sum", axis=axis, **kwargs)
+    return generic("Sum", formula, output, aliases, kwargs)
 
 
 def generic_logsumexp(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
-    axis, _ = _output_axis(output)
-    return Genred(formula, list(aliases), reduction_op="LogSumExp", axis=axis, **kwargs)
+    return generic("LogSumExp", formula, output, aliases, kwargs)
 
 
 def generic_argmin(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
-    axis, _ = _output_axis(output)
-    return Genred(formula, list(aliases), reduction_op="ArgMin", axis=axis, **kwargs)
+    return generic("ArgMin", formula, output, aliases, kwargs)
 
 
 def generic_argkmin(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
     """The output alias's dim is K: ``generic_argkmin(f, "a = Vi(10)", ...)``."""
-    axis, K = _output_axis(output)
-    return Genred(formula, list(aliases), reduction_op="ArgKMin", axis=axis, opt_arg=K, **kwargs)
+    return generic("ArgKMin", formula, output, aliases, kwargs)

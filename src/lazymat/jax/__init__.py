@@ -35,8 +35,7 @@ from .. import genred as _genred
 from .. import lazy_tensor as _lazy_tensor
 from .. import plan
 from ..arraylib import is_jax
-from ..errors import CudaUnavailableError, DtypeError, FormulaSyntaxError, ShapeError
-from ..formula.parser import parse_alias
+from ..errors import CudaUnavailableError, DtypeError, ShapeError
 from . import ffi
 from .primitive import Call, Ranges, bind, check_sizes
 
@@ -143,29 +142,17 @@ class Genred(_genred.Genred):
     _run = staticmethod(run)
 
 
-def _output_axis(output: str) -> tuple[int, int]:
-    _, _, dim, cat = parse_alias(output)
-    if cat not in (0, 1):
-        raise FormulaSyntaxError(f"the output alias {output!r} must be Vi(...) or Vj(...)")
-    return (1 if cat == 0 else 0), dim
-
-
 def generic_sum(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
-    axis, _ = _output_axis(output)
-    return Genred(formula, list(aliases), reduction_op="Sum", axis=axis, **kwargs)
+    return _genred.generic("Sum", formula, output, aliases, kwargs, Genred)
 
 
 def generic_logsumexp(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
-    axis, _ = _output_axis(output)
-    return Genred(formula, list(aliases), reduction_op="LogSumExp", axis=axis, **kwargs)
+    return _genred.generic("LogSumExp", formula, output, aliases, kwargs, Genred)
 
 
 def generic_argmin(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
-    axis, _ = _output_axis(output)
-    return Genred(formula, list(aliases), reduction_op="ArgMin", axis=axis, **kwargs)
+    return _genred.generic("ArgMin", formula, output, aliases, kwargs, Genred)
 
 
 def generic_argkmin(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
-    axis, K = _output_axis(output)
-    return Genred(formula, list(aliases), reduction_op="ArgKMin", axis=axis, opt_arg=K,
-                  **kwargs)
+    return _genred.generic("ArgKMin", formula, output, aliases, kwargs, Genred)
