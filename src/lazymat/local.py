@@ -37,8 +37,15 @@ __all__ = ["knn", "radius_sum", "periodic_sqdist", "sort_by_cells", "BRUTE_FORCE
            "POINTS_PER_CELL", "CELLS_PER_RADIUS", "MAX_GRID_DIMS"]
 
 #: The pruned k-NN gives way to brute force when its blocks keep more than this fraction
-#: of all the pairs (high D, few points, or one dense cluster).
-BRUTE_FORCE_FRACTION = 0.3
+#: of all the pairs (high D, few points, or one dense cluster): its pairs are the near ones,
+#: each costing a K-min insertion more often, ~4x a brute-force pair (measured at D = 4-8).
+BRUTE_FORCE_FRACTION = 0.15
+#: For D > MAX_GRID_DIMS, the rows whose exact K-th distance predicts the pruned fraction
+#: before any block is built.
+SAMPLE_ROWS = 64
+#: ... and the pruned path is tried only below this predicted fraction (the prediction runs
+#: low: 0.09 for a kept 0.10 at D = 5, 0.14 for 0.23 at D = 6).
+PREDICTED_FRACTION = 0.08
 #: Target number of columns per cell for k-NN (grid cells of about that many y points).
 POINTS_PER_CELL = 12
 #: Radius windows: grid cells of side r / CELLS_PER_RADIUS.
@@ -47,6 +54,8 @@ CELLS_PER_RADIUS = 2
 MAX_GRID_DIMS = 3
 #: Above this D, the k-NN goes straight to brute force (a 3-D grid prunes nothing there).
 MAX_PRUNED_DIM = 8
+#: Rings wider than this many cells take all the columns instead (far outliers).
+MAX_RING = 12
 #: Below this many pairs, brute force is cheaper than building blocks.
 MIN_PRUNED_PAIRS = 1 << 22
 
@@ -101,7 +110,7 @@ def periodic_sqdist(X: LazyTensor, Y: LazyTensor, box: Any) -> LazyTensor:
     else:
         from .lazy_tensor import Pm
 
-        b = np.asarray(box, dtype=np.float64).reshape(-1)
+        b = np.asarray(box, dtype=X.dtype or np.float64).reshape(-1)
         size, half = Pm(b), Pm(-0.5 * b)
     d = (X - Y).mod(size, half)
     return (d * d).sum()
@@ -160,23 +169,46 @@ def _make_grid(x: np.ndarray, y: np.ndarray, side: float | None, period: np.ndar
     dims = np.argsort(-ext, kind="stable")[:MAX_GRID_DIMS]
     dims = np.sort(dims[ext[dims] > 0]) if (ext[dims] > 0).any() else dims[:1]
     ext_g = np.maximum(ext[dims], 0.0)
-    if side is None:
+    fit = side is None
+    if fit:
         # Cells of POINTS_PER_CELL y points if y filled the box of x and y uniformly.
         used = ext_g[ext_g > 0]
         vol = float(np.prod(used)) if len(used) else 1.0
         side = (vol * POINTS_PER_CELL / max(1, len(y))) ** (1.0 / max(1, len(used)))
-    side = max(float(side), 1e-300)
-    limit = 8 * (len(x) + len(y)) + 64
-    while True:
-        if period is not None:
-            n = np.maximum(1, np.floor(ext_g / side)).astype(np.int64)
-            h = ext_g / n
-        else:
-            n = np.maximum(1, np.ceil(ext_g / side)).astype(np.int64)
-            h = np.full(len(dims), side)
-        if float(np.prod(n.astype(np.float64))) <= limit:
-            break
-        side *= 1.5
+    limit = 1 << 50  # cells are looked up by number (searchsorted), never tabulated
+
+    def cells_of(side: float) -> tuple[np.ndarray, np.ndarray]:
+        side = max(side, 1e-300)
+        while True:  # at most `limit` cells
+            if period is not None:
+                n = np.maximum(1, np.floor(ext_g / side)).astype(np.int64)
+                h = ext_g / n
+            else:
+                n = np.maximum(1, np.ceil(ext_g / side)).astype(np.int64)
+                h = np.full(len(dims), side)
+            if float(np.prod(n.astype(np.float64))) <= limit:
+                return n, h
+            side *= 1.5
+
+    n, h = cells_of(float(side))
+    if fit and len(y):
+        # Uneven clouds (clusters, surfaces): refit the side so that the cell of a typical
+        # y point (point-weighted mean occupancy, on a sample) holds POINTS_PER_CELL points.
+        sample = y[np.random.default_rng(0).choice(len(y), min(len(y), 20000), replace=False)]
+        u = sample[:, dims].astype(np.float64) - lo[dims]
+        for _ in range(4):
+            c = np.clip(np.floor((np.mod(u, ext_g) if period is not None else u) / h), 0,
+                        n - 1).astype(np.int64)
+            strides = np.cumprod(np.concatenate([n[1:], [1]])[::-1])[::-1]
+            counts = np.unique(c @ strides, return_counts=True)[1].astype(np.float64)
+            occupancy = (counts ** 2).sum() / counts.sum() * len(y) / len(sample)
+            ratio = POINTS_PER_CELL / max(occupancy, 1e-300)
+            if 0.7 < ratio < 1.4:
+                break
+            n2, h2 = cells_of(float(h.min()) * ratio ** (1.0 / len(dims)))
+            if np.array_equal(n2, n):
+                break
+            n, h = n2, h2
     scale = float(np.abs(both).max()) if both.size else 1.0
     if period is not None:
         scale = max(scale, float(period.max()))
@@ -219,15 +251,6 @@ def _cells(grid: _Grid, coords: np.ndarray, u: np.ndarray) -> _Cells:
                   lin[starts])
 
 
-def _column_table(grid: _Grid, cols: _Cells) -> tuple[np.ndarray, np.ndarray]:
-    """(first, end) sorted column of every grid cell (empty cells: first == end)."""
-    G = grid.size
-    counts = np.zeros(G, np.int64)
-    counts[cols.lin] = cols.ranges[:, 1] - cols.ranges[:, 0]
-    end = np.cumsum(counts)
-    return end - counts, end
-
-
 def _offsets(L: int, grid: _Grid, k: int) -> tuple[np.ndarray, bool]:
     """Cell offsets (relative) or indices (absolute, when the ring covers the axis) along
     grid axis k for a ring of L cells."""
@@ -238,22 +261,32 @@ def _offsets(L: int, grid: _Grid, k: int) -> tuple[np.ndarray, bool]:
 
 
 def _lines(grid: _Grid, rows: _Cells, which: np.ndarray, R2: np.ndarray, L: np.ndarray,
-           table: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The column intervals that row cells ``which`` need: for each, the lines (runs of
     cells along the last grid axis) of its ring of ``L`` cells whose cells can hold a
     column within distance sqrt(R2) of one of its rows (bounding boxes; R2 = inf: the whole
     ring). Returns (owner, intervals (P, 2) in sorted columns, reach) where owner indexes
-    the row cells and reach is the largest cell offset of the line."""
-    first, end = table
+    the row cells and reach is the largest cell offset of the line, grouped by owner, the
+    nearest lines first. ``table``: the sorted cell numbers of the sorted columns. A ring
+    wider than MAX_RING cells is all the columns, one interval."""
     d = len(grid.dims)
-    owners, ivs, reaches = [], [], []
+    owners, ivs, reaches, gaps = [], [], [], []
     per = grid.period is not None
     strides = grid.strides
+    wide = which[L[which] > MAX_RING]
+    if len(wide):
+        owners.append(wide)
+        ivs.append(np.tile(np.array([[0, len(table)]], np.int64), (len(wide), 1)))
+        reaches.append(L[wide])
+        gaps.append(np.zeros(len(wide)))
+    groups = []
     for Lv in np.unique(L[which]):
-        sel = which[L[which] == Lv]
-        if len(sel) == 0:
+        if Lv > MAX_RING:
             continue
-        Lv = int(Lv)
+        sel = which[L[which] == Lv]
+        step = max(1, 4_000_000 // (2 * int(Lv) + 1) ** max(0, len(grid.dims) - 1))
+        groups += [(int(Lv), sel[k:k + step]) for k in range(0, len(sel), step)]
+    for Lv, sel in groups:
         c, alo, ahi, r2 = rows.coords[sel], rows.lo[sel], rows.hi[sel], R2[sel]
         # Lead axes: every combination of the offsets along axes 0..d-2.
         lead = [_offsets(Lv, grid, k) for k in range(d - 1)]
@@ -303,7 +336,8 @@ def _lines(grid: _Grid, rows: _Cells, which: np.ndarray, R2: np.ndarray, L: np.n
             low = zlo < 0
             high = zhi >= n
             # a run across the wrap is two runs: [zlo mod n, n) and [0, zhi mod n]
-            pieces.append((np.where(low, zlo + n, zlo), np.where(high, n - 1, zhi), valid))
+            pieces.append((np.where(low, zlo + n, zlo), np.where(low | high, n - 1, zhi),
+                           valid))
             pieces.append((np.zeros_like(zlo), np.where(low, zhi, zhi - n), valid & (low | high)))
         else:
             zlo, zhi = np.maximum(zlo, 0), np.minimum(zhi, n - 1)
@@ -311,15 +345,18 @@ def _lines(grid: _Grid, rows: _Cells, which: np.ndarray, R2: np.ndarray, L: np.n
         for lo_z, hi_z, ok in pieces:
             a, q = np.nonzero(ok)
             b = base[a, q]
-            s, e = first[b + lo_z[a, q]], end[b + hi_z[a, q]]
+            s = np.searchsorted(table, b + lo_z[a, q], "left")
+            e = np.searchsorted(table, b + hi_z[a, q], "right")
             keep = e > s
             owners.append(sel[a[keep]])
             ivs.append(np.stack([s[keep], e[keep]], 1))
             reaches.append(reach[a[keep], q[keep]])
+            gaps.append(m2[a[keep], q[keep]])
     if not owners:
         return np.zeros(0, np.int64), np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
     owner, iv, reach = np.concatenate(owners), np.concatenate(ivs), np.concatenate(reaches)
-    order = np.lexsort((iv[:, 0], owner))
+    # The nearest lines first: a K-min's threshold tightens sooner, fewer insertions.
+    order = np.lexsort((iv[:, 0], np.concatenate(gaps), owner))
     return owner[order], iv[order], reach[order]
 
 
@@ -343,9 +380,11 @@ def _ranges(rows: _Cells, owner: np.ndarray, iv: np.ndarray, which: np.ndarray,
         starts = np.flatnonzero(first)
         last = np.r_[starts[1:], len(iv)] - 1
         owner, iv = owner[starts], np.stack([iv[starts, 0], iv[last, 1]], 1)
-    ranges_i = np.zeros((len(rows.ranges), 2), np.int64)
-    ranges_i[which] = rows.ranges[which]
-    slices_i = np.cumsum(np.bincount(owner, minlength=len(rows.ranges))).astype(np.int64)
+    # Only the cells of ``which`` are output ranges (``owner`` lists only them).
+    slot = np.zeros(len(rows.ranges), np.int64)
+    slot[which] = np.arange(len(which))
+    ranges_i = rows.ranges[which]
+    slices_i = np.cumsum(np.bincount(slot[owner], minlength=len(which))).astype(np.int64)
     none = np.zeros((0, 2), np.int64)
     return (ranges_i, slices_i, iv.astype(np.int64), none, np.zeros(0, np.int64), none)
 
@@ -369,12 +408,16 @@ def _ring(R2: np.ndarray, grid: _Grid) -> np.ndarray:
 
 # --------------------------------------------------------------------------- k-NN
 
-def _brute_knn(x: Any, y: Any, K: int, box: Any, **kw: Any) -> tuple[Any, Any]:
+def _brute_knn(x: Any, y: Any, K: int, box: Any, info: dict | None = None, **kw: Any
+               ) -> tuple[Any, Any]:
+    if info is not None:
+        info.update(method="brute force", kept_fraction=1.0, second_pass_cells=0,
+                    tied_rows=0)
     return _sqdist(Vi(x), Vj(y), box).Kmin_argKmin(K, dim=1, **kw)
 
 
 def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
-        **options: Any) -> tuple[Any, Any]:
+        info: dict | None = None, **options: Any) -> tuple[Any, Any]:
     """The K nearest y_j of every x_i: (squared distances (M, K), indices (M, K)), exactly
     what brute force ``Vi(x).sqdist(Vj(y)).Kmin_argKmin(K, dim=1)`` returns, bit for bit,
     ties included (the smaller index first), in x's order; with ``box`` (a float or one size
@@ -387,7 +430,10 @@ def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
     pruning switches itself off (brute force) when it would keep more than
     BRUTE_FORCE_FRACTION of the pairs, for D > MAX_PRUNED_DIM, for small problems and for
     inputs that are not finite; ``prune=False`` forces brute force, ``prune=True`` the
-    pruned path. ``options`` go to the reductions (``backend``...). numpy or torch inputs.
+    pruned path. A dict ``info`` receives what was done: ``method`` ("pruned" or "brute
+    force"), ``kept_fraction`` (pairs reduced / M·N), ``second_pass_cells`` and
+    ``tied_rows`` (rows with a tie across the K-th place, redone by brute force).
+    ``options`` go to the reductions (``backend``...). numpy or torch inputs.
 
     >>> import numpy as np, lazymat as lm
     >>> x = np.random.rand(500, 2).astype(np.float32)
@@ -410,16 +456,19 @@ def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
     auto = prune == "auto"
     if not prune or M == 0 or N <= K or D > (MAX_PRUNED_DIM if auto else 1 << 30) or (
             auto and M * N < MIN_PRUNED_PAIRS):
-        return _brute_knn(x, y, K, box, **options)
+        return _brute_knn(x, y, K, box, info, **options)
     xn, yn = _numpy(x), _numpy(y)
     if not (np.isfinite(xn).all() and np.isfinite(yn).all()):
-        return _brute_knn(x, y, K, box, **options)
+        return _brute_knn(x, y, K, box, info, **options)
     Kp = K + 1  # one more: a strict gap after the K-th value makes the K-set unique
     grid = _make_grid(xn, yn, None, period)
+    if auto and D > len(grid.dims) and _predicted_fraction(x, y, xn, yn, Kp, box, grid,
+                                                           options) > PREDICTED_FRACTION:
+        return _brute_knn(x, y, K, box, info, **options)
     px, cx, ux = sort_by_cells(xn, grid)
     py, cy, uy = sort_by_cells(yn, grid)
     rows, cols = _cells(grid, cx, ux), _cells(grid, cy, uy)
-    table = _column_table(grid, cols)
+    table = cy @ grid.strides
     C = len(rows.ranges)
     # First pass: the smallest ring around each row cell that holds K + 1 columns.
     L1 = np.ones(C, np.int64)
@@ -429,18 +478,18 @@ def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
     while len(todo):
         owner, iv, _ = _lines(grid, rows, todo, inf, L1, table)
         count = np.bincount(owner, weights=iv[:, 1] - iv[:, 0], minlength=C)[todo]
-        done = (count >= Kp) | (L1[todo] >= _full_ring(grid))
+        done = (count >= Kp) | (L1[todo] > MAX_RING)
         keep = np.isin(owner, todo[done])
         owner_parts.append(owner[keep])
         iv_parts.append(iv[keep])
         todo = todo[~done]
-        L1[todo] = np.minimum(2 * L1[todo], _full_ring(grid))
+        L1[todo] = 2 * L1[todo]
     owner = np.concatenate(owner_parts)
     iv = np.concatenate(iv_parts)
-    order = np.lexsort((iv[:, 0], owner))
+    order = np.argsort(owner, kind="stable")
     owner, iv = owner[order], iv[order]
     if auto and _pairs(rows, owner, iv) > BRUTE_FORCE_FRACTION * M * N:
-        return _brute_knn(x, y, K, box, **options)
+        return _brute_knn(x, y, K, box, info, **options)
     xs, ys = x[_like(px, x)], y[_like(py, y)]
     formula = _sqdist(Vi(xs), Vj(ys), box)
     all_rows = np.arange(C)
@@ -455,12 +504,15 @@ def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
     owner2, iv2, reach = _lines(grid, rows, all_rows, R2, L2, table)
     beyond = np.zeros(C, bool)
     np.logical_or.at(beyond, owner2, reach > L1[owner2])
+    beyond &= L1 <= MAX_RING  # a first pass over all the columns is final
     again = np.flatnonzero(beyond)
+    kept = _pairs(rows, owner, iv)
     if len(again):
         sel = np.isin(owner2, again)
         owner2, iv2 = owner2[sel], iv2[sel]
         if auto and _pairs(rows, owner2, iv2) > BRUTE_FORCE_FRACTION * M * N:
-            return _brute_knn(x, y, K, box, **options)
+            return _brute_knn(x, y, K, box, info, **options)
+        kept += _pairs(rows, owner2, iv2)
         v2, j2 = formula.Kmin_argKmin(Kp, dim=1, ranges=_ranges(rows, owner2, iv2, again),
                                       **options)
         redo = _rows_of(rows, again)
@@ -483,7 +535,30 @@ def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
     if len(amb):
         bv, bi = _brute_knn(x[_like(amb, x)], y, K, box, **options)
         out_v[amb], out_i[amb] = _numpy(bv), _numpy(bi)
+        kept += len(amb) * N
+    if info is not None:
+        info.update(method="pruned", kept_fraction=kept / (M * N),
+                    second_pass_cells=len(again), tied_rows=len(amb))
     return _like(out_v, x), _like(out_i, x)
+
+
+def _predicted_fraction(x: Any, y: Any, xn: np.ndarray, yn: np.ndarray, Kp: int, box: Any,
+                        grid: _Grid, options: dict) -> float:
+    """The fraction of pairs the pruned k-NN would keep, from SAMPLE_ROWS rows: their exact
+    (K+1)-th distance R, and the share of (up to 2048) columns within R + one cell diagonal
+    over the grid's coordinates alone (what bounding boxes on those coordinates can prune;
+    the cells pad the ball)."""
+    pick = np.random.default_rng(0)
+    rows = pick.choice(len(xn), min(len(xn), SAMPLE_ROWS), replace=False)
+    cols = pick.choice(len(yn), min(len(yn), 2048), replace=False)
+    r2 = _numpy(_sqdist(Vi(x[_like(rows, x)]), Vj(y), box).Kmin(Kp, dim=1, **options))
+    r2 = r2.reshape(len(rows), -1)[:, -1].astype(np.float64)
+    diff = xn[rows][:, None, grid.dims].astype(np.float64) - yn[cols][None, :, grid.dims]
+    if grid.period is not None:
+        diff -= grid.period * np.round(diff / grid.period)
+    reach = np.sqrt(r2) + float(np.sqrt((grid.h ** 2).sum()))
+    near = (diff * diff).sum(-1) <= (reach * reach)[:, None]
+    return float(near.mean())
 
 
 def _rows_of(cells: _Cells, which: np.ndarray) -> np.ndarray:
@@ -535,7 +610,7 @@ def radius_sum(x: Any, y: Any, r: float, b: Any = None,
     px, cx, ux = sort_by_cells(xn, grid)
     py, cy, uy = sort_by_cells(yn, grid)
     rows, cols = _cells(grid, cx, ux), _cells(grid, cy, uy)
-    table = _column_table(grid, cols)
+    table = cy @ grid.strides
     C = len(rows.ranges)
     eps = float(np.finfo(xn.dtype).eps)
     R2 = np.full(C, r * r * (1 + 64 * eps))
