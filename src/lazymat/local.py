@@ -48,7 +48,9 @@ SAMPLE_ROWS = 64
 PREDICTED_FRACTION = 0.08
 #: Target number of columns per cell for k-NN (grid cells of about that many y points).
 POINTS_PER_CELL = 12
-#: Radius windows: grid cells of side r / CELLS_PER_RADIUS.
+#: Radius windows: grid cells of side r / CELLS_PER_RADIUS at least, and of about
+#: WINDOW_POINTS_PER_CELL points (rows of a cell share the SIMD lanes of a task).
+WINDOW_POINTS_PER_CELL = 16
 CELLS_PER_RADIUS = 2
 #: The grid uses at most this many coordinates (the ones of largest extent).
 MAX_GRID_DIMS = 3
@@ -154,10 +156,10 @@ class _Grid:
         return np.clip(np.floor(u / self.h), 0, self.n - 1).astype(np.int64)
 
 
-def _make_grid(x: np.ndarray, y: np.ndarray, side: float | None, period: np.ndarray | None
-               ) -> _Grid:
-    """A grid over x and y: cells of side ``side``, or (None) of about POINTS_PER_CELL y
-    points; at most 8 (M + N) cells."""
+def _make_grid(x: np.ndarray, y: np.ndarray, side: float | None, period: np.ndarray | None,
+               per_cell: int = 0) -> _Grid:
+    """A grid over x and y: cells of about ``per_cell`` y points (POINTS_PER_CELL when 0)
+    where the points are, or of side ``side`` when that is larger."""
     D = x.shape[1]
     both = np.concatenate([x, y]) if len(x) and len(y) else (x if len(x) else y)
     if period is not None:
@@ -169,12 +171,14 @@ def _make_grid(x: np.ndarray, y: np.ndarray, side: float | None, period: np.ndar
     dims = np.argsort(-ext, kind="stable")[:MAX_GRID_DIMS]
     dims = np.sort(dims[ext[dims] > 0]) if (ext[dims] > 0).any() else dims[:1]
     ext_g = np.maximum(ext[dims], 0.0)
-    fit = side is None
+    per_cell = per_cell or POINTS_PER_CELL
+    fit, least = True, float(side or 0.0)
     if fit:
         # Cells of POINTS_PER_CELL y points if y filled the box of x and y uniformly.
         used = ext_g[ext_g > 0]
         vol = float(np.prod(used)) if len(used) else 1.0
-        side = (vol * POINTS_PER_CELL / max(1, len(y))) ** (1.0 / max(1, len(used)))
+        side = (vol * per_cell / max(1, len(y))) ** (1.0 / max(1, len(used)))
+        side = max(side, least)
     limit = 1 << 50  # cells are looked up by number (searchsorted), never tabulated
 
     def cells_of(side: float) -> tuple[np.ndarray, np.ndarray]:
@@ -202,10 +206,10 @@ def _make_grid(x: np.ndarray, y: np.ndarray, side: float | None, period: np.ndar
             strides = np.cumprod(np.concatenate([n[1:], [1]])[::-1])[::-1]
             counts = np.unique(c @ strides, return_counts=True)[1].astype(np.float64)
             occupancy = (counts ** 2).sum() / counts.sum() * len(y) / len(sample)
-            ratio = POINTS_PER_CELL / max(occupancy, 1e-300)
+            ratio = per_cell / max(occupancy, 1e-300)
             if 0.7 < ratio < 1.4:
                 break
-            n2, h2 = cells_of(float(h.min()) * ratio ** (1.0 / len(dims)))
+            n2, h2 = cells_of(max(least, float(h.min()) * ratio ** (1.0 / len(dims))))
             if np.array_equal(n2, n):
                 break
             n, h = n2, h2
@@ -606,7 +610,7 @@ def radius_sum(x: Any, y: Any, r: float, b: Any = None,
         raise ShapeError(f"the radius must be positive, got {r}")
     period = _box(box, D)
     xn, yn = _numpy(x), _numpy(y)
-    grid = _make_grid(xn, yn, r / CELLS_PER_RADIUS, period)
+    grid = _make_grid(xn, yn, r / CELLS_PER_RADIUS, period, WINDOW_POINTS_PER_CELL)
     px, cx, ux = sort_by_cells(xn, grid)
     py, cy, uy = sort_by_cells(yn, grid)
     rows, cols = _cells(grid, cx, ux), _cells(grid, cy, uy)
