@@ -86,8 +86,8 @@ def attention(sizes: list[int], heads: int, repeat: int) -> None:
                        for i in range(3))
             tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
             if h > 1:
-                Q, Kt, V = lm.Vi(q[:, :, None, :]), lm.Vj(k[:, None, :, :]), lm.Vj(
-                    v[:, None, :, :])
+                Q, Kt, V = (lm.LazyTensor(q[:, :, None, :]), lm.LazyTensor(k[:, None, :, :]),
+                            lm.LazyTensor(v[:, None, :, :]))
             else:
                 Q, Kt, V = lm.Vi(q), lm.Vj(k), lm.Vj(v)
 
