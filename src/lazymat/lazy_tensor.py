@@ -543,7 +543,7 @@ class LazyTensor:
 
         >>> import numpy as np
         >>> Vi(np.ones((2, 3))).sum().ndim, Vi(np.ones((2, 3))).sum(0).shape
-        (1, (3,))
+        (1, (1, 3))
         """
         return self._inner_or_reduce("Sum", "Sum", dim if dim is not None else axis, kw)
 
