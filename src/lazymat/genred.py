@@ -53,6 +53,12 @@ class Genred:
     ``axis=1`` reduces over j (one output row per i), ``axis=0`` over i.
     ``opt_arg`` is K for the K-min reductions; ``formula2`` the weight of
     LogSumExp / SumSoftMaxWeight.
+
+    >>> import numpy as np
+    >>> knn = Genred("SqDist(x, y)", ["x = Vi(2)", "y = Vj(2)"], reduction_op="ArgKMin",
+    ...              axis=1, opt_arg=2)
+    >>> knn(np.zeros((1, 2)), np.array([[3.0, 3.0], [0.1, 0.0], [1.0, 1.0]])).tolist()
+    [[1, 2]]
     """
 
     #: runs the reduction (plan.run's signature); lazymat.jax's Genred sets its own
@@ -149,18 +155,44 @@ def generic(reduction_op: str, formula: str, output: str, aliases: Sequence[str]
 
 
 def generic_sum(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
-    """``generic_sum("Exp(-SqDist(x,y))", "a = Vi(1)", "x = Vi(3)", "y = Vj(3)")``."""
+    """A Sum Genred whose output alias gives the axis (``Vi``: over j, ``Vj``: over i).
+
+    >>> import numpy as np
+    >>> f = generic_sum("Exp(-SqDist(x, y))", "a = Vi(1)", "x = Vi(2)", "y = Vj(2)")
+    >>> f(np.zeros((3, 2)), np.zeros((5, 2))).ravel().tolist()
+    [5.0, 5.0, 5.0]
+    """
     return generic("Sum", formula, output, aliases, kwargs)
 
 
 def generic_logsumexp(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
+    """A LogSumExp Genred (see :func:`generic_sum`).
+
+    >>> import numpy as np
+    >>> f = generic_logsumexp("-SqDist(x, y)", "a = Vi(1)", "x = Vi(1)", "y = Vj(1)")
+    >>> f(np.zeros((2, 1)), np.zeros((4, 1))).ravel().round(4).tolist()  # log 4
+    [1.3863, 1.3863]
+    """
     return generic("LogSumExp", formula, output, aliases, kwargs)
 
 
 def generic_argmin(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
+    """An ArgMin Genred (see :func:`generic_sum`); ties give the first index.
+
+    >>> import numpy as np
+    >>> f = generic_argmin("SqDist(x, y)", "a = Vi(1)", "x = Vi(1)", "y = Vj(1)")
+    >>> f(np.array([[0.0], [5.0]]), np.array([[4.0], [1.0], [6.0]])).tolist()
+    [[1], [0]]
+    """
     return generic("ArgMin", formula, output, aliases, kwargs)
 
 
 def generic_argkmin(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
-    """The output alias's dim is K: ``generic_argkmin(f, "a = Vi(10)", ...)``."""
+    """An ArgKMin Genred whose K is the output alias's dim (see :func:`generic_sum`).
+
+    >>> import numpy as np
+    >>> f = generic_argkmin("SqDist(x, y)", "a = Vi(2)", "x = Vi(1)", "y = Vj(1)")
+    >>> f(np.zeros((1, 1)), np.array([[4.0], [1.0], [6.0]])).tolist()
+    [[1, 0]]
+    """
     return generic("ArgKMin", formula, output, aliases, kwargs)

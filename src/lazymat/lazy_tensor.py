@@ -66,6 +66,12 @@ class LazyTensor:
     Build one with :func:`Vi`, :func:`Vj`, :func:`Pm` or, as in pykeops,
     ``LazyTensor(x[:, None, :])`` (i), ``LazyTensor(y[None, :, :])`` (j),
     ``LazyTensor(p)`` for a 1-D array or a float (parameter).
+
+    >>> import numpy as np
+    >>> x, y = np.random.rand(4, 1, 3), np.random.rand(1, 6, 3)
+    >>> D_ij = ((LazyTensor(x) - LazyTensor(y)) ** 2).sum(-1)  # pykeops' layout
+    >>> D_ij.shape, D_ij.argmin(dim=1).shape
+    ((4, 6), (4, 1))
     """
 
     __array_ufunc__ = None  # numpy operators defer to ours
@@ -1220,13 +1226,26 @@ def Vi(x: Any, dim: int | None = None) -> LazyTensor:
 
 
 def Vj(x: Any, dim: int | None = None) -> LazyTensor:
-    """A j-indexed variable from an (N, D) or (N,) array: y_j; ``Vj(index, dim)``: symbolic."""
+    """A j-indexed variable from an (N, D) or (N,) array: y_j; ``Vj(index, dim)``: symbolic.
+
+    >>> import numpy as np
+    >>> y = np.arange(8.0).reshape(4, 2)
+    >>> Vi(np.zeros((3, 2))).sqdist(Vj(y)).min(dim=1).ravel().tolist()
+    [1.0, 1.0, 1.0]
+    """
     return _variable(x, dim, J_CAT)
 
 
 def Pm(x: Any, dim: int | None = None) -> LazyTensor:
     """A parameter (same for every i and j) from a float or a 1-D array; ``Pm(index, dim)``:
-    symbolic."""
+    symbolic.
+
+    >>> import numpy as np
+    >>> x, y = np.zeros((2, 1)), np.ones((3, 1))
+    >>> K = (-Pm(0.5) * Vi(x).sqdist(Vj(y))).exp()  # another float: the same kernel
+    >>> K.sum(dim=1).ravel().round(4).tolist()
+    [1.8196, 1.8196]
+    """
     if dim is not None:
         return _symbolic_lazy(x, dim, P_CAT)
     if isinstance(x, (int, float)) and not isinstance(x, bool):

@@ -30,7 +30,17 @@ from .preconditioners import SchwarzPreconditioner, kd_order, leaf_boxes
 
 
 class ConvergenceWarning(RuntimeWarning):
-    """Conjugate gradient stopped at its iteration cap before reaching the tolerance."""
+    """Conjugate gradient stopped at its iteration cap before reaching the tolerance.
+
+    >>> import warnings, numpy as np, lazymat as lm
+    >>> x = np.random.rand(100, 2)
+    >>> K = (-lm.Vi(x).sqdist(lm.Vj(x)) * 10).exp()
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     a = K.solve(np.ones((100, 1)), alpha=1e-3, max_iter=1)
+    >>> any(w.category is lm.ConvergenceWarning for w in caught)
+    True
+    """
 
 
 # Below this many rows, "auto" solves with plain CG: a preconditioner's setup would cost more
