@@ -86,6 +86,23 @@ def test_slow_doctests_exist():
     assert set(SLOW_DOCTESTS) <= found, set(SLOW_DOCTESTS) - found
 
 
+#: pages of docs/ whose ``>>>`` examples run (the others show code in code-blocks)
+PAGES = sorted(str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.rst")
+               if "_build" not in p.parts and "auto_examples" not in p.parts
+               and ">>>" in p.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_examples(page):
+    """The guide's examples are doctests too (torch examples need torch)."""
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    if "import torch" in text:
+        pytest.importorskip("torch")
+    result = doctest.testfile(str(ROOT / "docs" / page), module_relative=False,
+                              optionflags=FLAGS, verbose=False, report=True)
+    assert result.failed == 0 and result.attempted > 0
+
+
 # --------------------------------------------------------------------------- public names
 
 #: public modules -> names to check (their __all__, or a list where a module has none)
