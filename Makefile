@@ -8,7 +8,7 @@ STAMP := $(VENV)/.stamp
 LAZYMAT_CACHE_DIR ?= $(CURDIR)/.cache/lazymat
 export LAZYMAT_CACHE_DIR
 
-.PHONY: test test-slow test-gpu demo bench docs docs-full clean
+.PHONY: test test-slow test-gpu demo bench gallery docs docs-full clean
 
 $(VENV): $(STAMP)
 
@@ -35,6 +35,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m benchmarks
+
+# Every examples/plot_*.py at full size; pictures and tables in examples/output/
+# (LAZYMAT_GALLERY_OUTPUT to change it). LAZYMAT_GALLERY_SIZE=small is what make test runs.
+gallery: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[gallery]'
+	@set -e; for f in examples/plot_*.py; do echo "== $$f"; $(VPY) $$f; done
 
 # The docs (docs/, Sphinx): `make docs` builds docs/_build/html without running the gallery
 # (fast; warnings are errors, internal references checked); `make docs-full` runs the
