@@ -220,9 +220,11 @@ def test_benchmark_markdown_to_rst():
     finally:
         sys.path.pop(0)
     md = ("## Title\n\nSome `code` and a_b.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
-          "UserWarning: noise\n| 3 | 4 |\n\n![plot](x.png)\n")
+          "UserWarning: noise\n  warnings.warn(\n| 3 | 4 |\n\n![plot](x.png)\n")
     rst = "\n".join(markdown_to_rst(md, "/imgs"))
     assert ".. rubric:: Title" in rst and "Some ``code`` and a\\_b." in rst
     assert ".. list-table::" in rst and "noise" not in rst
     assert rst.count("   * - ") == 3 and "     - 4" in rst
     assert ".. image:: /imgs/x.png" in rst
+    two = "\n".join(markdown_to_rst("| a |\n|---|\n| 1 |\n| b |\n|---|\n| 2 |\n", "/i"))
+    assert two.count(".. list-table::") == 2 and "   * - b" in two

@@ -306,6 +306,17 @@ def _md_inline(text: str) -> str:
     return "".join(out)
 
 
+def _stray(lines: list[str], k: int) -> bool:
+    """Whether line k is text printed inside a table (a peer's warning): non-blank lines
+    followed by more rows of the table."""
+    m = k
+    while m < len(lines) and lines[m].strip() and not _TABLE_ROW.match(lines[m]):
+        if _HEADING.match(lines[m]) or _IMAGE.match(lines[m]):
+            return False
+        m += 1
+    return m > k and m < len(lines) and bool(_TABLE_ROW.match(lines[m]))
+
+
 def markdown_to_rst(text: str, image_dir: str) -> list[str]:
     """The subset of markdown the benchmark scripts write: headings (as rubrics), paragraphs,
     pipe tables (lines of a table that are not rows, such as a warning a peer printed, are
@@ -316,18 +327,19 @@ def markdown_to_rst(text: str, image_dir: str) -> list[str]:
     while k < len(lines):
         line = lines[k].rstrip()
         if _TABLE_ROW.match(line):
-            rows = []
-            while k < len(lines) and (_TABLE_ROW.match(lines[k]) or (
-                    lines[k].strip() and not lines[k].startswith(("#", "!")) and rows
-                    and k + 1 < len(lines) and _TABLE_ROW.match(lines[k + 1]))):
+            tables: list[list[list[str]]] = [[]]
+            while k < len(lines) and (_TABLE_ROW.match(lines[k]) or _stray(lines, k)):
                 if _TABLE_ROW.match(lines[k]):
                     cells = [c.strip() for c in lines[k].strip()[1:-1].split("|")]
                     if not all(re.fullmatch(r":?-+:?", c) for c in cells):
-                        rows.append([_md_inline(c) for c in cells])
+                        tables[-1].append([_md_inline(c) for c in cells])
+                    elif len(tables[-1]) > 1:  # a second table right below: its header row
+                        tables.append([tables[-1].pop()])
                 k += 1
-            width = max(len(r) for r in rows)
-            rows = [r + [""] * (width - len(r)) for r in rows]
-            out += _list_table(rows[0], rows[1:])
+            for rows in tables:
+                width = max(len(r) for r in rows)
+                rows = [r + [""] * (width - len(r)) for r in rows]
+                out += _list_table(rows[0], rows[1:])
             continue
         m = _HEADING.match(line)
         if m:
