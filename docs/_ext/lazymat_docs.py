@@ -273,7 +273,8 @@ class Api(_RstDirective):
             if inspect.isclass(obj) and issubclass(obj, BaseException):
                 lines += [f".. autoexception:: {name}", "   :show-inheritance:", ""]
             elif inspect.isclass(obj):
-                lines += [f".. autoclass:: {name}", "   :members:", "   :show-inheritance:", ""]
+                lines += [f".. autoclass:: {name}", "   :members:", "   :undoc-members:",
+                          "   :show-inheritance:", ""]
                 if obj.__init__ is not object.__init__ and obj.__call__ is not type.__call__:
                     lines[-2:-2] = ["   :special-members: __call__"]
             elif callable(obj):
@@ -391,12 +392,14 @@ def _fill_method_docstring(app, what, name, obj, options, lines) -> None:
     kind, key = targets[-1]
     if kind == "reduction":
         red = REDUCTIONS[key]
-        lines += [f"The ``{key}`` reduction: {_cell(red.doc)}. ``dim=1`` reduces over j, "
+        what = _cell(red.doc).rstrip(".")
+        lines += [f"The ``{key}`` reduction: {what}. ``dim=1`` reduces over j, "
                   f"``dim=0`` over i; see :ref:`reductions`."]
     else:
         doc = OPS[key].doc if key in OPS else (inspect.getdoc(MACROS[key]) or "").split(
             "\n\n")[0]
-        lines += [f"The formula op ``{_op_call(key)}``" + (f": {_cell(doc)}" if doc else "")
+        doc = _cell(doc).rstrip(".")
+        lines += [f"The formula op ``{_op_call(key)}``" + (f": {doc}" if doc else "")
                   + "; see :ref:`ops`."]
 
 
