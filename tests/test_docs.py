@@ -208,6 +208,21 @@ def test_docs_gallery_pages(built_docs):
     assert not missing, missing
 
 
+def test_genred_page_syntax_parses():
+    """The syntax the Genred page describes by hand (the ops come from the registry): every
+    constant, variable spelling and operator it lists parses, with Python's precedence."""
+    import numpy as np
+
+    from lazymat import Genred
+
+    formula = ("IntCst(2) * RatCst(1, 2) * IntInv(4) + Zero(1) + 0.5 * (x | Vj(1, 2))"
+               " - Var(2, 1, 2) ** 2 + (Pm(2, 1) < 1) + (Elem(x, 0) >= Elem(y, 0))")
+    f = Genred(formula, ["x = Vi(2)", "y = Vj(2)", "p = Pm(1)"], axis=1)
+    x, y, p = np.ones((3, 2)), np.full((4, 2), 2.0), np.array([3.0])
+    # each pair: 2 * 1/2 * 1/4 + 0 + 0.5 * <x, y> - p ** 2 + (p < 1) + (x0 >= y0), 4 pairs
+    assert np.allclose(f(x, y, p), 4 * (0.25 + 0.5 * 4 - 9 + 0 + 0))
+
+
 # --------------------------------------------------------------------------- the converter
 
 def test_benchmark_markdown_to_rst():
