@@ -64,6 +64,22 @@ nitpick_ignore_regex = [
                r"array|Array|Tensor|ndarray|dtype)"),
 ]
 
+def _drop_stale_gallery_pages() -> None:
+    """sphinx-gallery keeps the pages of scripts that were renamed or deleted (and Sphinx then
+    warns that they are in no toctree): remove what no ``examples/*.py`` script makes."""
+    out = Path(__file__).parent / "auto_examples"
+    if not out.is_dir():
+        return
+    scripts = {p.stem for p in (ROOT / "examples").glob("*.py")}
+    for path in list(out.glob("*")) + list(out.glob("images/**/*")):
+        stem = path.name.split(".")[0].removeprefix("sphx_glr_")
+        if path.is_file() and stem.startswith("plot_") and not any(
+                stem == s or stem.startswith(s + "_") for s in scripts):
+            path.unlink()
+
+
+_drop_stale_gallery_pages()
+
 # sphinx-gallery: examples/plot_*.py -> auto_examples/. make docs passes plot_gallery=0 (the
 # pages are made from the scripts' text, nothing runs); make docs-full runs them.
 sphinx_gallery_conf = {
