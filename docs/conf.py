@@ -70,6 +70,9 @@ def _drop_stale_gallery_pages() -> None:
     out = Path(__file__).parent / "auto_examples"
     if not out.is_dir():
         return
+    # the execution-time tables list every script seen before: sphinx-gallery rewrites them
+    for table in (out / "sg_execution_times.rst", out.parent / "sg_execution_times.rst"):
+        table.unlink(missing_ok=True)
     scripts = {p.stem for p in (ROOT / "examples").glob("*.py")}
     for path in list(out.glob("*")) + list(out.glob("images/**/*")):
         stem = path.name.split(".")[0].removeprefix("sphx_glr_")
