@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# The repository; a copy of docs/ elsewhere (tests/test_docs.py builds one) names it.
+ROOT = Path(os.environ.get("LAZYMAT_DOCS_ROOT") or Path(__file__).resolve().parents[1])
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "docs" / "_ext"))
 sys.path.insert(0, str(ROOT / "examples"))  # the gallery scripts import examples/_gallery.py

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 import re
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from docutils.parsers.rst import directives
 from docutils.statemachine import StringList
 from sphinx.util.docutils import SphinxDirective
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(os.environ.get("LAZYMAT_DOCS_ROOT") or Path(__file__).resolve().parents[2])
 
 # --------------------------------------------------------------------------- registries
 
@@ -368,8 +369,9 @@ class Results(_RstDirective):
     def rst(self) -> list[str]:
         path = ROOT / "benchmarks" / "results" / self.arguments[0]
         self.env.note_dependency(str(path))
-        # an image path starting with "/" is relative to the docs' source folder
-        return markdown_to_rst(path.read_text(encoding="utf-8"), "/../benchmarks/results")
+        here = Path(self.env.doc2path(self.env.docname)).parent
+        return markdown_to_rst(path.read_text(encoding="utf-8"),
+                               os.path.relpath(path.parent, here))
 
 
 # --------------------------------------------------------------------------- method docstrings
