@@ -200,7 +200,11 @@ def set_build_folder(path: str | None = None) -> None:
     """Point the compile cache at ``path`` (``LAZYMAT_CACHE_DIR``), for kernels compiled
     from now on; None restores the default.
 
-    >>> set_build_folder(get_build_folder())  # kernels compiled from now on go there
+    >>> before = os.environ.get("LAZYMAT_CACHE_DIR")
+    >>> set_build_folder("/tmp/my-kernels")  # kernels compiled from now on go there
+    >>> os.environ["LAZYMAT_CACHE_DIR"]
+    '/tmp/my-kernels'
+    >>> set_build_folder(before)  # back (None: the default folder)
     """
     if path is None:
         os.environ.pop("LAZYMAT_CACHE_DIR", None)
