@@ -21,7 +21,8 @@ Conventions of a gallery script (sphinx-gallery style, so the docs render it as 
   the example cannot do without (exits with code 77, which the test reports as a skip).
 - Results: ``print_table(title, rows)``; each row is a dict with ``"method"`` and ``"seconds"``
   (``None`` for a skipped peer) and any other columns (error, memory, accuracy); the ratio to the
-  first row is added. The table also goes to ``<output>/<script>.txt``.
+  first row is added (to the first row of the same ``"case"``, if rows have one: put lazymat
+  first). The table also goes to ``<output>/<script>.txt``.
 - Pictures: ``save_figure(fig, "name")`` writes ``<output>/<script>_name.png`` (matplotlib's Agg
   backend; the figure stays open so sphinx-gallery shows it too); ``save_gif(frames, "name")``
   for animations. ``<output>`` is ``$LAZYMAT_GALLERY_OUTPUT``, else ``examples/output/``
@@ -137,6 +138,21 @@ def _sync(result: Any) -> None:
         torch.cuda.synchronize()
 
 
+def _fixed_mmap_threshold() -> None:
+    """glibc raises its mmap threshold after big frees, so freed blocks of up to 32 MiB stay
+    resident and reused: a fixed threshold makes every big block an mmap, returned at free, so
+    that the resident memory measures what a call allocates."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_fixed_mmap_threshold()
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -236,29 +252,35 @@ _WRITTEN: set[Path] = set()
 
 def print_table(title: str, rows: Sequence[dict], save_as: str | None = None) -> str:
     """Print rows (dicts with ``method``, ``seconds`` and any other columns) as a table, with
-    each time's ratio to the first row's (``x 2.0`` = twice as slow as the first row). Also
-    written to ``<output>/<script>[_save_as].txt``; returns the text.
+    each time's ratio to the first row's (``x 2.00`` = twice as slow as the first row). Rows
+    with a ``"case"`` key (say ``"N=10000"``) are compared with the first row of their case.
+    Also written to ``<output>/<script>[_save_as].txt`` (the tables of one run); returns the text.
 
     >>> _ = print_table("demo", [{"method": "lazymat", "seconds": 0.1, "error": "1e-7"},
     ...                          {"method": "numpy", "seconds": 0.3, "error": "0"}])  # doctest: +SKIP
     """
-    columns = ["method", "time", "vs first"]
+    grouped = any("case" in row for row in rows)
+    columns = (["case"] if grouped else []) + ["method", "time", "vs first"]
     for row in rows:
-        columns += [k for k in row if k not in ("method", "seconds") and k not in columns]
-    base = rows[0].get("seconds") if rows else None
+        columns += [k for k in row if k not in ("method", "seconds", "case") and k not in columns]
+    firsts: dict = {}
+    for row in rows:
+        firsts.setdefault(row.get("case"), row.get("seconds"))
     cells = []
     for row in rows:
-        s = row.get("seconds")
+        s, base = row.get("seconds"), firsts[row.get("case")]
         ratio = f"x {s / base:.2f}" if s is not None and base else "-"
-        cell = {"method": str(row["method"]), "time": format_seconds(s), "vs first": ratio}
-        for k in columns[3:]:
-            v = row.get(k, "")
-            cell[k] = f"{v:.2e}" if isinstance(v, float) else str(v)
+        cell = {"case": str(row.get("case", "")), "method": str(row["method"]),
+                "time": format_seconds(s), "vs first": ratio}
+        for k in columns:
+            if k not in cell:
+                v = row.get(k, "")
+                cell[k] = f"{v:.2e}" if isinstance(v, float) else str(v)
         cells.append(cell)
     widths = {c: max([len(c)] + [len(cell[c]) for cell in cells]) for c in columns}
     line = "  ".join(c.ljust(widths[c]) for c in columns)
     text = [title, line, "  ".join("-" * widths[c] for c in columns)]
-    text += ["  ".join(cell[c].ljust(widths[c]) for c in columns) for cell in cells]
+    text += ["  ".join(cell[c].ljust(widths[c]) for c in columns).rstrip() for cell in cells]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     text.append(f"(size={SIZE}, medians, load average {load})")
     out = "\n".join(text)
