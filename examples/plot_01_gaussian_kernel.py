@@ -1,14 +1,14 @@
-"""
+r"""
 Gaussian kernel product and its gradient
 ========================================
 
-The Gaussian kernel product :math:`a_i = \\sum_j \\exp(-\\|x_i - y_j\\|^2 / 2\\sigma^2)\\, b_j`
+The Gaussian kernel product :math:`a_i = \sum_j \exp(-\|x_i - y_j\|^2 / 2\sigma^2)\, b_j`
 is the workhorse of kernel methods (kernel density estimates, RBF interpolation, MMD losses,
 the gradient of a smoothed point-set energy). Written with dense torch it stores the M×N
 kernel matrix (and the M×N×D differences of its broadcast form) and its backward pass stores
 them again; lazymat streams over the symbolic matrix and stores nothing of size M×N.
 
-We compute :math:`a` and :math:`\\nabla_x \\sum_i a_i` (the force that moves each point x_i)
+We compute :math:`a` and :math:`\nabla_x \sum_i a_i` (the force that moves each point x_i)
 three ways, with the same float32 torch tensors:
 
 - **lazymat**: ``(-Vi(x).sqdist(Vj(y)) / (2σ²)).exp() @ b``, differentiated by torch autograd;
@@ -105,7 +105,7 @@ for n in SIZES:
                          + format_bytes(n * n * 4 * (D + 2))})
             curves[name].append(np.nan)
             continue
-        seconds, _ = median_time(lambda: fn(x, y, b), repeat=sized(3, 3 if n <= DENSE_MAX else 1))
+        seconds, _ = median_time(lambda: fn(x, y, b), repeat=sized(1, 3 if n <= DENSE_MAX else 1))
         memory, _ = peak_memory(lambda: fn(x, y, b))
         rows.append({"case": f"N={n}", "method": name, "seconds": seconds,
                      "peak memory": format_bytes(memory),

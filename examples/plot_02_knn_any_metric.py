@@ -1,4 +1,4 @@
-"""
+r"""
 k-nearest neighbours under any metric
 =====================================
 
@@ -12,7 +12,7 @@ but they apply to few metrics. We show:
 1. Euclidean k-NN, in 3-D (vs the kd-tree) and in 32-D (vs faiss ``IndexFlatL2``);
 2. cosine similarity (normalised dot products);
 3. the **Poincaré-ball (hyperbolic) distance**
-   :math:`d(u, v) = \\operatorname{arcosh}\\big(1 + 2\\|u-v\\|^2 / ((1-\\|u\\|^2)(1-\\|v\\|^2))\\big)`,
+   :math:`d(u, v) = \operatorname{arcosh}\big(1 + 2\|u-v\|^2 / ((1-\|u\|^2)(1-\|v\|^2))\big)`,
    used for tree-like embeddings, which neither faiss nor the kd-tree offers;
 4. a k-NN classifier on scikit-learn's bundled handwritten digits, with its accuracy.
 
@@ -34,7 +34,7 @@ sk_neighbors = peer("sklearn.neighbors")
 header("k-nearest neighbours under any metric (float32, K = 10)")
 rng = np.random.default_rng(0)
 K = 10
-N_CHECK = 200  # queries checked against the dense oracle
+N_CHECK = sized(small=50, full=200)  # queries checked against the dense oracle
 
 
 def dense_kmin(dist_fn, x, y, k=None):

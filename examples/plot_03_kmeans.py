@@ -48,7 +48,7 @@ def inertia(x, c, labels):
     return float(((x.astype(np.float64) - c[labels]) ** 2).sum())
 
 
-t, (c, labels) = median_time(lambda: kmeans_lazymat(x, c0), repeat=sized(3, 3))
+t, (c, labels) = median_time(lambda: kmeans_lazymat(x, c0), repeat=sized(1, 3))
 
 # %%
 # Correctness: the final assignment is the exact nearest centroid (dense check on a subset of
@@ -71,7 +71,7 @@ rows = [{"method": "lazymat ArgMin + bincount", "seconds": t,
 if sk_cluster is not None:
     km = sk_cluster.KMeans(n_clusters=K, init=c0, n_init=1, max_iter=ITERS, tol=0,
                            algorithm="lloyd")
-    t_sk, km = median_time(lambda: km.fit(x), repeat=sized(3, 3))
+    t_sk, km = median_time(lambda: km.fit(x), repeat=sized(1, 3))
     sk_c = km.cluster_centers_
     # sklearn stops after the step where no label changes; lazymat runs ITERS steps, which
     # leave the centroids unchanged past that point.

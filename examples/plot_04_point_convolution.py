@@ -1,19 +1,19 @@
-"""
+r"""
 Point-cloud convolution (message passing) with a learned filter
 ===============================================================
 
 A continuous convolution on a point cloud — the building block of PointConv, KPConv and of
 message-passing networks on geometric graphs — computes, for every point x_i,
 
-.. math:: a_i = \\sum_j w(x_i, y_j)\\; h_\\theta(x_i - y_j) \\odot f_j ,
+.. math:: a_i = \sum_j w(x_i, y_j)\; h_\theta(x_i - y_j) \odot f_j ,
 
-a window w times a small MLP filter :math:`h_\\theta` of the offset, applied to the features
+a window w times a small MLP filter :math:`h_\theta` of the offset, applied to the features
 f_j of the neighbours. The usual implementation builds a **radius graph** (the edges with
-:math:`\\|x_i - y_j\\| < r`, from a kd-tree), evaluates the MLP on every edge and scatters the
+:math:`\|x_i - y_j\| < r`, from a kd-tree), evaluates the MLP on every edge and scatters the
 messages back (``index_add_``), as PyTorch Geometric does. With lazymat the whole sum is one
 reduction whose formula contains the MLP: no graph to build or store, the window can be
 global (a Gaussian over all pairs) or compact (zero beyond r), and torch autograd trains
-:math:`\\theta` through it.
+:math:`\theta` through it.
 
 We train the filter for a few steps on a synthetic task (recover a known filter from its
 outputs), with the compact window computed both ways, check that lazymat's layer equals the

@@ -1,8 +1,8 @@
-"""
+r"""
 Attention without the attention matrix
 ======================================
 
-Softmax attention, :math:`o_i = \\sum_j \\operatorname{softmax}_j(q_i \\cdot k_j / \\sqrt{d})\\, v_j`,
+Softmax attention, :math:`o_i = \sum_j \operatorname{softmax}_j(q_i \cdot k_j / \sqrt{d})\, v_j`,
 is a ``SumSoftMaxWeight`` reduction: lazymat streams over the keys with a running maximum and
 never stores the L×L matrix of scores. The dense form ``softmax(Q Kᵀ) V`` stores it (L² floats
 per head), which stops fitting in memory at a few tens of thousands of tokens. PyTorch's
@@ -68,7 +68,7 @@ for L in LENGTHS:
                          "peak memory": "needs " + format_bytes(2 * HEADS * L * L * 4)})
             curves[name].append(np.nan)
             continue
-        t, out = median_time(lambda: fn(q, k, v), repeat=sized(3, 3 if L < 16384 else 1))
+        t, out = median_time(lambda: fn(q, k, v), repeat=sized(1, 3 if L < 16384 else 1))
         memory, _ = peak_memory(lambda: fn(q, k, v))
         outs[name] = out
         rows.append({"case": f"L={L}", "method": name, "seconds": t,

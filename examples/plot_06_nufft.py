@@ -1,10 +1,10 @@
-"""
+r"""
 Non-uniform Fourier transform: exact sums vs FINUFFT
 ====================================================
 
 The type-1 non-uniform discrete Fourier transform of strengths c_j at points x_j,
 
-.. math:: \\hat f_k = \\sum_j c_j\\, e^{i\\, k \\cdot x_j}, \\qquad k \\in \\mathbb{Z}^d,\\ |k_n| \\le N_n/2,
+.. math:: \hat f_k = \sum_j c_j\, e^{i\, k \cdot x_j}, \qquad k \in \mathbb{Z}^d,\ |k_n| \le N_n/2,
 
 is a complex Sum reduction: with lazymat, ``((Vi(k) | Vj(x)).exp1j() * Vj(c)).sum(dim=1)``,
 O(M·N) operations and exact to rounding. FINUFFT (the Flatiron Institute's NUFFT) spreads the

@@ -1,8 +1,8 @@
-"""
+r"""
 Legendre–Fenchel transform with a Max reduction
 ===============================================
 
-The convex conjugate :math:`f^*(s) = \\max_x\\, \\langle s, x\\rangle - f(x)` appears in convex
+The convex conjugate :math:`f^*(s) = \max_x\, \langle s, x\rangle - f(x)` appears in convex
 optimisation (dual problems, proximal operators), in optimal transport (the c-transform), in
 Hamilton–Jacobi equations (the Hopf–Lax formula) and in thermodynamics. On samples
 :math:`(x_j, f(x_j))` it is a ``Max`` reduction over j of a formula that is linear in s: with
@@ -14,7 +14,7 @@ lazymat, ``(Vi(s) | Vj(x)) - Vj(fx)).max(dim=1)``.
    a maximum over x₁ along every column: O(n³) instead of O(n⁴) — for any f, separable or not.
 
 We check both against the exact conjugate of a known function, the anisotropic quadratic
-:math:`f(x) = \\tfrac12 x^\\top A x`, whose conjugate is :math:`f^*(s) = \\tfrac12 s^\\top A^{-1}s`,
+:math:`f(x) = \tfrac12 x^\top A x`, whose conjugate is :math:`f^*(s) = \tfrac12 s^\top A^{-1}s`,
 and the discrete results against dense numpy; the peer is dense numpy (chunked broadcasting),
 which is what one would write (no standard library has a Legendre transform).
 """
@@ -68,7 +68,7 @@ def conjugate_numpy(s, x, fx, chunk=256):
 
 
 t, g = median_time(lambda: conjugate_lazymat(s, x, fx))
-t_np, g_np = median_time(lambda: conjugate_numpy(s, x, fx), repeat=sized(3, 1))
+t_np, g_np = median_time(lambda: conjugate_numpy(s, x, fx), repeat=sized(1, 1))
 check_close(g, g_np, 1e-12, "point cloud: lazymat vs dense numpy")
 ok = in_reach(s)
 gap = f_star(s[ok]) - g[ok]  # >= 0: a maximum over samples is below the supremum
@@ -108,7 +108,7 @@ def separable_numpy(F):
 
 
 t_sep, H = median_time(lambda: separable_lazymat(F))
-t_sep_np, H_np = median_time(lambda: separable_numpy(F), repeat=sized(3, 1))
+t_sep_np, H_np = median_time(lambda: separable_numpy(F), repeat=sized(1, 1))
 check_close(H, H_np, 1e-12, "grid: separable lazymat vs separable numpy")
 S = np.stack(np.meshgrid(slopes, slopes, indexing="ij"), -1)  # S[k, i] = (s₁[k], s₂[i])
 ok = in_reach(S)
