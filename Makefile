@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Two or more workers (pytest-xdist): the suite is mostly kernel compiles, which run in parallel;
+# the kernel cache is safe for concurrent processes.
 test: $(STAMP)
-	$(VPY) -m pytest -q -m "not slow" tests
+	$(VPY) -m pytest -q -m "not slow" -n auto tests
 
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow tests
