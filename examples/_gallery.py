@@ -113,11 +113,11 @@ def median_time(fn: Callable[[], Any], repeat: int | None = None,
                 warmup: int = 1) -> tuple[float, Any]:
     """Median wall time of ``fn()`` over ``repeat`` calls after ``warmup`` untimed calls;
     returns ``(seconds, result of the last call)``. ``repeat`` defaults to 1 at the small size
-    (the tests), 5 at full size.
+    (the tests), 3 at full size.
 
     >>> seconds, value = median_time(lambda: sum(range(1000)))
     """
-    repeat = repeat if repeat is not None else sized(1, 5)
+    repeat = repeat if repeat is not None else sized(1, 3)
     result = None
     for _ in range(warmup):
         result = fn()

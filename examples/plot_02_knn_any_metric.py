@@ -65,7 +65,7 @@ def check_knn(idx, x, y, dist_fn, what, rtol=1e-4):
 
 rows = []
 for D, M, N in sized(small=[(3, 500, 4000), (32, 300, 3000)],
-                     full=[(3, 20_000, 200_000), (32, 10_000, 100_000)]):
+                     full=[(3, 10_000, 100_000), (32, 5000, 100_000)]):
     x = rng.standard_normal((M, D)).astype(np.float32)
     y = rng.standard_normal((N, D)).astype(np.float32)
     case = f"D={D} M={M} N={N}"
@@ -93,7 +93,7 @@ print_table("Euclidean k-NN, K = 10 (ratios to lazymat in the same case)", rows)
 # 2. Cosine similarity: the K largest normalised dot products are the K smallest of their
 # negatives. faiss does it with ``IndexFlatIP`` on normalised vectors.
 
-D, M, N = 32, *sized(small=(300, 3000), full=(10_000, 100_000))
+D, M, N = 32, *sized(small=(300, 3000), full=(5000, 100_000))
 x = rng.standard_normal((M, D)).astype(np.float32)
 y = rng.standard_normal((N, D)).astype(np.float32)
 xn = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -122,7 +122,7 @@ print_table(f"Cosine k-NN, D = {D}, M = {M}, N = {N}", rows)
 # true distances follow from the K values. No standard k-NN library has this metric; the peer
 # is dense torch, in chunks of queries so that the M×N matrix fits.
 
-D, M, N = 5, *sized(small=(500, 4000), full=(20_000, 100_000))
+D, M, N = 5, *sized(small=(500, 4000), full=(10_000, 100_000))
 
 
 def poincare_points(n):

@@ -52,7 +52,7 @@ def in_reach(s, margin=0.1):
 # %%
 # 1. On a point cloud: N random samples of f, M random slopes.
 
-M, N = sized(small=(500, 4000), full=(20_000, 200_000))
+M, N = sized(small=(500, 4000), full=(10_000, 100_000))
 x = rng.uniform(-BOX, BOX, (N, 2))
 fx = f(x)[:, None]
 s = rng.uniform(-2.5, 2.5, (M, 2))
