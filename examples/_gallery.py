@@ -60,9 +60,14 @@ def sized(small: Any, full: Any) -> Any:
 
 
 def _script_name() -> str:
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv and sys.argv[0] else "")
-    return Path(path).stem if path else "gallery"
+    """The calling example's file name: the first frame outside this module that has a
+    ``__file__`` (sphinx-gallery runs every example inside one sphinx-build process and sets
+    ``__file__`` in the example's globals)."""
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_globals.get("__name__") == __name__
+                                 or "__file__" not in frame.f_globals):
+        frame = frame.f_back
+    return Path(frame.f_globals["__file__"]).stem if frame is not None else "gallery"
 
 
 def output_dir() -> Path:
