@@ -222,3 +222,133 @@ def test_bound_calls_from_threads_at_once():
     for t in threads:
         t.join()
     assert not errors
+
+
+# ------------------------------------------------------- gradients in fewer passes (issue 17.2)
+
+def _count_executes(monkeypatch):
+    import lazymat.plan as plan
+
+    calls = []
+    real = plan.execute
+
+    def counting(prepared, out=None):
+        calls.append(prepared.launch.formula.dim)
+        return real(prepared, out)
+
+    monkeypatch.setattr(plan, "execute", counting)
+    return calls
+
+
+def _torch_gauss(x, y, b, s=None):
+    import torch
+
+    d = ((x[..., :, None, :] - y[..., None, :, :]) ** 2).sum(-1)
+    K = torch.exp(-d / 2 if s is None else -d * s)
+    return K @ b
+
+
+@requires_torch
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gradient_xyb_in_two_passes(monkeypatch, dtype):
+    import torch
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 3, generator=g, dtype=dt), torch.randn(20, 3, generator=g, dtype=dt)
+    b = torch.rand(20, 1, generator=g, dtype=dt)
+    leaves = [t.clone().requires_grad_(True) for t in (x, y, b)]
+    passes = _count_executes(monkeypatch)
+    a = (-Vi(leaves[0]).sqdist(Vj(leaves[1])) / 2).exp() @ leaves[2]
+    got = torch.autograd.grad((a * a).sum(), leaves)
+    # the forward with x's Jacobian sums (1 + 3 columns), one backward over i for y and b
+    assert passes == [4, 4]
+    ref = [t.clone().requires_grad_(True) for t in (x, y, b)]
+    want = torch.autograd.grad((_torch_gauss(*ref) ** 2).sum(), ref)
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.detach(), _torch_gauss(x, y, b), **tol)
+    for u, w in zip(got, want):
+        torch.testing.assert_close(u, w, **tol)
+
+
+@requires_torch
+def test_gradient_jacobian_sums_axis0_batch_and_parameter():
+    import torch
+
+    dt = torch.float64
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 2, generator=g, dtype=dt, requires_grad=True)
+    y = torch.randn(2, 5, 2, generator=g, dtype=dt, requires_grad=True)
+    b = torch.randn(2, 6, 2, generator=g, dtype=dt, requires_grad=True)  # E = 2
+    s = torch.tensor([0.7], dtype=dt, requires_grad=True)
+    # axis 0 (reduce over i, the output index is j): y and s go into the forward
+    K = (-Vi(x).sqdist(Vj(y)) * Pm(s)).exp() * Vi(b)
+    out = K.sum(dim=1)  # batch dim 0, then i: (2, 5, 2)
+    w = torch.randn(out.shape, generator=g, dtype=dt)
+    got = torch.autograd.grad((out * w).sum(), [x, y, b, s])
+    d = ((x[:, :, None] - y[:, None]) ** 2).sum(-1)
+    ref = (torch.exp(-d * s)[..., None] * b[:, :, None]).sum(1)
+    want = torch.autograd.grad((ref * w).sum(), [x, y, b, s])
+    torch.testing.assert_close(out, ref)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v)
+
+
+@requires_torch
+def test_gradient_higher_order_skips_the_forward_sums():
+    import torch
+
+    dt = torch.float64
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 2, generator=g, dtype=dt, requires_grad=True)
+    y = torch.randn(4, 2, generator=g, dtype=dt, requires_grad=True)
+    b = torch.randn(4, 1, generator=g, dtype=dt, requires_grad=True)
+    fn = lambda x, y, b: (-Vi(x).sqdist(Vj(y)) / 2).exp() @ b
+    assert torch.autograd.gradcheck(fn, (x, y, b))
+    assert torch.autograd.gradgradcheck(fn, (x, y, b))
+
+
+def test_solve_info_records_the_options_used():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((40, 2))
+    b = rng.standard_normal((40, 1))
+    K = (-Vi(x).sqdist(Vj(x))).exp()
+    info = {}
+    a = K.solve(b, alpha=0.5, eps=1e-8, info=info)
+    np.testing.assert_allclose(0.5 * a + np.exp(-sqdist(x, x)) @ a, b, atol=1e-6)
+    assert info["options"] == {"alpha": 0.5, "eps": 1e-8, "max_iter": info["options"]["max_iter"],
+                               "dtype": "float64", "precond": None, "truncate": False}
+    assert isinstance(info["options"]["max_iter"], int) and info["options"]["max_iter"] > 0
+    info = {}
+    K.solve(b, alpha=0.5, precond="schwarz", truncate=True, info=info)
+    assert info["options"]["precond"] == "schwarz" and info["options"]["truncate"] is True
+
+
+# -------------------------------------------------------- the complex exponential (issue 17.8)
+
+def test_float32_sincos_against_float64():
+    rng = np.random.default_rng(7)
+    t = np.concatenate([rng.uniform(-4, 4, 200), rng.uniform(-1e4, 1e4, 200),
+                        [0.0, np.pi / 4, np.pi / 2, -np.pi, 1e5, -3e5]]).astype(np.float32)
+    one = np.ones((1, 1), np.float32)
+    want = np.exp(1j * t.astype(np.float64))
+    for lt in (Vi(t[:, None]).exp1j() * Vj(one),  # sincos of a float32 angle
+               (Vi(t[:, None]) * Vj(one)).exp1j(),  # a phase formed in double
+               (Vi(t[:, None]) * 1j).exp() * Vj(one)):  # ComplexExp
+        got = np.asarray(lt.sum(dim=1, backend="cpu")).ravel()
+        np.testing.assert_allclose(got.real, want.real, atol=3e-7, rtol=0)
+        np.testing.assert_allclose(got.imag, want.imag, atol=3e-7, rtol=0)
+    nan = Vi(np.array([[np.nan]], np.float32)).exp1j() * Vj(one)
+    assert np.isnan(np.asarray(nan.sum(dim=1, backend="cpu"))).all()
+
+
+def test_float32_fourier_sum_keeps_the_phase_exact():
+    rng = np.random.default_rng(8)
+    M = N = 300
+    x = rng.uniform(-np.pi, np.pi, (M, 1)).astype(np.float32)
+    w = rng.uniform(-2000, 2000, (N, 1)).astype(np.float32)
+    c = rng.standard_normal((N, 1)).astype(np.float32)
+    want = np.exp(1j * x.astype(np.float64) * w.astype(np.float64).T) @ c.astype(np.float64)
+    got = ((Vi(x) * Vj(w)).exp1j() * Vj(c)).sum(dim=1, backend="cpu")
+    err = np.abs(np.asarray(got).ravel() - want.ravel()).max() / np.abs(want).max()
+    assert err < 2e-6  # a phase formed in float32 gives ~1e-4 here
