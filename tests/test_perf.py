@@ -352,3 +352,15 @@ def test_float32_fourier_sum_keeps_the_phase_exact():
     got = ((Vi(x) * Vj(w)).exp1j() * Vj(c)).sum(dim=1, backend="cpu")
     err = np.abs(np.asarray(got).ravel() - want.ravel()).max() / np.abs(want).max()
     assert err < 2e-6  # a phase formed in float32 gives ~1e-4 here
+
+
+def test_bound_call_read_only_and_tiny_arrays():
+    from lazymat import Genred
+
+    rng = np.random.default_rng(9)
+    g = Genred(*GAUSS, axis=1)
+    for M in (1, 1, 5, 5):
+        x, y, b = _gauss_data(rng, M=M, N=1)
+        for a in (x, y, b):
+            a.setflags(write=False)  # the addresses come another way for read-only data
+        np.testing.assert_allclose(g(x, y, b), _dense_gauss(x, y, b), rtol=1e-12)

@@ -136,12 +136,25 @@ def bind(launch: Launch, result_shapes: list[tuple[int, ...]]) -> Any:
         if recheck and abi.num_threads(pairs) != threads:
             return None
         results = [empty(shape, dtype) for shape, dtype in outs]
-        fn(*head, Inputs(*[a.ctypes.data for a in arrays]),
-           Outputs(*[o.ctypes.data for o in results]), c_threads)
+        fn(*head, Inputs(*[_address(a) for a in arrays]),
+           Outputs(*[_address(o) for o in results]), c_threads)
         return results
 
     rerun.owners = (owners, offsets)  # the layout's and offsets' memory, alive while bound
     return rerun
+
+
+_c_char, _addressof = ctypes.c_char, ctypes.addressof
+
+
+def _address(a: np.ndarray) -> int:
+    """The data address of a C-contiguous numpy array: through the buffer protocol (numpy's
+    ``a.ctypes.data`` builds an object and costs microseconds), ``a.ctypes`` for a read-only
+    or empty one."""
+    try:
+        return _addressof(_c_char.from_buffer(a))
+    except (TypeError, ValueError):
+        return a.ctypes.data
 
 
 def _column_parts(launch: Launch, threads: int, lanes: int) -> int:
