@@ -201,3 +201,16 @@ def test_torch_inputs_and_errors():
         local.radius_sum(x, y, 0.1, np.ones((5, 1)))
     with pytest.raises(lm.ShapeError, match="box"):
         local.knn(x, y, K, box=[1.0, -1.0, 1.0])
+
+
+def test_knn_gradient_goes_through_brute_force():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(10)
+    x = torch.tensor(rng.random((600, 3)), requires_grad=True)
+    y = torch.tensor(rng.random((700, 3)))
+    info: dict = {}
+    v, i = local.knn(x, y, K, prune=True, info=info)
+    assert info["method"] == "brute force" and v.requires_grad
+    (g,) = torch.autograd.grad(v.sum(), [x])
+    want = 2 * (x[:, None] - y[i]).sum(1)
+    assert torch.allclose(g, want.detach(), atol=1e-10)

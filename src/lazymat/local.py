@@ -432,8 +432,9 @@ def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
     gives its K-th distance bound, and only the column cells whose bounding box lies within
     that bound are reduced (a second pass for the cells whose bound reaches further). The
     pruning switches itself off (brute force) when it would keep more than
-    BRUTE_FORCE_FRACTION of the pairs, for D > MAX_PRUNED_DIM, for small problems and for
-    inputs that are not finite; ``prune=False`` forces brute force, ``prune=True`` the
+    BRUTE_FORCE_FRACTION of the pairs, for D > MAX_PRUNED_DIM, for small problems, for
+    inputs that are not finite and for torch inputs that require grad (brute force's values
+    are differentiable); ``prune=False`` forces brute force, ``prune=True`` the
     pruned path. A dict ``info`` receives what was done: ``method`` ("pruned" or "brute
     force"), ``kept_fraction`` (pairs reduced / M·N), ``second_pass_cells`` and
     ``tied_rows`` (rows with a tie across the K-th place, redone by brute force).
@@ -461,6 +462,8 @@ def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
     if not prune or M == 0 or N <= K or D > (MAX_PRUNED_DIM if auto else 1 << 30) or (
             auto and M * N < MIN_PRUNED_PAIRS):
         return _brute_knn(x, y, K, box, info, **options)
+    if any(is_torch(a) and a.requires_grad for a in (x, y)):
+        return _brute_knn(x, y, K, box, info, **options)  # differentiable values
     xn, yn = _numpy(x), _numpy(y)
     if not (np.isfinite(xn).all() and np.isfinite(yn).all()):
         return _brute_knn(x, y, K, box, info, **options)
@@ -470,8 +473,8 @@ def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
                                                            options) > PREDICTED_FRACTION:
         return _brute_knn(x, y, K, box, info, **options)
     px, cx, ux = sort_by_cells(xn, grid)
-    py, cy, uy = sort_by_cells(yn, grid)
-    rows, cols = _cells(grid, cx, ux), _cells(grid, cy, uy)
+    py, cy, _ = sort_by_cells(yn, grid)
+    rows = _cells(grid, cx, ux)
     table = cy @ grid.strides
     C = len(rows.ranges)
     # First pass: the smallest ring around each row cell that holds K + 1 columns.
