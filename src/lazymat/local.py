@@ -23,7 +23,7 @@ few tens of milliseconds per 10^5 points); its cost is below the kernel's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -205,7 +205,8 @@ def _make_grid(x: np.ndarray, y: np.ndarray, side: float | None, period: np.ndar
                         n - 1).astype(np.int64)
             strides = np.cumprod(np.concatenate([n[1:], [1]])[::-1])[::-1]
             counts = np.unique(c @ strides, return_counts=True)[1].astype(np.float64)
-            occupancy = (counts ** 2).sum() / counts.sum() * len(y) / len(sample)
+            # a point's cell-mates, from the sample's (unbiased: c(c-1), not c², thinned)
+            occupancy = 1 + (counts * (counts - 1)).sum() / counts.sum() * len(y) / len(sample)
             ratio = per_cell / max(occupancy, 1e-300)
             if 0.7 < ratio < 1.4:
                 break
@@ -486,7 +487,9 @@ def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
         owner, iv, _ = _lines(grid, rows, todo, inf, L1, table)
         count = np.bincount(owner, weights=iv[:, 1] - iv[:, 0], minlength=C)[todo]
         done = (count >= Kp) | (L1[todo] > MAX_RING)
-        keep = np.isin(owner, todo[done])
+        finished = np.zeros(C, bool)
+        finished[todo[done]] = True
+        keep = finished[owner]
         owner_parts.append(owner[keep])
         iv_parts.append(iv[keep])
         todo = todo[~done]
@@ -509,30 +512,37 @@ def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
     R2 = R2 * (1 + 64 * eps) + np.finfo(xn.dtype).tiny
     L2 = _ring(R2, grid)
     owner2, iv2, reach = _lines(grid, rows, all_rows, R2, L2, table)
-    beyond = np.zeros(C, bool)
-    np.logical_or.at(beyond, owner2, reach > L1[owner2])
+    beyond = np.bincount(owner2, weights=reach > L1[owner2], minlength=C) > 0
     beyond &= L1 <= MAX_RING  # a first pass over all the columns is final
     again = np.flatnonzero(beyond)
     kept = _pairs(rows, owner, iv)
     if len(again):
-        sel = np.isin(owner2, again)
+        sel = beyond[owner2]
         owner2, iv2 = owner2[sel], iv2[sel]
         if auto and _pairs(rows, owner2, iv2) > BRUTE_FORCE_FRACTION * M * N:
             return _brute_knn(x, y, K, box, info, **options)
         kept += _pairs(rows, owner2, iv2)
-        v2, j2 = formula.Kmin_argKmin(Kp, dim=1, ranges=_ranges(rows, owner2, iv2, again),
-                                      **options)
+        # Only the rows of those cells, as a smaller x (their cells re-based on it).
         redo = _rows_of(rows, again)
-        vn = vn.copy()
-        jn = jn.copy()
-        vn[redo], jn[redo] = _numpy(v2)[redo], _numpy(j2)[redo]
+        sizes = rows.ranges[again, 1] - rows.ranges[again, 0]
+        rebased = rows.ranges.copy()
+        rebased[again, 1] = np.cumsum(sizes)
+        rebased[again, 0] = rebased[again, 1] - sizes
+        sub = replace(rows, ranges=rebased)
+        v2, j2 = _sqdist(Vi(xs[_like(redo, xs)]), Vj(ys), box).Kmin_argKmin(
+            Kp, dim=1, ranges=_ranges(sub, owner2, iv2, again), **options)
+        vn, jn = np.array(vn), np.array(jn)  # writable
+        vn[redo], jn[redo] = _numpy(v2), _numpy(j2)
     # Back to the caller's order: columns by py, rows by px; the K-set of a row is unique
     # when its K-th and (K+1)-th values differ: order it as brute force does (value, then
     # index); the rows with a tie across the K-th place run by brute force.
     jo = py[jn]
     vals, idx = vn[:, :K], jo[:, :K]
-    order = np.lexsort((idx, vals), axis=1)
-    vals, idx = np.take_along_axis(vals, order, 1), np.take_along_axis(idx, order, 1)
+    equal = np.flatnonzero((vals[:, 1:] == vals[:, :-1]).any(1))  # ties inside the K
+    if len(equal):
+        order = np.lexsort((idx[equal], vals[equal]), axis=1)
+        vals[equal] = np.take_along_axis(vals[equal], order, 1)
+        idx[equal] = np.take_along_axis(idx[equal], order, 1)
     out_v = np.empty_like(vals)
     out_i = np.empty_like(idx)
     out_v[px], out_i[px] = vals, idx
