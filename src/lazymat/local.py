@@ -54,8 +54,9 @@ WINDOW_POINTS_PER_CELL = 16
 CELLS_PER_RADIUS = 2
 #: The grid uses at most this many coordinates (the ones of largest extent).
 MAX_GRID_DIMS = 3
-#: Above this D, the k-NN goes straight to brute force (a 3-D grid prunes nothing there).
-MAX_PRUNED_DIM = 8
+#: Above this D, the k-NN goes straight to brute force (a 3-D grid prunes too little there:
+#: uniform points keep 23 % of the pairs at D = 6, 10 % at D = 5).
+MAX_PRUNED_DIM = 6
 #: Rings wider than this many cells take all the columns instead (far outliers).
 MAX_RING = 12
 #: Below this many pairs, brute force is cheaper than building blocks.
