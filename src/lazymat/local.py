@@ -17,8 +17,9 @@ True
 >>> counts.shape
 (2000, 1)
 
-The block build is vectorised numpy, linear in the points and in the cell pairs kept (a
-few tens of milliseconds per 10^5 points); its cost is below the kernel's.
+The block build is vectorised numpy, linear in the points and in the cell pairs kept. For
+a radius window of 3·10⁴ points it costs about what the kernel does (0.15 s against 0.17 s,
+loaded machine); for the k-NN's two passes at 3·10⁵ points, about twice the kernel.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from .errors import DtypeError, ShapeError
 from .lazy_tensor import LazyTensor, Vi, Vj
 from .ranges import from_pairs
 
-__all__ = ["knn", "radius_sum", "periodic_sqdist", "sort_by_cells", "BRUTE_FORCE_FRACTION",
-           "POINTS_PER_CELL", "CELLS_PER_RADIUS", "MAX_GRID_DIMS"]
+__all__ = ["knn", "radius_sum", "periodic_sqdist", "BRUTE_FORCE_FRACTION", "POINTS_PER_CELL",
+           "CELLS_PER_RADIUS", "MAX_GRID_DIMS", "MAX_PRUNED_DIM"]
 
 #: The pruned k-NN gives way to brute force when its blocks keep more than this fraction
 #: of all the pairs (high D, few points, or one dense cluster): its pairs are the near ones,
