@@ -85,6 +85,7 @@ class Genred:
         self.options = options
         plan.check_request(self.request)
         self._n_args = max([len(self._labels)] + [v.params[0] + 1 for v in _vars(f, g)])
+        self._bound: dict = {}  # layout key -> bound call (plan.bind)
 
     def __call__(self, *args: Any, backend: str = "auto", device_id: int = -1,
                  ranges: Any = None, out: Any = None) -> Any:
@@ -92,13 +93,30 @@ class Genred:
             raise ShapeError(f"this Genred takes {self._n_args} arrays "
                              f"({', '.join(self._label(p) for p in range(self._n_args))}), "
                              f"got {len(args)}")
+        # Small calls' fast path: numpy arrays of a layout seen before rerun the bound call.
+        key = None
+        if ranges is None and out is None and type(self)._run is Genred._run:
+            key = plan.layout_key(args)
+            if key is not None:
+                key = (key, backend)
+                rerun = self._bound.get(key)
+                if rerun is not None:
+                    outs = rerun(args)
+                    if outs is not None:
+                        return outs[0] if len(outs) == 1 else tuple(outs)
         names = [self._label(p) for p in range(len(args))]
         # M and N from the aliased arrays, as pykeops: the formula may have lost every i- (or
         # j-) variable (a gradient that is zero, x * 0...), the output keeps its rows.
         sizes = tuple(next((_rows(args[p]) for p, c in sorted(self._categories.items())
                             if c == cat and p < len(args)), None) for cat in (0, 1))
-        outs = self._run(self.request, list(args), names=names, backend=backend, out=out,
-                         ranges=ranges, sizes=sizes)
+        if key is not None:  # numpy arrays (no autograd): prepare, run, and keep it bound
+            prepared = plan.prepare(self.request, list(args), names=names, backend=backend,
+                                    sizes=sizes)
+            outs = plan.execute(prepared)
+            plan.remember(self._bound, key, plan.bind(prepared))
+        else:
+            outs = self._run(self.request, list(args), names=names, backend=backend, out=out,
+                             ranges=ranges, sizes=sizes)
         return outs[0] if len(outs) == 1 else outs
 
     def _label(self, pos: int) -> str:

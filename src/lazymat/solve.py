@@ -258,6 +258,12 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
     if info is not None:
         info.update(iterations=total, rounds=rounds, residual=rr, target=tol,
                     seconds=time.perf_counter() - start)
+        # the options as used ("auto" resolved): what reproduces this solve
+        info["options"] = {
+            "alpha": alpha, "eps": eps, "max_iter": max_iter,
+            "dtype": str(data_dtype).replace("torch.", ""),
+            "precond": "schwarz" if system is not None and system.precond is not None else None,
+            "truncate": bool(system is not None and system.truncating)}
         if system is not None:
             info.update(system.describe())
     if _verbose():
