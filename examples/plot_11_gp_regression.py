@@ -88,7 +88,8 @@ def cholesky():
     factor = linalg.cho_factor(K + ALPHA * np.eye(n))
     k_test = np.exp(-GAMMA * ((x_test[:, None] - x[None]) ** 2).sum(-1))
     k_few = np.exp(-GAMMA * ((x[:, None] - x_few[None]) ** 2).sum(-1))
-    return k_test @ linalg.cho_solve(factor, y), 1 - (k_few * linalg.cho_solve(factor, k_few)).sum(0)
+    variance_few = 1 - (k_few * linalg.cho_solve(factor, k_few)).sum(0)
+    return k_test @ linalg.cho_solve(factor, y), variance_few
 
 
 t_chol, (mean_exact, var_exact) = median_time(cholesky, repeat=sized(3, 1))
@@ -154,8 +155,8 @@ print_table(f"GP posterior mean, N = {n:,} samples, {len(x_test):,} test points 
 # %%
 # lazymat alone at N = 10⁴
 # ------------------------
-# (K would take 800 MB in float64, its Cholesky factor as much again.) The check: the residual of the system, on a few hundred
-# rows computed densely.
+# (K would take 800 MB in float64, its Cholesky factor as much again.) The check: the
+# residual of the system, on a few hundred rows computed densely.
 n = sized(small=800, full=10_000)
 x, y = samples(n)
 info = {}

@@ -24,7 +24,6 @@ against dense torch autograd.
 # %%
 # Setup
 # -----
-import numpy as np
 import torch
 from _gallery import header, median_time, print_table, save_figure, sized
 
