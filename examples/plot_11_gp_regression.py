@@ -74,7 +74,7 @@ def variance(x_train, x_few):
 # %%
 # Against the dense solvers, where K fits
 # ---------------------------------------
-n = sized(small=300, full=4000)
+n = sized(small=200, full=4000)
 x, y = samples(n)
 x_test, _ = samples(sized(200, 2000))
 x_few = np.array([[0.5, 0.5], [0.1, 0.9], [0.95, 0.05], [0.3, 0.6], [0.7, 0.2]])
@@ -157,7 +157,7 @@ print_table(f"GP posterior mean, N = {n:,} samples, {len(x_test):,} test points 
 # ------------------------
 # (K would take 800 MB in float64, its Cholesky factor as much again.) The check: the
 # residual of the system, on a few hundred rows computed densely.
-n = sized(small=800, full=10_000)
+n = sized(small=500, full=10_000)
 x, y = samples(n)
 info = {}
 t_fit, a = median_time(lambda: fit(x, y, info), repeat=1)

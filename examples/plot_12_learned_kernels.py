@@ -99,7 +99,7 @@ def one_step(predict):
 
 t_ours, _ = median_time(lambda: one_step(nadaraya_watson))
 t_dense, _ = median_time(lambda: one_step(nadaraya_watson_dense))
-L_learned, losses_A = train_metric(sized(15, 120), nadaraya_watson)
+L_learned, losses_A = train_metric(sized(8, 120), nadaraya_watson)
 A = L_learned @ L_learned.T
 eigenvalues, eigenvectors = torch.linalg.eigh(A)
 # How much of the two strongest directions of A lies in span(u, v): 1 = all of it.
@@ -185,7 +185,7 @@ def mlp_step(conv):
 
 t_ours, _ = median_time(lambda: mlp_step(mlp_conv))
 t_dense, _ = median_time(lambda: mlp_step(mlp_conv_dense))
-learned, losses_mlp = train_mlp(sized(10, 150), mlp_conv)
+learned, losses_mlp = train_mlp(sized(5, 150), mlp_conv)
 assert losses_mlp[-1] < losses_mlp[0], "training the MLP filter did not lower the error"
 print_table(f"MLP filter convolution, one training step (forward + backward in 4 weight "
             f"tensors), {n:,} x {n:,} pairs, 2 -> {H} -> 1", [
