@@ -12,6 +12,7 @@ from __future__ import annotations
 from .config import __version__
 from .errors import (CompileError, DtypeError, FormulaSyntaxError, LazymatError, NonFiniteError,
                      ShapeError)
+from . import local
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
 from .lazy_tensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
 from .pykeops_compat import install_as_pykeops, uninstall_as_pykeops
@@ -33,7 +34,7 @@ __all__ = [
     "check_health", "grid_cluster", "sort_clusters", "cluster_ranges", "cluster_centroids",
     "cluster_ranges_centroids", "from_matrix", "swap_axes",
     "LazymatError", "ShapeError", "DtypeError", "FormulaSyntaxError", "CompileError",
-    "NonFiniteError",
+    "NonFiniteError", "local",
     "__version__",
 ]
 
