@@ -7,7 +7,10 @@ themselves differentiable: ``create_graph=True`` gives derivatives of any order.
 - Sum-like reductions (Sum, LogSumExp, SumSoftMaxWeight): the gradient with
   respect to an i-variable is a reduction over j, to a j-variable a reduction
   over i, to a parameter a reduction over j summed over i. Variables of the
-  same category share one reduction (their gradients are concatenated).
+  same category share one reduction (their gradients are concatenated). For a
+  Sum, the forward itself also reduces Σ_j ∂F_ij/∂v for the i-variables and
+  parameters v that require grad (few columns): their first-order gradient is
+  then G_iᵀ times that sum, without a backward pass (:class:`_Jacobians`).
 - Selection reductions (Min, Max, KMin and the values of Min_ArgMin, ...): the
   forward also returns the selected indices; the backward gathers the selected
   j for each i and evaluates the formula's VJP there: O(M·K), not O(M·N).
