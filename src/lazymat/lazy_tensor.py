@@ -74,6 +74,14 @@ class LazyTensor:
     #: (lazymat.jax) subclasses LazyTensor and sets its own
     _run = staticmethod(autograd.run)
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # Inside torch.compile, a trace-friendly LazyTensor (lazymat/torch/traced.py).
+        if cls is LazyTensor and autograd.compiling():
+            from .torch import traced
+
+            return traced.new()
+        return object.__new__(cls)
+
     def __init__(self, x: Any = None, axis: int | None = None, is_complex: bool = False):
         #: block-sparse ranges (KeOps' 6-tuple) used by the reductions, or None
         self.ranges: tuple | None = None
@@ -1174,6 +1182,8 @@ def _index(i: int, dim: int) -> int:
 
 
 def _variable(x: Any, dim: int | None, cat: int) -> LazyTensor:
+    if dim is None and autograd.compiling():  # traced.py's checks: no dict lookups (Dynamo)
+        return LazyTensor(x, axis=0 if cat == I_CAT else 1)
     if dim is not None:
         return _symbolic_lazy(x, dim, cat)
     if isinstance(x, int) and not isinstance(x, bool):
@@ -1229,6 +1239,8 @@ def Pm(x: Any, dim: int | None = None) -> LazyTensor:
     symbolic."""
     if dim is not None:
         return _symbolic_lazy(x, dim, P_CAT)
+    if autograd.compiling():
+        return LazyTensor(x.reshape(-1) if hasattr(x, "reshape") else float(x))
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return LazyTensor(float(x))
     if _is_array(x) and len(x.shape) > 1:
