@@ -183,7 +183,13 @@ for _device in ("cpu", "cuda"):
 def call(key: str, arrays: Sequence[Any], sizes: tuple = (None, None)) -> tuple:
     """The outputs the caller sees of ``lazymat::reduce(key, arrays, sizes)``."""
     outs = torch.ops.lazymat.reduce(key, list(arrays), _sizes(sizes))
-    return tuple(outs[:entry(key).visible])
+    return tuple(outs[:_visible(key)])
+
+
+@torch._dynamo.assume_constant_result
+def _visible(key: str) -> int:
+    # a trace-time constant: Dynamo must not read the table (it grows while Dynamo traces)
+    return entry(key).visible
 
 
 def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,

@@ -26,6 +26,7 @@ Limits: complex LazyTensors, block-sparse ``ranges``, ``out=``, symbolic variabl
 from __future__ import annotations
 
 import itertools
+import operator
 from typing import Any
 
 import torch
@@ -73,10 +74,11 @@ class TracedLazyTensor(LazyTensor):
             cat, arr = _layout(x, axis)
             # the shadow's placeholder: same dtype and inner dims, sizes 1 kept (they choose
             # layouts and broadcasting), every other size 2
-            pattern = tuple([1 if s == 1 else 2 for s in arr.shape[:-1]]) + (int(arr.shape[-1]),)
+            pattern = tuple([1 if s == 1 else 2 for s in arr.shape[:-1]]) + (
+                operator.index(arr.shape[-1]),)  # the inner dim D is part of the formula
             self._token, self._tensors = _shadow_leaf(cat, pattern, arr.dtype), (arr,)
         elif isinstance(x, (int, float)) and not isinstance(x, bool):
-            self._token, self._tensors = _shadow_value(x), ()
+            self._token, self._tensors = _shadow_value(_constant(x)), ()
         elif isinstance(x, tuple):
             raise _unsupported("a symbolic variable (Vi(index, dim))")
         else:
@@ -141,7 +143,8 @@ class TracedLazyTensor(LazyTensor):
             w = _spec(weight if weight is not None else other, operands)
         if axis is not None:
             dim = axis
-        found = _shadow_reduce(name, dim, K, w, str(backend), tuple(sorted(options.items())),
+        found = _shadow_reduce(name, _constant(dim), _constant(K), w, str(backend),
+                               tuple(sorted((k, _constant(v)) for k, v in options.items())),
                                tuple([o._token for o in operands]))
         key, arguments, sizes = found
         first = None
@@ -194,7 +197,22 @@ def _spec(v: Any, operands: list) -> tuple:
     if isinstance(v, LazyTensor) or isinstance(v, torch.Tensor):
         operands.append(v if isinstance(v, TracedLazyTensor) else LazyTensor(v))
         return ("lazy", len(operands) - 1)
-    return ("const", v)
+    return ("const", _constant(v))
+
+
+def _constant(v: Any) -> Any:
+    """``v`` as a trace-time constant: Python numbers that Dynamo keeps symbolic (float
+    arguments, sizes under dynamic shapes) specialized, as eager code bakes them into the
+    formula (a new value recompiles)."""
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return operator.index(v)
+    if isinstance(v, float):
+        return float.fromhex(v.hex())
+    if isinstance(v, (tuple, list)):
+        return type(v)([_constant(u) for u in v])
+    return v
 
 
 def _layout(x: torch.Tensor, axis: int | None) -> tuple[int, torch.Tensor]:
