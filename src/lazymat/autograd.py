@@ -73,7 +73,8 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
 
 def compiling() -> bool:
     """Whether torch.compile (Dynamo) is tracing this call: then reductions are custom ops.
-    False without importing torch (numpy users never import it)."""
+    False without importing torch (numpy users never import it). No state is cached: Dynamo
+    replays this function and must see the same path every time."""
     torch = sys.modules.get("torch")
     return torch is not None and torch.compiler.is_compiling()
 

@@ -25,12 +25,15 @@ Limits: complex LazyTensors, block-sparse ``ranges``, ``out=``, symbolic variabl
 
 from __future__ import annotations
 
+import copy
 import itertools
 import operator
+import re
 from typing import Any
 
 import torch
 
+from .. import autograd
 from ..errors import LazymatError, ShapeError
 from ..formula import I_CAT, J_CAT, P_CAT
 from ..lazy_tensor import LazyTensor
@@ -91,6 +94,20 @@ class TracedLazyTensor(LazyTensor):
         lt._token, lt._tensors, lt.ranges, lt.is_complex = token, tensors, None, False
         return lt
 
+    def _eager(self) -> LazyTensor:
+        """The ordinary LazyTensor this one stands for: its shadow's formula on the real
+        tensors. Used when a TracedLazyTensor reaches code that runs eagerly (a frame Dynamo
+        gave up on after it built this one)."""
+        shadow, arrays = _shadows[self._token]
+        real = {id(a): t for a, t in zip(arrays, self._tensors)}
+        leaves = {}
+        for key, leaf in shadow._leaves.items():
+            leaf = copy.copy(leaf)
+            if leaf.array is not None:
+                leaf.array = leaf.source = real[id(leaf.array)]
+            leaves[key] = leaf
+        return LazyTensor._make(shadow.formula, leaves, None, False)
+
     # ------------------------------------------------------------------ description
     @property
     def ndim(self) -> int:
@@ -129,6 +146,10 @@ class TracedLazyTensor(LazyTensor):
     def _reduce(self, name: str, dim: Any, K: Any = None, weight: Any = None,
                 backend: str = "auto", out: Any = None, axis: Any = None, ranges: Any = None,
                 call: bool = True, other: Any = None, **options: Any):
+        if not autograd.compiling():
+            return self._eager()._reduce(name, dim, K=K, weight=_eager(weight),
+                                         backend=backend, out=out, axis=axis, ranges=ranges,
+                                         call=call, other=_eager(other), **options)
         if out is not None:
             raise _unsupported("out=")
         if ranges is not None:
@@ -159,6 +180,8 @@ class TracedLazyTensor(LazyTensor):
         return outs[0] if len(outs) == 1 else outs
 
     def __matmul__(self, v: Any, **kw):
+        if not autograd.compiling():
+            return self._eager().__matmul__(v, **kw)
         if not isinstance(v, torch.Tensor):
             raise ShapeError(f"K @ v needs an array v, got {type(v).__name__}")
         vector = v.ndim == 1
@@ -166,16 +189,33 @@ class TracedLazyTensor(LazyTensor):
             dim=self.nbatchdims + 1, **kw)
         return result.reshape(result.shape[:-1]) if vector else result
 
-    def _unsupported_method(self, *args, **kwargs):
-        raise _unsupported("this LazyTensor method")
 
-    solve = matvec = rmatvec = matmat = rmatmat = dense = bound = _unsupported_method
+def _eager(v: Any) -> Any:
+    return v._eager() if isinstance(v, TracedLazyTensor) else v
+
+
+def _eager_only(name: str):
+    def method(self: TracedLazyTensor, *args: Any, **kwargs: Any) -> Any:
+        if autograd.compiling():
+            raise _unsupported(f"LazyTensor.{name}")
+        return getattr(self._eager(), name)(*[_eager(a) for a in args],
+                                            **{k: _eager(v) for k, v in kwargs.items()})
+
+    method.__name__ = name
+    return method
+
+
+for _name in ("solve", "matvec", "rmatvec", "matmat", "rmatmat", "dense", "bound"):
+    setattr(TracedLazyTensor, _name, _eager_only(_name))
 
 
 def _built(name: str):
     """A formula-building method run on the shadow (at trace time); the result's tensors
     picked from the operands'."""
-    def method(self: TracedLazyTensor, *args: Any, **kwargs: Any) -> TracedLazyTensor:
+    def method(self: TracedLazyTensor, *args: Any, **kwargs: Any) -> LazyTensor:
+        if not autograd.compiling():
+            return getattr(self._eager(), name)(*[_eager(a) for a in args],
+                                                **{k: _eager(v) for k, v in kwargs.items()})
         operands = [self]
         specs = tuple([_spec(a, operands) for a in args])
         named = tuple([(k, _spec(v, operands)) for k, v in kwargs.items()])
@@ -342,6 +382,8 @@ def _shadow_reduce(name: str, dim: Any, K: Any, weight: tuple | None, backend: s
     if not captured:
         raise _unsupported("a reduction of symbolic variables")
     req, arrays, names, backend = captured[0]
+    # the shapes in the names are the placeholders': the errors name the operand only
+    names = [re.sub(r" \(shape \([^)]*\)\)", "", name) for name in names]
     arguments = []
     for a in arrays:
         found = _where(a, operands)
