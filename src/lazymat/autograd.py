@@ -39,13 +39,8 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
         sizes: tuple[int | None, int | None] = (None, None), like: Any = None,
         ranges: Sequence[Any] | None = None) -> tuple:
     """``plan.run``, recorded by torch autograd when a tensor input requires grad (or seen
-    through a torch.func transform); inside ``torch.compile`` the ``lazymat::reduce`` custom
-    op (``lazymat/torch/ops.py``)."""
-    if compiling():
-        from .torch import ops
-
-        return ops.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
-                       ranges=ranges)
+    through a torch.func transform). Inside ``torch.compile`` the front ends call the
+    ``lazymat::reduce`` custom op instead (``lazymat/torch/ops.py``)."""
     if not any(is_torch(a) and (a.requires_grad or _transformed(a)) for a in arrays):
         return plan.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
                         like=like, ranges=ranges)
@@ -74,7 +69,8 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
 
 
 def compiling() -> bool:
-    """Whether torch.compile (Dynamo) is tracing this call: then reductions are custom ops.
+    """Whether torch.compile (Dynamo) is tracing this call: then the front ends run
+    reductions as custom ops (``lazymat/torch/ops.py``).
     False without importing torch (numpy users never import it). No state is cached: Dynamo
     replays this function and must see the same path every time."""
     torch = sys.modules.get("torch")

@@ -23,6 +23,8 @@ from .errors import DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, OPS, P_CAT, Const, Node, Var, apply, substitute, variables, walk
 
 _ROLE = {I_CAT: "Vi", J_CAT: "Vj", P_CAT: "Pm"}
+#: what ``LazyTensor(...)`` returns while torch.compile traces: [a function making it]
+COMPILED: list = []
 _float_uids: dict[float, int] = {}
 _float_counter = itertools.count(1)
 
@@ -81,11 +83,10 @@ class LazyTensor:
     _run = staticmethod(autograd.run)
 
     def __new__(cls, *args: Any, **kwargs: Any):
-        # Inside torch.compile, a trace-friendly LazyTensor (lazymat/torch/traced.py).
-        if cls is LazyTensor and autograd.compiling():
-            from .torch import traced
-
-            return traced.new()
+        # Inside torch.compile, a trace-friendly LazyTensor (lazymat/torch/traced.py, which
+        # lazymat/__init__.py plugs in here: it subclasses this class).
+        if cls is LazyTensor and COMPILED and autograd.compiling():
+            return COMPILED[0]()
         return object.__new__(cls)
 
     def __init__(self, x: Any = None, axis: int | None = None, is_complex: bool = False):
