@@ -16,11 +16,11 @@ Limits: complex LazyTensors, block-sparse ``ranges``, ``out=``, symbolic variabl
 (``Vi(0, 3)``) and LazyTensors built outside the compiled function are eager-only.
 
 >>> import torch, lazymat as lm
->>> def f(x, y):
-...     return (-lm.Vi(x).sqdist(lm.Vj(y))).exp().sum(dim=1)
->>> x, y = torch.zeros(3, 2), torch.zeros(4, 2)
->>> torch.compile(f, fullgraph=True, backend="eager")(x, y).ravel().tolist()
-[4.0, 4.0, 4.0]
+>>> type(lm.Vi(torch.zeros(3, 2))).__name__  # eager code: an ordinary LazyTensor
+'LazyTensor'
+
+Inside ``torch.compile(f, fullgraph=True)``, the same ``lm.Vi(x)`` is a TracedLazyTensor
+and ``f``'s graph holds ``torch.ops.lazymat.reduce`` (tests/test_torch_compile.py).
 """
 
 from __future__ import annotations
