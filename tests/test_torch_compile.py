@@ -266,7 +266,6 @@ def test_genred_inside_compiled_function():
     close(torch.compile(f, fullgraph=True, backend="eager")(x, y, b), gauss_dense(x, y, b) * 2)
 
 
-@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")  # the eager fallback
 def test_errors_inside_compiled_function():
     """User mistakes raise lazymat's errors at trace time; eager-only features say so."""
     def mismatched(x, y):
@@ -281,11 +280,21 @@ def test_errors_inside_compiled_function():
     def with_out(x):
         return lm.Vi(x).sqdist(lm.Vj(x)).sum(dim=1, out=torch.empty(5, 1))
 
-    x = torch.randn(5, 3)
     with pytest.raises(Exception, match="not supported inside torch.compile"):  # Dynamo's
-        torch.compile(with_out, fullgraph=True, backend="eager")(x)
-    # without fullgraph, that frame falls back to eager lazymat, which has out=
-    close(torch.compile(with_out, backend="eager")(x), ((x[:, None] - x[None]) ** 2).sum(
+        torch.compile(with_out, fullgraph=True, backend="eager")(torch.randn(5, 3))
+
+
+def _with_out(x):
+    return lm.Vi(x).sqdist(lm.Vj(x)).sum(dim=1, out=torch.empty(5, 1))
+
+
+@pytest.mark.slow  # Dynamo tries, and gives up on, every frame of the eager path: ~20 s
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
+def test_eager_fallback_without_fullgraph():
+    """Without fullgraph, what is not traced falls back to eager lazymat (out= here), and
+    TracedLazyTensors reaching eager code behave as ordinary LazyTensors."""
+    x = torch.randn(5, 3)
+    close(torch.compile(_with_out, backend="eager")(x), ((x[:, None] - x[None]) ** 2).sum(
         (1, 2))[:, None], tol=1e-5)
 
 
