@@ -57,7 +57,7 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
     # even when its formulas lose every i- (or j-) variable).
     prepared = plan.prepare(_forward_request(req), arrays, names=names, backend=backend,
                             sizes=sizes, like=like, ranges=ranges)
-    jacobians = _forward_jacobians(req, arrays, names, backend, sizes, like, ranges)
+    jacobians = _forward_jacobians(req, arrays, prepared)
     spec = _Spec(req, tuple(names), backend, prepared.sizes,
                  like if like is not None else arrays[0],
                  None if ranges is None else tuple(ranges), prepared, tuple(arrays), jacobians)
@@ -247,8 +247,8 @@ class _Jacobians:
         return out
 
 
-def _forward_jacobians(req: plan.Request, arrays: Sequence[Any], names, backend, sizes,
-                       like, ranges) -> _Jacobians | None:
+def _forward_jacobians(req: plan.Request, arrays: Sequence[Any],
+                       prepared: plan.Prepared) -> _Jacobians | None:
     """The forward with Jacobian sums, when the reduction allows it (Sum), some output-index
     variable or parameter requires grad, no torch.func transform is at work, and the extra
     columns are few (:data:`JACOBIAN_COLUMNS`); else None (the backward reduces them)."""
@@ -269,9 +269,8 @@ def _forward_jacobians(req: plan.Request, arrays: Sequence[Any], names, backend,
         for k in range(E):  # row k of ∂F/∂v: the gradient of F's component k
             Fk = F if E == 1 else make("Extract", (F,), (k, 1))
             columns.append(grad(Fk, v, one))
-    prepared = plan.prepare(replace(req, formula=_concat(columns)), arrays, names=names,
-                            backend=backend, sizes=sizes, like=like, ranges=ranges)
-    return _Jacobians(prepared, E, [p for p, _ in chosen], [v.params[1] for _, v in chosen],
+    extended = plan.reformulate(prepared, replace(req, formula=_concat(columns)))
+    return _Jacobians(extended, E, [p for p, _ in chosen], [v.params[1] for _, v in chosen],
                       [v.params[2] for _, v in chosen])
 
 
