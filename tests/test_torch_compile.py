@@ -183,7 +183,7 @@ def test_knn_step():
     assert counter.frame_count == 1
 
 
-def sinkhorn(x, y, eps: float = 0.5, iters: int = 5):
+def sinkhorn(x, y, eps: float = 0.5, iters: int = 3):
     """Log-domain Sinkhorn between uniform measures: the dual potentials (f, g)."""
     C = lm.Vi(x).sqdist(lm.Vj(y)) / 2
     log_a = -torch.log(torch.tensor(float(x.shape[0]), dtype=x.dtype))
@@ -195,7 +195,7 @@ def sinkhorn(x, y, eps: float = 0.5, iters: int = 5):
     return f, g
 
 
-def sinkhorn_dense(x, y, eps=0.5, iters=5):
+def sinkhorn_dense(x, y, eps=0.5, iters=3):
     C = ((x[:, None] - y[None]) ** 2).sum(-1) / 2
     f, g = x.new_zeros(x.shape[0]), x.new_zeros(y.shape[0])
     for _ in range(iters):
