@@ -14,6 +14,7 @@ from .errors import (CompileError, DtypeError, FormulaSyntaxError, LazymatError,
                      ShapeError)
 from . import local
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
+from . import lazy_tensor
 from .lazy_tensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
 from .pykeops_compat import install_as_pykeops, uninstall_as_pykeops
 from .ranges import (
@@ -63,6 +64,16 @@ def check_health(verbose: bool = True) -> dict:
     from .health import check_health as check
 
     return check(verbose)
+
+
+def _traced_lazy_tensor():
+    """What LazyTensor(...) makes while torch.compile traces (lazymat/torch/traced.py)."""
+    from .torch.traced import new
+
+    return new()
+
+
+lazy_tensor.COMPILED.append(_traced_lazy_tensor)
 
 
 def _switch_from_environment() -> None:
