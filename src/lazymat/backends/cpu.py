@@ -42,13 +42,16 @@ def unavailable_reason() -> str | None:
 
 
 def threads_inside() -> bool:
-    """Whether the kernels thread themselves (OpenMP); else the Python pool threads them.
+    """Whether the kernels thread themselves (OpenMP); else the Python pool threads them
+    (also with OpenMP when ``LAZYMAT_PYTHON_THREADS`` is set: tests, comparisons).
 
     >>> threads_inside() in (True, False)
     True
     """
     from ..compile import compiler_info
 
+    if config.env_flag("LAZYMAT_PYTHON_THREADS"):
+        return False
     info = compiler_info()
     return bool(info and info.openmp)
 
