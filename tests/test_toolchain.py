@@ -87,6 +87,9 @@ for dtype in ("float32", "float64"):
     gauss = lm.Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(2)"],
                       "Sum", 1)
     close(gauss(x, y, b, backend="cpu"), gauss(x, y, b, backend="reference"), dtype)
+    x16, y16 = rng.random((300, 19)).astype(dtype) / 4, rng.random((400, 19)).astype(dtype) / 4
+    gauss16 = lm.Genred("Exp(-SqDist(x, y))", ["x = Vi(19)", "y = Vj(19)"], "Sum", 1)
+    close(gauss16(x16, y16, backend="cpu"), gauss16(x16, y16, backend="reference"), dtype)
     lse = lm.Genred("-SqDist(x, y)", ["x = Vi(3)", "y = Vj(3)"], "LogSumExp", 1)
     close(lse(x, y, backend="cpu"), lse(x, y, backend="reference"), dtype)
     few, many = x[:3], rng.random((40000, 3)).astype(dtype)  # column split: parts merged

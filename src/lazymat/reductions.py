@@ -149,6 +149,11 @@ def _sum_tile(rc):
     # register; full tiles get a loop of TJ columns, whose fixed count lets the compiler
     # vectorize the outer loop.
     def tile(count: str) -> list[str]:
+        if rc.lanes_innermost:  # clang vectorizes innermost loops only: a partial sum per lane
+            return [f"{rc.T} t[LANES];", *_lanes("t[l] = 0;"),
+                    f"for (int jj = 0; jj < {count}; jj++) {{",
+                    *["  " + s for s in _lanes(f"t[l] += {rc.V('k')};")], "}",
+                    *_lanes("acc[k][l] += t[l];")]
         return _lanes(f"{rc.T} t = 0; for (int jj = 0; jj < {count}; jj++) t += {rc.V('k')}; "
                       "acc[k][l] += t;")
     return [f"for (int k = 0; k < {rc.D}; k++) {{",

@@ -41,6 +41,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _clang() -> bool:
+    """Whether the compiler is a clang (zig's included): its kernels are shaped for it."""
+    from ..compile import compiler_info
+
+    info = compiler_info()
+    return bool(info and "clang" in info.version.lower())
+
+
 def threads_inside() -> bool:
     """Whether the kernels thread themselves (OpenMP); else the Python pool threads them
     (also with OpenMP when ``LAZYMAT_PYTHON_THREADS`` is set: tests, comparisons).
@@ -60,7 +68,7 @@ def kernel_for(spec: KernelSpec) -> Any:
     """The compiled kernel function for a spec (the compile cache makes repeats cheap)."""
     from ..compile import load_library
 
-    lib = load_library(render(spec), name=f"{spec.reduction.name}_{spec.dtype}")
+    lib = load_library(render(spec, clang=_clang()), name=f"{spec.reduction.name}_{spec.dtype}")
     fn = lib.lm_kernel
     fn.argtypes, fn.restype = ARGTYPES, None
     return fn
