@@ -8,7 +8,7 @@ STAMP := $(VENV)/.stamp
 LAZYMAT_CACHE_DIR ?= $(CURDIR)/.cache/lazymat
 export LAZYMAT_CACHE_DIR
 
-.PHONY: test test-slow test-gpu demo bench clean
+.PHONY: test test-slow test-gpu demo bench gallery clean
 
 $(VENV): $(STAMP)
 
@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Two or more workers (pytest-xdist): the suite is mostly kernel compiles, which run in parallel;
+# the kernel cache is safe for concurrent processes.
 test: $(STAMP)
-	$(VPY) -m pytest -q -m "not slow" tests
+	$(VPY) -m pytest -q -m "not slow" -n auto tests
 
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow tests
@@ -35,6 +37,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m benchmarks
+
+# Every examples/plot_*.py at full size; pictures and tables in examples/output/
+# (LAZYMAT_GALLERY_OUTPUT to change it). LAZYMAT_GALLERY_SIZE=small is what make test runs.
+gallery: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[gallery]'
+	@set -e; for f in examples/plot_*.py; do echo "== $$f"; $(VPY) $$f; done
 
 clean:
 	rm -rf $(VENV) .cache build dist src/*.egg-info .pytest_cache .hypothesis
