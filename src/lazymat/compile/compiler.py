@@ -94,14 +94,14 @@ class CompilerInfo:
         Example::
 
             >>> compiler_info().description  # doctest: +SKIP
-            '/usr/bin/g++ (g++ (Debian 12.2.0-14) 12.2.0), found on PATH, OpenMP threads'
+            '/usr/bin/g++ (g++ (Debian 12.2.0-14) 12.2.0), found on PATH, with OpenMP'
         """
         where = {"LAZYMAT_CXX": "from $LAZYMAT_CXX", "CXX": "from $CXX", "PATH": "found on PATH",
                  "ziglang": "the ziglang package (no g++/clang++ found)"}.get(self.source,
                                                                            self.source)
         if self.source == "ziglang" and os.environ.get("LAZYMAT_CXX", "").strip():
             where = "the ziglang package (from $LAZYMAT_CXX)"
-        threads = "OpenMP threads" if self.openmp else "no OpenMP: a pool of Python threads"
+        threads = "with OpenMP" if self.openmp else "no OpenMP (threads: a pool of Python threads)"
         return f"{self.path} ({self.version}), {where}, {threads}"
 
     def command(self, src: str | os.PathLike[str], out: str | os.PathLike[str]) -> list[str]:
