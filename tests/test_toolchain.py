@@ -82,12 +82,12 @@ def close(a, b, dtype):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
 
 for dtype in ("float32", "float64"):
-    x, y = rng.random((300, 3)).astype(dtype), rng.random((400, 3)).astype(dtype)
-    b = rng.random((400, 2)).astype(dtype)
+    x, y = rng.random((600, 3)).astype(dtype), rng.random((800, 3)).astype(dtype)
+    b = rng.random((800, 2)).astype(dtype)
     gauss = lm.Genred("Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(2)"],
                       "Sum", 1)
     close(gauss(x, y, b, backend="cpu"), gauss(x, y, b, backend="reference"), dtype)
-    x16, y16 = rng.random((300, 19)).astype(dtype) / 4, rng.random((400, 19)).astype(dtype) / 4
+    x16, y16 = rng.random((600, 19)).astype(dtype) / 4, rng.random((800, 19)).astype(dtype) / 4
     gauss16 = lm.Genred("Exp(-SqDist(x, y))", ["x = Vi(19)", "y = Vj(19)"], "Sum", 1)
     close(gauss16(x16, y16, backend="cpu"), gauss16(x16, y16, backend="reference"), dtype)
     lse = lm.Genred("-SqDist(x, y)", ["x = Vi(3)", "y = Vj(3)"], "LogSumExp", 1)
@@ -98,16 +98,16 @@ for dtype in ("float32", "float64"):
     assert (knn(x, y, backend="cpu") == knn(x, y, backend="reference")).all()
     assert (knn(few, many, backend="cpu") == knn(few, many, backend="reference")).all()
 
-z, w = rng.random((300, 2)), rng.random((400, 2))
+z, w = rng.random((600, 2)), rng.random((800, 2))
 cplx = lm.Genred("ComplexMult(ComplexExp(z), w)", ["z = Vi(2)", "w = Vj(2)"], "Sum", 1)
 close(cplx(z, w, backend="cpu"), cplx(z, w, backend="reference"), "float64")
-xb, yb = rng.random((20, 8, 3)), rng.random((20, 256, 3))  # 20 batches of one task each
+xb, yb = rng.random((20, 8, 3)), rng.random((20, 4096, 3))  # 20 batches of one task each
 Kb = (-lm.Vi(xb).sqdist(lm.Vj(yb))).exp()
 close(Kb.sum(2, backend="cpu"), Kb.sum(2, backend="reference"), "float64")
 
-xt = torch.tensor(rng.random((300, 3)), requires_grad=True)
-yt = torch.tensor(rng.random((400, 3)))
-bt = torch.tensor(rng.random((400, 1)))
+xt = torch.tensor(rng.random((600, 3)), requires_grad=True)
+yt = torch.tensor(rng.random((800, 3)))
+bt = torch.tensor(rng.random((800, 1)))
 grads = []
 for backend in ("cpu", "reference"):
     K = (-lm.Vi(xt).sqdist(lm.Vj(yt))).exp() * lm.Vj(bt)
@@ -121,15 +121,18 @@ pool = [t.name for t in threading.enumerate() if t.name.startswith("lazymat-cpu"
 
 def test_zig_compiles_everything_without_a_system_compiler(tmp_path: Path) -> None:
     pytest.importorskip("ziglang")
+    home = tmp_path / "home"  # a file: no ~/.cache/zig can be made (a read-only $HOME)
+    home.write_text("")
     env = _env(PATH=_no_compiler_path(tmp_path), LAZYMAT_CACHE_DIR=str(tmp_path / "cache"),
-               LAZYMAT_NUM_THREADS="2")
+               LAZYMAT_NUM_THREADS="2", HOME=str(home), XDG_CACHE_HOME=None,
+               ZIG_GLOBAL_CACHE_DIR=None, TMPDIR=str(tmp_path))
     res = _run(CASES + r"""
 import json
 from lazymat.compile import compiler_info
 info = compiler_info()
 report = lm.check_health(verbose=False)
 print(json.dumps({"source": info.source, "openmp": info.openmp, "flags": info.flags,
-                  "compiles": stats["compiles"],
+                  "compiles": stats["compiles"], "env": dict(info.env),
                   "compiler": report["compiler"], "threads": report["threads"],
                   "pool": pool}))
 """, env)
@@ -139,6 +142,7 @@ print(json.dumps({"source": info.source, "openmp": info.openmp, "flags": info.fl
     assert "-O3" in out["flags"] and "-fopenmp" not in out["flags"]
     assert out["pool"], "the Python thread pool never ran"
     assert out["compiles"] >= 10  # compiled here, by zig: not the reference backend
+    assert out["env"]["ZIG_GLOBAL_CACHE_DIR"].startswith(str(tmp_path))  # zig's own cache
 
 
 def test_python_thread_pool_with_the_system_compiler_matches(tmp_path: Path) -> None:
@@ -147,8 +151,8 @@ def test_python_thread_pool_with_the_system_compiler_matches(tmp_path: Path) -> 
         pytest.skip("no compiler")
     env = _env(LAZYMAT_NUM_THREADS="2", LAZYMAT_PYTHON_THREADS="1")
     res = _run(CASES + r"""
-ranges_x = np.array([[0, 100], [100, 300]]); ranges_y = np.array([[0, 50], [300, 400]])
-x, y = rng.random((300, 3)), rng.random((400, 3))
+ranges_x = np.array([[0, 200], [200, 600]]); ranges_y = np.array([[0, 100], [300, 800]])
+x, y = rng.random((600, 3)), rng.random((800, 3))
 K = (-lm.Vi(x).sqdist(lm.Vj(y))).exp()
 r = (ranges_x, np.array([1, 2]), ranges_y, ranges_y, np.array([1, 2]), ranges_x)
 close(K.sum(1, backend="cpu", ranges=r), K.sum(1, backend="reference", ranges=r), "float64")

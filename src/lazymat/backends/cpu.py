@@ -185,12 +185,12 @@ def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int,
     out_addrs = [pointer(o, keep) for o in outs]
     ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
     nbatch, M = launch.nbatch, launch.M
-    if pool and threads > 1 and nbatch * ntasks > 1:
+    slices = _slices(nbatch, ntasks, threads, LANES[launch.dtype] * launch.N) \
+        if pool and threads > 1 else []
+    if len(slices) > 1:
         # bytes of one batch's rows in each output, and of one batch's offsets row
-        out_step = [o.nbytes // nbatch if hasattr(o, "nbytes") else
-                    o.numel() * o.element_size() // nbatch for o in outs]
+        out_step = [o.nbytes // nbatch for o in outs]
         off_step = offsets.strides[0] if offsets.ndim == 2 else 0
-        slices = _slices(nbatch, ntasks, threads, LANES[launch.dtype] * launch.N)
 
         def call(part: tuple[int, int, int, int]) -> None:
             b0, b1, t0, t1 = part
@@ -215,15 +215,23 @@ def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int,
 CHUNK_PAIRS = 1 << 27
 TASK_BYTES = 3 * 8  # a task is (start, end, range) in int64 (launch.tasks)
 #: Slices per thread of the Python pool: more than one, so that a thread slowed down (a busy
-#: machine, uneven ranges) leaves its share to the others.
+#: machine, uneven ranges) leaves its share to the others; but each slice at least
+#: MIN_SLICE_PAIRS pairs (tens of microseconds), so that the calls' cost stays small.
 SLICES_PER_THREAD = 8
+MIN_SLICE_PAIRS = 1 << 16
 
 
 def _slices(nbatch: int, ntasks: int, threads: int, pairs_per_task: int
             ) -> list[tuple[int, int, int, int]]:
     """(batch start, batch end, task start, task end) of the slices of one call: tasks
-    (every batch at once) when there are enough of them, else batches (every task)."""
-    wanted = SLICES_PER_THREAD * threads
+    (every batch at once) when there are enough of them, else batches (every task).
+
+    >>> _slices(1, 100, 2, 1 << 16)[:2]
+    [(0, 1, 0, 7), (0, 1, 7, 14)]
+    """
+    wanted = min(SLICES_PER_THREAD * threads, nbatch * ntasks * pairs_per_task // MIN_SLICE_PAIRS)
+    if wanted < 2:
+        return [(0, nbatch, 0, ntasks)]
     if ntasks >= min(wanted, nbatch) or nbatch == 1:
         per = -(-ntasks // wanted)
         per = min(per, max(1, CHUNK_PAIRS // max(1, pairs_per_task * nbatch)))

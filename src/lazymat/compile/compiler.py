@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .. import config
 from ..errors import CompileError
-from .paths import cache_dirs
+from .paths import cache_dirs, trusted_owners, unsafe_reason
 
 __all__ = ["CompilerInfo", "compiler_info", "zig_command", "BASE_FLAGS", "NO_COMPILER_MESSAGE",
            "compile_timeout", "run_command", "CommandTimeout"]
@@ -81,6 +81,13 @@ class CompilerInfo:
     openmp: bool = False
     #: where it came from: "LAZYMAT_CXX", "CXX", "PATH" (g++ or clang++) or "ziglang"
     source: str = "PATH"
+    #: environment variables the compiler runs with (zig: its cache where $HOME is read-only)
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def environment(self) -> dict[str, str] | None:
+        """The compiler's environment (None: this process's)."""
+        return {**os.environ, **dict(self.env)} if self.env else None
 
     @property
     def identity(self) -> str:
@@ -141,7 +148,8 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_command(cmd: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+def run_command(cmd: list[str], timeout: float | None,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` capturing its output as text; raise :class:`CommandTimeout` past
     ``timeout`` seconds (None: no limit). The command runs in its own process group so that
     a timeout or a Ctrl-C kills the compiler's children too.
@@ -152,7 +160,7 @@ def run_command(cmd: list[str], timeout: float | None) -> subprocess.CompletedPr
         0
     """
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            errors="replace", start_new_session=os.name == "posix")
+                            errors="replace", start_new_session=os.name == "posix", env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -210,6 +218,30 @@ def zig_command() -> list[str] | None:
     return None
 
 
+def _zig_env() -> tuple[tuple[str, str], ...]:
+    """zig keeps a cache ($ZIG_GLOBAL_CACHE_DIR, else ~/.cache/zig) and fails without one:
+    where that is not writable (a read-only $HOME), a private directory under the temp dir."""
+    if os.environ.get("ZIG_GLOBAL_CACHE_DIR", "").strip():
+        return ()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    try:
+        usual = (Path(xdg) if xdg else Path.home() / ".cache") / "zig"
+        usual.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=usual):
+            return ()
+    except (OSError, RuntimeError):  # RuntimeError: no home directory at all
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    fallback = Path(tempfile.gettempdir()) / f"lazymat-zig-{uid}"
+    try:
+        fallback.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        pass
+    if unsafe_reason(fallback, trusted_owners()) is not None:  # zig runs what it caches
+        fallback = Path(tempfile.mkdtemp(prefix="lazymat-zig-"))
+    return (("ZIG_GLOBAL_CACHE_DIR", str(fallback)), ("ZIG_LOCAL_CACHE_DIR", str(fallback)))
+
+
 def _zig_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -265,9 +297,9 @@ def _explicit_cxx_error(cmd: list[str], why: str) -> CompileError:
                         "to let lazymat look for g++, clang++ and zig")
 
 
-def _version(cmd: list[str]) -> str | None:
+def _version(cmd: list[str], env: dict[str, str] | None = None) -> str | None:
     try:
-        res = run_command([*cmd, "--version"], 60)
+        res = run_command([*cmd, "--version"], 60, env)
     except (OSError, CommandTimeout):
         return None
     if res.returncode != 0:
@@ -294,14 +326,15 @@ def cpu_tag() -> str:
     return tag
 
 
-def _try_compile(cmd: list[str], flags: list[str], load: bool) -> bool:
+def _try_compile(cmd: list[str], flags: list[str], load: bool,
+                 env: dict[str, str] | None = None) -> bool:
     with tempfile.TemporaryDirectory(prefix="lazymat-probe-") as tmp:
         src = Path(tmp) / "probe.cpp"
         out = Path(tmp) / "probe.so"
         src.write_text(_PROBE_SOURCE)
         try:
             res = run_command([*cmd, *flags, "-x", "c++", str(src), "-o", str(out)],
-                              compile_timeout())
+                              compile_timeout(), env)
         except (OSError, CommandTimeout):
             return False
         if res.returncode != 0 or not out.exists():
@@ -315,18 +348,22 @@ def _try_compile(cmd: list[str], flags: list[str], load: bool) -> bool:
         return True
 
 
-def _probe(cmd: list[str], base: list[str], openmp_runtime: bool = True) -> dict[str, bool]:
+def _probe(cmd: list[str], base: list[str], openmp_runtime: bool = True,
+           env: dict[str, str] | None = None) -> dict[str, bool]:
     """Which of -march=native and -fopenmp the compiler accepts (one compile when both work),
     whether it compiles a loadable library at all ("works"), and, without OpenMP, whether
     ``-fopenmp-simd`` keeps the kernels' ``omp simd`` loops vectorized ("openmp_simd").
     ``openmp_runtime`` False (zig: none shipped) skips the -fopenmp tries."""
-    if openmp_runtime and _try_compile(cmd, base + ["-march=native", "-fopenmp"], load=True):
+    def works_with(flags: list[str], load: bool) -> bool:
+        return _try_compile(cmd, base + flags, load=load, env=env)
+
+    if openmp_runtime and works_with(["-march=native", "-fopenmp"], True):
         return {"march_native": True, "openmp": True, "works": True, "openmp_simd": False}
-    march = _try_compile(cmd, base + ["-march=native"], load=False)
+    march = works_with(["-march=native"], False)
     arch = ["-march=native"] if march else []
-    openmp = openmp_runtime and _try_compile(cmd, base + arch + ["-fopenmp"], load=True)
-    simd = not openmp and _try_compile(cmd, base + arch + ["-fopenmp-simd"], load=True)
-    works = march or openmp or simd or _try_compile(cmd, base, load=True)
+    openmp = openmp_runtime and works_with(arch + ["-fopenmp"], True)
+    simd = not openmp and works_with(arch + ["-fopenmp-simd"], True)
+    works = march or openmp or simd or works_with([], True)
     return {"march_native": march, "openmp": openmp, "works": works, "openmp_simd": simd}
 
 
@@ -334,7 +371,8 @@ _PROBE_KEYS = ("march_native", "openmp", "works", "openmp_simd")
 
 
 def _probe_cached(cmd: list[str], version: str, base: list[str],
-                  openmp_runtime: bool = True) -> dict[str, bool]:
+                  openmp_runtime: bool = True, env: dict[str, str] | None = None
+                  ) -> dict[str, bool]:
     """`_probe`, stored as JSON in the cache directory so later processes skip it (a
     read-only pre-populated cache's record is used too)."""
     key = hashlib.sha256(
@@ -355,7 +393,7 @@ def _probe_cached(cmd: list[str], version: str, base: list[str],
                 return data
     except (OSError, ValueError, AttributeError):
         pass
-    result = _probe(cmd, base, openmp_runtime)
+    result = _probe(cmd, base, openmp_runtime, env)
     if path is not None:
         try:
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -392,7 +430,9 @@ def compiler_info() -> CompilerInfo | None:
         try:
             found = _find_compiler()
             cmd, source = found if found else (None, "")
-            version = _version(cmd) if cmd else None
+            extra_env = _zig_env() if source == "ziglang" else ()
+            env = {**os.environ, **dict(extra_env)} if extra_env else None
+            version = _version(cmd, env) if cmd else None
             if cmd and version is None and explicit:
                 raise _explicit_cxx_error(cmd, "'--version' failed")
             if cmd and version is not None:
@@ -401,7 +441,7 @@ def compiler_info() -> CompilerInfo | None:
                     version = f"{_zig_version()}, {version}"
                 extra = cmd[1:] + shlex.split(env_key[2] or "")
                 base = extra + BASE_FLAGS
-                caps = _probe_cached(cmd[:1], version, base, openmp_runtime=not zig)
+                caps = _probe_cached(cmd[:1], version, base, openmp_runtime=not zig, env=env)
                 if not caps["works"]:
                     if explicit:
                         raise _explicit_cxx_error(cmd, "it cannot build a shared library")
@@ -415,7 +455,7 @@ def compiler_info() -> CompilerInfo | None:
                     flags.append("-fopenmp-simd")
                 flags += BASE_FLAGS[1:]
                 info = CompilerInfo(path=cmd[0], version=version, flags=flags,
-                                    openmp=caps["openmp"], source=source)
+                                    openmp=caps["openmp"], source=source, env=extra_env)
         except CompileError:
             if explicit:
                 raise  # not memoized: fixing CXX mid-process is honoured
