@@ -14,8 +14,7 @@ from .errors import (CompileError, DtypeError, FormulaSyntaxError, LazymatError,
                      ShapeError)
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
 from .lazy_tensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
-# the function (the module stays importable as ``lazymat.precompile`` through sys.modules)
-from .precompile import precompile
+from .precompile import precompile  # the function; the module is in sys.modules
 from .pykeops_compat import install_as_pykeops, uninstall_as_pykeops
 from .ranges import (
     cluster_centroids,
