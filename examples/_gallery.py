@@ -21,7 +21,8 @@ Conventions of a gallery script (sphinx-gallery style, so the docs render it as 
   the example cannot do without (exits with code 77, which the test reports as a skip).
 - Results: ``print_table(title, rows)``; each row is a dict with ``"method"`` and ``"seconds"``
   (``None`` for a skipped peer) and any other columns (error, memory, accuracy); the ratio to the
-  first row is added. The table also goes to ``<output>/<script>.txt``.
+  first row is added (to the first row of the same ``"case"``, if rows have one: put lazymat
+  first). The table also goes to ``<output>/<script>.txt``.
 - Pictures: ``save_figure(fig, "name")`` writes ``<output>/<script>_name.png`` (matplotlib's Agg
   backend; the figure stays open so sphinx-gallery shows it too); ``save_gif(frames, "name")``
   for animations. ``<output>`` is ``$LAZYMAT_GALLERY_OUTPUT``, else ``examples/output/``
@@ -59,9 +60,14 @@ def sized(small: Any, full: Any) -> Any:
 
 
 def _script_name() -> str:
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv and sys.argv[0] else "")
-    return Path(path).stem if path else "gallery"
+    """The calling example's file name: the first frame outside this module that has a
+    ``__file__`` (sphinx-gallery runs every example inside one sphinx-build process and sets
+    ``__file__`` in the example's globals)."""
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_globals.get("__name__") == __name__
+                                 or "__file__" not in frame.f_globals):
+        frame = frame.f_back
+    return Path(frame.f_globals["__file__"]).stem if frame is not None else "gallery"
 
 
 def output_dir() -> Path:
@@ -111,11 +117,12 @@ def peer(module: str) -> Any | None:
 def median_time(fn: Callable[[], Any], repeat: int | None = None,
                 warmup: int = 1) -> tuple[float, Any]:
     """Median wall time of ``fn()`` over ``repeat`` calls after ``warmup`` untimed calls;
-    returns ``(seconds, result of the last call)``. ``repeat`` defaults to 3 (small) / 5 (full).
+    returns ``(seconds, result of the last call)``. ``repeat`` defaults to 1 at the small size
+    (the tests), 3 at full size.
 
     >>> seconds, value = median_time(lambda: sum(range(1000)))
     """
-    repeat = repeat if repeat is not None else sized(3, 5)
+    repeat = repeat if repeat is not None else sized(1, 3)
     result = None
     for _ in range(warmup):
         result = fn()
@@ -135,6 +142,21 @@ def _sync(result: Any) -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _fixed_mmap_threshold() -> None:
+    """glibc raises its mmap threshold after big frees, so freed blocks of up to 32 MiB stay
+    resident and reused: a fixed threshold makes every big block an mmap, returned at free, so
+    that the resident memory measures what a call allocates."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_fixed_mmap_threshold()
 
 
 def _rss_bytes() -> int:
@@ -178,8 +200,8 @@ def check_close(actual: Any, expected: Any, rtol: float, what: str) -> float:
     """Assert ``max|actual - expected| <= rtol * max|expected|`` and return that relative error
     (arrays from numpy or torch; complex too). Prints the result either way.
 
-    >>> check_close([1.0, 2.0], [1.0, 2.0 + 1e-9], 1e-6, "sum")
-    0.0...
+    >>> err = check_close([1.0, 2.0], [1.0, 2.0 + 1e-9], 1e-6, "sum")
+      check sum: max relative error 5.00e-10 (tolerance 1e-06) ok
     """
     import numpy as np
 
@@ -236,29 +258,36 @@ _WRITTEN: set[Path] = set()
 
 def print_table(title: str, rows: Sequence[dict], save_as: str | None = None) -> str:
     """Print rows (dicts with ``method``, ``seconds`` and any other columns) as a table, with
-    each time's ratio to the first row's (``x 2.0`` = twice as slow as the first row). Also
-    written to ``<output>/<script>[_save_as].txt``; returns the text.
+    each time's ratio to the first row's (``x 2.00`` = twice as slow as the first row). Rows
+    with a ``"case"`` key (say ``"N=10000"``) are compared with the first row of their case.
+    Also written to ``<output>/<script>[_save_as].txt`` (the tables of one run); returns the text.
 
-    >>> _ = print_table("demo", [{"method": "lazymat", "seconds": 0.1, "error": "1e-7"},
-    ...                          {"method": "numpy", "seconds": 0.3, "error": "0"}])  # doctest: +SKIP
+    >>> rows = [{"method": "lazymat", "seconds": 0.1, "error": 1e-7},
+    ...         {"method": "numpy", "seconds": 0.3, "error": 0.0}]
+    >>> _ = print_table("demo", rows)  # doctest: +SKIP
     """
-    columns = ["method", "time", "vs first"]
+    grouped = any("case" in row for row in rows)
+    columns = (["case"] if grouped else []) + ["method", "time", "vs first"]
     for row in rows:
-        columns += [k for k in row if k not in ("method", "seconds") and k not in columns]
-    base = rows[0].get("seconds") if rows else None
+        columns += [k for k in row if k not in ("method", "seconds", "case") and k not in columns]
+    firsts: dict = {}
+    for row in rows:
+        firsts.setdefault(row.get("case"), row.get("seconds"))
     cells = []
     for row in rows:
-        s = row.get("seconds")
+        s, base = row.get("seconds"), firsts[row.get("case")]
         ratio = f"x {s / base:.2f}" if s is not None and base else "-"
-        cell = {"method": str(row["method"]), "time": format_seconds(s), "vs first": ratio}
-        for k in columns[3:]:
-            v = row.get(k, "")
-            cell[k] = f"{v:.2e}" if isinstance(v, float) else str(v)
+        cell = {"case": str(row.get("case", "")), "method": str(row["method"]),
+                "time": format_seconds(s), "vs first": ratio}
+        for k in columns:
+            if k not in cell:
+                v = row.get(k, "")
+                cell[k] = f"{v:.2e}" if isinstance(v, float) else str(v)
         cells.append(cell)
     widths = {c: max([len(c)] + [len(cell[c]) for cell in cells]) for c in columns}
     line = "  ".join(c.ljust(widths[c]) for c in columns)
     text = [title, line, "  ".join("-" * widths[c] for c in columns)]
-    text += ["  ".join(cell[c].ljust(widths[c]) for c in columns) for cell in cells]
+    text += ["  ".join(cell[c].ljust(widths[c]) for c in columns).rstrip() for cell in cells]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     text.append(f"(size={SIZE}, medians, load average {load})")
     out = "\n".join(text)

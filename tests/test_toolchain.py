@@ -250,7 +250,7 @@ def test_precompile_fills_a_cache_a_read_only_process_uses(tmp_path: Path) -> No
     assert res.returncode == 0, res.stderr[-4000:]
     assert "kernels compiled" in res.stdout
     kernels = list(warm.glob("*.so"))
-    assert len(kernels) >= 6, res.stderr  # plain + split for both, gradient kernels
+    assert len(kernels) >= 5, res.stderr  # plain + split for both, and the gradient's
     prefix = _read_only_prefix(warm)
     if prefix is None:
         pytest.skip("cannot make a directory read-only for root here (no unshare)")
@@ -259,7 +259,7 @@ def test_precompile_fills_a_cache_a_read_only_process_uses(tmp_path: Path) -> No
     res = _run(USE, env, prefix=prefix)
     compiles, rebuilds, hits, used = res.stdout.split()
     assert (int(compiles), int(rebuilds)) == (0, 0), res.stderr
-    assert int(hits) >= 6
+    assert int(hits) >= 4  # every kernel those calls need, none compiled
     assert Path(used) != warm, "the read-only cache should not be the write directory"
     assert "compiling" not in res.stderr and "probe" not in res.stderr
     assert sorted(warm.glob("*.so")) == sorted(kernels)

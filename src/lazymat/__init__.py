@@ -42,7 +42,12 @@ __all__ = [
 
 def cache_clear() -> None:
     """Delete every compiled kernel of the cache directory (see ``LAZYMAT_CACHE_DIR``) and
-    empty every in-process memo (:func:`lazymat.health.cache_clear`)."""
+    empty every in-process memo (:func:`lazymat.health.cache_clear`). The next call of each
+    formula compiles it again.
+
+    >>> import lazymat as lm
+    >>> lm.cache_clear()  # doctest: +SKIP
+    """
     from .health import cache_clear as clear
 
     clear()

@@ -29,7 +29,8 @@ from typing import Any, Sequence
 from . import plan
 from .arraylib import is_torch
 from .errors import DtypeError
-from .formula import I_CAT, J_CAT, P_CAT, Node, Var, diff, grad, make, substitute, variables
+from .formula import (I_CAT, J_CAT, P_CAT, Const, Node, Var, diff, grad, make, substitute,
+                      variables)
 
 
 def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
@@ -54,9 +55,10 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
     # even when its formulas lose every i- (or j-) variable).
     prepared = plan.prepare(_forward_request(req), arrays, names=names, backend=backend,
                             sizes=sizes, like=like, ranges=ranges)
+    jacobians = _forward_jacobians(req, arrays, names, backend, sizes, like, ranges)
     spec = _Spec(req, tuple(names), backend, prepared.sizes,
                  like if like is not None else arrays[0],
-                 None if ranges is None else tuple(ranges), prepared, tuple(arrays))
+                 None if ranges is None else tuple(ranges), prepared, tuple(arrays), jacobians)
     outs = _reduction_function().apply(spec, *arrays)
     red = req.definition
     if red.selects_with and red.selects_with != red.name:
@@ -88,6 +90,8 @@ class _Spec:
     ranges: tuple | None  # the block-sparse 6-tuple, or None
     prepared: plan.Prepared  # the forward's checked, oriented launch, for ``inputs``
     inputs: tuple
+    #: the forward that also reduces Jacobian sums (:func:`_forward_jacobians`), or None
+    jacobians: "_Jacobians | None" = None
 
     def run(self, req: plan.Request, arrays: Sequence[Any], names: Sequence[str],
             sizes: tuple[int | None, int | None], ranges: Any = None) -> tuple:
@@ -112,6 +116,8 @@ def _reduction_function():
         def forward(spec: _Spec, *arrays):
             if len(arrays) == len(spec.inputs) and all(
                     a is b for a, b in zip(arrays, spec.inputs)):
+                if spec.jacobians is not None:  # F and the Jacobian sums in one pass
+                    return spec.jacobians.run()
                 return plan.execute(spec.prepared)  # checked by autograd.run already
             # Other arrays (a torch.func transform unwrapped them, vmap moved a dim): anew.
             return tuple(plan.run(_forward_request(spec.req), [a.detach() for a in arrays],
@@ -123,6 +129,7 @@ def _reduction_function():
             spec, *arrays = inputs
             kinds = _forward_request(spec.req).definition.output_kinds
             ctx.spec, ctx.n_args = spec, len(arrays)
+            ctx.jacobians = spec.jacobians.take() if spec.jacobians is not None else None
             ctx.indices = output[kinds.index("index")] if "index" in kinds else None
             values = [o for o, k in zip(output, kinds) if k == "value"]
             ctx.save_for_backward(*arrays, *values)
@@ -160,13 +167,97 @@ def _reduction_function():
                 return (None,) * (1 + ctx.n_args)
             red = ctx.spec.req.definition
             if red.cotangents is not None:
-                result = _sum_like_backward(ctx.spec, arrays, values[0], G, wanted)
+                result = {}
+                if ctx.jacobians is not None and not torch.is_grad_enabled():
+                    # first order: G_iᵀ H_i from the sums the forward reduced (a graph for
+                    # higher orders needs the reductions below, which are differentiable)
+                    result = ctx.spec.jacobians.gradients(ctx.jacobians, G, arrays, wanted)
+                rest = [p for p in wanted if p not in result]
+                if rest:
+                    result.update(_sum_like_backward(ctx.spec, arrays, values[0], G, rest))
             else:
                 result = _selection_backward(ctx.spec, arrays, ctx.indices, G, wanted)
             return (None, *[result.get(p) for p in range(ctx.n_args)])
 
     _Function = LazymatReduction
     return _Function
+
+
+# ------------------------------------------------------- Jacobian sums in the forward pass
+
+#: Largest E·(D_1 + ... + D_k) (output dim times the dims of the variables whose Jacobian
+#: sums the forward adds): more columns cost the forward more than the backward pass saved.
+JACOBIAN_COLUMNS = 16
+
+
+@dataclass
+class _Jacobians:
+    """A Sum's forward that also reduces H_i = Σ_j ∂F_ij/∂v for the output-index variables
+    and parameters v that require grad: the first-order backward of those is then G_iᵀ H_i
+    (no pass over the data), and only the reduced-index variables need a backward pass.
+
+    ``prepared`` runs Concat(F, ∂F/∂v_1, ...) (E + Σ E·D_k columns); ``positions`` and
+    ``dims`` name the v_k; the forward's H waits in ``pending`` for ``setup_context``.
+    """
+
+    prepared: plan.Prepared
+    E: int
+    positions: list[int]
+    dims: list[int]
+    cats: list[int]
+    pending: Any = None
+
+    def run(self) -> tuple:
+        both, = plan.execute(self.prepared)
+        self.pending = both[..., self.E:]
+        return (both[..., :self.E].contiguous(),)
+
+    def take(self) -> Any:
+        H, self.pending = self.pending, None
+        return H
+
+    def gradients(self, H: Any, G: Any, arrays: Sequence[Any], wanted: list[int]
+                  ) -> dict[int, Any]:
+        out, start = {}, 0
+        for p, d, cat in zip(self.positions, self.dims, self.cats):
+            part = H[..., start:start + self.E * d]
+            start += self.E * d
+            if p not in wanted:
+                continue
+            Hp = part.reshape(part.shape[:-1] + (self.E, d))
+            g = (G.unsqueeze(-1) * Hp).sum(-2)  # (..., M, d)
+            if cat == P_CAT:
+                g = g.sum(-2)
+            out[p] = _shape_like(g, arrays[p])
+        return out
+
+
+def _forward_jacobians(req: plan.Request, arrays: Sequence[Any], names, backend, sizes,
+                       like, ranges) -> _Jacobians | None:
+    """The forward with Jacobian sums, when the reduction allows it (Sum), some output-index
+    variable or parameter requires grad, no torch.func transform is at work, and the extra
+    columns are few (:data:`JACOBIAN_COLUMNS`); else None (the backward reduces them)."""
+    red = req.definition
+    if not red.jacobian_in_forward or req.weight is not None or any(
+            _transformed(a) for a in arrays if is_torch(a)):
+        return None
+    out_cat = I_CAT if req.axis == 1 else J_CAT
+    F, E = req.formula, req.formula.dim
+    chosen = [(p, v) for p, a in enumerate(arrays)
+              if is_torch(a) and a.requires_grad and (v := _var_at((F,), p)) is not None
+              and v.params[2] in (out_cat, P_CAT)]
+    if not chosen or E * sum(v.params[1] for _, v in chosen) > JACOBIAN_COLUMNS:
+        return None
+    one = Const(1, 1)
+    columns = [F]
+    for _, v in chosen:
+        for k in range(E):  # row k of ∂F/∂v: the gradient of F's component k
+            Fk = F if E == 1 else make("Extract", (F,), (k, 1))
+            columns.append(grad(Fk, v, one))
+    prepared = plan.prepare(replace(req, formula=_concat(columns)), arrays, names=names,
+                            backend=backend, sizes=sizes, like=like, ranges=ranges)
+    return _Jacobians(prepared, E, [p for p, _ in chosen], [v.params[1] for _, v in chosen],
+                      [v.params[2] for _, v in chosen])
 
 
 # ---------------------------------------------------------------------- helpers

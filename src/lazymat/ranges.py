@@ -43,7 +43,11 @@ def _like(a: np.ndarray, ref: Any) -> Any:
 
 def grid_cluster(x: Any, size: float | Sequence[float]) -> Any:
     """Cluster labels (int64, 0..C-1) of the points x (n, D) by cubic cells of side ``size``
-    (a float, or one per dimension). Any D works (KeOps: D ≤ 3)."""
+    (a float, or one per dimension). Any D works (KeOps: D ≤ 3).
+
+    >>> grid_cluster(np.array([[0.1, 0.1], [0.2, 0.15], [0.9, 0.9]]), 0.5).tolist()
+    [0, 0, 1]
+    """
     pts = _numpy(x)
     cells = np.floor((pts - pts.min(0)) / np.asarray(size, dtype=pts.dtype)).astype(np.int64)
     _, labels = np.unique(cells, axis=0, return_inverse=True)
@@ -51,7 +55,12 @@ def grid_cluster(x: Any, size: float | Sequence[float]) -> Any:
 
 
 def sort_clusters(x: Any, labels: Any) -> tuple[Any, Any]:
-    """x (an array or a tuple of arrays) and labels, reordered so each cluster is contiguous."""
+    """x (an array or a tuple of arrays) and labels, reordered so each cluster is contiguous.
+
+    >>> x, labels = sort_clusters(np.array([[5.0], [1.0], [6.0]]), np.array([1, 0, 1]))
+    >>> x.ravel().tolist(), labels.tolist()
+    ([1.0, 5.0, 6.0], [0, 1, 1])
+    """
     order = np.argsort(_numpy(labels), kind="stable")
     idx = _like(order, labels)
     if isinstance(x, (tuple, list)):
@@ -60,7 +69,11 @@ def sort_clusters(x: Any, labels: Any) -> tuple[Any, Any]:
 
 
 def cluster_ranges(labels: Any, n_labels: int | None = None) -> Any:
-    """(C, 2) index ranges [start, end) of each cluster of *sorted* labels."""
+    """(C, 2) index ranges [start, end) of each cluster of *sorted* labels.
+
+    >>> cluster_ranges(np.array([0, 0, 1, 1, 1])).tolist()
+    [[0, 2], [2, 5]]
+    """
     lab = _numpy(labels)
     counts = np.bincount(lab, minlength=n_labels or 0)
     ends = np.cumsum(counts)
@@ -69,7 +82,11 @@ def cluster_ranges(labels: Any, n_labels: int | None = None) -> Any:
 
 def cluster_centroids(x: Any, labels: Any, n_labels: int | None = None, weights: Any = None,
                       weights_c: Any = None) -> Any:
-    """(Weighted) centroid of each cluster, shape (C, D)."""
+    """(Weighted) centroid of each cluster, shape (C, D).
+
+    >>> cluster_centroids(np.array([[0.0], [2.0], [10.0]]), np.array([0, 0, 1])).tolist()
+    [[1.0], [10.0]]
+    """
     pts, lab = _numpy(x), _numpy(labels)
     n = int(n_labels or (lab.max() + 1 if len(lab) else 0))
     w = np.ones(len(pts), pts.dtype) if weights is None else _numpy(weights).reshape(-1)
@@ -82,7 +99,12 @@ def cluster_centroids(x: Any, labels: Any, n_labels: int | None = None, weights:
 def cluster_ranges_centroids(x: Any, labels: Any, weights: Any = None, min_weight: float = 0
                              ) -> tuple[Any, Any, Any]:
     """(ranges, centroids, cluster weights) of *sorted* labels; clusters lighter than
-    ``min_weight`` get an empty range."""
+    ``min_weight`` get an empty range.
+
+    >>> r, c, w = cluster_ranges_centroids(np.array([[0.0], [2.0], [10.0]]), np.array([0, 0, 1]))
+    >>> r.tolist(), c.tolist(), w.tolist()
+    ([[0, 2], [2, 3]], [[1.0], [10.0]], [2.0, 1.0])
+    """
     pts, lab = _numpy(x), _numpy(labels)
     n = int(lab.max() + 1) if len(lab) else 0
     w = np.ones(len(pts), pts.dtype) if weights is None else _numpy(weights).reshape(-1)
@@ -95,7 +117,13 @@ def cluster_ranges_centroids(x: Any, labels: Any, weights: Any = None, min_weigh
 
 def from_matrix(ranges_i: Any, ranges_j: Any, keep: Any) -> tuple:
     """The 6-tuple of a block mask: ``keep[a, b]`` says whether row cluster a interacts with
-    column cluster b."""
+    column cluster b.
+
+    >>> r = np.array([[0, 2], [2, 3]])
+    >>> ranges = from_matrix(r, r, np.array([[True, False], [True, True]]))
+    >>> ranges[1].tolist(), ranges[2].tolist()  # row cluster 1 sees both column clusters
+    ([1, 3], [[0, 2], [0, 2], [2, 3]])
+    """
     ri, rj, mask = _numpy(ranges_i), _numpy(ranges_j), _numpy(keep).astype(bool)
     slices_i = np.cumsum(mask.sum(1)).astype(np.int64)
     redranges_j = rj[np.nonzero(mask)[1]].reshape(-1, 2).astype(np.int64)
@@ -107,5 +135,9 @@ def from_matrix(ranges_i: Any, ranges_j: Any, keep: Any) -> tuple:
 
 
 def swap_axes(ranges: Sequence[Any]) -> tuple:
-    """The ranges of the transposed matrix (i and j swapped)."""
+    """The ranges of the transposed matrix (i and j swapped).
+
+    >>> swap_axes(("ri", "si", "rj_red", "rj", "sj", "ri_red"))
+    ('rj', 'sj', 'ri_red', 'ri', 'si', 'rj_red')
+    """
     return tuple(ranges[3:]) + tuple(ranges[:3])
