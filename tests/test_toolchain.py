@@ -197,7 +197,7 @@ def test_the_compiler_is_part_of_the_cache_key(monkeypatch: pytest.MonkeyPatch) 
 SPEC = [
     ["Exp(-SqDist(x, y)) * b", ["x = Vi(3)", "y = Vj(3)", "b = Vj(1)"], "Sum", 1],
     {"formula": "SqDist(x, y)", "aliases": ["x = Vi(2)", "y = Vj(2)"], "reduction": "ArgKMin",
-     "K": 3, "grad": False},
+     "axis": 1, "K": 3, "grad": False},
 ]
 
 USE = r"""

@@ -48,8 +48,9 @@ SPLIT_SIZES = (1, 1 << 15)
 
 @dataclass(frozen=True)
 class Entry:
-    """One reduction to compile: a Genred's arguments, and optionally its own dtypes,
-    backends and whether to compile its gradient (torch, every variable).
+    """One reduction to compile: a Genred's arguments (same defaults: Sum, axis 0), and
+    optionally its own dtypes, backends and whether to compile its gradient (torch, every
+    variable).
 
     Example::
 
@@ -60,7 +61,7 @@ class Entry:
     formula: str
     aliases: tuple[str, ...]
     reduction: str = "Sum"
-    axis: int = 1
+    axis: int = 0  # Genred's default
     K: int | None = None
     formula2: str | None = None
     dtypes: tuple[str, ...] | None = None
@@ -82,7 +83,8 @@ def _entry(item: Any) -> Entry:
         for key in ("aliases", "dtypes", "backends"):
             if known.get(key) is not None:
                 known[key] = tuple([known[key]] if isinstance(known[key], str) else known[key])
-        return Entry(**known, options={**known.pop("options", {}), **extra})
+        options = {**(known.pop("options", None) or {}), **extra}
+        return Entry(**known, options=options)
     if isinstance(item, (tuple, list)) and 2 <= len(item) <= 4 and isinstance(item[0], str):
         formula, aliases, *rest = item
         return Entry(formula, tuple(aliases), *rest)
