@@ -94,6 +94,10 @@ for dtype in ("float32", "float64"):
     close(lse(x, y, backend="cpu"), lse(x, y, backend="reference"), dtype)
     few, many = x[:3], rng.random((40000, 3)).astype(dtype)  # column split: parts merged
     close(lse(few, many, backend="cpu"), lse(few, many, backend="reference"), dtype)
+    v = rng.random((800, 10)).astype(dtype)  # weighted sums: 8 components at a time, then 2
+    soft = lm.Genred("-SqDist(x, y)", ["x = Vi(3)", "y = Vj(3)", "v = Vj(10)"],
+                     "SumSoftMaxWeight", 1, formula2="v")
+    close(soft(x, y, v, backend="cpu"), soft(x, y, v, backend="reference"), dtype)
     knn = lm.Genred("SqDist(x, y)", ["x = Vi(3)", "y = Vj(3)"], "ArgKMin", 1, opt_arg=4)
     assert (knn(x, y, backend="cpu") == knn(x, y, backend="reference")).all()
     assert (knn(few, many, backend="cpu") == knn(few, many, backend="reference")).all()

@@ -470,6 +470,13 @@ def _weighted_sums(rc) -> list[str]:
         update = " ".join(f"w{u} += x * {rc.W(f'(e0 + {u})')};" for u in copies)
 
         def body(count: str) -> list[str]:
+            if rc.lanes_innermost:  # clang vectorizes innermost loops only
+                inner = update.replace("+=", "[l] +=")
+                return [f"{rc.T} " + ", ".join(f"w{u}[LANES]" for u in copies) + ";",
+                        *_lanes(" ".join(f"w{u}[l] = 0;" for u in copies)),
+                        f"for (int jj = 0; jj < {count}; jj++) {{",
+                        *["  " + t for t in _lanes(f"{rc.T} x = ex[jj][l]; {inner}")], "}",
+                        *_lanes(" ".join(f"s[e0 + {u}][l] += w{u}[l];" for u in copies))]
             return _lanes(f"{rc.T} " + ", ".join(f"w{u} = 0" for u in copies) + "; "
                           f"for (int jj = 0; jj < {count}; jj++) {{ {rc.T} x = ex[jj][l]; "
                           f"{update} }} "
