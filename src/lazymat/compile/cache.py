@@ -403,7 +403,7 @@ def _compile(info: CompilerInfo, src: Path, out: Path, name: str) -> None:
     cmd = info.command(src, str(out))
     timeout = compile_timeout()
     try:
-        res = run_command(cmd, timeout)
+        res = run_command(cmd, timeout, info.environment)
     except OSError as e:
         raise CompileError(
             f"could not run the C++ compiler: {e}\ncommand: {shlex.join(cmd)}\nsource: {src}"
@@ -569,9 +569,9 @@ def cache_clear() -> None:
 
     Libraries already loaded stay valid for the rest of the process.
 
-    Example::
+    Example (not run by the doctests: it would empty the cache other tests compile into)::
 
-        >>> cache_clear()
+        >>> cache_clear()  # doctest: +SKIP
     """
     with _thread_lock:
         _memo.clear()
