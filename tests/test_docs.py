@@ -160,11 +160,13 @@ def _public_objects():
 def test_public_names_have_examples(module_name):
     """Every public function and class has a docstring with a ``>>>`` example."""
     module = _import(module_name)
-    names = PUBLIC[module_name] or module.__all__
-    missing = [name for name in names
-               if (inspect.isfunction(getattr(module, name))
-                   or inspect.isclass(getattr(module, name)))
-               and ">>>" not in (inspect.getdoc(getattr(module, name)) or "")]
+    objects = [(name, getattr(module, name)) for name in PUBLIC[module_name] or module.__all__]
+    for name, obj in list(objects):  # a public submodule (lazymat.local): its names too
+        if inspect.ismodule(obj):
+            objects += [(f"{name}.{n}", getattr(obj, n)) for n in getattr(obj, "__all__", ())]
+    missing = [name for name, obj in objects
+               if (inspect.isfunction(obj) or inspect.isclass(obj))
+               and ">>>" not in (inspect.getdoc(obj) or "")]
     assert not missing, f"{module_name}: no docstring example for {missing}"
 
 

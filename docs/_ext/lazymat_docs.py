@@ -264,7 +264,7 @@ class Api(_RstDirective):
         elsewhere = [importlib.import_module(m)
                      for m in (self.options.get("documented-in") or "").split()]
         lines: list[str] = [f".. currentmodule:: {module_name}", ""]
-        links = []
+        links, submodules = [], []
         names = (self.options["names"].split() if "names" in self.options
                  else module.__all__)
         for name in names:
@@ -276,7 +276,9 @@ class Api(_RstDirective):
                 role = "class" if inspect.isclass(obj) else "func"
                 links.append(f":{role}:`{name} <{home.__name__}.{name}>`")
                 continue
-            if inspect.isclass(obj) and issubclass(obj, BaseException):
+            if inspect.ismodule(obj):  # a public submodule (lazymat.local): its own members
+                submodules.append(obj.__name__)
+            elif inspect.isclass(obj) and issubclass(obj, BaseException):
                 lines += [f".. autoexception:: {name}", "   :show-inheritance:", ""]
             elif inspect.isclass(obj):
                 lines += [f".. autoclass:: {name}", "   :members:", "   :undoc-members:",
@@ -287,6 +289,9 @@ class Api(_RstDirective):
                 lines += [f".. autofunction:: {name}", ""]
             else:
                 lines += [f".. autodata:: {name}", "   :annotation:", ""]
+        for sub in submodules:
+            lines += [f".. rubric:: ``{sub}``", "", f".. automodule:: {sub}", "   :members:",
+                      "   :undoc-members:", "", f".. currentmodule:: {module_name}", ""]
         if links:
             lines = ["Same objects as in :mod:`lazymat`: " + ", ".join(links) + ".", ""] + lines
         if "optional" in self.options:  # a module that may be absent: its own heading here
