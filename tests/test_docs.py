@@ -2,7 +2,8 @@
 site builds with no warning and no broken internal reference.
 
 The doctests run in this process, one test per module of ``src/lazymat`` (a module whose
-optional dependency is missing, such as jax, is skipped). The HTML build runs
+optional dependency is missing, such as jax, is skipped, and so is a docstring whose example
+imports a package that is not installed); the ``>>>`` examples of the docs' pages run too. The HTML build runs
 ``sphinx-build -W --keep-going -n`` in a subprocess without running the gallery
 (``plot_gallery=0``, as ``make docs``); it skips when Sphinx, sphinx-gallery or the theme is
 not installed (``pip install -e '.[docs]'``).
@@ -33,8 +34,7 @@ MODULES = sorted(
     for p in SRC.rglob("*.py") if p.name != "__main__.py")
 
 #: docstring examples that take seconds (a solve on 3000 points, to show the Schwarz
-#: preconditioner): run by `make test-slow`
-#: docstring -> its module
+#: preconditioner), run by `make test-slow`: docstring -> its module
 SLOW_DOCTESTS = {"lazymat.lazy_tensor.LazyTensor.solve": "lazymat.lazy_tensor",
                  "lazymat.solve.KernelSystem": "lazymat.solve"}
 
@@ -143,17 +143,6 @@ PUBLIC = {
                                "test_numpy_bindings", "install_from_environment",
                                "write_shim", "active", "find_real", "is_shim"],
 }
-
-
-def _public_objects():
-    seen = {}
-    for module_name, names in PUBLIC.items():
-        module = _import(module_name)
-        for name in names if names is not None else module.__all__:
-            obj = getattr(module, name)
-            if inspect.isfunction(obj) or inspect.isclass(obj):
-                seen.setdefault(id(obj), (f"{module_name}.{name}", obj))
-    return list(seen.values())
 
 
 @pytest.mark.parametrize("module_name", list(PUBLIC))
