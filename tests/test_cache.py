@@ -150,8 +150,8 @@ def test_cache_clear_empties_dir() -> None:
 
 def test_health_report_keys() -> None:
     report = health_report()
-    assert set(report) == {"compiler", "openmp", "cache_dir", "cache_writable", "torch", "cuda",
-                           "cuda_backend", "numpy", "pykeops"}
+    assert set(report) == {"compiler", "openmp", "threads", "cache_dir", "cache_writable",
+                           "torch", "cuda", "cuda_backend", "numpy", "pykeops"}
     assert report["cache_writable"] is True
     assert isinstance(report["openmp"], bool)
 

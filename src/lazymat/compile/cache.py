@@ -403,7 +403,7 @@ def _compile(info: CompilerInfo, src: Path, out: Path, name: str) -> None:
     cmd = info.command(src, str(out))
     timeout = compile_timeout()
     try:
-        res = run_command(cmd, timeout)
+        res = run_command(cmd, timeout, info.environment)
     except OSError as e:
         raise CompileError(
             f"could not run the C++ compiler: {e}\ncommand: {shlex.join(cmd)}\nsource: {src}"
