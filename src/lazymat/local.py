@@ -227,7 +227,14 @@ def _make_grid(x: np.ndarray, y: np.ndarray, side: float | None, period: np.ndar
 def sort_by_cells(points: Any, grid: _Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(perm, cell coordinates (n, d) of the sorted points, wrapped grid coordinates of the
     sorted points): ``points[perm]`` is sorted by cell (stable: a cell keeps its points'
-    order)."""
+    order).
+
+    >>> x = np.random.rand(500, 2)
+    >>> grid = _make_grid(x, x, 0.25, None)
+    >>> perm, cells, _ = sort_by_cells(x, grid)
+    >>> sorted(perm.tolist()) == list(range(500)), bool((np.diff(cells @ grid.strides) >= 0).all())
+    (True, True)
+    """
     u = grid.coordinates(_numpy(points))
     c = grid.cells(u)
     perm = np.argsort(c @ grid.strides, kind="stable")
@@ -593,7 +600,7 @@ def _rows_of(cells: _Cells, which: np.ndarray) -> np.ndarray:
 def radius_sum(x: Any, y: Any, r: float, b: Any = None,
                kernel: Callable[[LazyTensor], LazyTensor] | None = None, box: Any = None,
                **options: Any) -> Any:
-    """out_i = Σ over the j with |x_i − y_j| < r of kernel(d²_ij) · b_j, in x's order
+    """out_i = Σ over the j with ‖x_i − y_j‖ < r of kernel(d²_ij) · b_j, in x's order
     (shape (M, E); b (N, E), default ones: the count of neighbours). ``kernel`` maps the
     LazyTensor of squared distances to a LazyTensor (default: 1); with ``box`` the
     distances are the periodic box's minimum-image ones. Only the cell pairs within r are
