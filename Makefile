@@ -8,7 +8,7 @@ STAMP := $(VENV)/.stamp
 LAZYMAT_CACHE_DIR ?= $(CURDIR)/.cache/lazymat
 export LAZYMAT_CACHE_DIR
 
-.PHONY: test test-slow test-gpu demo bench gallery clean
+.PHONY: test test-slow test-gpu demo bench gallery docs docs-full clean
 
 $(VENV): $(STAMP)
 
@@ -44,6 +44,20 @@ gallery: $(STAMP)
 	$(VENV)/bin/pip install -q -e '.[gallery]'
 	@set -e; for f in examples/plot_*.py; do echo "== $$f"; $(VPY) $$f; done
 
+# The docs (docs/, Sphinx): `make docs` builds docs/_build/html without running the gallery
+# (fast; warnings are errors, internal references checked); `make docs-full` runs the
+# gallery scripts too (LAZYMAT_GALLERY_SIZE=small|full, full by default) for their figures.
+SPHINX := $(VPY) -m sphinx -W --keep-going -n -b html
+docs: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[docs]'
+	$(SPHINX) -D plot_gallery=0 docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
+
+docs-full: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[docs,gallery]'
+	$(SPHINX) -D plot_gallery=1 docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
+
 clean:
-	rm -rf $(VENV) .cache build dist src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .cache build dist docs/_build docs/auto_examples src/*.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -12,7 +12,9 @@ from __future__ import annotations
 from .config import __version__
 from .errors import (CompileError, DtypeError, FormulaSyntaxError, LazymatError, NonFiniteError,
                      ShapeError)
+from . import local
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
+from . import lazy_tensor
 from .lazy_tensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
 from .pykeops_compat import install_as_pykeops, uninstall_as_pykeops
 from .ranges import (
@@ -33,14 +35,19 @@ __all__ = [
     "check_health", "grid_cluster", "sort_clusters", "cluster_ranges", "cluster_centroids",
     "cluster_ranges_centroids", "from_matrix", "swap_axes",
     "LazymatError", "ShapeError", "DtypeError", "FormulaSyntaxError", "CompileError",
-    "NonFiniteError",
+    "NonFiniteError", "local",
     "__version__",
 ]
 
 
 def cache_clear() -> None:
     """Delete every compiled kernel of the cache directory (see ``LAZYMAT_CACHE_DIR``) and
-    empty every in-process memo (:func:`lazymat.health.cache_clear`)."""
+    empty every in-process memo (:func:`lazymat.health.cache_clear`). The next call of each
+    formula compiles it again.
+
+    >>> import lazymat as lm
+    >>> lm.cache_clear()  # doctest: +SKIP
+    """
     from .health import cache_clear as clear
 
     clear()
@@ -57,6 +64,16 @@ def check_health(verbose: bool = True) -> dict:
     from .health import check_health as check
 
     return check(verbose)
+
+
+def _traced_lazy_tensor():
+    """What LazyTensor(...) makes while torch.compile traces (lazymat/torch/traced.py)."""
+    from .torch.traced import new
+
+    return new()
+
+
+lazy_tensor.COMPILED.append(_traced_lazy_tensor)
 
 
 def _switch_from_environment() -> None:

@@ -23,6 +23,8 @@ from .errors import DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, OPS, P_CAT, Const, Node, Var, apply, substitute, variables, walk
 
 _ROLE = {I_CAT: "Vi", J_CAT: "Vj", P_CAT: "Pm"}
+#: what ``LazyTensor(...)`` returns while torch.compile traces: [a function making it]
+COMPILED: list = []
 _float_uids: dict[float, int] = {}
 _float_counter = itertools.count(1)
 
@@ -66,6 +68,12 @@ class LazyTensor:
     Build one with :func:`Vi`, :func:`Vj`, :func:`Pm` or, as in pykeops,
     ``LazyTensor(x[:, None, :])`` (i), ``LazyTensor(y[None, :, :])`` (j),
     ``LazyTensor(p)`` for a 1-D array or a float (parameter).
+
+    >>> import numpy as np
+    >>> x, y = np.random.rand(4, 1, 3), np.random.rand(1, 6, 3)
+    >>> D_ij = ((LazyTensor(x) - LazyTensor(y)) ** 2).sum(-1)  # pykeops' layout
+    >>> D_ij.shape, D_ij.argmin(dim=1).shape
+    ((4, 6), (4, 1))
     """
 
     __array_ufunc__ = None  # numpy operators defer to ours
@@ -73,6 +81,13 @@ class LazyTensor:
     #: runs a reduction (plan.run's signature); a front end for another array library
     #: (lazymat.jax) subclasses LazyTensor and sets its own
     _run = staticmethod(autograd.run)
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # Inside torch.compile, a trace-friendly LazyTensor (lazymat/torch/traced.py, which
+        # lazymat/__init__.py plugs in here: it subclasses this class).
+        if cls is LazyTensor and COMPILED and autograd.compiling():
+            return COMPILED[0]()
+        return object.__new__(cls)
 
     def __init__(self, x: Any = None, axis: int | None = None, is_complex: bool = False):
         #: block-sparse ranges (KeOps' 6-tuple) used by the reductions, or None
@@ -475,6 +490,21 @@ class LazyTensor:
                 is_complex: Any = None, **options: Any):
         from .plan import accumulation_options, check_options
 
+        # Small calls' fast path: this LazyTensor reduced the same way before, on numpy
+        # arrays whose layout has not changed since: rerun the bound call.
+        bound_key = None
+        if (not options and call and weight is None and other is None and out is None
+                and axis is None and ranges is None and opt_arg is None and is_complex is None
+                and type(dim) is int and (K is None or type(K) is int)
+                and self.ranges is None and not self.is_complex
+                and type(self)._run is LazyTensor._run):
+            bound_key = (name, dim, K, self.backend if backend == "auto" else backend)
+            calls = self.__dict__.get("_bound")
+            hit = calls.get(bound_key) if calls else None
+            if hit is not None and plan.layout_key(hit[1]) == hit[2]:
+                outs = hit[0](hit[1])
+                if outs is not None:
+                    return outs[0] if len(outs) == 1 else tuple(outs)
         check_options(name, options)
         if axis is not None:
             dim = axis
@@ -512,10 +542,19 @@ class LazyTensor:
         sizes = (_rows(leaves, I_CAT), _rows(leaves, J_CAT))
         if backend == "auto" and self.backend is not None:
             backend = self.backend
-        outs = self._run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
-                            like=next(leaf.array for leaf in leaves.values()
-                                      if leaf.array is not None),
-                            ranges=ranges if ranges is not None else self.ranges)
+        like = next(leaf.array for leaf in leaves.values() if leaf.array is not None)
+        layout = plan.layout_key(arrays) if bound_key is not None else None
+        if layout is not None:  # numpy arrays (no autograd): prepare, run, keep it bound
+            prepared = plan.prepare(req, arrays, names=names, backend=backend, sizes=sizes,
+                                    like=like)
+            outs = plan.execute(prepared)
+            rerun = plan.bind(prepared)
+            if rerun is not None:
+                plan.remember(self.__dict__.setdefault("_bound", {}), bound_key,
+                              (rerun, arrays, layout))
+        else:
+            outs = self._run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
+                             like=like, ranges=ranges if ranges is not None else self.ranges)
         if self.is_complex:
             return _to_complex(outs[0])
         return outs[0] if len(outs) == 1 else outs
@@ -543,7 +582,7 @@ class LazyTensor:
 
         >>> import numpy as np
         >>> Vi(np.ones((2, 3))).sum().ndim, Vi(np.ones((2, 3))).sum(0).shape
-        (1, (3,))
+        (1, (1, 3))
         """
         return self._inner_or_reduce("Sum", "Sum", dim if dim is not None else axis, kw)
 
@@ -609,6 +648,18 @@ class LazyTensor:
 
     def __matmul__(self, v: Any, **kw):
         """``K @ v``: Σ_j K_ij v_j for an array v of shape (N,) or (N, E)."""
+        calls = self.__dict__.get("_bound")
+        if calls and not kw:  # the fast path: a numpy v of a layout seen before
+            layout = plan.layout_key((v,))
+            hit = calls.get(("@", layout)) if layout is not None else None
+            if hit is not None:
+                rerun, template, pos, full_layout, vector = hit
+                arrays = list(template)
+                arrays[pos] = v.reshape(-1, 1) if vector else v
+                if plan.layout_key(arrays) == full_layout:
+                    outs = rerun(arrays)
+                    if outs is not None:
+                        return outs[0].reshape(outs[0].shape[:-1]) if vector else outs[0]
         if self.ndim != 1:
             raise ShapeError(f"K @ v needs a scalar-valued K (inner dim 1), got dim {self.ndim}")
         if not _is_array(v):
@@ -620,8 +671,30 @@ class LazyTensor:
                 leaf.cat == J_CAT for leaf in self._leaves.values()):
             raise ShapeError(f"K @ v: K has N = {self._size(J_CAT)} columns but v has shape "
                              f"{tuple(v.shape)}")
-        result = (self * vj).sum(dim=self.nbatchdims + 1, **kw)
+        product = self * vj
+        result = product.sum(dim=self.nbatchdims + 1, **kw)
+        if not kw:
+            self._bind_matmul(product, vj, v, vector)
         return result.reshape(tuple(result.shape[:-1])) if vector else result
+
+    def _bind_matmul(self, product: "LazyTensor", vj: "LazyTensor", v: Any, vector: bool
+                     ) -> None:
+        """Keep ``product``'s bound call for the next ``self @ v'`` of v's layout (v' at the
+        argument position of v)."""
+        calls = product.__dict__.get("_bound")
+        hit = calls.get(("Sum", self.nbatchdims + 1, None, None)) if calls else None
+        layout = plan.layout_key((v,))
+        v_array = next(iter(vj._leaves.values())).array
+        if hit is None or layout is None or any(a is v_array for a in self.variables):
+            return  # (v is also inside K: another v would change the formula)
+        rerun, arrays, full_layout = hit
+        at = [k for k, a in enumerate(arrays) if a is v_array]
+        if len(at) != 1:
+            return
+        template = list(arrays)
+        template[at[0]] = None  # filled by each call (the first v is not kept alive)
+        plan.remember(self.__dict__.setdefault("_bound", {}), ("@", layout),
+                      (rerun, template, at[0], full_layout, vector))
 
     def solve(self, b: Any, var: "LazyTensor | None" = None, call: bool = True,
               alpha: float = 1e-10, eps: float = 1e-6, max_iter: int | None = None,
@@ -804,14 +877,10 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
     if isinstance(x, int):
         return Const(x), {}
     if isinstance(x, float):
-        # Equal floats share one parameter (so formulas, and their caches, repeat); the uids
-        # are negative (never an id) and never reused, even after the table is cleared.
-        uid = _float_uids.get(x)
-        if uid is None:
-            if len(_float_uids) >= 4096:
-                _float_uids.clear()
-            uid = _float_uids[x] = -next(_float_counter)
-        return Var(uid, 1, P_CAT), {(uid, P_CAT): _Leaf(None, x, P_CAT)}
+        # Every Python float is a parameter, integer-valued ones too (2.0 is not folded).
+        # Equal floats get one uid (so formulas, and their caches, repeat); the uids are
+        # negative (never an id) and never reused, even after the table is cleared.
+        return _float_var(x, 1), {(_float_uid(x, 1), P_CAT): _Leaf(None, x, P_CAT)}
     if isinstance(x, complex):
         uid = -next(_float_counter)
         return Var(uid, 2, P_CAT), {(uid, P_CAT): _Leaf(None, x, P_CAT, complex=True)}
@@ -1034,8 +1103,6 @@ def _complex_version(op: str, operands: list[LazyTensor]) -> tuple[str, list[Nod
 def _as_lazy(x: Any) -> LazyTensor:
     if isinstance(x, LazyTensor):
         return x
-    if isinstance(x, float) and (x.is_integer() and abs(x) < 2**31):
-        return LazyTensor(int(x))  # exact constants keep simplifications (x*1, x+0) working
     if _is_array(x) and len(x.shape) == 2:
         raise ShapeError(f"cannot combine a LazyTensor with a 2-D array of shape "
                          f"{tuple(x.shape)}: wrap it with Vi(...) or Vj(...)")
@@ -1048,11 +1115,38 @@ def _describe(lt: LazyTensor) -> str:
     return f"operand of dim {f.dim} ({'/'.join(roles) or 'constant'}, shape {lt.shape})"
 
 
+def _float_uid(value: float, k: int) -> int:
+    """The uid of the k-th distinct Python float equal to ``value`` in one formula."""
+    key = value if k == 1 else (value, k)
+    uid = _float_uids.get(key)
+    if uid is None:
+        if len(_float_uids) >= 4096:
+            _float_uids.clear()
+        uid = _float_uids[key] = -next(_float_counter)
+    return uid
+
+
+def _float_var(value: float, k: int) -> Node:
+    return Var(_float_uid(value, k), 1, P_CAT)
+
+
 def _merge_leaves(operands: list[LazyTensor]) -> dict[tuple[int, int], _Leaf]:
+    """The leaves of all operands (checked for M, N and batch dims).
+
+    Two *different* Python floats that happen to be equal (``x.clamp(-1.0, c)`` at
+    ``c = -1.0``) stay two parameters: the later operand's float is renamed to the next uid
+    of its value, in place in ``operands``. The formula's structure then never depends on
+    the floats' values, so no value compiles a new kernel. One float reused (``a = x * c;
+    a.exp() + a``) is one ``_Leaf`` and stays one parameter.
+    """
     if len(operands) == 1:
         return operands[0]._leaves
     leaves: dict[int, _Leaf] = {}
-    for o in operands:
+    for n, o in enumerate(operands):
+        clash = [key for key, leaf in o._leaves.items()
+                 if key in leaves and leaves[key] is not leaf and _is_float_leaf(leaf)]
+        if clash:
+            o = operands[n] = _renamed_floats(o, clash, leaves)
         leaves.update(o._leaves)
     for cat, letter in ((I_CAT, "M"), (J_CAT, "N")):
         sizes = {leaf.rows for leaf in leaves.values() if leaf.cat == cat and not leaf.symbolic}
@@ -1122,6 +1216,25 @@ def _bind(formula: Node, weight: Node | None, leaves: dict[tuple[int, int], _Lea
     return f, g, arrays, names
 
 
+def _is_float_leaf(leaf: _Leaf) -> bool:
+    return leaf.array is None and leaf.value is not None and not leaf.complex
+
+
+def _renamed_floats(o: LazyTensor, clash: list, taken: dict) -> LazyTensor:
+    """``o`` with each float leaf in ``clash`` moved to its value's next free uid."""
+    leaves, mapping = dict(o._leaves), {}
+    for key in clash:
+        leaf = leaves.pop(key)
+        k = 2
+        while (_float_uid(leaf.value, k), P_CAT) in taken or (
+                _float_uid(leaf.value, k), P_CAT) in leaves:
+            k += 1
+        uid = _float_uid(leaf.value, k)
+        leaves[(uid, P_CAT)] = leaf
+        mapping[Var(key[0], 1, P_CAT)] = Var(uid, 1, P_CAT)
+    return type(o)._make(substitute(o.formula, mapping), leaves, o.ranges, o.is_complex)
+
+
 def _batch_shape(leaves: dict[tuple[int, int], _Leaf]) -> tuple[int, ...]:
     """numpy broadcast of the leaves' batch dims (an error names them when they clash)."""
     shapes = [leaf.batch for leaf in leaves.values() if leaf.batch]
@@ -1174,6 +1287,8 @@ def _index(i: int, dim: int) -> int:
 
 
 def _variable(x: Any, dim: int | None, cat: int) -> LazyTensor:
+    if dim is None and autograd.compiling():  # traced.py's checks: no dict lookups (Dynamo)
+        return LazyTensor(x, axis=0 if cat == I_CAT else 1)
     if dim is not None:
         return _symbolic_lazy(x, dim, cat)
     if isinstance(x, int) and not isinstance(x, bool):
@@ -1220,15 +1335,30 @@ def Vi(x: Any, dim: int | None = None) -> LazyTensor:
 
 
 def Vj(x: Any, dim: int | None = None) -> LazyTensor:
-    """A j-indexed variable from an (N, D) or (N,) array: y_j; ``Vj(index, dim)``: symbolic."""
+    """A j-indexed variable from an (N, D) or (N,) array: y_j; ``Vj(index, dim)``: symbolic.
+
+    >>> import numpy as np
+    >>> y = np.arange(8.0).reshape(4, 2)
+    >>> Vi(np.zeros((3, 2))).sqdist(Vj(y)).min(dim=1).ravel().tolist()
+    [1.0, 1.0, 1.0]
+    """
     return _variable(x, dim, J_CAT)
 
 
 def Pm(x: Any, dim: int | None = None) -> LazyTensor:
     """A parameter (same for every i and j) from a float or a 1-D array; ``Pm(index, dim)``:
-    symbolic."""
+    symbolic.
+
+    >>> import numpy as np
+    >>> x, y = np.zeros((2, 1)), np.ones((3, 1))
+    >>> K = (-Pm(0.5) * Vi(x).sqdist(Vj(y))).exp()  # another float: the same kernel
+    >>> K.sum(dim=1).ravel().round(4).tolist()
+    [1.8196, 1.8196]
+    """
     if dim is not None:
         return _symbolic_lazy(x, dim, P_CAT)
+    if autograd.compiling():
+        return LazyTensor(x.reshape(-1) if hasattr(x, "reshape") else float(x))
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return LazyTensor(float(x))
     if _is_array(x) and len(x.shape) > 1:

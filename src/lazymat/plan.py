@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -425,6 +425,19 @@ def prepare(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None 
     return Prepared(launch, which, (M, N), like, half)
 
 
+def reformulate(prepared: Prepared, req: Request) -> Prepared:
+    """``prepared`` with ``req``'s formula: a call over the same arguments, reduction and axis
+    (autograd's forward that also reduces Jacobian sums), oriented without checking the
+    arrays again.
+
+    The new formula may use only the variables ``prepared``'s formula has, with the same
+    dims; the reduction, weight and axis are ``prepared``'s.
+    """
+    check_request(req)
+    formula = req.formula if req.axis == 1 else swap_categories(req.formula)
+    return replace(prepared, launch=replace(prepared.launch, formula=formula))
+
+
 def execute(prepared: Prepared, out: Any = None) -> tuple:
     """Run a prepared call: a tuple of outputs (values and/or int64 indices), or of state
     arrays for ``store="state"``; ``out=`` receives the first one."""
@@ -460,6 +473,53 @@ def run(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None = No
     (values and/or int64 indices), or the raw state arrays for ``store="state"``."""
     return execute(prepare(req, arrays, names=names, backend=backend, sizes=sizes, like=like,
                            ranges=ranges, store=store), out)
+
+
+# ------------------------------------------------------------ bound calls (small calls' fast path)
+
+def layout_key(arrays: Sequence[Any]) -> tuple | None:
+    """What a bound call checks of its arrays: the (shape, strides, dtype) of each, when all
+    are plain numpy arrays (else None: the call takes the general path).
+
+    >>> layout_key([np.zeros((2, 3))])
+    (((2, 3), (24, 8), dtype('float64')),)
+    """
+    key = []
+    for a in arrays:
+        if type(a) is not np.ndarray:
+            return None
+        key.append((a.shape, a.strides, a.dtype))
+    return tuple(key)
+
+
+def bind(prepared: Prepared) -> Any:
+    """``rerun(arrays)``: the prepared call run again on arrays of the same :func:`layout_key`
+    with nothing checked or recomputed but their addresses (a list of outputs, or None when
+    the backend's conditions changed: then take the general path). None when this call has
+    no fast path (empty, half precision, dask, the reference backend, ranges...).
+
+    Front ends keep these by layout key (:func:`remember`): a repeated call with the same
+    layout skips validation, orientation and the launch set-up, and a call with any other
+    layout takes the general path, whose checks raise the usual errors.
+    """
+    launch = prepared.launch
+    if (prepared.half or prepared.backend == "dask" or launch.M == 0 or launch.N == 0
+            or 0 in launch.batch):
+        return None
+    return REGISTRY[prepared.backend].bind(launch, prepared.result_shapes)
+
+
+#: Bound calls kept per front-end object (different layouts of one Genred or LazyTensor).
+BOUND_PER_OBJECT = 8
+
+
+def remember(calls: dict, key: tuple, rerun: Any) -> None:
+    """Store a bound call in a front end's dict (the oldest one goes when it is full)."""
+    if rerun is None:
+        return
+    if len(calls) >= BOUND_PER_OBJECT:
+        del calls[next(iter(calls))]
+    calls[key] = rerun
 
 
 def _widen(a: Any) -> Any:

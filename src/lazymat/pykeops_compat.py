@@ -71,7 +71,12 @@ def install_as_pykeops(force: bool = False) -> None:
 
 def uninstall_as_pykeops() -> None:
     """Undo :func:`install_as_pykeops` (a later ``import pykeops`` finds the real one, if
-    any)."""
+    any).
+
+    >>> import sys, lazymat
+    >>> if "pykeops" not in sys.modules:  # the switch is off: nothing to undo
+    ...     lazymat.uninstall_as_pykeops()
+    """
     mod = sys.modules.get("pykeops")
     if mod is None or not getattr(mod, _MARK, False):
         return
@@ -142,7 +147,10 @@ def _gpu() -> bool:
 # ---------------------------------------------------------------------- pykeops' top level
 
 def set_verbose(value: bool) -> None:
-    """pykeops.set_verbose: lazymat's verbose mode (what is compiled, and how long it took)."""
+    """pykeops.set_verbose: lazymat's verbose mode (what is compiled, and how long it took).
+
+    >>> set_verbose(False)  # LAZYMAT_VERBOSE=0 from now on
+    """
     global _verbose
     _verbose = bool(value)
     os.environ["LAZYMAT_VERBOSE"] = "1" if value else "0"
@@ -153,7 +161,10 @@ def set_verbose(value: bool) -> None:
 
 def clean_pykeops(recompile_jit_binaries: bool = True) -> None:
     """pykeops.clean_pykeops: empty lazymat's kernel cache (there are no JIT binders to
-    rebuild)."""
+    rebuild).
+
+    >>> clean_pykeops()  # doctest: +SKIP
+    """
     from .health import cache_clear
 
     cache_clear()
@@ -161,14 +172,25 @@ def clean_pykeops(recompile_jit_binaries: bool = True) -> None:
 
 def check_health(config_type: str = "all") -> dict:
     """pykeops.check_health: lazymat's health report (it says that lazymat is what ``import
-    pykeops`` gives)."""
+    pykeops`` gives).
+
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stdout(io.StringIO()):  # the report is printed, too
+    ...     report = check_health()
+    >>> "cache_dir" in report
+    True
+    """
     from . import health
 
     return health.check_health(True)
 
 
 def get_build_folder() -> str:
-    """The compile cache directory (``LAZYMAT_CACHE_DIR``)."""
+    """The compile cache directory (``LAZYMAT_CACHE_DIR``).
+
+    >>> os.path.isabs(get_build_folder())
+    True
+    """
     from . import health
 
     return str(health.check_health(False).get("cache_dir", ""))
@@ -176,7 +198,14 @@ def get_build_folder() -> str:
 
 def set_build_folder(path: str | None = None) -> None:
     """Point the compile cache at ``path`` (``LAZYMAT_CACHE_DIR``), for kernels compiled
-    from now on; None restores the default."""
+    from now on; None restores the default.
+
+    >>> before = os.environ.get("LAZYMAT_CACHE_DIR")
+    >>> set_build_folder("/tmp/my-kernels")  # kernels compiled from now on go there
+    >>> os.environ["LAZYMAT_CACHE_DIR"]
+    '/tmp/my-kernels'
+    >>> set_build_folder(before)  # back (None: the default folder)
+    """
     if path is None:
         os.environ.pop("LAZYMAT_CACHE_DIR", None)
     else:
@@ -207,12 +236,22 @@ def _bindings_test(library: str) -> bool:
 
 
 def test_numpy_bindings() -> bool:
-    """pykeops.test_numpy_bindings: one small Genred, checked (prints the verdict)."""
+    """pykeops.test_numpy_bindings: one small Genred, checked (prints the verdict).
+
+    >>> test_numpy_bindings()
+    pyKeOps (lazymat) with numpy bindings is working!
+    True
+    """
     return _bindings_test("numpy")
 
 
 def test_torch_bindings() -> bool:
-    """pykeops.test_torch_bindings: the same with torch tensors."""
+    """pykeops.test_torch_bindings: the same with torch tensors.
+
+    >>> test_torch_bindings()
+    pyKeOps (lazymat) with torch bindings is working!
+    True
+    """
     return _bindings_test("torch")
 
 
@@ -260,7 +299,11 @@ def write_shim(directory: str | None = None) -> str:
 
 def install_from_environment() -> None:
     """The ``LAZYMAT_AS_PYKEOPS`` variable: "1" turns the switch on, "force" shadows a real
-    pykeops too; anything else (or unset) does nothing."""
+    pykeops too; anything else (or unset) does nothing. ``import lazymat`` calls it.
+
+    >>> os.environ.get("LAZYMAT_AS_PYKEOPS") is None and install_from_environment() is None
+    True
+    """
     value = os.environ.get("LAZYMAT_AS_PYKEOPS", "").strip().lower()
     if value in ("1", "true", "yes", "on"):
         install_as_pykeops()

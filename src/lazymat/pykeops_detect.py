@@ -17,7 +17,11 @@ MARK = "__lazymat_shim__"
 
 def active() -> str:
     """Which library ``import pykeops`` gives: "lazymat", "pykeops <version>" (the real one,
-    installed or imported), or "none"."""
+    installed or imported), or "none".
+
+    >>> active() in ("lazymat", "none") or active().startswith("pykeops")
+    True
+    """
     mod = sys.modules.get("pykeops")
     if mod is not None:
         if getattr(mod, MARK, False):
@@ -28,7 +32,11 @@ def active() -> str:
 
 
 def find_real() -> str | None:
-    """The location of an installed pykeops, searched on sys.path without importing it."""
+    """The location of an installed pykeops, searched on sys.path without importing it.
+
+    >>> find_real() is None or find_real().endswith(".py") or "pykeops" in find_real()
+    True
+    """
     spec = importlib.machinery.PathFinder.find_spec("pykeops")
     if spec is None or is_shim(spec.origin):
         return None
@@ -36,7 +44,11 @@ def find_real() -> str | None:
 
 
 def is_shim(path: str | None) -> bool:
-    """Whether a pykeops file is the shim :func:`lazymat.pykeops_compat.write_shim` wrote."""
+    """Whether a pykeops file is the shim :func:`lazymat.pykeops_compat.write_shim` wrote.
+
+    >>> is_shim(__file__), is_shim(None)
+    (False, False)
+    """
     try:
         with open(path or "", encoding="utf-8") as f:
             return "lazymat's pykeops shim" in f.read(200)

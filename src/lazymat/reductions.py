@@ -78,6 +78,10 @@ class ReductionDef:
     # gradient (Arg*).
     cotangents: Callable[..., tuple[Node, Node | None]] | None = None
     tangents: Callable[..., Node] | None = None
+    # Linear in F with no weight (Sum): the output cotangent G_i factors out of the reduced
+    # index, ∂L/∂x_i = G_iᵀ Σ_j ∂F_ij/∂x_i, so the Jacobian sums of the output-index
+    # variables and parameters can be reduced in the forward pass itself (autograd.py).
+    jacobian_in_forward: bool = False
     selects_with: str | None = None
     needs_log_normalizer: bool = False
 
@@ -130,18 +134,27 @@ def _sum_decl(rc):
 
 
 def _sum_tile(rc):
+    # One loop per part of the formula (a concatenation's parts are read where they are,
+    # not copied): accumulator row `at + k` takes component k of the part.
+    lines = []
+    for at, dim, V in rc.parts():
+        lines += _sum_tile_part(rc, dim, V, f"{at} + k" if at else "k")
+    return lines
+
+
+def _sum_tile_part(rc, dim: int, V, row: str) -> list[str]:
     if rc.scheme == "direct":  # every term straight into the accumulator
         return ["for (int jj = 0; jj < tj; jj++)",
-                f"  for (int k = 0; k < {rc.D}; k++) {{",
-                *["    " + s for s in _lanes(f"acc[k][l] += ({rc.acc}){rc.V('k')};")],
+                f"  for (int k = 0; k < {dim}; k++) {{",
+                *["    " + s for s in _lanes(f"acc[{row}][l] += ({rc.acc}){V('k')};")],
                 "  }"]
     if rc.scheme == "kahan":  # compensated: the rounding error of each addition is kept
         return ["for (int jj = 0; jj < tj; jj++)",
-                f"  for (int k = 0; k < {rc.D}; k++) {{",
+                f"  for (int k = 0; k < {dim}; k++) {{",
                 *["    " + s for s in _lanes(
-                    f"{rc.acc} v = ({rc.acc}){rc.V('k')} - comp[k][l]; "
-                    f"{rc.acc} t = acc[k][l] + v; comp[k][l] = (t - acc[k][l]) - v; "
-                    "acc[k][l] = t;")],
+                    f"{rc.acc} v = ({rc.acc}){V('k')} - comp[{row}][l]; "
+                    f"{rc.acc} t = acc[{row}][l] + v; comp[{row}][l] = (t - acc[{row}][l]) - v; "
+                    f"acc[{row}][l] = t;")],
                 "  }"]
     # Block sums (the default): tile partial sums in T, accumulated into the accumulator
     # (double by default) once per tile: float32 sums over millions of terms keep ~1e-7
@@ -149,9 +162,9 @@ def _sum_tile(rc):
     # register; full tiles get a loop of TJ columns, whose fixed count lets the compiler
     # vectorize the outer loop.
     def tile(count: str) -> list[str]:
-        return _lanes(f"{rc.T} t = 0; for (int jj = 0; jj < {count}; jj++) t += {rc.V('k')}; "
-                      "acc[k][l] += t;")
-    return [f"for (int k = 0; k < {rc.D}; k++) {{",
+        return _lanes(f"{rc.T} t = 0; for (int jj = 0; jj < {count}; jj++) t += {V('k')}; "
+                      f"acc[{row}][l] += t;")
+    return [f"for (int k = 0; k < {dim}; k++) {{",
             "  if (tj == TJ) {", *["    " + s for s in tile("TJ")], "  } else {",
             *["    " + s for s in tile("tj")], "  }", "}"]
 
@@ -172,7 +185,7 @@ REDUCTIONS["Sum"] = ReductionDef(
     finalize=lambda xp, s: s,
     c_decl=_sum_decl, c_tile=_sum_tile, c_store=_sum_store, c_state_store=_sum_state_store,
     cotangents=lambda F, W, G, O, L: (G, None),
-    tangents=lambda F, W, dF, dW, O, L: dF)
+    tangents=lambda F, W, dF, dW, O, L: dF, jacobian_in_forward=True)
 
 
 # --------------------------------------------------------------------------- Min / Max and arg

@@ -30,7 +30,17 @@ from .preconditioners import SchwarzPreconditioner, kd_order, leaf_boxes
 
 
 class ConvergenceWarning(RuntimeWarning):
-    """Conjugate gradient stopped at its iteration cap before reaching the tolerance."""
+    """Conjugate gradient stopped at its iteration cap before reaching the tolerance.
+
+    >>> import warnings, numpy as np, lazymat as lm
+    >>> x = np.random.rand(100, 2)
+    >>> K = (-lm.Vi(x).sqdist(lm.Vj(x)) * 10).exp()
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     a = K.solve(np.ones((100, 1)), alpha=1e-3, max_iter=1)
+    >>> any(w.category is lm.ConvergenceWarning for w in caught)
+    True
+    """
 
 
 # Below this many rows, "auto" solves with plain CG: a preconditioner's setup would cost more
@@ -248,6 +258,12 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
     if info is not None:
         info.update(iterations=total, rounds=rounds, residual=rr, target=tol,
                     seconds=time.perf_counter() - start)
+        # the options as used ("auto" resolved): what reproduces this solve
+        info["options"] = {
+            "alpha": alpha, "eps": eps, "max_iter": max_iter,
+            "dtype": str(data_dtype).replace("torch.", ""),
+            "precond": "schwarz" if system is not None and system.precond is not None else None,
+            "truncate": bool(system is not None and system.truncating)}
         if system is not None:
             info.update(system.describe())
     if _verbose():
@@ -415,7 +431,8 @@ class KernelSystem:
 
     ``precond``: "auto" (Schwarz from n = AUTO_MIN_ROWS on), "schwarz", None, or a dict of
     Schwarz options (``block_size``: points per k-d leaf, default 256; ``overlap``: growth of
-    each block, a fraction of its side, default 0.25). ``truncate``: "auto" (for Gaussian
+    each block, a fraction of its side, default 0.25; the block inverses are kept in
+    float32). ``truncate``: "auto" (for Gaussian
     kernels from n = AUTO_MIN_ROWS on), True or False. Truncation is sized so that the
     dropped entries change the residual by at most a quarter of the tolerance; solves check
     the residual against the exact K anyway. ``active`` is False when neither applies.
@@ -497,9 +514,11 @@ class KernelSystem:
         self._matvecs: dict[int, plan.Request] = {}
         if use_pre:
             try:
+                # float32 inverses: half the memory, the same iterations (a preconditioner).
                 self.precond = SchwarzPreconditioner(self._block, self.points, coarse, alpha,
                                                      like=like, overlap=float(
-                                                         options.get("overlap", 0.25)))
+                                                         options.get("overlap", 0.25)),
+                                                     single=True)
             except ShapeError as e:
                 if precond != "auto" or "GB" not in str(e):
                     raise

@@ -11,6 +11,10 @@ each of shape ``batch + (M,) + shape`` or any shape with those elements in that 
 (``plan`` reshapes); the library and device of ``launch.like``; int64 for "index" entries.
 ``M`` or ``N`` is never 0 (``plan`` answers those itself).
 
+A backend may also offer ``bind(launch, result_shapes)``: a function that reruns the launch
+on other arrays of the same layout with nothing recomputed (the small calls' fast path, see
+``plan.bind``), or None when that launch takes the general path.
+
 >>> sorted(REGISTRY)
 ['cpu', 'cuda', 'dask', 'reference']
 """
@@ -166,6 +170,11 @@ class Registered:
 
     def run(self, launch: Launch) -> tuple:
         return (self._module or self.module()).run(launch)
+
+    def bind(self, launch: Launch, result_shapes: list) -> Any:
+        """The module's ``bind(launch, result_shapes)``, or None if it has none."""
+        bind = getattr(self._module or self.module(), "bind", None)
+        return None if bind is None else bind(launch, result_shapes)
 
     def __repr__(self) -> str:
         return f"<backend {self.name!r} ({self.module_name})>"

@@ -92,8 +92,74 @@ def run(launch: Launch) -> tuple:
         layout = abi.layout(launch.ranges, lanes)
         outs = [xp.full(lead + shape, fill, like=like, dtype=launch.array_dtype(kind))
                 for (kind, shape), fill in zip(launch.shapes, launch.fills)]
+        # Chunks by the pairs the ranges keep, not by N: a sparse call is one kernel call.
+        threads = abi.num_threads(launch.nbatch * lanes * abi.ranged_columns(layout[-1]))
+        columns = -(-abi.ranged_columns(layout[-1]) // max(1, layout[0]))
+        _call(fn, launch, layout, outs, threads, columns)
+        return tuple(outs)
     _call(fn, launch, layout, outs, threads)
     return tuple(outs)
+
+
+def bind(launch: Launch, result_shapes: list[tuple[int, ...]]) -> Any:
+    """A function ``rerun(arrays)`` that runs ``launch`` again on other numpy arrays of the
+    same layout (shapes, strides, dtypes: the caller checks them), or None when this launch
+    takes the general path (ranges, a column split, non-contiguous data, torch, raw states).
+
+    ``rerun`` returns the outputs in ``result_shapes``, or None when the thread count it was
+    bound with no longer holds (the caller then runs the general path). Everything but the
+    arrays' addresses is computed here once: the small calls' fast path.
+    """
+    if (launch.ranges is not None or launch.store != "output" or launch.xp.name != "numpy"
+            or not all(isinstance(a, np.ndarray) and a.flags.c_contiguous
+                       for a in launch.arrays)):
+        return None
+    lanes = LANES[launch.dtype]
+    pairs = launch.nbatch * launch.M * launch.N
+    threads = abi.num_threads(pairs)
+    if _column_parts(launch, threads, lanes) > 1:
+        return None
+    layout = abi.dense_layout(launch.M, launch.N, lanes)
+    ntasks, tasks_ptr, slices_ptr, redranges_ptr, owners = layout
+    if ntasks > _chunk(launch, threads):
+        return None  # a long reduction: chunked calls, so that Ctrl-C is answered
+    fn = _kernel(launch)
+    offsets = abi.zero_offsets(len(launch.arrays)) if launch.offsets is None else launch.offsets
+    like_dtype = launch.like.dtype
+    outs = [(shape, np.int64 if kind == "index" else like_dtype)
+            for (kind, _), shape in zip(launch.shapes, result_shapes)]
+    Inputs = ctypes.c_void_p * max(1, len(launch.arrays))
+    Outputs = ctypes.c_void_p * max(1, len(outs))
+    head = (ctypes.c_longlong(launch.M), ctypes.c_longlong(launch.N),
+            ctypes.c_longlong(launch.nbatch), ctypes.c_void_p(offsets.ctypes.data),
+            ctypes.c_longlong(ntasks), ctypes.c_void_p(tasks_ptr),
+            ctypes.c_void_p(slices_ptr), ctypes.c_void_p(redranges_ptr))
+    c_threads = ctypes.c_int(threads)
+    empty, recheck = np.empty, pairs >= abi.SMALL_PAIRS  # small calls always run on one thread
+
+    def rerun(arrays: Any) -> list | None:
+        if recheck and abi.num_threads(pairs) != threads:
+            return None
+        results = [empty(shape, dtype) for shape, dtype in outs]
+        fn(*head, Inputs(*[_address(a) for a in arrays]),
+           Outputs(*[_address(o) for o in results]), c_threads)
+        return results
+
+    rerun.owners = (owners, offsets)  # the layout's and offsets' memory, alive while bound
+    return rerun
+
+
+_c_char, _addressof = ctypes.c_char, ctypes.addressof
+
+
+def _address(a: np.ndarray) -> int:
+    """The data address of a C-contiguous numpy array: through the buffer protocol (numpy's
+    ``a.ctypes.data`` builds an object and costs microseconds), ``a.ctypes`` for a read-only
+    or empty one."""
+    try:
+        return _addressof(_c_char.from_buffer(a))
+    except (TypeError, ValueError):
+        return a.ctypes.data
 
 
 def _column_parts(launch: Launch, threads: int, lanes: int) -> int:
@@ -142,8 +208,10 @@ def _run_split(launch: Launch, parts: int, lanes: int) -> tuple:
     return abi.merge_parts(launch, outs)
 
 
-def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int) -> None:
-    """One kernel call: the ABI's arguments from the launch, the layout and the outputs."""
+def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int,
+          columns: int | None = None) -> None:
+    """One kernel call: the ABI's arguments from the launch, the layout and the outputs
+    (``columns``: the columns a task reduces on average, N without ranges)."""
     keep: list = []
     arrays = launch.arrays
     ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[pointer(a, keep) for a in arrays])
@@ -151,12 +219,19 @@ def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int) -> N
     out_ptrs = (ctypes.c_void_p * max(1, len(outs)))(*[pointer(o, keep) for o in outs])
     ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
     # Long reductions run in chunks of tasks: Python handles a pending Ctrl-C between them.
-    chunk = max(16 * threads, CHUNK_PAIRS // max(1, LANES[launch.dtype] * launch.N
-                                                  * launch.nbatch))
+    chunk = _chunk(launch, threads, columns)
     for start in range(0, ntasks, chunk):
         fn(launch.M, launch.N, launch.nbatch, offsets.ctypes.data, min(chunk, ntasks - start),
            tasks_ptr + TASK_BYTES * start, slices_ptr, redranges_ptr, ptrs, out_ptrs,
            threads)
+
+
+def _chunk(launch: Launch, threads: int, columns: int | None = None) -> int:
+    """Tasks per kernel call (``columns``: the columns a task reduces on average, N without
+    ranges)."""
+    per_task = launch.N if columns is None else columns
+    return max(16 * threads, CHUNK_PAIRS // max(1, LANES[launch.dtype] * per_task
+                                                * launch.nbatch))
 
 
 #: Pairs (i, j) per kernel call of a long reduction (~0.05-0.5 s): the Ctrl-C latency. A

@@ -10,8 +10,8 @@ not held while the kernel runs (a launch only queues it). Each device has its ow
 loaded modules (its primary context, the one torch uses).
 
 >>> import torch, lazymat as lm  # doctest: +SKIP
->>> x = torch.rand(10**6, 3, device="cuda")
->>> (-lm.Vi(x).sqdist(lm.Vj(x))).exp().sum(1).device  # reduced on the GPU
+>>> x = torch.rand(10**6, 3, device="cuda")  # doctest: +SKIP
+>>> (-lm.Vi(x).sqdist(lm.Vj(x))).exp().sum(1).device  # reduced on the GPU  # doctest: +SKIP
 device(type='cuda', index=0)
 """
 

@@ -143,6 +143,17 @@ class Emitter:
                 if a.dim < n.dim:  # inlined, a would be recomputed for each of n's components
                     broadcast.add(id(a))
         roots_ids = {id(r) for r in roots}
+        # A root Concat (the parts of a gradient, the Jacobian sums of a forward) is never
+        # copied into a buffer: component k reads its part directly (:meth:`expr`), and the
+        # parts are the materialized roots.
+        self.virtual: set[int] = set()
+        pending = [r for r in roots if r.op == "Concat"]
+        while pending:
+            n = pending.pop()
+            if id(n) not in self.virtual:
+                self.virtual.add(id(n))
+                pending += [a for a in n.args if a.op == "Concat"]
+        roots_ids |= {id(a) for n in self.nodes if id(n) in self.virtual for a in n.args}
         self.materialized: dict[int, str] = {}
         # Inlined expressions nest at most MAX_INLINE_DEPTH deep: a longer chain (Sin of Sin
         # ... 1000 deep, a sum of 400 terms) is cut by materialized nodes, so rendering
@@ -153,6 +164,9 @@ class Emitter:
                 depth[id(n)] = 0
                 continue
             d = 1 + max((depth[id(a)] for a in n.args), default=0)
+            if id(n) in self.virtual:
+                depth[id(n)] = 0
+                continue
             if (id(n) in roots_ids or not OPS[n.op].elementwise or uses.get(id(n), 0) > 1
                     or consumer_level.get(id(n)) != n.deps or id(n) in broadcast
                     or d > MAX_INLINE_DEPTH):
@@ -177,7 +191,20 @@ class Emitter:
             return c_number(node.value, self.T)
         if id(node) in self.materialized:
             return self.access(node, k)
+        if id(node) in self.virtual:  # [a, b]: component k of a, else k - dim(a) of b
+            a, b = node.args
+            if isinstance(k, int) or str(k).isdigit():
+                k = int(k)
+                return self.expr(a, k) if k < a.dim else self.expr(b, k - a.dim)
+            return f"({k} < {a.dim} ? {self.expr(a, k)} : {self.expr(b, f'{k} - {a.dim}')})"
         return self._inline(node, k)
+
+    def parts(self, node: Node, at: int = 0) -> list[tuple[int, Node]]:
+        """(first component, node) of the parts of a root concatenation, in order."""
+        if id(node) not in self.virtual:
+            return [(at, node)]
+        a, b = node.args
+        return self.parts(a, at) + self.parts(b, at + a.dim)
 
     def _inline(self, node: Node, k: int | str) -> str:
         opdef = OPS[node.op]
@@ -290,6 +317,12 @@ class ReductionContext:
 
     def V(self, k) -> str:
         return self._em.expr(self._f, k)
+
+    def parts(self) -> list[tuple[int, int, Callable[[str], str]]]:
+        """(first component, dim, ``V``-like accessor) of each part of the formula: its
+        concatenated parts when it is a concatenation (read in place), else itself."""
+        return [(at, n.dim, lambda k, n=n: self._em.expr(n, k))
+                for at, n in self._em.parts(self._f)]
 
     def W(self, e) -> str:
         return "1" if self._g is None else self._em.expr(self._g, e)

@@ -237,6 +237,12 @@ def as_node(x: Any) -> Node:
     raise TypeError(f"cannot use {type(x).__name__} {x!r} in a formula")
 
 
+def existing(op: str, args: tuple[Node, ...], params: tuple = ()) -> Node | None:
+    """The node already built for ``op(*args, *params)``, or None (simplifications use it
+    to share ``b * a`` with an ``a * b`` built before: one kernel temporary, not two)."""
+    return _interned.get((op, args, params))
+
+
 def is_zero(node: Node) -> bool:
     return node.is_const and node.value == 0
 

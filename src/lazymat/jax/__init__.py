@@ -46,7 +46,12 @@ _BACKENDS = ("auto", "cpu", "reference", "cuda")
 
 
 def ffi_unavailable_reason() -> str | None:
-    """Why the XLA FFI fast path cannot be used here (None when it can)."""
+    """Why the XLA FFI fast path cannot be used here (None when it can).
+
+    >>> reason = ffi_unavailable_reason()  # e.g. no compiler, or LAZYMAT_JAX_FFI=0
+    >>> reason is None or isinstance(reason, str)
+    True
+    """
     return ffi.unavailable_reason()
 
 
@@ -61,7 +66,13 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
         sizes: tuple[int | None, int | None] = (None, None), like: Any = None,
         ranges: Sequence[Any] | None = None) -> tuple:
     """``plan.run`` for jax arrays (numpy arrays are converted): a tuple of jax arrays,
-    traceable by jit, grad, jvp and vmap."""
+    traceable by jit, grad, jvp and vmap. LazyTensor and Genred reductions call it.
+
+    >>> from lazymat.formula import Var
+    >>> req = plan.Request("Sum", Var(0, 1, 0) * Var(1, 1, 1), axis=1)
+    >>> run(req, [jnp.ones((2, 1)), jnp.full((3, 1), 2.0)])[0].ravel().tolist()
+    [6.0, 6.0]
+    """
     if out is not None:
         raise DtypeError("out= is not supported by lazymat.jax: jax arrays are immutable")
     arrays = [_to_jax(a) for a in arrays]
@@ -95,7 +106,13 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
 
 
 class LazyTensor(_lazy_tensor.LazyTensor):
-    """lazymat's LazyTensor whose reductions are jax operations (see the module doc)."""
+    """lazymat's LazyTensor whose reductions are jax operations (see the module doc).
+
+    >>> x = LazyTensor(jnp.zeros((3, 1, 2)))  # pykeops' layout: an i-variable
+    >>> y = LazyTensor(jnp.ones((1, 4, 2)))
+    >>> ((x - y) ** 2).sum(-1).sum(dim=1).ravel().tolist()
+    [8.0, 8.0, 8.0]
+    """
 
     _run = staticmethod(run)
 
@@ -108,17 +125,31 @@ class LazyTensor(_lazy_tensor.LazyTensor):
 
 
 def Vi(x: Any, dim: int | None = None) -> LazyTensor:
-    """An i-indexed variable x_i from an (..., M, D) array; ``Vi(index, dim)``: symbolic."""
+    """An i-indexed variable x_i from an (..., M, D) array; ``Vi(index, dim)``: symbolic.
+
+    >>> Vi(jnp.zeros((3, 2))).sqdist(Vj(jnp.ones((4, 2)))).min(dim=1).ravel().tolist()
+    [2.0, 2.0, 2.0]
+    """
     return LazyTensor(_lazy_tensor.Vi(_checked(x), dim))
 
 
 def Vj(x: Any, dim: int | None = None) -> LazyTensor:
-    """A j-indexed variable y_j from an (..., N, D) array; ``Vj(index, dim)``: symbolic."""
+    """A j-indexed variable y_j from an (..., N, D) array; ``Vj(index, dim)``: symbolic.
+
+    >>> y = jnp.array([[0.0], [3.0]])
+    >>> Vi(jnp.array([[1.0]])).sqdist(Vj(y)).argmin(dim=1).ravel().tolist()
+    [0]
+    """
     return LazyTensor(_lazy_tensor.Vj(_checked(x), dim))
 
 
 def Pm(x: Any, dim: int | None = None) -> LazyTensor:
-    """A parameter from a float or an (..., D) array; ``Pm(index, dim)``: symbolic."""
+    """A parameter from a float or an (..., D) array; ``Pm(index, dim)``: symbolic.
+
+    >>> K = (-Pm(jnp.array([2.0])) * Vi(jnp.zeros((2, 1))).sqdist(Vj(jnp.zeros((3, 1))))).exp()
+    >>> K.sum(dim=1).ravel().tolist()
+    [3.0, 3.0]
+    """
     return LazyTensor(_lazy_tensor.Pm(_checked(x), dim))
 
 
@@ -143,16 +174,40 @@ class Genred(_genred.Genred):
 
 
 def generic_sum(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
+    """:func:`lazymat.generic_sum` for jax arrays.
+
+    >>> f = generic_sum("SqDist(x, y)", "a = Vi(1)", "x = Vi(1)", "y = Vj(1)")
+    >>> f(jnp.zeros((2, 1)), jnp.ones((3, 1))).ravel().tolist()
+    [3.0, 3.0]
+    """
     return _genred.generic("Sum", formula, output, aliases, kwargs, Genred)
 
 
 def generic_logsumexp(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
+    """:func:`lazymat.generic_logsumexp` for jax arrays.
+
+    >>> f = generic_logsumexp("-SqDist(x, y)", "a = Vi(1)", "x = Vi(1)", "y = Vj(1)")
+    >>> [round(float(v), 4) for v in f(jnp.zeros((1, 1)), jnp.zeros((4, 1))).ravel()]
+    [1.3863]
+    """
     return _genred.generic("LogSumExp", formula, output, aliases, kwargs, Genred)
 
 
 def generic_argmin(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
+    """:func:`lazymat.generic_argmin` for jax arrays.
+
+    >>> f = generic_argmin("SqDist(x, y)", "a = Vi(1)", "x = Vi(1)", "y = Vj(1)")
+    >>> f(jnp.array([[0.0], [5.0]]), jnp.array([[4.0], [1.0]])).ravel().tolist()
+    [1, 0]
+    """
     return _genred.generic("ArgMin", formula, output, aliases, kwargs, Genred)
 
 
 def generic_argkmin(formula: str, output: str, *aliases: str, **kwargs: Any) -> Genred:
+    """:func:`lazymat.generic_argkmin` for jax arrays (K is the output alias's dim).
+
+    >>> f = generic_argkmin("SqDist(x, y)", "a = Vi(2)", "x = Vi(1)", "y = Vj(1)")
+    >>> f(jnp.zeros((1, 1)), jnp.array([[4.0], [1.0], [6.0]])).tolist()
+    [[1, 0]]
+    """
     return _genred.generic("ArgKMin", formula, output, aliases, kwargs, Genred)

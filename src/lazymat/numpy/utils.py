@@ -18,7 +18,11 @@ from ..solve import KernelSolve
 
 
 class numpytools:  # noqa: N801  (pykeops' name)
-    """Static helpers over numpy arrays, one per name pykeops' numpytools has."""
+    """Static helpers over numpy arrays, one per name pykeops' numpytools has.
+
+    >>> numpytools.sqdist(np.zeros((1, 2)), np.ones((3, 2))).tolist()
+    [[2.0, 2.0, 2.0]]
+    """
 
     arraytype = np.ndarray
     float_types = [float, np.float16, np.float32, np.float64]
@@ -104,7 +108,11 @@ class numpytools:  # noqa: N801  (pykeops' name)
 
 
 def IsGpuAvailable() -> bool:  # noqa: N802  (pykeops' name)
-    """Whether lazymat can run on a GPU here (CUDA through torch)."""
+    """Whether lazymat can run on a GPU here (CUDA through torch).
+
+    >>> IsGpuAvailable() in (True, False)
+    True
+    """
     try:
         import torch
 
@@ -114,18 +122,30 @@ def IsGpuAvailable() -> bool:  # noqa: N802  (pykeops' name)
 
 
 def squared_distances(x: Any, y: Any) -> Any:
-    """|x_i - y_j|² as a dense (M, N) array."""
+    """‖x_i - y_j‖² as a dense (M, N) array.
+
+    >>> squared_distances(np.zeros((2, 3)), np.ones((1, 3))).tolist()
+    [[3.0], [3.0]]
+    """
     return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
 
 
 def differences(x: Any, y: Any) -> Any:
-    """x_i - y_j as a dense (D, M, N) array (pykeops' layout)."""
+    """x_i - y_j as a dense (D, M, N) array (pykeops' layout).
+
+    >>> differences(np.zeros((2, 3)), np.ones((4, 3))).shape
+    (3, 2, 4)
+    """
     return x.T[:, :, None] - y.T[:, None, :]
 
 
 def np_kernel(x: Any, y: Any, s: float, kernel: str) -> Any:
     """The dense kernel matrix of pykeops' tests: gaussian, laplacian, cauchy or
-    inverse_multiquadric."""
+    inverse_multiquadric.
+
+    >>> np_kernel(np.zeros((1, 1)), np.ones((2, 1)), 1.0, "cauchy").tolist()
+    [[0.5, 0.5]]
+    """
     sq = squared_distances(x, y)
     if kernel == "gaussian":
         return np.exp(-sq / (s * s))
@@ -139,7 +159,11 @@ def np_kernel(x: Any, y: Any, s: float, kernel: str) -> Any:
 
 
 def log_sum_exp(mat: Any, axis: int = 0) -> Any:
-    """A stable log Σ exp along ``axis`` (pykeops' test helper)."""
+    """A stable log Σ exp along ``axis`` (pykeops' test helper).
+
+    >>> log_sum_exp(np.array([[1000.0, 1000.0]]), axis=1).round(4).tolist()
+    [1000.6931]
+    """
     top = mat.max(axis=axis, keepdims=True)
     return np.log(np.exp(mat - top).sum(axis=axis)) + top.squeeze(axis)
 

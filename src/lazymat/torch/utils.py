@@ -17,7 +17,11 @@ from ..solve import KernelSolve
 
 
 class torchtools:  # noqa: N801  (pykeops' name)
-    """Static helpers over torch tensors, one per name pykeops' torchtools has."""
+    """Static helpers over torch tensors, one per name pykeops' torchtools has.
+
+    >>> torchtools.sqdist(torch.zeros(1, 2), torch.ones(3, 2)).tolist()
+    [[2.0, 2.0, 2.0]]
+    """
 
     arraytype = torch.Tensor
     float_types = [float]

@@ -146,11 +146,46 @@ def _exp_ref(xp, p, a):
     return _join(xp, e * xp.module.cos(ai), e * xp.module.sin(ai))
 
 
+# sin and cos at once for float32 data: the angle is reduced modulo π/2 in double (three-part
+# Cody-Waite: exact to ~1e-16 far beyond |t| = 10⁶, where float's own rounding is ≥ 0.06),
+# then two float minimax polynomials on [-π/4, π/4] (cephes' sinf/cosf: ≤ 1 ulp) and the
+# quadrant's swap and signs by selects: no branch, no table, it vectorizes (libmvec's sinf and
+# cosf are two calls, each reducing the angle again). A double argument lets the caller pass
+# an exact phase (the product of two floats is exact in double). Double data keeps libm.
+_SINCOS_HELPER = """LM_INLINE void lm_sincosf(double t, float& s, float& c) {
+#ifdef LM_NATIVE_EXP
+  s = LM_F(sin)((float)t); c = LM_F(cos)((float)t);
+#else
+  double n = LM_BD(rint)(t * 0.63661977236758134308);
+  n = (n == n && n < 4.0e15 && n > -4.0e15) ? n : 0.0;
+  double rd = t - n * 1.57079632673412561417;
+  rd = rd - n * 6.07710050650619224932e-11;
+  rd = rd - n * 2.02226624879595063154e-21;
+  const float r = (float)rd, r2 = r * r;
+  const float sp = r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f
+                                                        + r2 * -1.9515295891e-4f));
+  const float cp = 1.0f - 0.5f * r2 + r2 * r2 * (4.166664568298827e-2f + r2 * (
+      -1.388731625493765e-3f + r2 * 2.443315711809948e-5f));
+  const long long q = (long long)n;
+  const float s1 = (q & 1) ? cp : sp, c1 = (q & 1) ? sp : cp;
+  s = (q & 2) ? -s1 : s1;
+  c = ((q + 1) & 2) ? -c1 : c1;
+  s = t == t ? s : (float)t; c = t == t ? c : (float)t;
+#endif
+}
+LM_INLINE void lm_sincos(float t, float& s, float& c) { lm_sincosf((double)t, s, c); }
+LM_INLINE void lm_sincos(double t, double& s, double& c) { s = lm_sin(t); c = lm_cos(t); }"""
+
+
+def _exp_render(ctx, node):
+    return [f"for (int k = 0; k < {node.dim // 2}; k++) {{ "
+            f"{ctx.T} e = lm_exp({ctx.arg(0, '2 * k')}), s, c; "
+            f"lm_sincos({ctx.arg(0, '2 * k + 1')}, s, c); "
+            f"{ctx.out('2 * k')} = e * c; {ctx.out('2 * k + 1')} = e * s; }}"]
+
+
 register("ComplexExp", 1, _exp_ref, dims=_unary_dim(1, 1), complex_result=True,
-         render=lambda ctx, node: [
-         f"for (int k = 0; k < {node.dim // 2}; k++) {{ "
-         f"{ctx.T} e = lm_exp({ctx.arg(0, '2 * k')}), t = {ctx.arg(0, '2 * k + 1')}; "
-         f"{ctx.out('2 * k')} = e * lm_cos(t); {ctx.out('2 * k + 1')} = e * lm_sin(t); }}"],
+         render=_exp_render, c_helper=_SINCOS_HELPER,
          doc="complex exponential", vjp=lambda n, g: (call("ComplexMult", g, call("Conj", n)),))
 
 
@@ -158,9 +193,20 @@ def _exp1j_ref(xp, p, f):
     return _join(xp, xp.module.cos(f), xp.module.sin(f))
 
 
-register("ComplexExp1j", 1, _exp1j_ref, dims=_unary_dim(1, 2), render=lambda ctx, node: [
-                f"for (int k = 0; k < {node.dim // 2}; k++) {{ {ctx.T} t = {ctx.arg(0, 'k')}; "
-                f"{ctx.out('2 * k')} = lm_cos(t); {ctx.out('2 * k + 1')} = lm_sin(t); }}"],
+def _exp1j_render(ctx, node):
+    f = node.args[0]
+    if ctx.T == "float" and f.op == "Mult":
+        # a phase x·ω formed in double is exact: float32 sums keep the phase's accuracy
+        a, b = (ctx.em.expr(g, "k") for g in f.args)
+        return [f"for (int k = 0; k < {node.dim // 2}; k++) {{ float s, c; "
+                f"lm_sincosf((double){a} * (double){b}, s, c); "
+                f"{ctx.out('2 * k')} = c; {ctx.out('2 * k + 1')} = s; }}"]
+    return [f"for (int k = 0; k < {node.dim // 2}; k++) {{ {ctx.T} s, c; "
+            f"lm_sincos({ctx.arg(0, 'k')}, s, c); "
+            f"{ctx.out('2 * k')} = c; {ctx.out('2 * k + 1')} = s; }}"]
+
+
+register("ComplexExp1j", 1, _exp1j_ref, dims=_unary_dim(1, 2), render=_exp1j_render,
          doc="exp(i f) for a real f (dim D -> complex D)",
          vjp=lambda n, g: (call("ComplexImag", call("ComplexMult", g, call("Conj", n))),))
 
@@ -300,6 +346,7 @@ def ComplexAdd(a: Node, b: Node) -> Node:
 
 
 def ComplexSubtract(a: Node, b: Node) -> Node:
+    """a − b for complex formulas (a complex scalar broadcasts)."""
     _complex_binary_dim("ComplexSubtract", [a.dim, b.dim], ())
     a, b = _broadcast_pair(a, b)
     return a - b

@@ -15,7 +15,7 @@ import math
 from fractions import Fraction
 
 from ...errors import ShapeError
-from ..node import Const, Node, is_one, is_zero, make, register, register_macro
+from ..node import Const, Node, existing, is_one, is_zero, make, register, register_macro
 from .base import by_lib, call, exact_fold, float_fold, no_gradient, with_dim
 
 __all__ = ["Pow", "IntInv"]
@@ -58,6 +58,11 @@ def _simplify_sub(args, params, dim):
     return None
 
 
+def _scale(n: Node) -> bool:
+    """An exact scalar constant (a factor that may move through a product exactly)."""
+    return n.is_const and n.dim == 1 and isinstance(n.value, Fraction)
+
+
 def _simplify_mult(args, params, dim):
     a, b = args
     if is_zero(a) or is_zero(b):
@@ -66,6 +71,23 @@ def _simplify_mult(args, params, dim):
         return with_dim(b, dim)
     if is_one(b):
         return with_dim(a, dim)
+    # Exact scalar factors gather in front, where they combine (gradients are full of
+    # (x * 1/2) * 2 and -(c * x)): c1 * (c2 * x) = (c1 c2) * x, x * c = c * x,
+    # c * -x = (-c) * x, (c * x) * y = c * (x * y).
+    if _scale(b) and not a.is_const:
+        return make("Mult", (b, a))
+    if _scale(a) and not b.is_const and b.dim == dim:
+        if b.op == "Mult" and _scale(b.args[0]):
+            return with_dim(make("Mult", (Const(a.value * b.args[0].value), b.args[1])), dim)
+        if b.op == "Minus":
+            return make("Mult", (Const(-a.value), b.args[0]))
+    for first, second in ((a, b), (b, a)):
+        if first.op == "Mult" and _scale(first.args[0]) and not second.is_const:
+            return make("Mult", (first.args[0], make("Mult", (first.args[1], second))))
+    # a * b built before as b * a: the same node (one temporary in the kernel)
+    swapped = existing("Mult", (b, a))
+    if swapped is not None:
+        return swapped
     return None
 
 
@@ -85,6 +107,8 @@ def _simplify_minus(args, params, dim):
     (a,) = args
     if a.op == "Minus":
         return a.args[0]
+    if a.op == "Mult" and _scale(a.args[0]):  # -(c * x) = (-c) * x
+        return make("Mult", (Const(-a.args[0].value), a.args[1]))
     return None
 
 
