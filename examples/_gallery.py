@@ -87,6 +87,10 @@ def header(title: str) -> None:
         threads = f", torch threads {sys.modules['torch'].get_num_threads()}"
     print(f"{title}\n  size={SIZE}, lazymat {lazymat.__version__}, {os.cpu_count()} cores"
           f"{threads}, load average {load}")
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        print("  warning: the machine is busy (load above the number of cores): timings are "
+              "noisy, and OpenMP peers that spin while they wait (faiss, FINUFFT, "
+              "scikit-learn) lose the most")
 
 
 def need(module: str) -> Any:

@@ -32,7 +32,7 @@ import lazymat as lm
 spatial = need("scipy.spatial")
 header("Point-cloud convolution with an MLP filter")
 torch.manual_seed(0)
-N, C, H = sized(small=600, full=3000), 4, 16  # points, channels, hidden units of the filter
+N, C, H = sized(small=400, full=3000), 4, 16  # points, channels, hidden units of the filter
 R = float((24 / (np.pi * N)) ** (1 / 3))        # about 32 neighbours within the radius
 STEPS = sized(small=3, full=10)
 x = torch.rand(N, 3)

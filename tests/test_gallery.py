@@ -32,6 +32,7 @@ def test_gallery_script_small(script: Path, tmp_path: Path):
     env["LAZYMAT_GALLERY_SIZE"] = "small"
     env["LAZYMAT_GALLERY_OUTPUT"] = str(tmp_path)
     env["MPLBACKEND"] = "Agg"
+    env.setdefault("OMP_NUM_THREADS", "1")  # small sizes; pytest-xdist runs scripts side by side
     src = str(ROOT / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
