@@ -97,8 +97,8 @@ def one_step(predict):
     return L.grad
 
 
-t_ours, _ = median_time(lambda: one_step(nadaraya_watson))
-t_dense, _ = median_time(lambda: one_step(nadaraya_watson_dense))
+t_ours, _ = median_time(lambda: one_step(nadaraya_watson), repeat=sized(1, 3))
+t_dense, _ = median_time(lambda: one_step(nadaraya_watson_dense), repeat=sized(1, 3))
 L_learned, losses_A = train_metric(sized(8, 120), nadaraya_watson)
 A = L_learned @ L_learned.T
 eigenvalues, eigenvectors = torch.linalg.eigh(A)
@@ -185,10 +185,11 @@ def mlp_step(conv):
     return params[0].grad
 
 
-t_ours, _ = median_time(lambda: mlp_step(mlp_conv))
-t_dense, _ = median_time(lambda: mlp_step(mlp_conv_dense))
+t_ours, _ = median_time(lambda: mlp_step(mlp_conv), repeat=sized(1, 3))
+t_dense, _ = median_time(lambda: mlp_step(mlp_conv_dense), repeat=sized(1, 3))
 learned, losses_mlp = train_mlp(sized(5, 150), mlp_conv)
-assert losses_mlp[-1] < losses_mlp[0], "training the MLP filter did not lower the error"
+if not sized(True, False):
+    assert losses_mlp[-1] < 0.5 * losses_mlp[0], "training the MLP filter did not lower the error"
 print_table(f"MLP filter convolution, one training step (forward + backward in 4 weight "
             f"tensors), {n:,} x {n:,} pairs, 2 -> {H} -> 1", [
                 {"method": "lazymat (formula of LazyTensor ops)", "seconds": t_ours,
