@@ -58,7 +58,8 @@ check_close(exact[rows], dense, 1e-11, "lazymat exact sum vs dense numpy (float6
 
 # %%
 # 1-D: time and error against the float64 exact sum, as the number of modes N grows.
-# lazymat float32 (complex64) is the fast exact sum; its error is float32 rounding.
+# lazymat float32 (complex64) is the fast exact sum; its error is float32 rounding of the
+# phases k·x, which grows with N.
 
 table, curves = [], {"lazymat float64": [], "lazymat float32": []}
 curves.update({f"FINUFFT eps={eps:.0e}": [] for eps in TOLERANCES})
@@ -74,7 +75,8 @@ for n in N_MODES:
     k32 = k.astype(np.float32)
     t, approx = median_time(lambda: nudft_lazymat(k32, x1_32, c_32))
     err = relative_l2(approx, exact)
-    assert err < 1e-4, f"lazymat float32 error {err:.2e}"
+    # float32 phases k·x of size up to N·π carry an absolute error ~ N·π·6e-8
+    assert err < 1e-6 * n + 1e-5, f"lazymat float32 error {err:.2e}"
     table.append({"case": f"1-D N={n}", "method": "lazymat exact float32", "seconds": t,
                   "rel. error": err})
     curves["lazymat float32"].append(t)

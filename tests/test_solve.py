@@ -265,3 +265,16 @@ def test_schwarz_memory_cap(monkeypatch):
     assert "precond_blocks" not in info and info["kept"] < 1
     want = np.linalg.solve(gauss2(X2) + 0.05 * np.eye(len(X2)), B2)
     np.testing.assert_allclose(a, want, atol=1e-7 * np.abs(want).max())
+
+
+def test_schwarz_keeps_float32_inverses():
+    """float64 data, float32 block inverses (half the memory), the same tight solution."""
+    K = (-lm.Vi(X2).sqdist(lm.Vj(X2)) * G2).exp()
+    info: dict = {}
+    a = K.solve(B2, alpha=0.05, eps=1e-11, precond={"block_size": 64}, info=info)
+    sizes_mb = info["precond_mbytes"]
+    assert a.dtype == np.float64
+    want = np.linalg.solve(gauss2(X2) + 0.05 * np.eye(len(X2)), B2)
+    np.testing.assert_allclose(a, want, atol=1e-9 * np.abs(want).max())
+    # 4 bytes per entry of each (<= precond_max_block)² block
+    assert sizes_mb <= info["precond_blocks"] * info["precond_max_block"] ** 2 * 4 / 1e6

@@ -12,7 +12,9 @@ from __future__ import annotations
 from .config import __version__
 from .errors import (CompileError, DtypeError, FormulaSyntaxError, LazymatError, NonFiniteError,
                      ShapeError)
+from . import local
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
+from . import lazy_tensor
 from .lazy_tensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
 from .pykeops_compat import install_as_pykeops, uninstall_as_pykeops
 from .ranges import (
@@ -33,7 +35,7 @@ __all__ = [
     "check_health", "grid_cluster", "sort_clusters", "cluster_ranges", "cluster_centroids",
     "cluster_ranges_centroids", "from_matrix", "swap_axes",
     "LazymatError", "ShapeError", "DtypeError", "FormulaSyntaxError", "CompileError",
-    "NonFiniteError",
+    "NonFiniteError", "local",
     "__version__",
 ]
 
@@ -62,6 +64,16 @@ def check_health(verbose: bool = True) -> dict:
     from .health import check_health as check
 
     return check(verbose)
+
+
+def _traced_lazy_tensor():
+    """What LazyTensor(...) makes while torch.compile traces (lazymat/torch/traced.py)."""
+    from .torch.traced import new
+
+    return new()
+
+
+lazy_tensor.COMPILED.append(_traced_lazy_tensor)
 
 
 def _switch_from_environment() -> None:

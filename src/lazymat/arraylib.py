@@ -14,6 +14,8 @@ where both libraries spell a function alike.
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any
 
 import numpy as np
@@ -257,8 +259,9 @@ def is_torch(a: Any) -> bool:
     t = type(a)
     known = _torch_types.get(t)
     if known is None:
-        known = _torch_types[t] = (t.__module__.startswith("torch")
-                                   and t.__name__ in ("Tensor", "Parameter"))
+        # torch's own subclasses too: FakeTensor, FunctionalTensor (torch.compile's tracing)
+        known = _torch_types[t] = (t.__module__.startswith("torch") and (
+            t.__name__ in ("Tensor", "Parameter") or issubclass(t, sys.modules["torch"].Tensor)))
     return known
 
 

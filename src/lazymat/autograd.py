@@ -7,7 +7,10 @@ themselves differentiable: ``create_graph=True`` gives derivatives of any order.
 - Sum-like reductions (Sum, LogSumExp, SumSoftMaxWeight): the gradient with
   respect to an i-variable is a reduction over j, to a j-variable a reduction
   over i, to a parameter a reduction over j summed over i. Variables of the
-  same category share one reduction (their gradients are concatenated).
+  same category share one reduction (their gradients are concatenated). For a
+  Sum, the forward itself also reduces Σ_j ∂F_ij/∂v for the i-variables and
+  parameters v that require grad (few columns): their first-order gradient is
+  then G_iᵀ times that sum, without a backward pass (:class:`_Jacobians`).
 - Selection reductions (Min, Max, KMin and the values of Min_ArgMin, ...): the
   forward also returns the selected indices; the backward gathers the selected
   j for each i and evaluates the formula's VJP there: O(M·K), not O(M·N).
@@ -23,6 +26,7 @@ torch.Size([5, 3])
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -38,7 +42,8 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
         sizes: tuple[int | None, int | None] = (None, None), like: Any = None,
         ranges: Sequence[Any] | None = None) -> tuple:
     """``plan.run``, recorded by torch autograd when a tensor input requires grad (or seen
-    through a torch.func transform)."""
+    through a torch.func transform). Inside ``torch.compile`` the front ends call the
+    ``lazymat::reduce`` custom op instead (``lazymat/torch/ops.py``)."""
     if not any(is_torch(a) and (a.requires_grad or _transformed(a)) for a in arrays):
         return plan.run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
                         like=like, ranges=ranges)
@@ -55,7 +60,7 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
     # even when its formulas lose every i- (or j-) variable).
     prepared = plan.prepare(_forward_request(req), arrays, names=names, backend=backend,
                             sizes=sizes, like=like, ranges=ranges)
-    jacobians = _forward_jacobians(req, arrays, names, backend, sizes, like, ranges)
+    jacobians = _forward_jacobians(req, arrays, prepared)
     spec = _Spec(req, tuple(names), backend, prepared.sizes,
                  like if like is not None else arrays[0],
                  None if ranges is None else tuple(ranges), prepared, tuple(arrays), jacobians)
@@ -64,6 +69,15 @@ def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None
     if red.selects_with and red.selects_with != red.name:
         outs = outs[:1]  # the forward also returned the selected indices, for the backward
     return outs
+
+
+def compiling() -> bool:
+    """Whether torch.compile (Dynamo) is tracing this call: then the front ends run
+    reductions as custom ops (``lazymat/torch/ops.py``).
+    False without importing torch (numpy users never import it). No state is cached: Dynamo
+    replays this function and must see the same path every time."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
 
 
 def _transformed(t: Any) -> bool:
@@ -88,13 +102,17 @@ class _Spec:
     sizes: tuple[int | None, int | None]
     like: Any
     ranges: tuple | None  # the block-sparse 6-tuple, or None
-    prepared: plan.Prepared  # the forward's checked, oriented launch, for ``inputs``
+    prepared: plan.Prepared | None  # the forward's checked, oriented launch, for ``inputs``
     inputs: tuple
     #: the forward that also reduces Jacobian sums (:func:`_forward_jacobians`), or None
     jacobians: "_Jacobians | None" = None
+    #: runs the gradient reductions instead of :func:`run` (the custom op's backward)
+    runner: Any = None
 
     def run(self, req: plan.Request, arrays: Sequence[Any], names: Sequence[str],
             sizes: tuple[int | None, int | None], ranges: Any = None) -> tuple:
+        if self.runner is not None:
+            return self.runner(req, arrays, names, sizes, ranges)
         return run(req, arrays, names=names, backend=self.backend, sizes=sizes, like=self.like,
                    ranges=ranges)
 
@@ -232,8 +250,8 @@ class _Jacobians:
         return out
 
 
-def _forward_jacobians(req: plan.Request, arrays: Sequence[Any], names, backend, sizes,
-                       like, ranges) -> _Jacobians | None:
+def _forward_jacobians(req: plan.Request, arrays: Sequence[Any],
+                       prepared: plan.Prepared) -> _Jacobians | None:
     """The forward with Jacobian sums, when the reduction allows it (Sum), some output-index
     variable or parameter requires grad, no torch.func transform is at work, and the extra
     columns are few (:data:`JACOBIAN_COLUMNS`); else None (the backward reduces them)."""
@@ -254,9 +272,8 @@ def _forward_jacobians(req: plan.Request, arrays: Sequence[Any], names, backend,
         for k in range(E):  # row k of ∂F/∂v: the gradient of F's component k
             Fk = F if E == 1 else make("Extract", (F,), (k, 1))
             columns.append(grad(Fk, v, one))
-    prepared = plan.prepare(replace(req, formula=_concat(columns)), arrays, names=names,
-                            backend=backend, sizes=sizes, like=like, ranges=ranges)
-    return _Jacobians(prepared, E, [p for p, _ in chosen], [v.params[1] for _, v in chosen],
+    extended = plan.reformulate(prepared, replace(req, formula=_concat(columns)))
+    return _Jacobians(extended, E, [p for p, _ in chosen], [v.params[1] for _, v in chosen],
                       [v.params[2] for _, v in chosen])
 
 
@@ -282,7 +299,13 @@ def _vmapped(req: plan.Request, arrays: Sequence[Any], in_dims: Sequence[Any]) -
 
 def _oriented(spec: _Spec) -> tuple[Node, Node | None]:
     """F and W with category 0 = the output index (axis=0 reductions swap i and j): the
-    forward launch's, oriented once by plan."""
+    forward launch's, oriented once by plan (or here, for a spec without one)."""
+    if spec.prepared is None:
+        req = spec.req
+        if req.axis == 1:
+            return req.formula, req.weight
+        return (plan.swap_categories(req.formula),
+                None if req.weight is None else plan.swap_categories(req.weight))
     return spec.prepared.launch.formula, spec.prepared.launch.weight
 
 
@@ -515,3 +538,31 @@ def _gather(y: Any, sel: Any) -> Any:
     where = sel.expand(full + sel.shape[-1:]).unsqueeze(-1).expand(
         full + (sel.shape[-1], y.shape[-1]))
     return y.gather(-2, where)
+
+
+# ---------------------------------------------------------------------- for the custom ops
+
+def forward_request(req: plan.Request) -> plan.Request:
+    """The request a forward runs (selections also return the selected indices)."""
+    return _forward_request(req)
+
+
+def gradient_spec(req: plan.Request, names: Sequence[str], backend: str,
+                  sizes: tuple[int | None, int | None], like: Any, runner: Any) -> _Spec:
+    """What :func:`gradients` needs of a forward call; ``runner(req, arrays, names, sizes,
+    ranges)`` runs each gradient reduction (lazymat/torch/ops.py: the custom op again)."""
+    return _Spec(req, tuple(names), backend, sizes, like, None, None, (), runner=runner)
+
+
+def gradients(spec: _Spec, arrays: Sequence[Any], values: Sequence[Any], indices: Any, G: Any,
+              wanted: list[int]) -> dict[int, Any]:
+    """position -> gradient of the inputs ``wanted``, given the forward's saved value outputs,
+    selected indices (selections) and the output gradient G: the backward's reductions."""
+    if spec.req.definition.cotangents is not None:
+        return _sum_like_backward(spec, arrays, values[0], G, wanted)
+    return _selection_backward(spec, arrays, indices, G, wanted)
+
+
+def batched(req: plan.Request, arrays: Sequence[Any], in_dims: Sequence[Any]) -> list:
+    """The arrays of a vmapped call, the mapped dim first as the outermost batch dim."""
+    return _vmapped(req, arrays, in_dims)

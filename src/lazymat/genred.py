@@ -93,6 +93,8 @@ class Genred:
             raise ShapeError(f"this Genred takes {self._n_args} arrays "
                              f"({', '.join(self._label(p) for p in range(self._n_args))}), "
                              f"got {len(args)}")
+        if type(self)._run is Genred._run and autograd.compiling():
+            return self._traced(args, backend, ranges, out)
         # Small calls' fast path: numpy arrays of a layout seen before rerun the bound call.
         key = None
         if ranges is None and out is None and type(self)._run is Genred._run:
@@ -117,6 +119,19 @@ class Genred:
         else:
             outs = self._run(self.request, list(args), names=names, backend=backend, out=out,
                              ranges=ranges, sizes=sizes)
+        return outs[0] if len(outs) == 1 else outs
+
+    def _traced(self, args: tuple, backend: str, ranges: Any, out: Any) -> Any:
+        """The call while torch.compile traces: the lazymat::reduce custom op, with M and N
+        kept symbolic (dynamic shapes do not recompile)."""
+        from .torch import ops
+
+        names = [self._label(p) for p in range(len(args))]
+        sizes = tuple(next((args[p].shape[-2] if args[p].ndim >= 2 else args[p].shape[0]
+                            for p, c in sorted(self._categories.items())
+                            if c == cat and p < len(args)), None) for cat in (0, 1))
+        outs = ops.run(self.request, list(args), names=names, backend=backend, out=out,
+                       ranges=ranges, sizes=sizes)
         return outs[0] if len(outs) == 1 else outs
 
     def _label(self, pos: int) -> str:

@@ -23,6 +23,8 @@ from .errors import DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, OPS, P_CAT, Const, Node, Var, apply, substitute, variables, walk
 
 _ROLE = {I_CAT: "Vi", J_CAT: "Vj", P_CAT: "Pm"}
+#: what ``LazyTensor(...)`` returns while torch.compile traces: [a function making it]
+COMPILED: list = []
 _float_uids: dict[float, int] = {}
 _float_counter = itertools.count(1)
 
@@ -79,6 +81,13 @@ class LazyTensor:
     #: runs a reduction (plan.run's signature); a front end for another array library
     #: (lazymat.jax) subclasses LazyTensor and sets its own
     _run = staticmethod(autograd.run)
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # Inside torch.compile, a trace-friendly LazyTensor (lazymat/torch/traced.py, which
+        # lazymat/__init__.py plugs in here: it subclasses this class).
+        if cls is LazyTensor and COMPILED and autograd.compiling():
+            return COMPILED[0]()
+        return object.__new__(cls)
 
     def __init__(self, x: Any = None, axis: int | None = None, is_complex: bool = False):
         #: block-sparse ranges (KeOps' 6-tuple) used by the reductions, or None
@@ -1278,6 +1287,8 @@ def _index(i: int, dim: int) -> int:
 
 
 def _variable(x: Any, dim: int | None, cat: int) -> LazyTensor:
+    if dim is None and autograd.compiling():  # traced.py's checks: no dict lookups (Dynamo)
+        return LazyTensor(x, axis=0 if cat == I_CAT else 1)
     if dim is not None:
         return _symbolic_lazy(x, dim, cat)
     if isinstance(x, int) and not isinstance(x, bool):
@@ -1346,6 +1357,8 @@ def Pm(x: Any, dim: int | None = None) -> LazyTensor:
     """
     if dim is not None:
         return _symbolic_lazy(x, dim, P_CAT)
+    if autograd.compiling():
+        return LazyTensor(x.reshape(-1) if hasattr(x, "reshape") else float(x))
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return LazyTensor(float(x))
     if _is_array(x) and len(x.shape) > 1:

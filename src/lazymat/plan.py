@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -423,6 +423,19 @@ def prepare(req: Request, arrays: Sequence[Any], *, names: Sequence[str] | None 
     launch = Launch(red, formula, weight, req.K, dtype, req.accumulation(dtype), data, rows,
                     cols, batch, offsets, oriented_ranges, xp, data_like, store)
     return Prepared(launch, which, (M, N), like, half)
+
+
+def reformulate(prepared: Prepared, req: Request) -> Prepared:
+    """``prepared`` with ``req``'s formula: a call over the same arguments, reduction and axis
+    (autograd's forward that also reduces Jacobian sums), oriented without checking the
+    arrays again.
+
+    The new formula may use only the variables ``prepared``'s formula has, with the same
+    dims; the reduction, weight and axis are ``prepared``'s.
+    """
+    check_request(req)
+    formula = req.formula if req.axis == 1 else swap_categories(req.formula)
+    return replace(prepared, launch=replace(prepared.launch, formula=formula))
 
 
 def execute(prepared: Prepared, out: Any = None) -> tuple:

@@ -67,7 +67,9 @@ class SchwarzPreconditioner:
     ``block(idx)`` returns the dense float64 K[idx][:, idx] (numpy, or torch on ``like``'s
     device). Calling the preconditioner on r (n, e), in the sorted order, returns Σ_k R_kᵀ
     (α·Id + K_kk)⁻¹ R_k r, a symmetric positive definite approximation of (α·Id + K)⁻¹ r,
-    in r's dtype; the inverses are kept in ``like``'s dtype (float32 data: half the memory).
+    in r's dtype; the inverses are kept in ``like``'s dtype (float32 data: half the memory),
+    or in float32 with ``single``: a preconditioner needs no more (the same CG iterations
+    on the benchmark problem; CG's Polak-Ribière step is robust to it), at half the memory.
 
     >>> import numpy as np
     >>> x = np.sort(np.random.rand(300, 1), 0)
@@ -80,7 +82,7 @@ class SchwarzPreconditioner:
 
     def __init__(self, block: Callable[[Any], Any], points: np.ndarray, leaves: np.ndarray,
                  alpha: float, like: Any, overlap: float = 0.25,
-                 max_bytes: float | None = None):
+                 max_bytes: float | None = None, single: bool = False):
         from .errors import ShapeError
 
         if not overlap >= 0:
@@ -97,7 +99,8 @@ class SchwarzPreconditioner:
             cand = np.concatenate([np.arange(*leaves[c]) for c in near])
             members.append(cand[np.all((pts[cand] >= glo[k]) & (pts[cand] <= ghi[k]), 1)])
         self.sizes = [len(idx) for idx in members]
-        need = sum(m * m for m in self.sizes) * np.dtype(str(like.dtype).split(".")[-1]).itemsize
+        self.dtype = "float32" if single else str(like.dtype).split(".")[-1]
+        need = sum(m * m for m in self.sizes) * np.dtype(self.dtype).itemsize
         max_bytes = MAX_BYTES if max_bytes is None else max_bytes
         if need > max_bytes:
             raise ShapeError(f"the Schwarz preconditioner would keep {need / 1e9:.1f} GB of "
@@ -116,10 +119,10 @@ class SchwarzPreconditioner:
             L, info = torch.linalg.cholesky_ex(A)
             inv = torch.cholesky_inverse(L) if int(info) == 0 else torch.linalg.pinv(
                 A, hermitian=True)
-            return index, inv.to(like.dtype)
+            return index, inv.to(getattr(torch, self.dtype))
         A = np.asarray(block(idx))
         A = A + alpha * np.eye(len(idx), dtype=A.dtype)
-        return idx, _spd_inverse(A).astype(like.dtype)
+        return idx, _spd_inverse(A).astype(self.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -92,6 +92,11 @@ def run(launch: Launch) -> tuple:
         layout = abi.layout(launch.ranges, lanes)
         outs = [xp.full(lead + shape, fill, like=like, dtype=launch.array_dtype(kind))
                 for (kind, shape), fill in zip(launch.shapes, launch.fills)]
+        # Chunks by the pairs the ranges keep, not by N: a sparse call is one kernel call.
+        threads = abi.num_threads(launch.nbatch * lanes * abi.ranged_columns(layout[-1]))
+        columns = -(-abi.ranged_columns(layout[-1]) // max(1, layout[0]))
+        _call(fn, launch, layout, outs, threads, columns)
+        return tuple(outs)
     _call(fn, launch, layout, outs, threads)
     return tuple(outs)
 
@@ -203,8 +208,10 @@ def _run_split(launch: Launch, parts: int, lanes: int) -> tuple:
     return abi.merge_parts(launch, outs)
 
 
-def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int) -> None:
-    """One kernel call: the ABI's arguments from the launch, the layout and the outputs."""
+def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int,
+          columns: int | None = None) -> None:
+    """One kernel call: the ABI's arguments from the launch, the layout and the outputs
+    (``columns``: the columns a task reduces on average, N without ranges)."""
     keep: list = []
     arrays = launch.arrays
     ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[pointer(a, keep) for a in arrays])
@@ -212,16 +219,18 @@ def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int) -> N
     out_ptrs = (ctypes.c_void_p * max(1, len(outs)))(*[pointer(o, keep) for o in outs])
     ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
     # Long reductions run in chunks of tasks: Python handles a pending Ctrl-C between them.
-    chunk = _chunk(launch, threads)
+    chunk = _chunk(launch, threads, columns)
     for start in range(0, ntasks, chunk):
         fn(launch.M, launch.N, launch.nbatch, offsets.ctypes.data, min(chunk, ntasks - start),
            tasks_ptr + TASK_BYTES * start, slices_ptr, redranges_ptr, ptrs, out_ptrs,
            threads)
 
 
-def _chunk(launch: Launch, threads: int) -> int:
-    """Tasks per kernel call."""
-    return max(16 * threads, CHUNK_PAIRS // max(1, LANES[launch.dtype] * launch.N
+def _chunk(launch: Launch, threads: int, columns: int | None = None) -> int:
+    """Tasks per kernel call (``columns``: the columns a task reduces on average, N without
+    ranges)."""
+    per_task = launch.N if columns is None else columns
+    return max(16 * threads, CHUNK_PAIRS // max(1, LANES[launch.dtype] * per_task
                                                 * launch.nbatch))
 
 

@@ -49,6 +49,21 @@ def layout(ranges: tuple[Any, Any, Any], lanes: int) -> tuple:
     return (len(arrays[0]),) + tuple(a.ctypes.data for a in arrays) + (arrays,)
 
 
+def ranged_columns(arrays: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
+    """The columns all tasks of a :func:`layout` reduce together (its ``arrays``: tasks,
+    slices, redranges): the work of a block-sparse call, per row of a task.
+
+    >>> ranged_columns(layout((np.array([[0, 5]]), np.array([1]), np.array([[2, 9]])), 4)[-1])
+    14
+    """
+    tasks_, slices, redranges = arrays
+    if len(tasks_) == 0 or len(slices) == 0:
+        return 0
+    lengths = np.concatenate([[0], np.cumsum(redranges[:, 1] - redranges[:, 0])])
+    per_range = lengths[slices] - lengths[np.concatenate([[0], slices[:-1]])]
+    return int(per_range[tasks_[:, 2]].sum())
+
+
 _dense_layouts: dict[tuple, tuple] = config.memo("backends.launch.dense_layouts", maxsize=256)
 
 

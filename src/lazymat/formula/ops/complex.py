@@ -346,6 +346,7 @@ def ComplexAdd(a: Node, b: Node) -> Node:
 
 
 def ComplexSubtract(a: Node, b: Node) -> Node:
+    """a − b for complex formulas (a complex scalar broadcasts)."""
     _complex_binary_dim("ComplexSubtract", [a.dim, b.dim], ())
     a, b = _broadcast_pair(a, b)
     return a - b

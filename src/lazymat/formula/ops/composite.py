@@ -32,6 +32,7 @@ def SqDist(f: Node, g: Node) -> Node:
 
 
 def Norm2(f: Node) -> Node:
+    """‖f‖ = √(Σ_k f_k²)."""
     return make("Sqrt", (SqNorm2(f),))
 
 
@@ -41,10 +42,12 @@ def Normalize(f: Node) -> Node:
 
 
 def SqNormIso(s: Node, f: Node) -> Node:
+    """s ‖f‖² for a scalar s (an isotropic weighted norm)."""
     return make("Mult", (s, SqNorm2(f)))
 
 
 def SqNormDiag(s: Node, f: Node) -> Node:
+    """Σ_k s_k f_k² for s of f's dim (a diagonal weighted norm)."""
     return make("Sum", (make("Mult", (s, make("Square", (f,)))),))
 
 
@@ -66,6 +69,7 @@ def WeightedSqNorm(s: Node, f: Node) -> Node:
 
 
 def WeightedSqDist(s: Node, f: Node, g: Node) -> Node:
+    """WeightedSqNorm(s, f − g)."""
     return WeightedSqNorm(s, make("Subtract", (f, g)))
 
 

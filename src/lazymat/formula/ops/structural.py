@@ -287,6 +287,7 @@ register("TensorProd", 2, _tensorprod_ref, dims=lambda name, d, p: d[0] * d[1],
 
 
 def Elem(f: Node, m: int) -> Node:
+    """Component m of f (dim 1)."""
     return make("Extract", (f,), (int(m), 1))
 
 
