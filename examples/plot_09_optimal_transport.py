@@ -112,7 +112,7 @@ def solve(x, y, blur=0.05, scaling=0.5):
 ot = peer("ot")
 geomloss = peer("geomloss")
 
-n_peer = sized(small=150, full=4000)
+n_peer = sized(small=150, full=2000)
 x, y = crescent(n_peer), blobs(n_peer)
 t_ours, ours = median_time(lambda: solve(x, y), repeat=sized(1, 3))
 a, b, f, g, eps = (ours[k] for k in ("a", "b", "f", "g", "eps"))
