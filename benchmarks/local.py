@@ -70,7 +70,7 @@ def radius_window(n: int, repeat: int, r: float = 0.07, sigma: float = 0.05) -> 
           f"   (max rel. difference {err:.1e})")
 
 
-def attention(sizes: list[int], heads: int, repeat: int) -> None:
+def attention(sizes: list[int], heads: int, repeat: int, max_bytes: float) -> None:
     try:
         import torch
     except ImportError:
@@ -81,6 +81,10 @@ def attention(sizes: list[int], heads: int, repeat: int) -> None:
           f"{torch.get_num_threads()} torch threads ({_load()})")
     for n in sizes:
         for h in (1, heads):
+            if 4 * h * n * n > max_bytes:  # CPU SDPA stores the (h, n, n) weights
+                print(f"  M = N = {n:6d}, heads {h}: skipped (SDPA's weights would take "
+                      f"{4 * h * n * n / 2**30:.1f} GiB; --max-gib)")
+                continue
             shape = (h, n, 64) if h > 1 else (n, 64)
             q, k, v = (rng.standard_normal(shape).astype(np.float32) / (8 ** 0.5 if i < 2 else 1)
                        for i in range(3))
@@ -117,10 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-attention", action="store_true")
+    p.add_argument("--max-gib", type=float, default=4.0,
+                   help="skip the attention cases whose SDPA weights exceed this")
     a = p.parse_args(argv)
     radius_window(a.n, a.repeat)
     if not a.no_attention:
-        attention([int(s) for s in a.attention_n.split(",")], a.heads, a.repeat)
+        attention([int(s) for s in a.attention_n.split(",")], a.heads, a.repeat,
+                  a.max_gib * 2**30)
     print(f"({_load()} at the end)")
 
 

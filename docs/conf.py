@@ -57,6 +57,8 @@ nitpicky = True
 nitpick_ignore_regex = [
     # the array adapters, the C renderers and the compiler layer are not documented here
     (r"py:.*", r"lazymat\.(arraylib|codegen|compile)\..*"),
+    # private types in public signatures (lazymat.local's grid) are not documented
+    (r"py:.*", r"lazymat\..*\._[A-Za-z]\w*"),
     (r"py:.*", r"(typing|collections|fractions|numpy|np|torch|jax|jnp|dask|da|scipy|pathlib|types)"
                r"(\..*)?"),
     (r"py:.*", r"(int|float|str|bool|complex|dict|list|tuple|set|object|type|bytes|None|"

@@ -2,7 +2,8 @@
 site builds with no warning and no broken internal reference.
 
 The doctests run in this process, one test per module of ``src/lazymat`` (a module whose
-optional dependency is missing, such as jax, is skipped). The HTML build runs
+optional dependency is missing, such as jax, is skipped, and so is a docstring whose example
+imports a package that is not installed); the ``>>>`` examples of the docs' pages run too. The HTML build runs
 ``sphinx-build -W --keep-going -n`` in a subprocess without running the gallery
 (``plot_gallery=0``, as ``make docs``); it skips when Sphinx, sphinx-gallery or the theme is
 not installed (``pip install -e '.[docs]'``).
@@ -33,8 +34,7 @@ MODULES = sorted(
     for p in SRC.rglob("*.py") if p.name != "__main__.py")
 
 #: docstring examples that take seconds (a solve on 3000 points, to show the Schwarz
-#: preconditioner): run by `make test-slow`
-#: docstring -> its module
+#: preconditioner), run by `make test-slow`: docstring -> its module
 SLOW_DOCTESTS = {"lazymat.lazy_tensor.LazyTensor.solve": "lazymat.lazy_tensor",
                  "lazymat.solve.KernelSystem": "lazymat.solve"}
 
@@ -145,26 +145,17 @@ PUBLIC = {
 }
 
 
-def _public_objects():
-    seen = {}
-    for module_name, names in PUBLIC.items():
-        module = _import(module_name)
-        for name in names if names is not None else module.__all__:
-            obj = getattr(module, name)
-            if inspect.isfunction(obj) or inspect.isclass(obj):
-                seen.setdefault(id(obj), (f"{module_name}.{name}", obj))
-    return list(seen.values())
-
-
 @pytest.mark.parametrize("module_name", list(PUBLIC))
 def test_public_names_have_examples(module_name):
     """Every public function and class has a docstring with a ``>>>`` example."""
     module = _import(module_name)
-    names = PUBLIC[module_name] or module.__all__
-    missing = [name for name in names
-               if (inspect.isfunction(getattr(module, name))
-                   or inspect.isclass(getattr(module, name)))
-               and ">>>" not in (inspect.getdoc(getattr(module, name)) or "")]
+    objects = [(name, getattr(module, name)) for name in PUBLIC[module_name] or module.__all__]
+    for name, obj in list(objects):  # a public submodule (lazymat.local): its names too
+        if inspect.ismodule(obj):
+            objects += [(f"{name}.{n}", getattr(obj, n)) for n in getattr(obj, "__all__", ())]
+    missing = [name for name, obj in objects
+               if (inspect.isfunction(obj) or inspect.isclass(obj))
+               and ">>>" not in (inspect.getdoc(obj) or "")]
     assert not missing, f"{module_name}: no docstring example for {missing}"
 
 
@@ -212,7 +203,8 @@ def test_docs_build(tmp_path):
     assert not [p for p in pages if not (html_dir / f"{p}.html").is_file()]
 
     api = (html_dir / "api" / "lazymat.html").read_text()
-    assert not [n for n in lazymat.__all__ if f'id="lazymat.{n}"' not in api]
+    assert not [n for n in lazymat.__all__ if f'id="lazymat.{n}"' not in api
+                and f'id="module-lazymat.{n}"' not in api]
 
     tables = _text(html_dir / "guide" / "genred.html")
     assert not [n for n in list(OPS) + list(MACROS) + list(REDUCTIONS)

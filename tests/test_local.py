@@ -176,8 +176,8 @@ def test_high_dimension_switches_pruning_off():
     assert info["method"] == "brute force"
     bv, bi = brute(x, y, K)
     assert np.array_equal(i, bi) and np.array_equal(v, bv)
-    # below MAX_PRUNED_DIM the prediction decides: uniform D = 8 keeps too much
-    x8, y8 = rng.random((3000, 8)), rng.random((3000, 8))
+    # up to MAX_PRUNED_DIM the prediction decides: uniform D = 6 keeps too much
+    x8, y8 = rng.random((3000, 6)), rng.random((3000, 6))
     local.MIN_PRUNED_PAIRS, old = 0, local.MIN_PRUNED_PAIRS
     try:
         local.knn(x8, y8, K, info=info)

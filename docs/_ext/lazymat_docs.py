@@ -250,16 +250,21 @@ class Api(_RstDirective):
 
     required_arguments = 1
     option_spec = {"skip": directives.unchanged, "documented-in": directives.unchanged,
-                   "names": directives.unchanged}
+                   "names": directives.unchanged, "optional": directives.flag}
 
     def rst(self) -> list[str]:
         module_name = self.arguments[0]
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if "optional" in self.options and e.name == module_name:
+                return []
+            raise
         skip = set((self.options.get("skip") or "").split())
         elsewhere = [importlib.import_module(m)
                      for m in (self.options.get("documented-in") or "").split()]
         lines: list[str] = [f".. currentmodule:: {module_name}", ""]
-        links = []
+        links, submodules = [], []
         names = (self.options["names"].split() if "names" in self.options
                  else module.__all__)
         for name in names:
@@ -271,7 +276,9 @@ class Api(_RstDirective):
                 role = "class" if inspect.isclass(obj) else "func"
                 links.append(f":{role}:`{name} <{home.__name__}.{name}>`")
                 continue
-            if inspect.isclass(obj) and issubclass(obj, BaseException):
+            if inspect.ismodule(obj):  # a public submodule (lazymat.local): its own members
+                submodules.append(obj.__name__)
+            elif inspect.isclass(obj) and issubclass(obj, BaseException):
                 lines += [f".. autoexception:: {name}", "   :show-inheritance:", ""]
             elif inspect.isclass(obj):
                 lines += [f".. autoclass:: {name}", "   :members:", "   :undoc-members:",
@@ -282,8 +289,15 @@ class Api(_RstDirective):
                 lines += [f".. autofunction:: {name}", ""]
             else:
                 lines += [f".. autodata:: {name}", "   :annotation:", ""]
+        for sub in submodules:
+            lines += [f".. rubric:: ``{sub}``", "", f".. automodule:: {sub}", "   :members:",
+                      "   :undoc-members:", "", f".. currentmodule:: {module_name}", ""]
         if links:
             lines = ["Same objects as in :mod:`lazymat`: " + ", ".join(links) + ".", ""] + lines
+        if "optional" in self.options:  # a module that may be absent: its own heading here
+            # (no module target: lazymat.precompile is also the name of a function)
+            lines = [f".. rubric:: ``{module_name}``", "", f".. automodule:: {module_name}",
+                     "   :no-members:", "   :no-index:", ""] + lines
         return lines
 
 
@@ -433,16 +447,25 @@ def _napoleon_for_callables_only(app) -> None:
 
 
 def _public_short_names(app, env, node, contnode):
-    """A bare name of ``lazymat.__all__`` (``ShapeError`` in a docstring of a submodule) is
-    lazymat's public object."""
+    """A bare name in a docstring (``ShapeError`` in a submodule, ``Entry`` beside the function
+    that takes it) is lazymat's public object of that name, else the one documented object
+    whose dotted name ends with it."""
     import lazymat
 
     target = node.get("reftarget", "")
-    if node.get("refdomain") != "py" or target not in lazymat.__all__:
+    if node.get("refdomain") != "py" or not target or "." in target:
         return None
     domain = env.get_domain("py")
-    return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"],
-                               f"lazymat.{target}", node, contnode)
+    if target in lazymat.__all__:
+        full = f"lazymat.{target}"
+    else:
+        found = [name for name in domain.objects if name.endswith("." + target)
+                 and name.startswith("lazymat.")]
+        if len(found) != 1:
+            return None
+        full = found[0]
+    return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], full, node,
+                               contnode)
 
 
 def setup(app):

@@ -16,6 +16,7 @@ from . import local
 from .genred import Genred, generic_argkmin, generic_argmin, generic_logsumexp, generic_sum
 from . import lazy_tensor
 from .lazy_tensor import ComplexLazyTensor, LazyTensor, Pm, Vi, Vj
+from .precompile import precompile  # the function; the module is in sys.modules
 from .pykeops_compat import install_as_pykeops, uninstall_as_pykeops
 from .ranges import (
     cluster_centroids,
@@ -32,7 +33,8 @@ __all__ = [
     "LazyTensor", "ComplexLazyTensor", "Vi", "Vj", "Pm", "install_as_pykeops",
     "uninstall_as_pykeops", "Genred", "generic_sum", "generic_logsumexp",
     "generic_argmin", "generic_argkmin", "KernelSolve", "ConvergenceWarning", "cache_clear",
-    "check_health", "grid_cluster", "sort_clusters", "cluster_ranges", "cluster_centroids",
+    "check_health", "precompile", "grid_cluster", "sort_clusters", "cluster_ranges",
+    "cluster_centroids",
     "cluster_ranges_centroids", "from_matrix", "swap_axes",
     "LazymatError", "ShapeError", "DtypeError", "FormulaSyntaxError", "CompileError",
     "NonFiniteError", "local",

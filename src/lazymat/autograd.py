@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from . import plan
 from .arraylib import is_torch
-from .errors import DtypeError
+from .errors import DtypeError, ShapeError
 from .formula import (I_CAT, J_CAT, P_CAT, Const, Node, Var, diff, grad, make, substitute,
                       variables)
 
@@ -268,10 +268,13 @@ def _forward_jacobians(req: plan.Request, arrays: Sequence[Any],
         return None
     one = Const(1, 1)
     columns = [F]
-    for _, v in chosen:
-        for k in range(E):  # row k of ∂F/∂v: the gradient of F's component k
-            Fk = F if E == 1 else make("Extract", (F,), (k, 1))
-            columns.append(grad(Fk, v, one))
+    try:
+        for _, v in chosen:
+            for k in range(E):  # row k of ∂F/∂v: the gradient of F's component k
+                Fk = F if E == 1 else make("Extract", (F,), (k, 1))
+                columns.append(grad(Fk, v, one))
+    except ShapeError:  # an op without a derivative (BSpline): the backward says so, if asked
+        return None
     extended = plan.reformulate(prepared, replace(req, formula=_concat(columns)))
     return _Jacobians(extended, E, [p for p, _ in chosen], [v.params[1] for _, v in chosen],
                       [v.params[2] for _, v in chosen])

@@ -21,7 +21,8 @@ from .compile import cache_dir, compiler_info, nvrtc
 def health_report() -> dict[str, Any]:
     """What lazymat can use here; never raises.
 
-    Keys: compiler (``"<path> (<version>)"`` or None), openmp, cache_dir,
+    Keys: compiler (``"<path> (<version>), <where it came from>, <threads>"`` or None),
+    openmp, threads ("OpenMP", "Python thread pool" or None without a compiler), cache_dir,
     cache_writable, torch (version or None), cuda (whether torch sees a GPU),
     cuda_backend ("ready: <GPUs>, NVRTC <version>" or why it cannot run), numpy.
     """
@@ -29,10 +30,14 @@ def health_report() -> dict[str, Any]:
 
     try:
         info = compiler_info()
-        compiler = f"{info.path} ({info.version})" if info else None
-    except CompileError as e:  # an explicit $CXX that does not work: say why
+        compiler = info.description if info else None
+    except CompileError as e:  # an explicit $LAZYMAT_CXX / $CXX that does not work: say why
         info, compiler = None, f"unusable: {e}"
-    report: dict[str, Any] = {"compiler": compiler, "openmp": bool(info and info.openmp)}
+    from .backends.cpu import threads_inside
+
+    threads = None if info is None else "OpenMP" if threads_inside() else "Python thread pool"
+    report: dict[str, Any] = {"compiler": compiler, "openmp": bool(info and info.openmp),
+                              "threads": threads}
     try:
         directory = cache_dir()
         report["cache_dir"] = str(directory)
@@ -95,7 +100,7 @@ def check_health(verbose: bool = True) -> dict:
             print(f"  {key:15s} {value}")
         if report.get("compiler") is None:
             print("  -> no C++ compiler: reductions use the slow reference backend. "
-                  "Install g++ (or set CXX).")
+                  "`pip install lazymat[compiler]` (zig), install g++, or set LAZYMAT_CXX.")
     return report
 
 

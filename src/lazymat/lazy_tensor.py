@@ -492,7 +492,7 @@ class LazyTensor:
 
         # Small calls' fast path: this LazyTensor reduced the same way before, on numpy
         # arrays whose layout has not changed since: rerun the bound call.
-        bound_key = None
+        bound_key = hit = None
         if (not options and call and weight is None and other is None and out is None
                 and axis is None and ranges is None and opt_arg is None and is_complex is None
                 and type(dim) is int and (K is None or type(K) is int)
@@ -501,7 +501,7 @@ class LazyTensor:
             bound_key = (name, dim, K, self.backend if backend == "auto" else backend)
             calls = self.__dict__.get("_bound")
             hit = calls.get(bound_key) if calls else None
-            if hit is not None and plan.layout_key(hit[1]) == hit[2]:
+            if hit is not None and hit is not _SEEN and plan.layout_key(hit[1]) == hit[2]:
                 outs = hit[0](hit[1])
                 if outs is not None:
                     return outs[0] if len(outs) == 1 else tuple(outs)
@@ -543,7 +543,10 @@ class LazyTensor:
         if backend == "auto" and self.backend is not None:
             backend = self.backend
         like = next(leaf.array for leaf in leaves.values() if leaf.array is not None)
-        layout = plan.layout_key(arrays) if bound_key is not None else None
+        # Bound on the second such call: a LazyTensor built for one call never pays for it.
+        layout = plan.layout_key(arrays) if hit is _SEEN else None
+        if bound_key is not None and hit is None:
+            self.__dict__.setdefault("_bound", {})[bound_key] = _SEEN
         if layout is not None:  # numpy arrays (no autograd): prepare, run, keep it bound
             prepared = plan.prepare(req, arrays, names=names, backend=backend, sizes=sizes,
                                     like=like)
@@ -652,7 +655,7 @@ class LazyTensor:
         if calls and not kw:  # the fast path: a numpy v of a layout seen before
             layout = plan.layout_key((v,))
             hit = calls.get(("@", layout)) if layout is not None else None
-            if hit is not None:
+            if hit is not None and hit is not _SEEN:
                 rerun, template, pos, full_layout, vector = hit
                 arrays = list(template)
                 arrays[pos] = v.reshape(-1, 1) if vector else v
@@ -672,9 +675,15 @@ class LazyTensor:
             raise ShapeError(f"K @ v: K has N = {self._size(J_CAT)} columns but v has shape "
                              f"{tuple(v.shape)}")
         product = self * vj
+        key = ("@", plan.layout_key((v,))) if not kw else None
+        seen = self.__dict__.setdefault("_bound", {}).get(key) is _SEEN
+        if seen:  # the second K @ v of this layout: bind it (the product is new each time)
+            product.__dict__["_bound"] = {("Sum", self.nbatchdims + 1, None, None): _SEEN}
         result = product.sum(dim=self.nbatchdims + 1, **kw)
-        if not kw:
+        if seen:
             self._bind_matmul(product, vj, v, vector)
+        elif key is not None and key[1] is not None:
+            self.__dict__["_bound"][key] = _SEEN
         return result.reshape(tuple(result.shape[:-1])) if vector else result
 
     def _bind_matmul(self, product: "LazyTensor", vj: "LazyTensor", v: Any, vector: bool
@@ -1113,6 +1122,10 @@ def _describe(lt: LazyTensor) -> str:
     f = lt.formula
     roles = sorted({_ROLE[leaf.cat] for leaf in lt._leaves.values()})
     return f"operand of dim {f.dim} ({'/'.join(roles) or 'constant'}, shape {lt.shape})"
+
+
+#: A bound-call slot seen once: the next call of that kind binds (plan.bind).
+_SEEN = object()
 
 
 def _float_uid(value: float, k: int) -> int:

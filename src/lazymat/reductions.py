@@ -162,6 +162,11 @@ def _sum_tile_part(rc, dim: int, V, row: str) -> list[str]:
     # register; full tiles get a loop of TJ columns, whose fixed count lets the compiler
     # vectorize the outer loop.
     def tile(count: str) -> list[str]:
+        if rc.lanes_innermost:  # clang vectorizes innermost loops only: a partial sum per lane
+            return [f"{rc.T} t[LANES];", *_lanes("t[l] = 0;"),
+                    f"for (int jj = 0; jj < {count}; jj++) {{",
+                    *["  " + s for s in _lanes(f"t[l] += {V('k')};")], "}",
+                    *_lanes(f"acc[{row}][l] += t[l];")]
         return _lanes(f"{rc.T} t = 0; for (int jj = 0; jj < {count}; jj++) t += {V('k')}; "
                       f"acc[{row}][l] += t;")
     return [f"for (int k = 0; k < {dim}; k++) {{",
@@ -465,6 +470,13 @@ def _weighted_sums(rc) -> list[str]:
         update = " ".join(f"w{u} += x * {rc.W(f'(e0 + {u})')};" for u in copies)
 
         def body(count: str) -> list[str]:
+            if rc.lanes_innermost:  # clang vectorizes innermost loops only
+                inner = update.replace("+=", "[l] +=")
+                return [f"{rc.T} " + ", ".join(f"w{u}[LANES]" for u in copies) + ";",
+                        *_lanes(" ".join(f"w{u}[l] = 0;" for u in copies)),
+                        f"for (int jj = 0; jj < {count}; jj++) {{",
+                        *["  " + t for t in _lanes(f"{rc.T} x = ex[jj][l]; {inner}")], "}",
+                        *_lanes(" ".join(f"s[e0 + {u}][l] += w{u}[l];" for u in copies))]
             return _lanes(f"{rc.T} " + ", ".join(f"w{u} = 0" for u in copies) + "; "
                           f"for (int jj = 0; jj < {count}; jj++) {{ {rc.T} x = ex[jj][l]; "
                           f"{update} }} "

@@ -1,12 +1,19 @@
 """CPU backend: render the kernel, compile it (cached), launch it through ctypes.
 
-ctypes releases the GIL during the call; the kernel threads with OpenMP.
+ctypes releases the GIL during the call; the kernel threads with OpenMP. Built without
+OpenMP (zig's clang, Apple clang), it runs on one thread per call, and a small pool of
+Python threads shares the calls instead: the (batch, task) pairs are cut into slices, each
+slice one kernel call on its share of the tasks pointer (or of the batches), taken in turn
+by whichever thread is free (the dynamic schedule of the OpenMP build).
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -29,15 +36,39 @@ def unavailable_reason() -> str | None:
     from ..compile import compiler_info
 
     if compiler_info() is None:
-        return "no C++ compiler found (looked for $CXX, g++, clang++)"
+        return ("no C++ compiler found (looked for $LAZYMAT_CXX, $CXX, g++, clang++, "
+                "the ziglang package)")
     return None
+
+
+def _clang() -> bool:
+    """Whether the compiler is a clang (zig's included): its kernels are shaped for it."""
+    from ..compile import compiler_info
+
+    info = compiler_info()
+    return bool(info and "clang" in info.version.lower())
+
+
+def threads_inside() -> bool:
+    """Whether the kernels thread themselves (OpenMP); else the Python pool threads them
+    (also with OpenMP when ``LAZYMAT_PYTHON_THREADS`` is set: tests, comparisons).
+
+    >>> threads_inside() in (True, False)
+    True
+    """
+    from ..compile import compiler_info
+
+    if config.env_flag("LAZYMAT_PYTHON_THREADS"):
+        return False
+    info = compiler_info()
+    return bool(info and info.openmp)
 
 
 def kernel_for(spec: KernelSpec) -> Any:
     """The compiled kernel function for a spec (the compile cache makes repeats cheap)."""
     from ..compile import load_library
 
-    lib = load_library(render(spec), name=f"{spec.reduction.name}_{spec.dtype}")
+    lib = load_library(render(spec, clang=_clang()), name=f"{spec.reduction.name}_{spec.dtype}")
     fn = lib.lm_kernel
     fn.argtypes, fn.restype = ARGTYPES, None
     return fn
@@ -95,9 +126,9 @@ def run(launch: Launch) -> tuple:
         # Chunks by the pairs the ranges keep, not by N: a sparse call is one kernel call.
         threads = abi.num_threads(launch.nbatch * lanes * abi.ranged_columns(layout[-1]))
         columns = -(-abi.ranged_columns(layout[-1]) // max(1, layout[0]))
-        _call(fn, launch, layout, outs, threads, columns)
+        _call(fn, launch, layout, outs, threads, columns, pool=not threads_inside())
         return tuple(outs)
-    _call(fn, launch, layout, outs, threads)
+    _call(fn, launch, layout, outs, threads, pool=not threads_inside())
     return tuple(outs)
 
 
@@ -123,6 +154,9 @@ def bind(launch: Launch, result_shapes: list[tuple[int, ...]]) -> Any:
     ntasks, tasks_ptr, slices_ptr, redranges_ptr, owners = layout
     if ntasks > _chunk(launch, threads):
         return None  # a long reduction: chunked calls, so that Ctrl-C is answered
+    if (threads > 1 and not threads_inside()
+            and len(_slices(launch.nbatch, ntasks, threads, lanes * launch.N)) > 1):
+        return None  # no OpenMP: the Python pool shares the call out (the general path)
     fn = _kernel(launch)
     offsets = abi.zero_offsets(len(launch.arrays)) if launch.offsets is None else launch.offsets
     like_dtype = launch.like.dtype
@@ -209,21 +243,42 @@ def _run_split(launch: Launch, parts: int, lanes: int) -> tuple:
 
 
 def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int,
-          columns: int | None = None) -> None:
+          columns: int | None = None, pool: bool = False) -> None:
     """One kernel call: the ABI's arguments from the launch, the layout and the outputs
-    (``columns``: the columns a task reduces on average, N without ranges)."""
+    (``columns``: the columns a task reduces on average, N without ranges).
+
+    ``pool``: the kernel has no OpenMP, so ``threads`` Python threads share its slices."""
     keep: list = []
     arrays = launch.arrays
     ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[pointer(a, keep) for a in arrays])
     offsets = abi.zero_offsets(len(arrays)) if launch.offsets is None else launch.offsets
-    out_ptrs = (ctypes.c_void_p * max(1, len(outs)))(*[pointer(o, keep) for o in outs])
+    out_addrs = [pointer(o, keep) for o in outs]
     ntasks, tasks_ptr, slices_ptr, redranges_ptr, _ = layout
+    nbatch, M = launch.nbatch, launch.M
+    per_task = launch.N if columns is None else columns
+    slices = _slices(nbatch, ntasks, threads, LANES[launch.dtype] * per_task) \
+        if pool and threads > 1 else []
+    if len(slices) > 1:
+        # bytes of one batch's rows in each output, and of one batch's offsets row
+        out_step = [o.nbytes // nbatch for o in outs]
+        off_step = offsets.strides[0] if offsets.ndim == 2 else 0
+
+        def call(part: tuple[int, int, int, int]) -> None:
+            b0, b1, t0, t1 = part
+            out_ptrs = (ctypes.c_void_p * max(1, len(outs)))(
+                *[a + b0 * step for a, step in zip(out_addrs, out_step)])
+            fn(M, launch.N, b1 - b0, offsets.ctypes.data + b0 * off_step, t1 - t0,
+               tasks_ptr + TASK_BYTES * t0, slices_ptr, redranges_ptr, ptrs, out_ptrs, 1)
+
+        share(call, slices, threads)
+        return
+    out_ptrs = (ctypes.c_void_p * max(1, len(outs)))(*out_addrs)
     # Long reductions run in chunks of tasks: Python handles a pending Ctrl-C between them.
     chunk = _chunk(launch, threads, columns)
     for start in range(0, ntasks, chunk):
-        fn(launch.M, launch.N, launch.nbatch, offsets.ctypes.data, min(chunk, ntasks - start),
+        fn(M, launch.N, nbatch, offsets.ctypes.data, min(chunk, ntasks - start),
            tasks_ptr + TASK_BYTES * start, slices_ptr, redranges_ptr, ptrs, out_ptrs,
-           threads)
+           threads if not pool else 1)
 
 
 def _chunk(launch: Launch, threads: int, columns: int | None = None) -> int:
@@ -238,3 +293,95 @@ def _chunk(launch: Launch, threads: int, columns: int | None = None) -> int:
 #: column split (few rows) is one call per part: it answers when its parts are done.
 CHUNK_PAIRS = 1 << 27
 TASK_BYTES = 3 * 8  # a task is (start, end, range) in int64 (launch.tasks)
+#: Slices per thread of the Python pool: more than one, so that a thread slowed down (a busy
+#: machine, uneven ranges) leaves its share to the others; but each slice at least
+#: MIN_SLICE_PAIRS pairs (tens of microseconds), so that the calls' cost stays small.
+SLICES_PER_THREAD = 8
+MIN_SLICE_PAIRS = 1 << 16
+
+
+def _slices(nbatch: int, ntasks: int, threads: int, pairs_per_task: int
+            ) -> list[tuple[int, int, int, int]]:
+    """(batch start, batch end, task start, task end) of the slices of one call: tasks
+    (every batch at once) when there are enough of them, else batches (every task).
+
+    >>> _slices(1, 100, 2, 1 << 16)[:2]
+    [(0, 1, 0, 7), (0, 1, 7, 14)]
+    """
+    wanted = min(SLICES_PER_THREAD * threads, nbatch * ntasks * pairs_per_task // MIN_SLICE_PAIRS)
+    if wanted < 2:
+        return [(0, nbatch, 0, ntasks)]
+    if ntasks >= min(wanted, nbatch) or nbatch == 1:
+        per = -(-ntasks // wanted)
+        per = min(per, max(1, CHUNK_PAIRS // max(1, pairs_per_task * nbatch)))
+        return [(0, nbatch, t, min(t + per, ntasks)) for t in range(0, ntasks, per)]
+    per = max(1, -(-nbatch // wanted))
+    return [(b, min(b + per, nbatch), 0, ntasks) for b in range(0, nbatch, per)]
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_size = 0
+_executor_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _executor, _executor_size, _executor_lock
+    # The parent's pool threads do not exist in the child: start a new pool there.
+    _executor, _executor_size, _executor_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _executor, _executor_size
+    with _executor_lock:
+        if _executor is None or _executor_size < workers:
+            if _executor is not None:
+                _executor.shutdown(wait=False)
+            _executor = ThreadPoolExecutor(workers, thread_name_prefix="lazymat-cpu")
+            _executor_size = workers
+        return _executor
+
+
+def share(work: Any, parts: list, threads: int) -> None:
+    """``work(part)`` for every part, on ``threads`` threads (this one and pool threads),
+    each taking the next part when it is free. Returns when every part is done, also when
+    one raised (then the first error is raised here): the parts write into arrays that must
+    outlive them.
+
+    >>> done = []; share(done.append, [1, 2, 3], 2); sorted(done)
+    [1, 2, 3]
+    """
+    count, stop, errors = itertools.count(), [False], []
+
+    def drain() -> None:
+        while not stop[0]:
+            k = next(count)  # atomic: each part is taken once
+            if k >= len(parts):
+                return
+            try:
+                work(parts[k])
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                errors.append(e)
+                stop[0] = True
+
+    helpers = min(threads, len(parts)) - 1
+    futures = [_pool(helpers).submit(drain) for _ in range(helpers)] if helpers > 0 else []
+    try:
+        drain()
+    except BaseException as e:  # Ctrl-C between two parts: stop the helpers, then raise
+        stop[0] = True
+        errors.insert(0, e)
+    finally:
+        for f in futures:
+            while True:
+                try:
+                    f.result()
+                    break
+                except KeyboardInterrupt:  # wait anyway: the helpers write into our arrays
+                    stop[0] = True
+                    errors.append(KeyboardInterrupt())
+    if errors:
+        raise errors[0]

@@ -99,11 +99,13 @@ class _OpContext:
     """What a structural op's renderer sees: its operands and its output slot.
 
     ``copies`` > 1 asks a jam-capable renderer for that many consecutive columns;
-    copy ``u`` reads and writes column ``jj + u``.
+    copy ``u`` reads and writes column ``jj + u``. ``lanes``: None, or the header of the
+    lane loop the renderer must put inside its own loops (see ``Target.inner_lanes``).
     """
 
     def __init__(self, em: "Emitter", node: Node, copies: int = 1):
         self.em, self.node, self.T, self.copies = em, node, em.T, copies
+        self.lanes = em.inner_lane_loop(node)
 
     def arg(self, i: int, k: int | str, u: int = 0) -> str:
         return _shift_column(self.em.expr(self.node.args[i], k), u)
@@ -219,6 +221,15 @@ class Emitter:
         opdef = OPS[node.op]
         return 4 if opdef.jam and node.deps == 3 and node.args[0].dim >= 8 else 1
 
+    def lanes_innermost(self) -> bool:
+        """Whether loops over the lanes must be innermost (the CPU scaffold decides)."""
+        return False
+
+    def inner_lane_loop(self, node: Node) -> str | None:
+        """The lane loop a jam-capable op puts inside its own loops (None: the caller
+        wraps the op in the lane loop); the CPU scaffold's emitter decides."""
+        return None
+
     def body(self, node: Node, copies: int = 1) -> list[str]:
         """Statements computing a materialized node at the current pair (or ``copies``
         consecutive pairs, for a jam-capable op)."""
@@ -313,6 +324,8 @@ class ReductionContext:
         self.D = spec.formula.dim
         self.E = spec.weight.dim if spec.weight is not None else 1
         self._em, self._f, self._g = em, spec.formula, spec.weight
+        #: loops over the lanes go innermost (clang; see ``Target.inner_lanes``)
+        self.lanes_innermost = em.lanes_innermost()
         self._nout = len(spec.stored)
 
     def V(self, k) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from .c_like import KernelSpec, has_vector_math, prelude
 from .scaffold import Kernel, Target, indent, kernel_lines
 
-__all__ = ["CPU", "KernelSpec", "LANES", "render"]
+__all__ = ["CPU", "CPU_CLANG", "KernelSpec", "LANES", "render"]
 
 L1_BUDGET = 16 * 1024  # bytes of tile buffers per thread we aim to keep in L1
 LANES = {"float32": 16, "float64": 8}  # rows per block: two AVX2 registers
@@ -78,13 +78,23 @@ class CpuTarget(Target):
                 *indent(store, 2), "}"]
 
 
+class CpuClangTarget(CpuTarget):
+    """The CPU for clang (zig's, Apple's): long sums over components with the lane loop
+    innermost, which clang's vectorizer needs (9x faster at D = 64 with zig's clang)."""
+
+    inner_lanes = "LM_SIMD for (int l = 0; l < LANES; l++)"
+
+
 CPU = CpuTarget()
+CPU_CLANG = CpuClangTarget()
 
 #: malloc/free without <stdlib.h> (no headers: the cold compile stays fast).
 _HEAP = ('extern "C" void* malloc(__SIZE_TYPE__ size);', 'extern "C" void free(void* p);')
 
 
-def render(spec: KernelSpec) -> str:
-    """C++ source of the kernel for ``spec`` (readable: the formula is in its header)."""
-    return "\n".join([*CPU.defines, prelude(has_vector_math()), *_HEAP,
-                      *kernel_lines(spec, CPU, "lm_kernel")]) + "\n"
+def render(spec: KernelSpec, clang: bool = False) -> str:
+    """C++ source of the kernel for ``spec`` (readable: the formula is in its header);
+    ``clang``: shaped for clang's vectorizer (:class:`CpuClangTarget`)."""
+    target = CPU_CLANG if clang else CPU
+    return "\n".join([*target.defines, prelude(has_vector_math()), *_HEAP,
+                      *kernel_lines(spec, target, "lm_kernel")]) + "\n"

@@ -121,6 +121,10 @@ class Target:
     name = "target"
     lanes: Mapping[str, int] = {"float32": 1, "float64": 1}  # rows per thread, by dtype
     simd: str | None = None  # the line that vectorizes a loop over the lanes
+    #: None, or the one-line header of a vectorized lane loop that an op with a long loop over
+    #: components (Sum) puts innermost (clang vectorizes innermost loops only; GCC vectorizes
+    #: the outer ``omp simd`` lane loop, which is faster there).
+    inner_lanes: str | None = None
     #: C macros the reductions' pieces use: LM_SIMD (before a lane loop), LM_SIMD_OR(v) (the
     #: same with an OR-reduction of v), INFINITY_T (+inf of the kernel's T); the prelude
     #: (``TARGET_MACROS``) defines the rest (LM_INF_F, LM_NAN_F, ... used by c_number).
@@ -295,6 +299,14 @@ class _KernelEmitter(Emitter):
             return f"a{index}[(j0 + jj) * {dim} + {k}]"
         return f"a{index}[{k}]"
 
+    def lanes_innermost(self) -> bool:
+        return bool(self.kernel.target.inner_lanes) and self.kernel.lanes > 1
+
+    def inner_lane_loop(self, node: Node) -> str | None:
+        if self.lanes_innermost() and self.jam_width(node) > 1:
+            return self.kernel.target.inner_lanes
+        return None
+
     def access(self, node: Node, k: int | str) -> str:
         k = 0 if node.dim == 1 else k
         name = self.materialized[id(node)]
@@ -321,7 +333,7 @@ def stage(kern: Kernel, node: Node, tj: int | str) -> list[str]:
     the ops that can."""
     em = kern.em
     width = em.jam_width(node)
-    lanes = node.deps & 1
+    lanes = node.deps & 1 and em.inner_lane_loop(node) is None  # else inside the op's loops
     lines: list[str] = []
     start = "0"
     if width > 1 and (isinstance(tj, str) or width <= tj):

@@ -403,7 +403,7 @@ def _compile(info: CompilerInfo, src: Path, out: Path, name: str) -> None:
     cmd = info.command(src, str(out))
     timeout = compile_timeout()
     try:
-        res = run_command(cmd, timeout)
+        res = run_command(cmd, timeout, info.environment)
     except OSError as e:
         raise CompileError(
             f"could not run the C++ compiler: {e}\ncommand: {shlex.join(cmd)}\nsource: {src}"
@@ -567,7 +567,9 @@ def cache_clear() -> None:
     """Delete every cache entry on disk (of the writable directory) and forget the
     in-process memo.
 
-    Libraries already loaded stay valid for the rest of the process.
+    Libraries already loaded stay valid for the rest of the process. Lock files and the
+    temporary files of compiles still running (in other processes) stay: removing them
+    would let two processes hold one entry's lock, or fail a compile half-way.
 
     Example (not run by the doctests: it would empty the cache other tests compile into)::
 
@@ -580,7 +582,14 @@ def cache_clear() -> None:
             entries = list(directory.iterdir())
         except OSError:
             return
+        cutoff = time.time() - _lock_age()
         for path in entries:
-            if path.name.endswith(_SUFFIXES):
-                _remove(path)
+            if not path.name.endswith(_SUFFIXES) or path.name.endswith(".lock"):
+                continue
+            try:
+                if path.name.endswith(".tmp") and path.lstat().st_mtime >= cutoff:
+                    continue  # another process is compiling into it
+            except OSError:
+                continue
+            _remove(path)
 

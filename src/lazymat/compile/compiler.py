@@ -1,4 +1,10 @@
-"""Detection of the system C++ compiler and of the flags it accepts.
+"""Detection of the C++ compiler and of the flags it accepts.
+
+The compiler, in this order: ``$LAZYMAT_CXX``, ``$CXX`` (either may hold a wrapper such as
+``ccache g++``; ``LAZYMAT_CXX=zig`` asks for the pip toolchain), ``g++``, ``clang++``, then
+zig's clang from the ``ziglang`` wheel (``pip install lazymat[compiler]``), which needs no
+system headers, linker or libc development files. zig ships no OpenMP runtime: its kernels
+are threaded by the CPU backend's pool of Python threads instead.
 
 The probe (does ``-march=native`` work, does ``-fopenmp`` link and load) costs
 a couple of compiler runs, so its result is memoized per process and stored on
@@ -15,6 +21,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -22,9 +29,9 @@ from pathlib import Path
 
 from .. import config
 from ..errors import CompileError
-from .paths import cache_dir
+from .paths import cache_dirs, trusted_owners, unsafe_reason
 
-__all__ = ["CompilerInfo", "compiler_info", "BASE_FLAGS", "NO_COMPILER_MESSAGE",
+__all__ = ["CompilerInfo", "compiler_info", "zig_command", "BASE_FLAGS", "NO_COMPILER_MESSAGE",
            "compile_timeout", "run_command", "CommandTimeout"]
 
 #: Flags always passed (after ``$CXXFLAGS``); ``-march=native`` and ``-fopenmp``
@@ -40,9 +47,12 @@ BASE_FLAGS: list[str] = [
 ]
 
 NO_COMPILER_MESSAGE = (
-    "no C++ compiler found: looked for $CXX, g++, clang++; "
-    "install one or use backend='reference'"
+    "no C++ compiler found: looked for $LAZYMAT_CXX, $CXX, g++, clang++ and the ziglang "
+    "package; `pip install lazymat[compiler]` (or install g++), or use backend='reference'"
 )
+
+#: Bump when the probe's results change meaning: older JSON files are ignored.
+_PROBE_VERSION = "2"
 
 _PROBE_SOURCE = """\
 extern "C" int lm_probe(int n) {
@@ -69,11 +79,37 @@ class CompilerInfo:
     version: str
     flags: list[str] = field(default_factory=list)
     openmp: bool = False
+    #: where it came from: "LAZYMAT_CXX", "CXX", "PATH" (g++ or clang++) or "ziglang"
+    source: str = "PATH"
+    #: environment variables the compiler runs with (zig: its cache where $HOME is read-only)
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def environment(self) -> dict[str, str] | None:
+        """The compiler's environment (None: this process's)."""
+        return {**os.environ, **dict(self.env)} if self.env else None
 
     @property
     def identity(self) -> str:
         """What the cache key depends on besides the source and the flags."""
         return f"{os.path.realpath(self.path)}\n{self.version}"
+
+    @property
+    def description(self) -> str:
+        """One line for verbose mode and ``check_health()``: what, where from, threads.
+
+        Example::
+
+            >>> compiler_info().description  # doctest: +SKIP
+            '/usr/bin/g++ (g++ (Debian 12.2.0-14) 12.2.0), found on PATH, with OpenMP'
+        """
+        where = {"LAZYMAT_CXX": "from $LAZYMAT_CXX", "CXX": "from $CXX", "PATH": "found on PATH",
+                 "ziglang": "the ziglang package (no g++/clang++ found)"}.get(self.source,
+                                                                           self.source)
+        if self.source == "ziglang" and os.environ.get("LAZYMAT_CXX", "").strip():
+            where = "the ziglang package (from $LAZYMAT_CXX)"
+        threads = "with OpenMP" if self.openmp else "no OpenMP (threads: a pool of Python threads)"
+        return f"{self.path} ({self.version}), {where}, {threads}"
 
     def command(self, src: str | os.PathLike[str], out: str | os.PathLike[str]) -> list[str]:
         """Full command line compiling ``src`` into the shared library ``out``."""
@@ -112,7 +148,8 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_command(cmd: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+def run_command(cmd: list[str], timeout: float | None,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` capturing its output as text; raise :class:`CommandTimeout` past
     ``timeout`` seconds (None: no limit). The command runs in its own process group so that
     a timeout or a Ctrl-C kills the compiler's children too.
@@ -123,7 +160,7 @@ def run_command(cmd: list[str], timeout: float | None) -> subprocess.CompletedPr
         0
     """
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            errors="replace", start_new_session=os.name == "posix")
+                            errors="replace", start_new_session=os.name == "posix", env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -145,41 +182,124 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-# Keyed by ($CXX, $CXXFLAGS) so that tests or users changing them mid-process are honoured.
-_memo: dict[tuple[str | None, str | None], CompilerInfo | None] = config.memo(
+# Keyed by ($LAZYMAT_CXX, $CXX, $CXXFLAGS, $PATH): tests or users changing them mid-process
+# are honoured.
+_memo: dict[tuple[str | None, ...], CompilerInfo | None] = config.memo(
     "compile.compiler.info", maxsize=16)
 
 
-def _find_compiler() -> list[str] | None:
-    """``$CXX`` (which may hold a wrapper such as ``ccache g++``), else g++, else clang++.
+ZIG_NAMES = ("zig", "ziglang")  # values of $LAZYMAT_CXX that ask for the pip toolchain
 
-    An explicit ``$CXX`` that cannot be found raises: silently compiling with another
-    compiler (or none) is not what its user asked for."""
-    env = os.environ.get("CXX", "").strip()
-    if env:
-        words = shlex.split(env)
-        path = shutil.which(words[0]) if words else None
-        if path is None:
-            raise CompileError(f"CXX={env!r}: {words[0] if words else env!r} is not an "
-                               "executable found on PATH; fix CXX or unset it to let lazymat "
-                               "look for g++ and clang++")
-        return [path, *words[1:]]
-    for name in ("g++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return [path]
+
+def zig_command() -> list[str] | None:
+    """``[zig, "c++"]`` from the ``ziglang`` wheel (None when it is not installed). On Linux
+    the kernels link no C++ runtime (``-nostdlib``, plus ``-lm``): ``zig c++`` would build
+    libc++ from source at its first use (minutes); the kernels only use libm and malloc.
+
+    Example::
+
+        >>> zig_command()  # doctest: +SKIP
+        ['/venv/lib/python3.11/site-packages/ziglang/zig', 'c++', '-nostdlib', '-lc', '-lm']
+    """
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("ziglang")
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    for folder in found.submodule_search_locations:
+        for name in ("zig", "zig.exe"):
+            path = Path(folder) / name
+            if path.is_file() and os.access(path, os.X_OK):
+                extra = ["-nostdlib", "-lc", "-lm"] if sys.platform.startswith("linux") else []
+                return [str(path), "c++", *extra]
     return None
 
 
-def _explicit_cxx_error(cmd: list[str], why: str) -> CompileError:
-    return CompileError(f"CXX={os.environ.get('CXX', '').strip()!r} does not work as a C++ "
-                        f"compiler ({why}); command: {shlex.join(cmd)}. Fix CXX, or unset it "
-                        "to let lazymat look for g++ and clang++")
-
-
-def _version(cmd: list[str]) -> str | None:
+def _zig_env() -> tuple[tuple[str, str], ...]:
+    """zig keeps a cache ($ZIG_GLOBAL_CACHE_DIR, else ~/.cache/zig) and fails without one:
+    where that is not writable (a read-only $HOME), a private directory under the temp dir."""
+    if os.environ.get("ZIG_GLOBAL_CACHE_DIR", "").strip():
+        return ()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
     try:
-        res = run_command([*cmd, "--version"], 60)
+        usual = (Path(xdg) if xdg else Path.home() / ".cache") / "zig"
+        usual.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=usual):
+            return ()
+    except (OSError, RuntimeError):  # RuntimeError: no home directory at all
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    fallback = Path(tempfile.gettempdir()) / f"lazymat-zig-{uid}"
+    try:
+        fallback.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        pass
+    if unsafe_reason(fallback, trusted_owners()) is not None:  # zig runs what it caches
+        fallback = Path(tempfile.mkdtemp(prefix="lazymat-zig-"))
+    return (("ZIG_GLOBAL_CACHE_DIR", str(fallback)), ("ZIG_LOCAL_CACHE_DIR", str(fallback)))
+
+
+def _zig_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"zig {version('ziglang')}"
+    except PackageNotFoundError:
+        return "zig"
+
+
+def _requested() -> tuple[str, str] | None:
+    """(variable, value) of the compiler asked for: ``$LAZYMAT_CXX``, else ``$CXX``."""
+    for name in ("LAZYMAT_CXX", "CXX"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return name, value
+    return None
+
+
+def _find_compiler() -> tuple[list[str], str] | None:
+    """(command, where it came from): ``$LAZYMAT_CXX``, ``$CXX`` (may hold a wrapper such as
+    ``ccache g++``), else g++, else clang++, else zig from the ziglang package.
+
+    An explicit choice that cannot be found raises: silently compiling with another
+    compiler (or none) is not what its user asked for."""
+    asked = _requested()
+    if asked:
+        name, env = asked
+        if name == "LAZYMAT_CXX" and env.lower() in ZIG_NAMES:
+            zig = zig_command()
+            if zig is None:
+                raise CompileError(f"LAZYMAT_CXX={env!r} asks for zig, but the ziglang "
+                                   "package is not installed: `pip install lazymat[compiler]`")
+            return zig, "ziglang"
+        words = shlex.split(env)
+        path = shutil.which(words[0]) if words else None
+        if path is None:
+            raise CompileError(f"{name}={env!r}: {words[0] if words else env!r} is not an "
+                               f"executable found on PATH; fix {name} or unset it to let "
+                               "lazymat look for g++, clang++ and zig")
+        return [path, *words[1:]], name
+    for name in ("g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return [path], "PATH"
+    zig = zig_command()
+    return (zig, "ziglang") if zig else None
+
+
+def _explicit_cxx_error(cmd: list[str], why: str) -> CompileError:
+    name, value = _requested() or ("CXX", "")
+    return CompileError(f"{name}={value!r} does not work as a C++ "
+                        f"compiler ({why}); command: {shlex.join(cmd)}. Fix {name}, or unset it "
+                        "to let lazymat look for g++, clang++ and zig")
+
+
+def _version(cmd: list[str], env: dict[str, str] | None = None) -> str | None:
+    try:
+        res = run_command([*cmd, "--version"], 60, env)
     except (OSError, CommandTimeout):
         return None
     if res.returncode != 0:
@@ -206,14 +326,15 @@ def cpu_tag() -> str:
     return tag
 
 
-def _try_compile(cmd: list[str], flags: list[str], load: bool) -> bool:
+def _try_compile(cmd: list[str], flags: list[str], load: bool,
+                 env: dict[str, str] | None = None) -> bool:
     with tempfile.TemporaryDirectory(prefix="lazymat-probe-") as tmp:
         src = Path(tmp) / "probe.cpp"
         out = Path(tmp) / "probe.so"
         src.write_text(_PROBE_SOURCE)
         try:
             res = run_command([*cmd, *flags, "-x", "c++", str(src), "-o", str(out)],
-                              compile_timeout())
+                              compile_timeout(), env)
         except (OSError, CommandTimeout):
             return False
         if res.returncode != 0 or not out.exists():
@@ -227,32 +348,52 @@ def _try_compile(cmd: list[str], flags: list[str], load: bool) -> bool:
         return True
 
 
-def _probe(cmd: list[str], base: list[str]) -> dict[str, bool]:
+def _probe(cmd: list[str], base: list[str], openmp_runtime: bool = True,
+           env: dict[str, str] | None = None) -> dict[str, bool]:
     """Which of -march=native and -fopenmp the compiler accepts (one compile when both work),
-    and whether it compiles a loadable library at all ("works")."""
-    if _try_compile(cmd, base + ["-march=native", "-fopenmp"], load=True):
-        return {"march_native": True, "openmp": True, "works": True}
-    march = _try_compile(cmd, base + ["-march=native"], load=False)
-    omp_flags = base + (["-march=native"] if march else []) + ["-fopenmp"]
-    openmp = _try_compile(cmd, omp_flags, load=True)
-    works = march or openmp or _try_compile(cmd, base, load=True)
-    return {"march_native": march, "openmp": openmp, "works": works}
+    whether it compiles a loadable library at all ("works"), and, without OpenMP, whether
+    ``-fopenmp-simd`` keeps the kernels' ``omp simd`` loops vectorized ("openmp_simd").
+    ``openmp_runtime`` False (zig: none shipped) skips the -fopenmp tries."""
+    def works_with(flags: list[str], load: bool) -> bool:
+        return _try_compile(cmd, base + flags, load=load, env=env)
+
+    if openmp_runtime and works_with(["-march=native", "-fopenmp"], True):
+        return {"march_native": True, "openmp": True, "works": True, "openmp_simd": False}
+    march = works_with(["-march=native"], False)
+    arch = ["-march=native"] if march else []
+    openmp = openmp_runtime and works_with(arch + ["-fopenmp"], True)
+    simd = not openmp and works_with(arch + ["-fopenmp-simd"], True)
+    works = march or openmp or simd or works_with([], True)
+    return {"march_native": march, "openmp": openmp, "works": works, "openmp_simd": simd}
 
 
-def _probe_cached(cmd: list[str], version: str, base: list[str]) -> dict[str, bool]:
-    """`_probe`, stored as JSON in the cache directory so later processes skip it."""
+_PROBE_KEYS = ("march_native", "openmp", "works", "openmp_simd")
+
+
+def _probe_cached(cmd: list[str], version: str, base: list[str],
+                  openmp_runtime: bool = True, env: dict[str, str] | None = None
+                  ) -> dict[str, bool]:
+    """`_probe`, stored as JSON in the cache directory so later processes skip it (a
+    read-only pre-populated cache's record is used too)."""
     key = hashlib.sha256(
-        "\0".join([shlex.join(cmd), version, shlex.join(base), cpu_tag()]).encode()
+        "\0".join([shlex.join(cmd), version, shlex.join(base), cpu_tag(), _PROBE_VERSION,
+                   str(openmp_runtime)]).encode()
     ).hexdigest()[:24]
     path: Path | None = None
     try:
-        path = cache_dir() / f"compiler-{key}.json"
-        data = json.loads(path.read_text())
-        if all(isinstance(data.get(k), bool) for k in ("march_native", "openmp", "works")):
-            return data
+        dirs = cache_dirs()
+        path = dirs.write / f"compiler-{key}.json"
+        for directory in (dirs.write, *dirs.read):
+            try:
+                data = json.loads((directory / path.name).read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and all(isinstance(data.get(k), bool)
+                                              for k in _PROBE_KEYS):
+                return data
     except (OSError, ValueError, AttributeError):
         pass
-    result = _probe(cmd, base)
+    result = _probe(cmd, base, openmp_runtime, env)
     if path is not None:
         try:
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -267,9 +408,9 @@ def _probe_cached(cmd: list[str], version: str, base: list[str]) -> dict[str, bo
 def compiler_info() -> CompilerInfo | None:
     """The C++ compiler in use and its flags, or ``None`` when none is found.
 
-    Raises :class:`~lazymat.errors.CompileError` when ``$CXX`` is set but does not work
-    (not found, ``--version`` fails, or it cannot build a library): an explicit choice is
-    never silently replaced by another compiler or by the reference backend.
+    Raises :class:`~lazymat.errors.CompileError` when ``$LAZYMAT_CXX`` or ``$CXX`` is set but
+    does not work (not found, ``--version`` fails, or it cannot build a library): an explicit
+    choice is never silently replaced by another compiler or by the reference backend.
 
     Example::
 
@@ -277,23 +418,30 @@ def compiler_info() -> CompilerInfo | None:
         >>> print(info.path, info.openmp)  # doctest: +SKIP
         /usr/bin/g++-12 True
     """
-    env_key = (os.environ.get("CXX"), os.environ.get("CXXFLAGS"))
+    env_key = (os.environ.get("LAZYMAT_CXX"), os.environ.get("CXX"),
+               os.environ.get("CXXFLAGS"), os.environ.get("PATH"))
     if env_key in _memo:
         return _memo[env_key]
     with _lock:
         if env_key in _memo:
             return _memo[env_key]
         info: CompilerInfo | None = None
-        explicit = bool((env_key[0] or "").strip())
+        explicit = _requested() is not None
         try:
-            cmd = _find_compiler()
-            version = _version(cmd) if cmd else None
+            found = _find_compiler()
+            cmd, source = found if found else (None, "")
+            extra_env = _zig_env() if source == "ziglang" else ()
+            env = {**os.environ, **dict(extra_env)} if extra_env else None
+            version = _version(cmd, env) if cmd else None
             if cmd and version is None and explicit:
                 raise _explicit_cxx_error(cmd, "'--version' failed")
             if cmd and version is not None:
-                extra = cmd[1:] + shlex.split(env_key[1] or "")
+                zig = source == "ziglang"
+                if zig:
+                    version = f"{_zig_version()}, {version}"
+                extra = cmd[1:] + shlex.split(env_key[2] or "")
                 base = extra + BASE_FLAGS
-                caps = _probe_cached(cmd[:1], version, base)
+                caps = _probe_cached(cmd[:1], version, base, openmp_runtime=not zig, env=env)
                 if not caps["works"]:
                     if explicit:
                         raise _explicit_cxx_error(cmd, "it cannot build a shared library")
@@ -303,10 +451,11 @@ def compiler_info() -> CompilerInfo | None:
                     flags.append("-march=native")
                 if caps["openmp"]:
                     flags.append("-fopenmp")
+                elif caps["openmp_simd"]:  # the kernels' `omp simd` loops, without threads
+                    flags.append("-fopenmp-simd")
                 flags += BASE_FLAGS[1:]
-                info = CompilerInfo(
-                    path=cmd[0], version=version, flags=flags, openmp=caps["openmp"]
-                )
+                info = CompilerInfo(path=cmd[0], version=version, flags=flags,
+                                    openmp=caps["openmp"], source=source, env=extra_env)
         except CompileError:
             if explicit:
                 raise  # not memoized: fixing CXX mid-process is honoured
@@ -314,4 +463,6 @@ def compiler_info() -> CompilerInfo | None:
         except Exception:  # noqa: BLE001 - a failed detection means no compiler
             info = None
         _memo[env_key] = info
+        if info is not None and config.verbose():
+            print(f"[lazymat] C++ compiler: {info.description}", file=sys.stderr, flush=True)
         return info

@@ -20,6 +20,7 @@ True
 
 from __future__ import annotations
 
+import atexit
 import weakref
 from dataclasses import dataclass
 from fractions import Fraction
@@ -42,6 +43,9 @@ MAX_DIM = 2**24
 MAX_INT_PARAM = 2**31 - 1
 
 _interned: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()
+# Emptied at exit, before modules are torn down: a node dying then would run the dict's
+# removal callback, whose key comparison (Fraction.__eq__) needs modules already gone.
+atexit.register(_interned.clear)
 
 
 class Node:

@@ -18,6 +18,13 @@ __all__ = ["Elem", "Extract", "OneHot"]
 def _sum_render(ctx, node):
     # ctx.copies > 1: that many consecutive columns at once, independent chains of adds.
     n, copies = node.args[0].dim, range(ctx.copies)
+    if ctx.lanes:  # the lane loop innermost: one accumulator per lane and column
+        L = ctx.lanes
+        adds = " ".join(f"s{u}[l] += {ctx.arg(0, 'k', u)};" for u in copies)
+        return [f"{ctx.T} " + ", ".join(f"s{u}[LANES]" for u in copies) + ";",
+                f"{L} {{ " + " ".join(f"s{u}[l] = 0;" for u in copies) + " }",
+                f"for (int k = 0; k < {n}; k++) {L} {{ {adds} }}",
+                f"{L} {{ " + " ".join(f"{ctx.out(0, u)} = s{u}[l];" for u in copies) + " }"]
     adds = " ".join(f"s{u} += {ctx.arg(0, 'k', u)};" for u in copies)
     return [f"{ctx.T} " + ", ".join(f"s{u} = 0" for u in copies) + ";",
             f"for (int k = 0; k < {n}; k++) {{ {adds} }}",
