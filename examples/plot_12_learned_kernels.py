@@ -97,8 +97,8 @@ def one_step(predict):
     return L.grad
 
 
-t_ours, _ = median_time(lambda: one_step(nadaraya_watson))
-t_dense, _ = median_time(lambda: one_step(nadaraya_watson_dense))
+t_ours, _ = median_time(lambda: one_step(nadaraya_watson), repeat=sized(1, 3))
+t_dense, _ = median_time(lambda: one_step(nadaraya_watson_dense), repeat=sized(1, 3))
 L_learned, losses_A = train_metric(sized(8, 120), nadaraya_watson)
 A = L_learned @ L_learned.T
 eigenvalues, eigenvectors = torch.linalg.eigh(A)
@@ -124,8 +124,10 @@ H = 16
 
 def init_mlp():
     torch.manual_seed(1)
-    return [(torch.randn(H, 2) * 2).requires_grad_(True), torch.zeros(H).requires_grad_(True),
-            (torch.randn(H) / H**0.5).requires_grad_(True), torch.zeros(1).requires_grad_(True)]
+    # A small last layer: the initial filter is near 0, so the first loss is the data's scale.
+    return [(torch.randn(H, 2) * 2).requires_grad_(True),
+            (torch.rand(H) * 2 - 1).requires_grad_(True),
+            (torch.randn(H) * 0.01).requires_grad_(True), torch.zeros(1).requires_grad_(True)]
 
 
 def mlp_conv(x, y, f, params):
@@ -183,17 +185,26 @@ def mlp_step(conv):
     return params[0].grad
 
 
-t_ours, _ = median_time(lambda: mlp_step(mlp_conv))
-t_dense, _ = median_time(lambda: mlp_step(mlp_conv_dense))
+t_ours, _ = median_time(lambda: mlp_step(mlp_conv), repeat=sized(1, 3))
+t_dense, _ = median_time(lambda: mlp_step(mlp_conv_dense), repeat=sized(1, 3))
 learned, losses_mlp = train_mlp(sized(5, 150), mlp_conv)
-assert losses_mlp[-1] < losses_mlp[0], "training the MLP filter did not lower the error"
+if not sized(True, False):
+    assert losses_mlp[-1] < 0.5 * losses_mlp[0], "training the MLP filter did not lower the error"
 print_table(f"MLP filter convolution, one training step (forward + backward in 4 weight "
             f"tensors), {n:,} x {n:,} pairs, 2 -> {H} -> 1", [
                 {"method": "lazymat (formula of LazyTensor ops)", "seconds": t_ours,
                  "check": "values 1e-9, grads 1e-7 vs dense"},
                 {"method": "dense torch (M x N x H activations)", "seconds": t_dense,
                  "check": "reference"}])
-print(f"  training MSE {losses_mlp[0]:.4f} -> {losses_mlp[-1]:.4f}")
+grid = torch.stack(torch.meshgrid(torch.linspace(-2, 2, 81), torch.linspace(-2, 2, 81),
+                                  indexing="xy"), -1)
+with torch.no_grad():
+    W1, b1, w2, b2 = learned
+    filt = torch.relu(grid @ W1.T + b1) @ w2 + b2
+# The observations fix the filter only through its convolutions with f: a 16-unit ReLU
+# network fits them well long before it matches the filter everywhere.
+print(f"  training MSE {losses_mlp[0]:.4f} -> {losses_mlp[-1]:.4f}; learned filter vs the "
+      f"true one: max |diff| {float((filt - true_filter(grid)).abs().max()):.2f} (peak 1)")
 
 # %%
 # What was learned
@@ -206,14 +217,9 @@ axes[0].imshow(P, cmap="RdBu_r", vmin=-1, vmax=1)
 axes[0].set_title("projector on the relevant plane")
 axes[1].imshow(A / A.abs().max(), cmap="RdBu_r", vmin=-1, vmax=1)
 axes[1].set_title("learned A (scaled)")
-grid = torch.stack(torch.meshgrid(torch.linspace(-2, 2, 81), torch.linspace(-2, 2, 81),
-                                  indexing="xy"), -1)
-with torch.no_grad():
-    W1, b1, w2, b2 = learned
-    filt = torch.relu(grid @ W1.T + b1) @ w2 + b2
 axes[2].imshow(true_filter(grid), extent=(-2, 2, -2, 2), cmap="RdBu_r", vmin=-1, vmax=1)
 axes[2].set_title("true filter")
 axes[3].imshow(filt, extent=(-2, 2, -2, 2), cmap="RdBu_r", vmin=-1, vmax=1)
-axes[3].set_title("learned MLP filter")
+axes[3].set_title(f"learned MLP filter ({len(losses_mlp)} Adam steps)")
 fig.tight_layout()
 save_figure(fig, "learned")
