@@ -694,7 +694,8 @@ class LazyTensor:
         hit = calls.get(("Sum", self.nbatchdims + 1, None, None)) if calls else None
         layout = plan.layout_key((v,))
         v_array = next(iter(vj._leaves.values())).array
-        if hit is None or layout is None or any(a is v_array for a in self.variables):
+        if hit is None or hit is _SEEN or layout is None or any(
+                a is v_array for a in self.variables):
             return  # (v is also inside K: another v would change the formula)
         rerun, arrays, full_layout = hit
         at = [k for k, a in enumerate(arrays) if a is v_array]

@@ -185,7 +185,7 @@ def _exp_render(ctx, node):
 
 
 register("ComplexExp", 1, _exp_ref, dims=_unary_dim(1, 1), complex_result=True,
-         render=_exp_render, c_helper=_SINCOS_HELPER,
+         render=_exp_render, c_helper=_SINCOS_HELPER, libm=(("sin", 1), ("cos", 1)),
          doc="complex exponential", vjp=lambda n, g: (call("ComplexMult", g, call("Conj", n)),))
 
 
