@@ -106,7 +106,8 @@ class SchwarzPreconditioner:
             raise ShapeError(f"the Schwarz preconditioner would keep {need / 1e9:.1f} GB of "
                              f"block inverses (limit {max_bytes / 1e9:.1f} GB): pass a smaller "
                              f"block_size or overlap, or precond=None")
-        self.blocks = [self._factor(idx, block, alpha, like) for idx in members]
+        with _one_blas_thread():
+            self.blocks = [self._factor(idx, block, alpha, like) for idx in members]
 
     def _factor(self, idx: np.ndarray, block: Callable[[Any], Any], alpha: float,
                 like: Any) -> tuple[Any, Any]:
@@ -136,6 +137,20 @@ class SchwarzPreconditioner:
         for idx, inv in self.blocks:
             z[idx] += inv @ low[idx]
         return z
+
+
+def _one_blas_thread() -> Any:
+    """A context where numpy's BLAS/LAPACK runs on one thread (when threadpoolctl is
+    installed): the blocks are a few hundred rows, and a threaded LAPACK call that small
+    mostly spin-waits — on a busy 2-core machine the setup took 19–58 s threaded against
+    2 s on one thread."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def _spd_inverse(A: np.ndarray) -> np.ndarray:
