@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 # Two or more workers (pytest-xdist): the suite is mostly kernel compiles, which run in parallel;
 # the kernel cache is safe for concurrent processes.
 test: $(STAMP)
-	$(VPY) -m pytest -q -m "not slow" -n auto --dist loadgroup --durations=20 tests
+	$(VPY) -m pytest -q -m "not slow" -n auto --durations=20 tests
 
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow tests

@@ -36,10 +36,6 @@ from lazymat.plan import Request, run
 from lazymat.reductions import REDUCTIONS
 from lazymat.reductions import get as get_reduction
 
-# One worker runs this file under pytest-xdist (make test: --dist loadgroup): the session's
-# build of every translation unit (~90 s of nvcc + NVRTC) then happens once, not per worker.
-pytestmark = pytest.mark.xdist_group("cuda_codegen")
-
 NVCC = shutil.which("nvcc")
 HAVE_NVRTC = nvrtc.available()
 _HOST = compiler_info()
