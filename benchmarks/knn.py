@@ -20,14 +20,9 @@ import numpy as np
 
 import lazymat as lm
 
-from .timing import median_time
+from .timing import load, median_time
 
 
-def _load() -> str:
-    try:
-        return "load %.1f %.1f %.1f" % os.getloadavg()
-    except OSError:
-        return "load unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     N, K, D = a.n, a.k, a.dim
     x = rng.random((N, D), dtype=np.float32)
     y = rng.random((N, D), dtype=np.float32)
-    print(f"exact k-NN, D = {D}, M = N = {N}, K = {K}, float32 ({_load()}, "
+    print(f"exact k-NN, D = {D}, M = N = {N}, K = {K}, float32 ({load()}, "
           f"{os.cpu_count()} cores)")
     lm.local.knn(x[:50_000], y[:50_000], K)  # compile outside the timings
     t_pruned = median_time(lambda: lm.local.knn(x, y, K), a.repeat)
@@ -107,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     tp = time.perf_counter() - start
     print(f"D = {D8} (the largest D still tried), M = N = {nh}: pruned {tp:.3f} s, brute "
           f"force {tb:.3f} s (pruned / brute = {tp / tb:.2f})")
-    print(f"({_load()} at the end)")
+    print(f"({load()} at the end)")
 
 
 if __name__ == "__main__":

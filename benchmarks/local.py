@@ -18,20 +18,14 @@ medians measured in the same run, and the load.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
 import lazymat as lm
 
-from .timing import median_time
+from .timing import load, median_time
 
 
-def _load() -> str:
-    try:
-        return "load %.1f %.1f %.1f" % os.getloadavg()
-    except OSError:
-        return "load unknown"
 
 
 def radius_window(n: int, repeat: int, r: float = 0.07, sigma: float = 0.05) -> None:
@@ -45,7 +39,7 @@ def radius_window(n: int, repeat: int, r: float = 0.07, sigma: float = 0.05) -> 
 
     ours()
     t_ours = median_time(ours, repeat)
-    print(f"radius window, N = {n}, 16 channels, r = {r} ({_load()})")
+    print(f"radius window, N = {n}, 16 channels, r = {r} ({load()})")
     print(f"  lazymat.local.radius_sum        {t_ours:8.3f} s")
     try:
         from scipy.sparse import csr_matrix
@@ -78,7 +72,7 @@ def attention(sizes: list[int], heads: int, repeat: int, max_bytes: float) -> No
         return
     rng = np.random.default_rng(1)
     print(f"attention, D = 64, float32, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads ({_load()})")
+          f"{torch.get_num_threads()} torch threads ({load()})")
     for n in sizes:
         for h in (1, heads):
             if 4 * h * n * n > max_bytes:  # CPU SDPA stores the (h, n, n) weights
@@ -128,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if not a.no_attention:
         attention([int(s) for s in a.attention_n.split(",")], a.heads, a.repeat,
                   a.max_gib * 2**30)
-    print(f"({_load()} at the end)")
+    print(f"({load()} at the end)")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,9 @@ import numpy as np
 
 import lazymat as lm
 
+from .timing import load
 
-def _load() -> str:
-    try:
-        return "load %.1f %.1f %.1f" % os.getloadavg()
-    except OSError:
-        return "load unknown"
+
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     eps, alpha, gamma = 1e-6, 0.1, 1 / (2 * 0.05 ** 2)
     print(f"KernelSolve scaling, Gaussian σ = 0.05, D = 3, α = {alpha}, float64, eps = {eps} "
-          f"({_load()}, {os.cpu_count()} cores)")
+          f"({load()}, {os.cpu_count()} cores)")
     print("| N | preconditioner | time | iterations | rounds | setup | precond MB | kept | "
           "exact matvec |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -60,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {n:,} | {name} | {t:.2f} s | {info['iterations']} | {info['rounds']} | "
                   f"{info.get('setup_seconds', 0):.2f} s | {info.get('precond_mbytes', 0):.0f} | "
                   f"{100 * info.get('kept', 1):.0f} % | {t_mv:.2f} s |", flush=True)
-    print(f"({_load()} at the end)")
+    print(f"({load()} at the end)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
@@ -17,3 +18,11 @@ def median_time(fn: Callable[[], object], repeat: int = 3, warm_up: bool = False
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def load() -> str:
+    """The machine's load averages, for the header of a benchmark's output."""
+    try:
+        return "load %.1f %.1f %.1f" % os.getloadavg()
+    except OSError:
+        return "load unknown"

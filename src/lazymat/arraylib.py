@@ -265,6 +265,28 @@ def is_torch(a: Any) -> bool:
     return known
 
 
+def to_numpy(a: Any) -> np.ndarray:
+    """A numpy view or copy of an array (torch tensors are detached and moved to the CPU).
+
+    >>> to_numpy([1.0, 2.0]).tolist()
+    [1.0, 2.0]
+    """
+    return a.detach().cpu().numpy() if is_torch(a) else np.asarray(a)
+
+
+def like(a: np.ndarray, ref: Any) -> Any:
+    """The numpy array ``a`` in ``ref``'s library (and device, for torch).
+
+    >>> like(np.zeros(2), np.ones(3)).shape
+    (2,)
+    """
+    if is_torch(ref):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(a)).to(ref.device)
+    return a
+
+
 _jax_types: dict[type, bool] = {}
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .arraylib import is_torch
+from .arraylib import is_torch, like as _like, to_numpy as _numpy
 from .errors import DtypeError, ShapeError
 from .lazy_tensor import LazyTensor, Vi, Vj
 from .ranges import from_pairs
@@ -62,18 +62,6 @@ MAX_PRUNED_DIM = 6
 MAX_RING = 12
 #: Below this many pairs, brute force is cheaper than building blocks.
 MIN_PRUNED_PAIRS = 1 << 22
-
-
-def _numpy(a: Any) -> np.ndarray:
-    return a.detach().cpu().numpy() if is_torch(a) else np.asarray(a)
-
-
-def _like(a: np.ndarray, ref: Any) -> Any:
-    if is_torch(ref):
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(a)).to(ref.device)
-    return a
 
 
 def _points(name: str, a: Any) -> Any:

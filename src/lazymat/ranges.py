@@ -23,22 +23,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .arraylib import is_torch
+from .arraylib import like as _like, to_numpy as _numpy
 
 __all__ = ["grid_cluster", "sort_clusters", "cluster_ranges", "cluster_centroids",
            "cluster_ranges_centroids", "from_matrix", "from_pairs", "swap_axes"]
-
-
-def _numpy(a: Any) -> np.ndarray:
-    return a.detach().cpu().numpy() if is_torch(a) else np.asarray(a)
-
-
-def _like(a: np.ndarray, ref: Any) -> Any:
-    if is_torch(ref):
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(a)).to(ref.device)
-    return a
 
 
 def grid_cluster(x: Any, size: float | Sequence[float]) -> Any:
