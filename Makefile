@@ -39,10 +39,12 @@ bench: $(STAMP)
 	$(VPY) -m benchmarks
 
 # Every examples/plot_*.py at full size; pictures and tables in examples/output/
-# (LAZYMAT_GALLERY_OUTPUT to change it). LAZYMAT_GALLERY_SIZE=small is what make test runs.
+# (LAZYMAT_GALLERY_OUTPUT to change it), then every table in benchmarks/results/gallery.md.
+# LAZYMAT_GALLERY_SIZE=small is what make test runs.
 gallery: $(STAMP)
 	$(VENV)/bin/pip install -q -e '.[gallery]'
 	@set -e; for f in examples/plot_*.py; do echo "== $$f"; $(VPY) $$f; done
+	$(VPY) examples/_gallery.py benchmarks/results/gallery.md
 
 # The docs (docs/, Sphinx): `make docs` builds docs/_build/html without running the gallery
 # (fast; warnings are errors, internal references checked); `make docs-full` runs the

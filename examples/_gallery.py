@@ -264,7 +264,8 @@ def print_table(title: str, rows: Sequence[dict], save_as: str | None = None) ->
     """Print rows (dicts with ``method``, ``seconds`` and any other columns) as a table, with
     each time's ratio to the first row's (``x 2.00`` = twice as slow as the first row). Rows
     with a ``"case"`` key (say ``"N=10000"``) are compared with the first row of their case.
-    Also written to ``<output>/<script>[_save_as].txt`` (the tables of one run); returns the text.
+    Also written to ``<output>/<script>[_save_as].txt``, and as a markdown table to ``.md``
+    (the tables of one run, which :func:`collect` gathers); returns the text.
 
     >>> rows = [{"method": "lazymat", "seconds": 0.1, "error": 1e-7},
     ...         {"method": "numpy", "seconds": 0.3, "error": 0.0}]
@@ -297,10 +298,48 @@ def print_table(title: str, rows: Sequence[dict], save_as: str | None = None) ->
     out = "\n".join(text)
     print("\n" + out + "\n")
     path = output_dir() / (_script_name() + (f"_{save_as}" if save_as else "") + ".txt")
-    with open(path, "a" if path in _WRITTEN else "w") as f:  # a fresh file on each run
-        f.write(out + "\n\n")
-    _WRITTEN.add(path)
+    markdown = [f"**{title}**", "", "| " + " | ".join(columns) + " |",
+                "|" + "---|" * len(columns)]
+    markdown += ["| " + " | ".join(cell[c].replace("|", "\\|") for c in columns) + " |"
+                 for cell in cells]
+    markdown += ["", f"*{SIZE} size, medians, load average {load}*", ""]
+    for suffix, body in ((".txt", out + "\n"), (".md", "\n".join(markdown))):
+        file = path.with_suffix(suffix)
+        with open(file, "a" if file in _WRITTEN else "w") as f:  # a fresh file on each run
+            f.write(body + "\n")
+        _WRITTEN.add(file)
     return out
+
+
+def collect(out: Path, source: Path | None = None) -> Path:
+    """Gather the tables of the last run of every ``plot_*.py`` (their ``<output>/*.md``) into
+    one markdown file, each under its script's title: ``make gallery`` writes
+    ``benchmarks/results/gallery.md`` this way, the file the README and the docs quote.
+
+    >>> collect(Path("/tmp/gallery.md"))  # doctest: +SKIP
+    """
+    import platform
+
+    source = source or output_dir()
+    lines = ["## lazymat gallery: each example against its peer", "",
+             f"{platform.machine()}, {os.cpu_count()} cores, python "
+             f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}, `make gallery` "
+             "(every `examples/plot_*.py` at full size). Times are medians of the same run; "
+             "`vs first` is the ratio to the table's first row (lazymat), above 1 when the "
+             "other method is slower.", ""]
+    for script in sorted(Path(__file__).parent.glob("plot_*.py")):
+        doc = script.read_text().split('"""')[1].strip().splitlines()
+        lines += [f"### {script.stem}: {doc[0]}", ""]
+        tables = sorted(source.glob(f"{script.stem}*.md"))
+        lines += [t.read_text().rstrip() + "\n" for t in tables] or ["(not run)", ""]
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    collect(Path(sys.argv[1]) if len(sys.argv) > 1
+            else Path(__file__).parents[1] / "benchmarks" / "results" / "gallery.md")
 
 
 def save_figure(fig: Any, name: str, dpi: int = 110) -> Path:

@@ -45,3 +45,22 @@ def test_gallery_script_small(script: Path, tmp_path: Path):
     assert proc.returncode == 0, (f"{script.name} exited {proc.returncode}\n--- stdout\n"
                                   f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
     assert any(tmp_path.iterdir()), f"{script.name} wrote no table or picture"
+
+
+def test_collect_gathers_each_scripts_tables(tmp_path: Path, monkeypatch):
+    """``make gallery``'s last step: every script's markdown tables under its title."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setenv("LAZYMAT_GALLERY_OUTPUT", str(tmp_path / "output"))
+    import _gallery
+
+    script = SCRIPTS[0]
+    monkeypatch.setattr(_gallery, "_script_name", lambda: script.stem)
+    _gallery.print_table("demo table", [{"method": "lazymat", "seconds": 0.1, "error": 1e-7},
+                                        {"method": "peer", "seconds": 0.3, "error": 0.0}])
+    out = _gallery.collect(tmp_path / "gallery.md")
+    text = out.read_text()
+    title = script.read_text().split('"""')[1].strip().splitlines()[0]
+    assert f"### {script.stem}: {title}" in text
+    assert "| method | time | vs first | error |" in text
+    assert "| peer | 300.0 ms | x 3.00 | 0.00e+00 |" in text
+    assert text.count("(not run)") == len(SCRIPTS) - 1
