@@ -159,6 +159,16 @@ def test_public_names_have_examples(module_name):
     assert not missing, f"{module_name}: no docstring example for {missing}"
 
 
+def test_every_op_and_reduction_has_a_doc():
+    """The op and reduction tables of the docs are generated from the registries: an entry
+    without its ``doc`` text would be an empty row."""
+    from lazymat.formula import OPS
+    from lazymat.reductions import REDUCTIONS
+
+    assert not [name for name, op in OPS.items() if not op.doc]
+    assert not [name for name, red in REDUCTIONS.items() if not red.doc]
+
+
 # --------------------------------------------------------------------------- the HTML build
 
 def _build_docs(tmp_path: Path) -> tuple[int, str, Path]:

@@ -218,10 +218,10 @@ register("ReLU", 1, lambda xp, p, a: xp.where(a > 0, a, a * 0),
          vjp=lambda n, g: (g * call("LessThan", 0, n.args[0]),))
 register("Sin", 1, lambda xp, p, a: xp.module.sin(a), c="lm_sin({0})",
          c_helper=_libm("lm_sin", "sin"), libm=(("sin", 1),), fold=float_fold(math.sin),
-         vjp=lambda n, g: (g * call("Cos", n.args[0]),))
+         doc="sin(a), a in radians (the C library's, vectorized where it has one)", vjp=lambda n, g: (g * call("Cos", n.args[0]),))
 register("Cos", 1, lambda xp, p, a: xp.module.cos(a), c="lm_cos({0})",
          c_helper=_libm("lm_cos", "cos"), libm=(("cos", 1),), fold=float_fold(math.cos),
-         vjp=lambda n, g: (-(g * call("Sin", n.args[0])),))
+         doc="cos(a), a in radians (the C library's, vectorized where it has one)", vjp=lambda n, g: (-(g * call("Sin", n.args[0])),))
 register("Powf", 2, lambda xp, p, a, b: a ** b, c="lm_pow({0}, {1})",
          c_helper=_libm("lm_pow", "pow", 2), libm=(("pow", 2),), fold=float_fold(math.pow),
          doc="a**b with a real exponent",
