@@ -471,7 +471,7 @@ def knn(x: Any, y: Any, K: int, box: Any = None, prune: str | bool = "auto",
                                                            options) > PREDICTED_FRACTION:
         return _brute_knn(x, y, K, box, info, **options)
     px, cx, ux = sort_by_cells(xn, grid)
-    py, cy, _ = sort_by_cells(yn, grid)
+    py, cy, _ = (px, cx, ux) if y is x else sort_by_cells(yn, grid)  # a cloud's own k-NN
     rows = _cells(grid, cx, ux)
     table = cy @ grid.strides
     C = len(rows.ranges)
@@ -622,7 +622,7 @@ def radius_sum(x: Any, y: Any, r: float, b: Any = None,
     xn, yn = _numpy(x), _numpy(y)
     grid = _make_grid(xn, yn, r / CELLS_PER_RADIUS, period, WINDOW_POINTS_PER_CELL)
     px, cx, ux = sort_by_cells(xn, grid)
-    py, cy, uy = sort_by_cells(yn, grid)
+    py, cy, uy = (px, cx, ux) if y is x else sort_by_cells(yn, grid)  # sorted once
     rows, cols = _cells(grid, cx, ux), _cells(grid, cy, uy)
     table = cy @ grid.strides
     C = len(rows.ranges)
