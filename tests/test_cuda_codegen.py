@@ -16,6 +16,10 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
+import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -137,16 +141,29 @@ def _nvrtc(source: str, path: Path) -> tuple[bool, str, bytes]:
 
 
 class Builds:
-    """Compiles every translation unit with every available compiler, concurrently, once."""
+    """Compiles every translation unit with every available compiler, concurrently, once per
+    test run: the results (ok, log, cubin) are files in ``directory``, which pytest-xdist's
+    workers share; a unit's lock file makes the first worker to reach it build it while the
+    others wait for its result instead of compiling it again."""
 
     def __init__(self, directory: Path):
         self.dir, self.results, self.lock = directory, {}, threading.Lock()
         self.started = False
 
     def _build(self, compiler: str, key: tuple[str, str]) -> None:
-        path = self.dir / f"{compiler}_{key[0]}_{key[1]}.cu"
         source = cuda.render_module(GROUPS[key])
-        self.results[(compiler, key)] = (_nvcc if compiler == "nvcc" else _nvrtc)(source, path)
+        stem = f"{compiler}_{key[0]}_{key[1]}"
+        path = self.dir / f"{stem}.cu"
+        digest = hashlib.sha256(f"{compiler}\0{source}".encode()).hexdigest()[:16]
+        done = self.dir / f"{stem}.{digest}.result"
+        with open(self.dir / f"{stem}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another worker building it: wait for it
+            if not done.exists():
+                ok, log, cubin = (_nvcc if compiler == "nvcc" else _nvrtc)(source, path)
+                tmp = done.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_bytes(pickle.dumps((ok, log, cubin)))
+                tmp.replace(done)
+        self.results[(compiler, key)] = pickle.loads(done.read_bytes())
 
     def get(self, compiler: str, key: tuple[str, str]) -> tuple[bool, str, bytes]:
         with self.lock:
@@ -166,7 +183,12 @@ class Builds:
 
 @pytest.fixture(scope="session")
 def builds(tmp_path_factory) -> Builds:
-    return Builds(tmp_path_factory.mktemp("cuda"))
+    # Under xdist every worker has its own basetemp; their parent is this run's, shared.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    directory = shared / "cuda-builds"
+    directory.mkdir(exist_ok=True)
+    return Builds(directory)
 
 
 def check_compiles(builds: Builds, compiler: str, name: str) -> None:
