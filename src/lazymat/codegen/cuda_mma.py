@@ -166,10 +166,10 @@ class GramTiles(TileNodes):
         mmas = (["lm_mma_tf32(mmc[r][s], mal[r], mbh);",
                  "lm_mma_tf32(mmc[r][s], mah[r], mbl);"] if three else [])
         mmas.append("lm_mma_tf32(mmc[r][s], mah[r], mbh);")
-        norms = [f"for (int k = 0; k < {KC}; k++) "
-                 f"{{ const float v = mmxc[threadIdx.x * {ld} + k]; mmx2 += v * v; }}",
-                 f"if ((int)threadIdx.x < JT) for (int k = 0; k < {KC}; k++) "
-                 f"{{ const float v = mmyc[threadIdx.x * {ld} + k]; mmy2 += v * v; }}"]
+        norms = [f"for (int k = 0; k < {KC}; k++) {{ const float v = "
+                 f"mmxc[threadIdx.x * {ld} + k]; mmx2 += v * v; }}",
+                 f"if ((int)threadIdx.x < JT) for (int k = 0; k < {KC}; k++) {{ const float v = "
+                 f"mmyc[threadIdx.x * {ld} + k]; mmy2 += v * v; }}"]
         lo = ", mal[2][4]" if three else ""
         blo = ", mbl[2]" if three else ""
         return [
@@ -194,8 +194,7 @@ class GramTiles(TileNodes):
             f"      mmyc[r * {ld} + k] = r < nj && k0 + k < {D} ? "
             f"a{p.y}[(jb + r) * {D} + k0 + k] : 0.0f;",
             "    }",
-            "    __syncthreads();",
-            *(["    " + s for s in norms] if p.norms else []),
+            "    __syncthreads();  // (mma.sync: the warp's lanes converged here)",
             f"    for (int kk = 0; kk < {KC}; kk += 8) {{",
             f"      unsigned mah[2][4]{lo};",
             f"      for (int r = 0; r < 2; r++) for (int e = 0; e < 4; e++) {a_load}",
@@ -207,6 +206,7 @@ class GramTiles(TileNodes):
             "        }",
             "      }",
             "    }",
+            *(["    " + s for s in norms] if p.norms else []),
             "  }",
             "  for (int r = 0; r < 2; r++) for (int s = 0; s < JT / 8; s++) "
             "for (int e = 0; e < 4; e++)",
