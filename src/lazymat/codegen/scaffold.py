@@ -228,8 +228,8 @@ class Kernel:
         self.heap_bytes = 0
         self.tiles = target.tile_nodes(self) if target.shared is not None else None
         self._layout()
-        if self.tiles is not None and (not self.staged or self.jt < self.tiles.min_columns):
-            self.tiles = None  # the tile code needs a staged tile that wide: none then
+        if self.tiles is not None and self.jt < self.tiles.min_columns:
+            self.tiles = None  # the tile code needs tiles that wide: none then
             self._layout()
 
     def _layout(self) -> None:
@@ -255,7 +255,11 @@ class Kernel:
                 per_column += tiles.column_bytes
                 budget = target.tile_shared_budget - tiles.shared_bytes
             self.staged = per_column <= budget
-            self.jt = fit(target.block, per_column, budget) if self.staged else target.block
+            if tiles is not None and fit(target.block, per_column, budget) < tiles.min_columns:
+                self.staged = False  # wide j-variables: read in place, the tile code staged
+                per_column = tiles.column_bytes
+            self.jt = fit(target.block, per_column, budget) \
+                if self.staged or tiles is not None else target.block
         per_pair = sum(n.dim for n in self.em.at_level(3)) + 2
         if not self.staged and target.shared is not None:
             per_pair += sum(n.dim for n in self.em.at_level(2))
@@ -468,7 +472,6 @@ def kernel_lines(spec: KernelSpec, target: Target, name: str) -> list[str]:
     stage_tile: list[str] = []  # the block's copy of a tile to shared memory
     if kern.staged:
         shared = [f"{target.shared} T ys{v}[{kern.jt * d}];" for v, d in kern.j_vars]
-        shared += kern.tiles.shared(kern) if kern.tiles is not None else []
         shared += [f"{target.shared} T {em.materialized[id(n)]}[{n.dim}][JT];"
                    for n in em.at_level(2)]
         stage_tile = [f"{target.barrier}  // every thread is done with the previous tile"]
@@ -480,10 +483,12 @@ def kernel_lines(spec: KernelSpec, target: Target, name: str) -> list[str]:
                            "  const int jt = 0, jj = jc;",
                            *indent([s for n in em.at_level(2) for s in em.body(n)], 2),
                            "}", target.barrier]
-        stage_tile += kern.tiles.tile(kern) if kern.tiles is not None else []
     else:
         for n in em.at_level(2):
             level2 += stage(kern, n, "tj")
+    if kern.tiles is not None:  # the target's own per-tile work, after the staging
+        shared += kern.tiles.shared(kern)
+        stage_tile += kern.tiles.tile(kern)
 
     def stage_pass(width: int | str) -> list[str]:
         body = list(level2)
@@ -497,7 +502,7 @@ def kernel_lines(spec: KernelSpec, target: Target, name: str) -> list[str]:
         jend = "redranges[2 * q + 1] < jhi ? redranges[2 * q + 1] : jhi"
     else:
         first, jend = "redranges[2 * q]", "redranges[2 * q + 1]"
-    if kern.jt == kern.tj and not kern.staged:  # a tile is one stage pass
+    if kern.jt == kern.tj and not kern.staged and kern.tiles is None:  # a tile is one pass
         tiles = [f"for (i64 j0 = {first}; j0 < jend; j0 += TJ) {{",
                  "  const int tj = jend - j0 < TJ ? (int)(jend - j0) : TJ;",
                  *indent(stage_pass("tj"), 2), "}"]
