@@ -104,6 +104,8 @@ def cases(D: int, E: int) -> dict[str, tuple]:
         "argkmin": ("ArgKMin", d2, None, 5),
         "kmin": ("KMin", SqDist(y, x), None, 3),  # the j-variable first
         "kb": ("Sum", apply("Exp", -d2 * s) * b, None, None),  # K @ B, B with E columns
+        # the gradient's shape: x - y also by the formula (x copied, y staged)
+        "grad": ("Sum", apply("Exp", -d2 * s) * (x - y), None, None),
     }
 
 
@@ -331,7 +333,7 @@ D, E, M, N = 20, 3, 37, 45  # ragged: 37 = 32 + 5 rows, 45 = 2 * 16 + 13 columns
 
 
 @requires_emulation
-@pytest.mark.parametrize("case", ["gauss", "lse", "kmin", "kb"])
+@pytest.mark.parametrize("case", ["gauss", "lse", "kmin", "kb", "grad"])
 def test_mma_runs_like_reference(emulate, case):
     """3xtf32: float32 accuracy, with batch dims and with ranges."""
     red, f, w, K = cases(D, E)[case]

@@ -12,7 +12,14 @@ at 0, the norms summed in float32 from the same staged chunks.
 Each of the ``BLOCK / 32`` warps owns 32 rows (two m16 tiles) and all ``JT`` columns
 (``JT / 8`` n8 tiles); the block walks ``D`` in chunks of ``KC`` components staged in
 shared memory (zero past the task's rows, the tile's columns and ``D``: ragged M, N, D
-need no special case).
+need no special case). The tiles take about 40 KiB of the block's 48 KiB of static shared
+memory (``JT`` = 32 at ``BLOCK`` = 128); j-variables too wide to be staged beside them
+(``K @ B`` with B of 1024 columns) are read in place. ptxas (sm_90): 124 registers and no
+local memory for the D = 64 Gaussian sum in 3xtf32 (96 without tensor cores).
+
+Not done: the sum of ``K @ B`` itself (kernel values times B's columns) is still one row
+per thread, its accumulator row in registers or, for wide B, local memory; a second MMA
+with B's columns split across blocks would be its tensor-core form.
 
 The option ``tensor_cores`` (:data:`MODES`; the CUDA backend reads it from
 ``LAZYMAT_TENSOR_CORES``, :func:`lazymat.config.tensor_cores`):
