@@ -33,7 +33,8 @@ The option ``tensor_cores`` (:data:`MODES`; the CUDA backend reads it from
 
 In both, ``SqDist`` by the expansion has an absolute error of about that of the dot
 product times 2 plus ``1e-7 * (|x|^2 + |y|^2)``, not relative to ``|x - y|^2``: close
-pairs (a point and itself) get small positive distances instead of 0. That, and that this
+pairs (a point and itself) get small positive distances instead of 0, and an infinite
+coordinate gives NaN (inf - inf) where the formula gives inf. That, and that this
 code has been compiled (NVRTC, nvcc) and run in the CPU emulation of the tests but not yet
 on a GPU, is why the default is ``"off"``. float64 formulas never use tensor cores;
 float16 and bfloat16 inputs are reduced in float32, so they take the TF32 path.
