@@ -1,6 +1,7 @@
 """GPU benchmarks: lazymat's CUDA backend against pykeops and torch on the same GPU.
 
-``python -m benchmarks.gpu [--quick] [--no-pykeops] [--no-compile] [--blocks]`` prints a Markdown
+``python -m benchmarks.gpu [--quick] [--no-pykeops] [--no-compile] [--blocks] [--tensor-cores]``
+prints a Markdown
 table: for each workload and size, the median time of each peer (after a warm-up call,
 with ``torch.cuda.synchronize()`` around the timed calls), the first call of lazymat and
 pykeops (which includes their compilation), and lazymat's speed-up over each peer.
@@ -17,6 +18,13 @@ chunked (blocks of rows, at most 2.5·10⁸ matrix entries at a time) and ``torc
 the chunked function. A peer predicted to take more than the budget at a size (from its
 time at the previous size) is skipped and marked with its predicted time. ``--blocks``
 first times the Gaussian sum against the CUDA kernel's threads per block.
+
+``--tensor-cores`` times lazymat alone with ``LAZYMAT_TENSOR_CORES`` = off, tf32 and 3xtf32
+in the same run (the target of issue 17: at least 3x over "off"): the Gaussian sum,
+LogSumExp and k-NN (K = 10) at D = 64, 128, 256, and K @ B (the D = 64 Gaussian kernel
+times B with 64, 256 and 1024 columns), M = N = 10^5 (10^4 with ``--quick``); each mode's
+largest difference from "off", relative to the output's largest value (k-NN: the share of
+indices that differ), is printed beside its time.
 """
 
 from __future__ import annotations
@@ -183,6 +191,79 @@ def block_sizes(torch, lm) -> None:
     cuda.BLOCK = default
 
 
+def tensor_core_cases(torch, lm, n: int):
+    """(name, D, function of the inputs) of the ``--tensor-cores`` table."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cases = []
+    for D in (64, 128, 256):
+        x = torch.rand(n, D, device="cuda", generator=gen)
+        y = torch.rand(n, D, device="cuda", generator=gen)
+        b = torch.randn(n, 1, device="cuda", generator=gen)
+        g = 6.0 / D  # |x - y|^2 is about D / 6 for uniform points: exp(-1) on average
+        cases += [
+            ("Gaussian sum", D,
+             lambda x=x, y=y, b=b, g=g: ((-lm.Vi(x).sqdist(lm.Vj(y)) * g).exp()
+                                         * lm.Vj(b)).sum(1)),
+            ("LogSumExp", D, lambda x=x, y=y, g=g: (-lm.Vi(x).sqdist(lm.Vj(y)) * g)
+             .logsumexp(1)),
+            ("k-NN, K = 10", D, lambda x=x, y=y: lm.Vi(x).sqdist(lm.Vj(y)).argKmin(10, dim=1)),
+        ]
+    x = torch.rand(n, 64, device="cuda", generator=gen)
+    for E in (64, 256, 1024):
+        B = torch.randn(n, E, device="cuda", generator=gen)
+        cases.append((f"K @ B, B of {E} columns", 64,
+                      lambda x=x, B=B: ((-lm.Vi(x).sqdist(lm.Vj(x)) * (6.0 / 64)).exp()
+                                        * lm.Vj(B)).sum(1)))
+    return cases
+
+
+def tensor_cores(quick: bool = False) -> None:
+    """The ``--tensor-cores`` table (see the module docstring)."""
+    import os
+
+    import torch
+
+    import lazymat as lm
+
+    n = 10_000 if quick else 100_000
+    modes = ("off", "tf32", "3xtf32")
+    print(f"\nTensor cores on {torch.cuda.get_device_name(0)}, float32, M = N = {n:,}; "
+          "median of 5 calls after a warm-up; in brackets: difference from 'off'\n")
+    print("| workload | D | " + " | ".join(modes) + " | speed-up tf32 | speed-up 3xtf32 |")
+    print("|---|---|" + "---|" * (len(modes) + 2))
+    before = os.environ.get("LAZYMAT_TENSOR_CORES")
+    try:
+        for name, D, fn in tensor_core_cases(torch, lm, n):
+            times, outs, cells = {}, {}, []
+            for mode in modes:
+                os.environ["LAZYMAT_TENSOR_CORES"] = mode
+                try:
+                    times[mode] = _timed(fn, torch, repeat=5)[1]
+                    outs[mode] = fn()
+                except Exception as e:  # noqa: BLE001 - report, go on with the others
+                    cells.append(f"error: {type(e).__name__}: {str(e)[:60]}")
+                    continue
+                diff = ""
+                if mode != "off" and "off" in outs:
+                    a, b = outs[mode], outs["off"]
+                    if a.dtype == torch.int64:
+                        diff = f" [{(a != b).double().mean().item():.1e} of indices]"
+                    else:
+                        diff = (f" [{((a - b).abs().max() / b.abs().max()).item():.1e}]")
+                cells.append(f"{times[mode] * 1e3:.2f} ms{diff}")
+            ratios = [f"{times['off'] / times[m]:.1f}×" if "off" in times and m in times
+                      else "-" for m in modes[1:]]
+            print(f"| {name} | {D} | " + " | ".join(cells) + " | " + " | ".join(ratios)
+                  + " |", flush=True)
+            del outs
+            torch.cuda.empty_cache()
+    finally:
+        if before is None:
+            os.environ.pop("LAZYMAT_TENSOR_CORES", None)
+        else:
+            os.environ["LAZYMAT_TENSOR_CORES"] = before
+
+
 def main(quick: bool = False, use_pykeops: bool = True, use_compile: bool = True) -> None:
     import torch
 
@@ -250,5 +331,8 @@ if __name__ == "__main__":
         import lazymat
 
         block_sizes(torch, lazymat)
+    if "--tensor-cores" in args:
+        tensor_cores(quick="--quick" in args)
+        sys.exit(0)
     main(quick="--quick" in args, use_pykeops="--no-pykeops" not in args,
          use_compile="--no-compile" not in args)

@@ -9,6 +9,9 @@ Settings come from the environment, each parsed here by one rule:
 - ``LAZYMAT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lazymat``, else ``~/.cache/lazymat``: the
   compiled kernels.
 - ``LAZYMAT_COMPILE_TIMEOUT``: seconds a compiler run may take (default 600; 0 = no limit).
+- ``LAZYMAT_TENSOR_CORES``: ``off`` (default), ``tf32`` or ``3xtf32``: whether CUDA kernels
+  compute float32 dot products and squared distances of dim >= 16 on tensor cores, and how
+  accurately (see :func:`tensor_cores`).
 
 They are read when used (a dictionary lookup), so a change of ``os.environ`` takes effect.
 
@@ -195,3 +198,31 @@ def compile_timeout() -> float | None:
     return seconds if seconds > 0 else None
 
 
+
+
+#: The values of ``LAZYMAT_TENSOR_CORES``, the first being the default.
+TENSOR_CORE_MODES = ("off", "tf32", "3xtf32")
+
+
+def tensor_cores() -> str:
+    """``LAZYMAT_TENSOR_CORES`` (any case, spaces ignored; unset or empty: ``"off"``): whether
+    the CUDA backend computes the float32 dot products and squared distances of an i- and a
+    j-variable of dim >= 16 with tensor-core MMAs. ``"tf32"``: one MMA on TF32 operands
+    (about 1e-3 relative error per product); ``"3xtf32"``: three MMAs on split operands,
+    float32-like dot products. Either way a squared distance is ``|x|^2 + |y|^2 - 2<x, y>``
+    (clamped at 0): its error is relative to ``|x|^2 + |y|^2``, not to the distance
+    (``lazymat.codegen.cuda_mma`` has the details). Another value raises a ValueError that
+    names the allowed ones.
+
+    >>> import os; os.environ["LAZYMAT_TENSOR_CORES"] = " 3xTF32 "
+    >>> tensor_cores()
+    '3xtf32'
+    >>> del os.environ["LAZYMAT_TENSOR_CORES"]; tensor_cores()
+    'off'
+    """
+    value = os.environ.get("LAZYMAT_TENSOR_CORES", "").strip().lower() or "off"
+    if value not in TENSOR_CORE_MODES:
+        raise ValueError(f"LAZYMAT_TENSOR_CORES must be one of "
+                         f"{', '.join(TENSOR_CORE_MODES)}, got "
+                         f"{os.environ['LAZYMAT_TENSOR_CORES']!r}")
+    return value

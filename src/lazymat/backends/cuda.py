@@ -1,6 +1,10 @@
 """CUDA backend: kernels from ``codegen/cuda.py``, compiled by NVRTC for the GPU's own
 architecture, launched with cuda-bindings on torch's current stream of the inputs' device.
 
+``LAZYMAT_TENSOR_CORES`` (``off``, ``tf32``, ``3xtf32``; :func:`lazymat.config.tensor_cores`)
+chooses whether float32 dot products and squared distances of dim >= 16 run on tensor
+cores (``codegen/cuda_mma.py``); it is read on every call and is part of the kernel's key.
+
 Nothing synchronises and no data goes through the host: the launch is queued on
 ``torch.cuda.current_stream(device)`` like a torch op, outputs are torch tensors
 allocated on that stream, the array pointers travel by value in the kernel's
@@ -120,14 +124,20 @@ def _context(index: int) -> Any:
     return ctx
 
 
+_archs: dict[int, str] = config.memo("backends.cuda.archs", maxsize=None)
+
+
 def _arch(index: int) -> str:
-    import torch
+    arch = _archs.get(index)
+    if arch is None:
+        import torch
 
-    major, minor = torch.cuda.get_device_capability(index)
-    return f"sm_{major}{minor}"
+        major, minor = torch.cuda.get_device_capability(index)
+        arch = _archs[index] = f"sm_{major}{minor}"
+    return arch
 
 
-def _function(key: tuple, spec: KernelSpec, index: int, block: int) -> Any:
+def _function(key: tuple, spec: KernelSpec, index: int, block: int, tensor_cores: str) -> Any:
     """The kernel of ``spec`` loaded on device ``index`` (compiled once per architecture)."""
     fn = _functions.get((key, index))
     if fn is not None:
@@ -137,8 +147,8 @@ def _function(key: tuple, spec: KernelSpec, index: int, block: int) -> Any:
     name = f"lm_{spec.reduction.name.lower()}_{spec.dtype}"
     if not nvrtc.available():
         raise CompileError("the CUDA backend needs NVRTC: pip install 'lazymat[cuda]'")
-    cubin = nvrtc.compile_cubin(render(spec, name=name, block=block), arch=_arch(index),
-                                name=f"{name}.cu")
+    source = render(spec, name=name, block=block, tensor_cores=tensor_cores)
+    cubin = nvrtc.compile_cubin(source, arch=_arch(index), name=f"{name}.cu")
     driver = _driver()
     with _lock:
         fn = _functions.get((key, index))
@@ -292,8 +302,13 @@ def _run_on(launch: Launch, torch: Any, device: Any, index: int) -> tuple:
 
 
 def _kernel(launch: Launch, block: int, index: int) -> Any:
-    key = launch.key + (block,)
+    # The tensor-core mode is read per call (an environment change takes effect) and is
+    # part of the key: it changes the source.
+    tensor_cores = config.tensor_cores()
+    if tensor_cores != "off" and int(_arch(index)[3:].rstrip("af")) < 80:  # mma.sync: sm_80+
+        tensor_cores = "off"
+    key = launch.key + (block, tensor_cores)
     fn = _functions.get((key, index))
     if fn is None:
-        fn = _function(key, launch.spec, index, block)
+        fn = _function(key, launch.spec, index, block, tensor_cores)
     return fn

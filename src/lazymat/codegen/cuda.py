@@ -22,7 +22,11 @@ declares:
   ShapeError before compiling (a launch would fail on the local memory it reserves for
   every resident thread);
 - a grid-stride loop covers the (part, batch, task) triples; with ``nsplit > 1`` each part
-  reduces ``chunk`` columns (small M: enough blocks for the GPU).
+  reduces ``chunk`` columns (small M: enough blocks for the GPU);
+- with ``tensor_cores`` "tf32" or "3xtf32", the float32 dot products and squared distances
+  of an i- and a j-variable of dim >= 16 are computed per tile by tensor-core MMAs
+  (:mod:`lazymat.codegen.cuda_mma`, which documents the accuracy of each mode); the
+  default "off" computes every pair by the formula.
 
 >>> from lazymat.formula import Var, SqDist, apply
 >>> from lazymat.reductions import REDUCTIONS
@@ -37,8 +41,9 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
+from . import cuda_mma
 from .c_like import KernelSpec, prelude
-from .scaffold import Kernel, Target, indent, kernel_lines
+from .scaffold import Kernel, Target, TileNodes, indent, kernel_lines
 
 __all__ = ["BLOCK", "CUDA", "KernelSpec", "render", "render_module", "cuda_prelude"]
 
@@ -46,6 +51,8 @@ __all__ = ["BLOCK", "CUDA", "KernelSpec", "render", "render_module", "cuda_prelu
 BLOCK = 128
 #: Bytes of shared memory a block may use for its tile (the static limit is 48 KiB).
 SHARED_BUDGET = 32 * 1024
+#: The same with tensor-core tiles, which take their own room within it (48 KiB static).
+TILE_SHARED_BUDGET = 46 * 1024
 #: At most this many columns per stage pass, and about this many registers for their buffers.
 MAX_TJ = 4
 REGISTER_BUDGET = 48
@@ -72,13 +79,18 @@ class CudaTarget(Target):
     pass_budget = REGISTER_BUDGET
     shared, barrier, thread = "__shared__", "__syncthreads();", "threadIdx.x"
     shared_budget = SHARED_BUDGET
+    tile_shared_budget = TILE_SHARED_BUDGET
     max_row_copy = MAX_ROW_REGISTERS
     heap = False
     local_limit = LOCAL_LIMIT
     column_parts = True
 
-    def __init__(self, block: int = BLOCK):
+    def __init__(self, block: int = BLOCK, tensor_cores: str = "off"):
         self.block = block
+        self.tensor_cores = cuda_mma.check_mode(tensor_cores)
+
+    def tile_nodes(self, kern: Kernel) -> TileNodes | None:
+        return cuda_mma.gram_tiles(kern, self.tensor_cores)
 
     def pass_cost(self, kern: Kernel, numbers: int) -> int:
         return numbers  # about a register each
@@ -133,9 +145,11 @@ def cuda_prelude() -> str:
 
 # --------------------------------------------------------------------------- rendering
 
-def render_module(kernels: Mapping[str, KernelSpec], block: int = BLOCK) -> str:
+def render_module(kernels: Mapping[str, KernelSpec], block: int = BLOCK,
+                  tensor_cores: str = "off") -> str:
     """CUDA source of one translation unit holding a kernel per ``name -> spec``
-    (one prelude; each kernel's constants in its own namespace).
+    (one prelude; each kernel's constants in its own namespace), with ``tensor_cores``
+    one of ``cuda_mma.MODES`` ("off", "tf32", "3xtf32").
 
     >>> from lazymat.formula import Var, SqDist
     >>> from lazymat.reductions import REDUCTIONS
@@ -145,17 +159,22 @@ def render_module(kernels: Mapping[str, KernelSpec], block: int = BLOCK) -> str:
     >>> src.count('extern "C" __global__')
     2
     """
-    target = CUDA if block == BLOCK else CudaTarget(block)
-    lines = ["// lazymat CUDA module (one thread per output row)", *target.defines,
-             cuda_prelude()]
+    target = (CUDA if block == BLOCK and tensor_cores == "off"
+              else CudaTarget(block, tensor_cores))
+    body = []
     for name, spec in kernels.items():
         if not _NAME.match(name):
             raise ValueError(f"kernel name {name!r} is not a C identifier")
-        lines += [""] + kernel_lines(spec, target, name)
-    return "\n".join(lines) + "\n"
+        body += [""] + kernel_lines(spec, target, name)
+    mma = [cuda_mma.MMA_HELPERS] if any("lm_mma_tf32(" in s for s in body) else []
+    lines = ["// lazymat CUDA module (one thread per output row)", *target.defines,
+             cuda_prelude(), *mma]
+    return "\n".join(lines + body) + "\n"
 
 
-def render(spec: KernelSpec, name: str = "lm_kernel", block: int = BLOCK) -> str:
+def render(spec: KernelSpec, name: str = "lm_kernel", block: int = BLOCK,
+           tensor_cores: str = "off") -> str:
     """CUDA source of the kernel for ``spec``, a ``extern "C" __global__`` function ``name``
-    launched with ``block`` threads per block (see :mod:`lazymat.codegen.scaffold`)."""
-    return render_module({name: spec}, block)
+    launched with ``block`` threads per block (see :mod:`lazymat.codegen.scaffold`), with
+    ``tensor_cores`` "off", "tf32" or "3xtf32" (:mod:`lazymat.codegen.cuda_mma`)."""
+    return render_module({name: spec}, block, tensor_cores)

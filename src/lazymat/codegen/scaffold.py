@@ -79,10 +79,11 @@ import os
 from typing import Mapping
 
 from ..errors import ShapeError
-from ..formula import Node, to_string, variables, walk
+from ..formula import Node, to_string, walk
 from .c_like import Emitter, KernelSpec, ReductionContext, output_pointers
 
-__all__ = ["Kernel", "KernelSpec", "STACK_BUDGET", "Target", "fit", "indent", "kernel_lines"]
+__all__ = ["Kernel", "KernelSpec", "STACK_BUDGET", "Target", "TileNodes", "fit", "indent",
+           "kernel_lines"]
 
 #: Bytes of per-thread buffers a CPU thread keeps on its stack; larger buffers go to its heap.
 STACK_BUDGET = 256 * 1024
@@ -113,6 +114,32 @@ def fit(largest: int, cost: int, budget: int) -> int:
     return n
 
 
+class TileNodes:
+    """Pair nodes a target computes for a whole staged tile at once (CUDA's tensor-core dot
+    products, ``codegen/cuda_mma.py``), returned by :meth:`Target.tile_nodes`. The skeleton
+    does not stage or copy the variables read only below them, gives their shared memory
+    room when it sizes the tiles, runs :meth:`tile` after staging each tile, and reads a node
+    at a pair with :meth:`value`."""
+
+    nodes: frozenset[int] = frozenset()  # ids of the nodes computed per tile
+    variables: frozenset[int] = frozenset()  # positions of the variables the tile code reads
+    shared_bytes = 0  # bytes of shared memory whatever the tile's width...
+    column_bytes = 0  # ...and per column of the tile
+    min_columns = 1  # the narrowest tile the code handles (a wider one is a multiple of it)
+
+    def shared(self, kern: "Kernel") -> list[str]:
+        """Declarations of the shared arrays (at the top of the kernel)."""
+        return []
+
+    def tile(self, kern: "Kernel") -> list[str]:
+        """Statements run by the whole block once per tile (``jb``, ``nj`` in scope)."""
+        return []
+
+    def value(self, kern: "Kernel", node: Node) -> str:
+        """The C expression of ``node`` at the thread's row and column ``jt + jj``."""
+        raise NotImplementedError
+
+
 class Target:
     """What a target declares; ``codegen/cpu.py`` (``CPU``) and ``codegen/cuda.py``
     (``CUDA``) subclass it, overriding attributes and the few lines only a target knows
@@ -139,6 +166,7 @@ class Target:
     barrier: str | None = None  # block-wide barrier
     thread: str | None = None  # this thread's index in its block
     shared_budget = 0  # bytes of one tile in shared memory
+    tile_shared_budget = 0  # the same, with a target's TileNodes (which leave it room)
     block = 1  # threads per block
     max_row_copy: int | None = None  # longer i-variable rows are read in place (None: copy)
     heap = True  # large per-thread buffers may go to the heap (else: an error beyond...)
@@ -180,6 +208,10 @@ class Target:
     def tail(self, kern: "Kernel", name: str) -> list[str]:
         return []
 
+    def tile_nodes(self, kern: "Kernel") -> TileNodes | None:
+        """The pair nodes this target computes per tile (None: every node by the formula)."""
+        return None
+
 
 class Kernel:
     """Where each variable, node and buffer of one kernel lives, for one target."""
@@ -191,8 +223,24 @@ class Kernel:
         self.lanes = target.lanes[spec.dtype]
         self.lane = "l" if self.lanes > 1 else "0"
         self.roots = [spec.formula] + ([spec.weight] if spec.weight is not None else [])
-        self.used = sorted({v.params[0] for r in self.roots for v in variables(r)})
-        dims = {v.params[0]: v.params[1:] for r in self.roots for v in variables(r)}
+        self.arrays: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self.heap: dict[str, int] = {}  # name -> byte offset in the thread's heap block
+        self.heap_bytes = 0
+        self.tiles = target.tile_nodes(self) if target.shared is not None else None
+        self._layout()
+        if self.tiles is not None and self.jt < self.tiles.min_columns:
+            self.tiles = None  # the tile code needs tiles that wide: none then
+            self._layout()
+
+    def _layout(self) -> None:
+        """Which variables are copied or staged, and the tile and pass widths."""
+        target, tiles = self.target, self.tiles
+        tiled = tiles.nodes if tiles is not None else frozenset()
+        self.reachable = _reachable(self.roots, tiled)
+        found = [n for n in self.reachable.values() if n.op == "Var"]
+        self.used = sorted({v.params[0] for v in found}
+                           | (tiles.variables if tiles is not None else set()))
+        dims = {v.params[0]: v.params[1:] for v in found}
         self.i_vars = [(v, d) for v, (d, c) in sorted(dims.items()) if c == 0
                        and (target.max_row_copy is None or d <= target.max_row_copy)]
         self.j_vars = [(v, d) for v, (d, c) in sorted(dims.items()) if c == 1]
@@ -202,18 +250,22 @@ class Kernel:
         if target.shared is not None:  # stage j-tiles when one column fits the budget
             per_column = (sum(d for _, d in self.j_vars)
                           + sum(n.dim for n in self.em.at_level(2))) * self.size
-            self.staged = per_column <= target.shared_budget
-            self.jt = fit(target.block, per_column, target.shared_budget) if self.staged \
-                else target.block
+            budget = target.shared_budget
+            if tiles is not None:
+                per_column += tiles.column_bytes
+                budget = target.tile_shared_budget - tiles.shared_bytes
+            self.staged = per_column <= budget
+            if tiles is not None and fit(target.block, per_column, budget) < tiles.min_columns:
+                self.staged = False  # wide j-variables: read in place, the tile code staged
+                per_column = tiles.column_bytes
+            self.jt = fit(target.block, per_column, budget) \
+                if self.staged or tiles is not None else target.block
         per_pair = sum(n.dim for n in self.em.at_level(3)) + 2
         if not self.staged and target.shared is not None:
             per_pair += sum(n.dim for n in self.em.at_level(2))
         self.tj = fit(target.max_pass, target.pass_cost(self, per_pair), target.pass_budget)
         if target.shared is None:
             self.jt = self.tj  # one stage pass per tile
-        self.arrays: dict[str, tuple[str, tuple[int, ...]]] = {}
-        self.heap: dict[str, int] = {}  # name -> byte offset in the thread's heap block
-        self.heap_bytes = 0
 
     # ------------------------------------------------------------------ buffers
     def number(self, d: int | str) -> int:
@@ -269,6 +321,19 @@ def _kib(n: int) -> str:
     return f"{n / 1024:.0f} KiB" if n < 1 << 30 else f"{n / (1 << 30):.1f} GiB"
 
 
+def _reachable(roots: list[Node], stop: frozenset[int]) -> dict[int, Node]:
+    """id -> node of the nodes of ``roots``, not looking below the nodes in ``stop``."""
+    seen: dict[int, Node] = {}
+    pending = list(roots)
+    while pending:
+        n = pending.pop()
+        if id(n) not in seen:
+            seen[id(n)] = n
+            if id(n) not in stop:
+                pending += n.args
+    return seen
+
+
 def _memory_per_thread() -> int:
     """Half the machine's memory shared by its cores: what one thread's buffers may take."""
     try:
@@ -301,6 +366,26 @@ class _KernelEmitter(Emitter):
 
     def lanes_innermost(self) -> bool:
         return bool(self.kernel.target.inner_lanes) and self.kernel.lanes > 1
+
+    def at_level(self, level: int) -> list[Node]:
+        # Nodes only below a target's tile nodes are not computed.
+        return [n for n in super().at_level(level) if id(n) in self.kernel.reachable]
+
+    def jam_width(self, node: Node) -> int:
+        tiles = self.kernel.tiles
+        return 1 if tiles is not None and id(node) in tiles.nodes else super().jam_width(node)
+
+    def expr(self, node: Node, k: int | str) -> str:
+        tiles = self.kernel.tiles
+        if tiles is not None and id(node) in tiles.nodes and id(node) not in self.materialized:
+            return tiles.value(self.kernel, node)
+        return super().expr(node, k)
+
+    def body(self, node: Node, copies: int = 1) -> list[str]:
+        tiles = self.kernel.tiles
+        if tiles is not None and id(node) in tiles.nodes:
+            return [f"{{ {self.access(node, 0)} = {tiles.value(self.kernel, node)}; }}"]
+        return super().body(node, copies)
 
     def inner_lane_loop(self, node: Node) -> str | None:
         if self.lanes_innermost() and self.jam_width(node) > 1:
@@ -401,6 +486,9 @@ def kernel_lines(spec: KernelSpec, target: Target, name: str) -> list[str]:
     else:
         for n in em.at_level(2):
             level2 += stage(kern, n, "tj")
+    if kern.tiles is not None:  # the target's own per-tile work, after the staging
+        shared += kern.tiles.shared(kern)
+        stage_tile += kern.tiles.tile(kern)
 
     def stage_pass(width: int | str) -> list[str]:
         body = list(level2)
@@ -414,7 +502,7 @@ def kernel_lines(spec: KernelSpec, target: Target, name: str) -> list[str]:
         jend = "redranges[2 * q + 1] < jhi ? redranges[2 * q + 1] : jhi"
     else:
         first, jend = "redranges[2 * q]", "redranges[2 * q + 1]"
-    if kern.jt == kern.tj and not kern.staged:  # a tile is one stage pass
+    if kern.jt == kern.tj and not kern.staged and kern.tiles is None:  # a tile is one pass
         tiles = [f"for (i64 j0 = {first}; j0 < jend; j0 += TJ) {{",
                  "  const int tj = jend - j0 < TJ ? (int)(jend - j0) : TJ;",
                  *indent(stage_pass("tj"), 2), "}"]
