@@ -29,8 +29,8 @@ import lazymat as lm
 da = need("dask.array")
 distributed = need("distributed")
 header("On a Dask cluster: lazymat reductions on dask arrays (float32, D = 3)")
-M = N = sized(small=4_000, full=100_000)
-CHUNK = sized(small=1_000, full=25_000)
+M = N = sized(small=4_000, full=50_000)
+CHUNK = sized(small=1_000, full=12_500)
 DENSE_MAX = 10_000  # beyond, the dense peer is timed on 1000 rows (it takes minutes)
 
 # The workers inherit the environment: one kernel thread per worker thread. This process
