@@ -36,3 +36,6 @@ timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -n "${WORKERS:-8}" -p
   --maxfail=30 tests/test_cuda_runtime.py 2>&1 | tee "$out/tests.log" | tail -40
 case " $* " in *" --no-bench "*) exit 0;; esac
 timeout "${BENCH_TIMEOUT:-300}" python3 -m benchmarks.gpu ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.md"
+# tensor cores (LAZYMAT_TENSOR_CORES=off/tf32/3xtf32 in one run; the accuracy test is above)
+timeout "${BENCH_TIMEOUT:-300}" python3 -m benchmarks.gpu --tensor-cores --quick 2>&1 \
+  | tee "$out/bench-tensor-cores.md"

@@ -293,3 +293,29 @@ def test_knn_in_high_dimension_matches_torch(D):
     want = TORCH.topk(d2, 10, dim=1, largest=False).values
     # compare the distances of the neighbours found (near-ties may swap indices)
     TORCH.testing.assert_close(TORCH.gather(d2, 1, got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("mode, rtol", [("tf32", 5e-3), ("3xtf32", 2e-5)])
+@pytest.mark.parametrize("D", [16, 64, 130])  # one MMA chunk, several, a ragged last one
+def test_tensor_core_modes_match_float64(mode, rtol, D, monkeypatch):
+    """The tensor-core tiles (codegen/cuda_mma.py) on the hardware: Gaussian sum, LogSumExp
+    and k-NN distances against float64 torch, ragged M and N, and the same call with the
+    mode off for a ratio-free sanity check of the dispatch."""
+    gen = TORCH.Generator(device="cuda").manual_seed(D)
+    x = TORCH.rand(1037, D, device="cuda", generator=gen) / D ** 0.5
+    y = TORCH.rand(2061, D, device="cuda", generator=gen) / D ** 0.5
+    b = TORCH.randn(2061, 3, device="cuda", generator=gen)
+    d2 = TORCH.cdist(x.double(), y.double()) ** 2
+    monkeypatch.setenv("LAZYMAT_TENSOR_CORES", mode)
+    K = (-lm.Vi(x).sqdist(lm.Vj(y)) * 4).exp()
+    TORCH.testing.assert_close((K @ b).double(), TORCH.exp(-4 * d2) @ b.double(), rtol=rtol,
+                               atol=rtol)
+    lse = (lm.Vi(x) | lm.Vj(y)).logsumexp(dim=1)
+    TORCH.testing.assert_close(lse.double()[:, 0],
+                               TORCH.logsumexp(x.double() @ y.double().T, 1),
+                               rtol=rtol, atol=rtol)
+    idx = lm.Vi(x).sqdist(lm.Vj(y)).argKmin(10, dim=1)
+    want = TORCH.topk(d2, 10, dim=1, largest=False).values
+    TORCH.testing.assert_close(TORCH.gather(d2, 1, idx), want, rtol=10 * rtol, atol=10 * rtol)
