@@ -18,9 +18,9 @@ exact transport cost.
 
 With 10⁵ points each side the 10⁵ × 10⁵ cost matrix (40 GB in float32) is never stored; POT's
 dense Sinkhorn, its exact network simplex and GeomLoss's tensorized backend are compared where
-their dense matrices fit. The full-size run streams over 10¹⁰ pairs per reduction, 27
-times: about 4 minutes on two shared cores (measured at load average 7), the longest
-script of the gallery.
+their dense matrices fit. The full-size run streams over 10¹⁰ pairs per reduction, 25
+times (and twice more for the bound): 3.6 minutes on two shared cores (measured at load
+average 6.5), the longest script of the gallery.
 """
 
 # %%
