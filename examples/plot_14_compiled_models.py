@@ -31,7 +31,7 @@ import lazymat as lm
 jax = peer("jax")
 header("Inside compiled models: torch.compile and jax.jit (float32, D = 3)")
 torch.manual_seed(0)
-SIZES = sized(small=[500, 2000], full=[2000, 10_000, 20_000])
+SIZES = sized(small=[1000], full=[2000, 10_000, 20_000])
 DENSE_MAX = 10_000  # the dense M×N float32 matrix and its gradient: 0.8 GB at 10⁴
 # inductor (torch.compile's default backend) takes tens of seconds to compile the dense
 # peer; the small size, which the tests run, uses aot_eager for both
