@@ -258,7 +258,7 @@ def test_schwarz_memory_cap(monkeypatch):
     monkeypatch.setattr(pre, "MAX_BYTES", 10_000)
     monkeypatch.setattr(solve_module, "AUTO_MIN_ROWS", 100)
     K = (-lm.Vi(X2).sqdist(lm.Vj(X2)) * G2).exp()
-    with pytest.raises(lm.ShapeError, match="GB of block inverses"):
+    with pytest.raises(lm.ShapeError, match="GB of block factors"):
         K.solve(B2, alpha=0.05, precond="schwarz")
     info = {}  # "auto" goes on without it (still block-sparse)
     a = K.solve(B2, alpha=0.05, eps=1e-9, info=info)

@@ -49,6 +49,12 @@ AUTO_MIN_ROWS = 2048
 # Share of the residual tolerance left to the block-sparse truncation of a Gaussian K.
 _TRUNCATION_SHARE = 0.25
 _MAX_ROUNDS = 5
+#: A truncated solve runs most CG iterations on a looser block-sparse K, with
+#: ‖K - K_loose‖₂ <= LOOSE_TRUNCATION·alpha, and refines against the tight one: each
+#: refinement shrinks the residual about LOOSE_TRUNCATION-fold (a contraction of
+#: ‖(alpha·Id + K_loose)⁻¹ (K - K_loose)‖ <= LOOSE_TRUNCATION), and a loose matvec keeps
+#: a third to a tenth of the tight one's pairs. None: every iteration on the tight K.
+LOOSE_TRUNCATION: float | None = 0.05
 
 
 def _verbose() -> bool:
@@ -156,6 +162,44 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
     return x, it, rr, stagnated
 
 
+def _refined_pcg(op: Callable[[Any], Any], loose: Callable[[Any], Any] | None, b: Any,
+                 tol: float, max_iter: int, precond: Callable[[Any], Any] | None,
+                 clock: tuple[float, int], contraction: float) -> tuple[Any, int, int, bool]:
+    """(x, iterations, refinements, stagnated): op(x) = b to |r|² < tol, by iterative
+    refinement: CG on the cheaper ``loose`` operator for each correction, the residual taken
+    with ``op``; plain :func:`_pcg` on op when loose is None, or when a refinement does not
+    shrink the residual (then loose is too far from op)."""
+    if loose is None:
+        x, its, _, stagnated = _pcg(op, b, tol, max_iter, precond, clock)
+        return x, its, 0, stagnated
+    x, r = b * 0, b
+    rr, total, refinements, stagnated = _dot(b, b), 0, 0, False
+    while rr >= tol and rr > 0 and total < max_iter:
+        # Solve each correction about as well as the loose K allows: finer is wasted work.
+        target = max(0.5 * tol, rr * (contraction * contraction))
+        d, its, _, stagnated = _pcg(loose, r, target, max_iter - total, precond,
+                                    (clock[0], clock[1] + total))
+        total += its
+        x_new = x + d
+        (x_new,) = _persist(x_new)
+        (r_new,) = _persist(b - op(x_new))
+        rr_new = _dot(r_new, r_new)
+        refinements += 1
+        if not math.isfinite(rr_new):
+            raise _not_finite("the residual")
+        if rr_new < rr:
+            x, r = x_new, r_new
+        if stagnated or rr_new > 0.5 * rr:  # not contracting: finish on op itself
+            if rr_new >= tol and total < max_iter:
+                d, its, _, stagnated = _pcg(op, r, tol, max_iter - total, precond,
+                                            (clock[0], clock[1] + total))
+                total += its
+                x = x + d
+            break
+        rr = min(rr, rr_new)
+    return x, total, refinements, stagnated
+
+
 def _warn_not_converged(iterations: int, rr: float, tol: float, stacklevel: int,
                         hint: str = "", stagnated: bool = False) -> None:
     how = (f"stopped after {iterations} iterations without progress (stagnation; the best "
@@ -219,22 +263,25 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
         out = matvec(v.to(data_dtype) if is_torch(v) else v.astype(data_dtype))
         return alpha * v + (out.double() if is_torch(out) else out.astype(np.float64))
 
-    op, precond, sort, unsort = exact, None, None, None
+    op, loose, precond, sort, unsort = exact, None, None, None, None
     if system is not None:
         norm_b = math.sqrt(_dot(work, work))
         op = system.operator(budget=_TRUNCATION_SHARE * alpha * math.sqrt(tol) / max(
             norm_b, 1e-300))
+        loose = system.loose_operator()
         precond, sort, unsort = system.precond, system.sort, system.unsort
         if _verbose():
             print(f"[lazymat] solve: {system.summary()}", file=sys.stderr)
     x, r, rr = work * 0, work, _dot(work, work)
-    total, rounds, stagnated = 0, 0, False
+    total, rounds, refinements, stagnated = 0, 0, 0, False
     while rr >= tol and rr > 0 and total < max_iter and rounds < _MAX_ROUNDS:
         rounds += 1
         rhs = r if sort is None else r[sort]
-        d, its, _, stagnated = _pcg(op, rhs, 0.5 * tol, max_iter - total, precond,
-                                    (start, total))
+        d, its, refined, stagnated = _refined_pcg(op, loose, rhs, 0.5 * tol, max_iter - total,
+                                                  precond, (start, total),
+                                                  LOOSE_TRUNCATION or 0.0)
         total += its
+        refinements += refined
         x_new = x + (d if unsort is None else d[unsort])
         x_new, r_new = _persist(x_new, work - exact(x_new))
         rr_new = _dot(r_new, r_new)
@@ -256,14 +303,15 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
                             "or a larger eps." if str(data_dtype).endswith("float32") else "",
                             stagnated=stagnated)
     if info is not None:
-        info.update(iterations=total, rounds=rounds, residual=rr, target=tol,
-                    seconds=time.perf_counter() - start)
+        info.update(iterations=total, rounds=rounds, refinements=refinements, residual=rr,
+                    target=tol, seconds=time.perf_counter() - start)
         # the options as used ("auto" resolved): what reproduces this solve
         info["options"] = {
             "alpha": alpha, "eps": eps, "max_iter": max_iter,
             "dtype": str(data_dtype).replace("torch.", ""),
             "precond": "schwarz" if system is not None and system.precond is not None else None,
-            "truncate": bool(system is not None and system.truncating)}
+            "truncate": bool(system is not None and system.truncating),
+            "loose_truncation": LOOSE_TRUNCATION if loose is not None else None}
         if system is not None:
             info.update(system.describe())
     if _verbose():
@@ -486,7 +534,8 @@ class KernelSystem:
         self.active = use_pre or use_trunc
         self.precond = self.sort = self.unsort = None
         self.gauss, self.truncating = gauss, use_trunc
-        self._ranges: tuple | None = None
+        self._ranges: dict[float, tuple | None] = {}  # truncation budget -> its ranges
+        self._tight: float | None = None  # the budget of the last operator()
         self._described: dict[str, Any] = {}
         if not self.active:
             return
@@ -562,11 +611,12 @@ class KernelSystem:
             return block.expand(len(idx), len(idx)).double()
         return np.broadcast_to(block, (len(idx), len(idx))).astype(np.float64)
 
-    def _truncation(self, budget: float) -> tuple | None:
+    def _truncation(self, budget: float, name: str = "kept") -> tuple | None:
         """The ranges that drop the blocks of sorted leaves whose entries sum, over any row,
-        to at most ``budget`` (a bound of ‖K - K̃‖₂); None if nothing can be dropped."""
-        if self._ranges is not None and self._ranges[0] == budget:
-            return self._ranges[1]
+        to at most ``budget`` (a bound of ‖K - K̃‖₂); None if nothing can be dropped. The kept
+        share of the pairs goes to ``describe()[name]``."""
+        if budget in self._ranges:
+            return self._ranges[budget]
         start = time.perf_counter()
         gamma, weight, _ = self.gauss
         leaves = self.fine
@@ -600,15 +650,34 @@ class KernelSystem:
             red = np.stack([leaves[first, 0], leaves[last - 1, 1]], 1)
             slices = np.cumsum(np.bincount(rows, minlength=C)).astype(np.int64)
             six = (leaves, slices, red, leaves, slices, red)
-        self._described.update(kept=kept, truncation_bound=budget, setup_seconds=self._described[
-            "setup_seconds"] + time.perf_counter() - start)
-        self._ranges = (budget, six)
+        self._described.update({name: kept, name.replace("kept", "truncation_bound"): budget,
+                                "setup_seconds": self._described["setup_seconds"]
+                                + time.perf_counter() - start})
+        self._ranges[budget] = six
         return six
 
     def operator(self, budget: float) -> Callable[[Any], Any]:
         """v ↦ alpha·v + K̃ v on float64 vectors of the sorted points, K̃ the block-sparse K
         (within ``budget``) when truncating, else K."""
         six = self._truncation(budget) if self.truncating else None
+        self._tight = budget
+        return self._operator(six)
+
+    def loose_operator(self) -> Callable[[Any], Any] | None:
+        """v ↦ alpha·v + K_loose v, ‖K - K_loose‖₂ <= LOOSE_TRUNCATION·alpha, for the CG
+        iterations between refinements (see :data:`LOOSE_TRUNCATION`); None when not
+        truncating, or when it would keep nearly as many pairs as the last operator()."""
+        if not self.truncating or not LOOSE_TRUNCATION or self._tight is None:
+            return None
+        budget = LOOSE_TRUNCATION * self.alpha
+        if budget <= self._tight:
+            return None
+        six = self._truncation(budget, "kept_loose")
+        if six is None or self._described["kept_loose"] > 0.7 * self._described["kept"]:
+            return None  # refinements would cost more than the pairs saved
+        return self._operator(six)
+
+    def _operator(self, six: tuple | None) -> Callable[[Any], Any]:
         alpha, data = self.alpha, self.sorted_arrays[0]
 
         def op(v: Any) -> Any:
@@ -636,6 +705,8 @@ class KernelSystem:
                          f"{d['precond_max_block']} points, {d['precond_mbytes']:.0f} MB)")
         if "kept" in d:
             parts.append(f"block-sparse K keeping {100 * d['kept']:.0f} % of the pairs")
+        if "kept_loose" in d:
+            parts.append(f"{100 * d['kept_loose']:.0f} % between refinements")
         return ", ".join(parts) + f"; setup {d.get('setup_seconds', 0):.2f} s"
 
 
