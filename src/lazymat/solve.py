@@ -542,7 +542,10 @@ class KernelSystem:
         points = self.arrays[pos]
         pts = np.asarray(points.detach().cpu().numpy() if is_torch(points) else points,
                          dtype=np.float64)
-        block_size = int(options.get("block_size", 256))
+        block_size = options.get("block_size", 256)
+        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ShapeError(f"the Schwarz option block_size must be an integer >= 1 (points "
+                             f"per k-d leaf), got {block_size!r}")
         perm, coarse = kd_order(pts, block_size)
         if use_trunc:
             # 32 points: the fastest at N = 1e4 and 1e5; bigger past 131072 points, so that
@@ -667,6 +670,9 @@ class KernelSystem:
         """v ↦ alpha·v + K_loose v, ‖K - K_loose‖₂ <= LOOSE_TRUNCATION·alpha, for the CG
         iterations between refinements (see :data:`LOOSE_TRUNCATION`); None when not
         truncating, or when it would keep nearly as many pairs as the last operator()."""
+        if LOOSE_TRUNCATION is not None and not 0 <= LOOSE_TRUNCATION < 1:
+            raise ValueError(f"lazymat.solve.LOOSE_TRUNCATION must be None or in [0, 1) (the "
+                             f"contraction of one refinement), got {LOOSE_TRUNCATION!r}")
         if not self.truncating or not LOOSE_TRUNCATION or self._tight is None:
             return None
         budget = LOOSE_TRUNCATION * self.alpha
