@@ -378,3 +378,25 @@ def test_iterations_flat_with_blocks_sized_to_the_kernel():
                 truncate=False, info=info)
         its.append(info["iterations"])
     assert its[1] <= its[0] + 1, its
+
+
+def test_info_records_the_schwarz_options_and_auto_thins_the_overlap(monkeypatch):
+    import lazymat.preconditioners as pre
+    import lazymat.solve as solve_module
+
+    monkeypatch.setattr(solve_module, "AUTO_MIN_ROWS", 100)
+    K = (-lm.Vi(X3).sqdist(lm.Vj(X3)) * G3).exp()
+    info: dict = {}
+    K.solve(B3, alpha=0.1, info=info)
+    assert info["options"]["schwarz"] == {"block_size": 256, "overlap": 0.25}
+    need = info["precond_mbytes"] * 1e6
+    monkeypatch.setattr(pre, "MAX_BYTES", 0.9 * need)  # 0.25 does not fit, 0.1 does
+    info = {}
+    a = K.solve(B3, alpha=0.1, eps=1e-9, info=info)
+    assert info["options"]["schwarz"] == {"block_size": 256, "overlap": 0.1}
+    assert info["precond_mbytes"] * 1e6 < 0.9 * need
+    want = np.linalg.solve(gauss3(X3) + 0.1 * np.eye(len(X3)), B3)
+    np.testing.assert_allclose(a, want, atol=1e-7 * np.abs(want).max())
+    info = {}  # the same options given back reproduce the solve
+    K.solve(B3, alpha=0.1, eps=1e-9, precond=dict(block_size=256, overlap=0.1), info=info)
+    assert info["options"]["schwarz"] == {"block_size": 256, "overlap": 0.1}

@@ -310,10 +310,14 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
             "alpha": alpha, "eps": eps, "max_iter": max_iter,
             "dtype": str(data_dtype).replace("torch.", ""),
             "precond": "schwarz" if system is not None and system.precond is not None else None,
-            "truncate": bool(system is not None and system.truncating),
-            "loose_truncation": LOOSE_TRUNCATION if loose is not None else None}
+            "truncate": bool(system is not None and system.truncating)}
         if system is not None:
-            info.update(system.describe())
+            described = system.describe()
+            info["options"]["loose_truncation"] = LOOSE_TRUNCATION if loose is not None else None
+            if system.precond is not None:  # the Schwarz options that reproduce it
+                info["options"]["schwarz"] = {"block_size": described["precond_block_size"],
+                                              "overlap": described["precond_overlap"]}
+            info.update(described)
     if _verbose():
         print(f"[lazymat] solve: {total} iterations in {rounds} round(s), |r|^2 = {rr:.3e} "
               f"(target {tol:.1e}, exact K), {time.perf_counter() - start:.2f} s",
@@ -479,11 +483,13 @@ class KernelSystem:
 
     ``precond``: "auto" (Schwarz from n = AUTO_MIN_ROWS on), "schwarz", None, or a dict of
     Schwarz options (``block_size``: points per k-d leaf, default 256; ``overlap``: growth of
-    each block, a fraction of its side, default 0.25; the block inverses are kept in
-    float32). ``truncate``: "auto" (for Gaussian
-    kernels from n = AUTO_MIN_ROWS on), True or False. Truncation is sized so that the
-    dropped entries change the residual by at most a quarter of the tolerance; solves check
-    the residual against the exact K anyway. ``active`` is False when neither applies.
+    each block, a fraction of its side, default 0.25, or 0.1 with "auto" when 0.25 would pass
+    the memory cap; the blocks are kept as float32 packed Cholesky factors). ``truncate``:
+    "auto" (for Gaussian kernels from n = AUTO_MIN_ROWS on), True or False. Truncation is
+    sized so that the dropped entries change the residual by at most a quarter of the
+    tolerance; between refinements CG runs on a looser truncation (``loose_operator``,
+    :data:`LOOSE_TRUNCATION`); solves check the residual against the exact K anyway.
+    ``active`` is False when neither applies.
 
     >>> import numpy as np, lazymat as lm
     >>> x = np.random.rand(3000, 3); b = np.random.rand(3000, 1)
@@ -565,17 +571,26 @@ class KernelSystem:
         self.points = pts[perm]
         self._matvecs: dict[int, plan.Request] = {}
         if use_pre:
-            try:
-                # float32 inverses: half the memory, the same iterations (a preconditioner).
-                self.precond = SchwarzPreconditioner(self._block, self.points, coarse, alpha,
-                                                     like=like, overlap=float(
-                                                         options.get("overlap", 0.25)),
-                                                     single=True)
-            except ShapeError as e:
-                if precond != "auto" or "GB" not in str(e):
-                    raise
-                if _verbose():
-                    print(f"[lazymat] solve: no preconditioner: {e}", file=sys.stderr)
+            # "auto" past the memory cap: a thinner overlap (about a third of the memory at
+            # 10⁶ points, a few more iterations) before no preconditioner at all.
+            overlaps = [float(options.get("overlap", 0.25))]
+            if precond == "auto" and overlaps[0] > 0.1:
+                overlaps.append(0.1)
+            for k, overlap in enumerate(overlaps):
+                try:
+                    # float32 factors: half the memory, the same iterations (a preconditioner).
+                    self.precond = SchwarzPreconditioner(self._block, self.points, coarse,
+                                                         alpha, like=like, overlap=overlap,
+                                                         single=True)
+                    self._described.update(precond_overlap=overlap,
+                                           precond_block_size=int(block_size))
+                    break
+                except ShapeError as e:
+                    if precond != "auto" or "GB" not in str(e):
+                        raise
+                    if _verbose():
+                        print(f"[lazymat] solve: overlap {overlap}: {e}", file=sys.stderr)
+            if self.precond is None:
                 use_pre = False
                 self.active = use_trunc
         if use_pre:
