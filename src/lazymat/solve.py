@@ -629,12 +629,17 @@ class KernelSystem:
             return block.expand(len(idx), len(idx)).double()
         return np.broadcast_to(block, (len(idx), len(idx))).astype(np.float64)
 
-    def _truncation(self, budget: float, name: str = "kept") -> tuple | None:
-        """The ranges that drop the blocks of sorted leaves whose entries sum, over any row,
-        to at most ``budget`` (a bound of ‖K - K̃‖₂); None if nothing can be dropped. The kept
-        share of the pairs goes to ``describe()[name]``."""
-        if budget in self._ranges:
-            return self._ranges[budget]
+    def _truncation(self, budgets: dict[str, float]) -> dict[str, tuple | None]:
+        """For each ``name: budget``, the ranges that drop the blocks of sorted leaves whose
+        entries sum, over any row, to at most budget (a bound of ‖K - K̃‖₂), or None if
+        nothing can be dropped; the kept share of the pairs goes to ``describe()[name]``.
+        One pass for all budgets: the distance table and its sort are the cost."""
+        todo = {name: b for name, b in budgets.items() if b not in self._ranges}
+        if todo:
+            self._truncate(todo)
+        return {name: self._ranges[b] for name, b in budgets.items()}
+
+    def _truncate(self, budgets: dict[str, float]) -> None:
         start = time.perf_counter()
         gamma, weight, _ = self.gauss
         leaves = self.fine
@@ -648,36 +653,51 @@ class KernelSystem:
             d2[s:s + 256] = (gap * gap).sum(-1)
         # Row I may drop its farthest leaves while their bound w·|J|·exp(-γ·d²) sums to
         # <= budget; it then keeps every leaf up to the distance t_I of its nearest kept one.
-        t = np.empty(C)
+        t = {name: np.empty(C) for name in budgets}
         for s in range(0, C, 256):
             part = d2[s:s + 256]
             order = np.argsort(-part, axis=1, kind="stable")
             far = np.take_along_axis(part, order, 1)
-            bound = weight * sizes[order] * np.exp(-gamma * far)
-            ndrop = (np.cumsum(bound, 1) <= budget).sum(1)
-            t[s:s + 256] = np.where(ndrop < C, far[np.arange(len(part)), np.minimum(
-                ndrop, C - 1)], -1.0)
-        keep = d2 <= np.maximum(t[:, None], t[None])
-        kept = float(sizes @ keep @ sizes) / float(sizes.sum()) ** 2
-        if keep.all():
-            six = None
-        else:
-            runs = np.diff(np.pad(keep.astype(np.int8), ((0, 0), (1, 1))), axis=1)
-            rows, first = np.nonzero(runs == 1)
-            _, last = np.nonzero(runs == -1)
-            red = np.stack([leaves[first, 0], leaves[last - 1, 1]], 1)
-            slices = np.cumsum(np.bincount(rows, minlength=C)).astype(np.int64)
-            six = (leaves, slices, red, leaves, slices, red)
-        self._described.update({name: kept, name.replace("kept", "truncation_bound"): budget,
-                                "setup_seconds": self._described["setup_seconds"]
-                                + time.perf_counter() - start})
-        self._ranges[budget] = six
-        return six
+            total = np.cumsum(weight * sizes[order] * np.exp(-gamma * far), 1)
+            for name, budget in budgets.items():
+                ndrop = (total <= budget).sum(1)
+                t[name][s:s + 256] = np.where(ndrop < C, far[np.arange(len(part)), np.minimum(
+                    ndrop, C - 1)], -1.0)
+        for name, budget in budgets.items():
+            keep = d2 <= np.maximum(t[name][:, None], t[name][None])
+            kept = float(sizes @ keep @ sizes) / float(sizes.sum()) ** 2
+            if keep.all():
+                six = None
+            else:
+                runs = np.diff(np.pad(keep.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+                rows, first = np.nonzero(runs == 1)
+                _, last = np.nonzero(runs == -1)
+                red = np.stack([leaves[first, 0], leaves[last - 1, 1]], 1)
+                slices = np.cumsum(np.bincount(rows, minlength=C)).astype(np.int64)
+                six = (leaves, slices, red, leaves, slices, red)
+            self._described.update({name: kept,
+                                    name.replace("kept", "truncation_bound"): budget})
+            self._ranges[budget] = six
+        self._described["setup_seconds"] += time.perf_counter() - start
+
+    def _loose_budget(self, tight: float) -> float | None:
+        if LOOSE_TRUNCATION is not None and not 0 <= LOOSE_TRUNCATION < 1:
+            raise ValueError(f"lazymat.solve.LOOSE_TRUNCATION must be None or in [0, 1) (the "
+                             f"contraction of one refinement), got {LOOSE_TRUNCATION!r}")
+        if not LOOSE_TRUNCATION or LOOSE_TRUNCATION * self.alpha <= tight:
+            return None
+        return LOOSE_TRUNCATION * self.alpha
 
     def operator(self, budget: float) -> Callable[[Any], Any]:
         """v ↦ alpha·v + K̃ v on float64 vectors of the sorted points, K̃ the block-sparse K
         (within ``budget``) when truncating, else K."""
-        six = self._truncation(budget) if self.truncating else None
+        six = None
+        if self.truncating:
+            budgets = {"kept": budget}
+            loose = self._loose_budget(budget)
+            if loose is not None:  # computed with the tight one, for loose_operator()
+                budgets["kept_loose"] = loose
+            six = self._truncation(budgets)["kept"]
         self._tight = budget
         return self._operator(six)
 
@@ -685,15 +705,12 @@ class KernelSystem:
         """v ↦ alpha·v + K_loose v, ‖K - K_loose‖₂ <= LOOSE_TRUNCATION·alpha, for the CG
         iterations between refinements (see :data:`LOOSE_TRUNCATION`); None when not
         truncating, or when it would keep nearly as many pairs as the last operator()."""
-        if LOOSE_TRUNCATION is not None and not 0 <= LOOSE_TRUNCATION < 1:
-            raise ValueError(f"lazymat.solve.LOOSE_TRUNCATION must be None or in [0, 1) (the "
-                             f"contraction of one refinement), got {LOOSE_TRUNCATION!r}")
-        if not self.truncating or not LOOSE_TRUNCATION or self._tight is None:
+        if not self.truncating or self._tight is None:
             return None
-        budget = LOOSE_TRUNCATION * self.alpha
-        if budget <= self._tight:
+        budget = self._loose_budget(self._tight)
+        if budget is None:
             return None
-        six = self._truncation(budget, "kept_loose")
+        six = self._truncation({"kept_loose": budget})["kept_loose"]
         if six is None or self._described["kept_loose"] > 0.7 * self._described["kept"]:
             return None  # refinements would cost more than the pairs saved
         return self._operator(six)
