@@ -291,9 +291,12 @@ def gauss3(x, g=G3):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_loose_refinements_match_dense(dtype):
+def test_loose_refinements_match_dense(dtype, monkeypatch):
     """CG on the loose block-sparse K between refinements: the exact-K criterion still holds
     and the solution is the dense one; the loose K keeps fewer pairs than the tight one."""
+    import lazymat.solve as solve_module
+
+    monkeypatch.setattr(solve_module, "LOOSE_MIN_ROWS", 1000)
     x, b = X3.astype(dtype), B3.astype(dtype)
     K = (-lm.Vi(x).sqdist(lm.Vj(x)) * G3).exp()
     eps = 1e-9 if dtype == "float64" else 1e-5
@@ -317,6 +320,15 @@ def test_loose_refinements_off_and_bad_setting(monkeypatch):
     import lazymat.solve as solve_module
 
     K = (-lm.Vi(X3).sqdist(lm.Vj(X3)) * G3).exp()
+    monkeypatch.setattr(solve_module, "LOOSE_MIN_ROWS", 1000)
+    info: dict = {}
+    K.solve(B3[:, :1], alpha=0.1, eps=1e-9, truncate=True, info=info)
+    assert info["refinements"] > 0
+    monkeypatch.setattr(solve_module, "LOOSE_MIN_ROWS", 2000)  # too few points: off
+    info = {}
+    K.solve(B3[:, :1], alpha=0.1, eps=1e-9, truncate=True, info=info)
+    assert info["refinements"] == 0 and info["options"]["loose_truncation"] is None
+    monkeypatch.setattr(solve_module, "LOOSE_MIN_ROWS", 1000)
     monkeypatch.setattr(solve_module, "LOOSE_TRUNCATION", None)
     info: dict = {}
     a = K.solve(B3, alpha=0.1, eps=1e-9, precond={"block_size": 128}, truncate=True,

@@ -55,6 +55,9 @@ _MAX_ROUNDS = 5
 #: ‖(alpha·Id + K_loose)⁻¹ (K - K_loose)‖ <= LOOSE_TRUNCATION), and a loose matvec keeps
 #: a third to a tenth of the tight one's pairs. None: every iteration on the tight K.
 LOOSE_TRUNCATION: float | None = 0.05
+#: From this many points on: below, the loose K saved less than the timing noise (N = 10⁴
+#: and 2·10⁴ on the benchmark problem: as often slower as faster; 1.3–2× faster from 4·10⁴).
+LOOSE_MIN_ROWS = 32768
 
 
 def _verbose() -> bool:
@@ -684,7 +687,8 @@ class KernelSystem:
         if LOOSE_TRUNCATION is not None and not 0 <= LOOSE_TRUNCATION < 1:
             raise ValueError(f"lazymat.solve.LOOSE_TRUNCATION must be None or in [0, 1) (the "
                              f"contraction of one refinement), got {LOOSE_TRUNCATION!r}")
-        if not LOOSE_TRUNCATION or LOOSE_TRUNCATION * self.alpha <= tight:
+        if (not LOOSE_TRUNCATION or LOOSE_TRUNCATION * self.alpha <= tight
+                or len(self.points) < LOOSE_MIN_ROWS):
             return None
         return LOOSE_TRUNCATION * self.alpha
 
