@@ -258,7 +258,7 @@ def test_schwarz_memory_cap(monkeypatch):
     monkeypatch.setattr(pre, "MAX_BYTES", 10_000)
     monkeypatch.setattr(solve_module, "AUTO_MIN_ROWS", 100)
     K = (-lm.Vi(X2).sqdist(lm.Vj(X2)) * G2).exp()
-    with pytest.raises(lm.ShapeError, match="GB of block inverses"):
+    with pytest.raises(lm.ShapeError, match="GB of block factors"):
         K.solve(B2, alpha=0.05, precond="schwarz")
     info = {}  # "auto" goes on without it (still block-sparse)
     a = K.solve(B2, alpha=0.05, eps=1e-9, info=info)
@@ -278,3 +278,137 @@ def test_schwarz_keeps_float32_inverses():
     np.testing.assert_allclose(a, want, atol=1e-9 * np.abs(want).max())
     # 4 bytes per entry of each (<= precond_max_block)² block
     assert sizes_mb <= info["precond_blocks"] * info["precond_max_block"] ** 2 * 4 / 1e6
+
+
+# ------------------------------------------- refinements on a loose K, packed Schwarz factors
+X3 = np.random.default_rng(5).random((1500, 3))
+B3 = np.random.default_rng(6).standard_normal((1500, 2))
+G3 = 1 / (2 * 0.06 ** 2)  # about 40 neighbours within 3 sigma: the loose K keeps fewer pairs
+
+
+def gauss3(x, g=G3):
+    return np.exp(-g * ((x[:, None] - x[None]) ** 2).sum(-1))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_loose_refinements_match_dense(dtype, monkeypatch):
+    """CG on the loose block-sparse K between refinements: the exact-K criterion still holds
+    and the solution is the dense one; the loose K keeps fewer pairs than the tight one."""
+    import lazymat.solve as solve_module
+
+    monkeypatch.setattr(solve_module, "LOOSE_MIN_ROWS", 1000)
+    x, b = X3.astype(dtype), B3.astype(dtype)
+    K = (-lm.Vi(x).sqdist(lm.Vj(x)) * G3).exp()
+    eps = 1e-9 if dtype == "float64" else 1e-5
+    info: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lm.ConvergenceWarning)  # converges: SPD for CG
+        a = K.solve(b, alpha=0.1, eps=eps, precond={"block_size": 128}, truncate=True,
+                    info=info)
+    dense = gauss3(X3)
+    want = np.linalg.solve(dense + 0.1 * np.eye(len(X3)), B3)
+    np.testing.assert_allclose(a, want, atol=(1e-7 if dtype == "float64" else 1e-3)
+                               * np.abs(want).max())
+    residual = 0.1 * a.astype(np.float64) + dense @ a.astype(np.float64) - B3
+    assert (residual ** 2).sum() < residual.size * eps ** 2
+    assert info["options"]["loose_truncation"] == lm.solve.LOOSE_TRUNCATION
+    assert info["kept_loose"] < info["kept"] and info["refinements"] >= 2
+    assert info["residual"] < info["target"]
+
+
+def test_loose_refinements_off_and_bad_setting(monkeypatch):
+    import lazymat.solve as solve_module
+
+    K = (-lm.Vi(X3).sqdist(lm.Vj(X3)) * G3).exp()
+    monkeypatch.setattr(solve_module, "LOOSE_MIN_ROWS", 1000)
+    info: dict = {}
+    K.solve(B3[:, :1], alpha=0.1, eps=1e-9, truncate=True, info=info)
+    assert info["refinements"] > 0
+    monkeypatch.setattr(solve_module, "LOOSE_MIN_ROWS", 2000)  # too few points: off
+    info = {}
+    K.solve(B3[:, :1], alpha=0.1, eps=1e-9, truncate=True, info=info)
+    assert info["refinements"] == 0 and info["options"]["loose_truncation"] is None
+    monkeypatch.setattr(solve_module, "LOOSE_MIN_ROWS", 1000)
+    monkeypatch.setattr(solve_module, "LOOSE_TRUNCATION", None)
+    info: dict = {}
+    a = K.solve(B3, alpha=0.1, eps=1e-9, precond={"block_size": 128}, truncate=True,
+                info=info)
+    assert info["refinements"] == 0 and info["options"]["loose_truncation"] is None
+    want = np.linalg.solve(gauss3(X3) + 0.1 * np.eye(len(X3)), B3)
+    np.testing.assert_allclose(a, want, atol=1e-7 * np.abs(want).max())
+    monkeypatch.setattr(solve_module, "LOOSE_TRUNCATION", 1.5)
+    with pytest.raises(ValueError, match="LOOSE_TRUNCATION must be"):
+        K.solve(B3, alpha=0.1, truncate=True)
+    monkeypatch.setattr(solve_module, "LOOSE_TRUNCATION", 0.05)
+    with pytest.raises(lm.ShapeError, match="block_size must be an integer"):
+        K.solve(B3, alpha=0.1, precond={"block_size": 0})
+    with pytest.raises(lm.ShapeError, match="block_size must be an integer"):
+        K.solve(B3, alpha=0.1, precond={"block_size": 12.5})
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_packed_schwarz_is_the_dense_block_sum(dtype):
+    """The packed Cholesky blocks apply Σ_k R_kᵀ (α·Id + K_kk)⁻¹ R_k exactly (to the factor's
+    precision), symmetrically, in half a square of memory per block."""
+    pytest.importorskip("scipy")
+    from lazymat.preconditioners import SchwarzPreconditioner, kd_order
+
+    perm, leaves = kd_order(X3, 200)
+    x = X3[perm]
+    dense = gauss3(x)
+    P = SchwarzPreconditioner(lambda i: dense[np.ix_(i, i)], x, leaves, 0.1,
+                              like=x.astype(dtype))
+    assert all(f.ndim == 1 and f.dtype == np.dtype(dtype) for _, f in P.blocks)
+    assert P.nbytes == sum(m * (m + 1) // 2 for m in P.sizes) * np.dtype(dtype).itemsize
+    r = B3.astype(np.float64)
+    want = np.zeros_like(r)
+    for idx, _ in P.blocks:
+        want[idx] += np.linalg.solve(dense[np.ix_(idx, idx)] + 0.1 * np.eye(len(idx)), r[idx])
+    got = P(r)
+    tol = 1e-10 if dtype == "float64" else 1e-3
+    np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
+    u, v = B3[:, :1], B3[:, 1:]
+    assert abs(_dot(u, P(v)) - _dot(P(u), v)) < 10 * tol * abs(_dot(u, P(v)))
+    assert _dot(u, P(u)) > 0 and _dot(v, P(v)) > 0
+
+
+def _dot(a, b):
+    return float((a * b).sum())
+
+
+def test_iterations_flat_with_blocks_sized_to_the_kernel():
+    """Blocks of a fixed physical size (points per block ∝ N): the iterations do not grow
+    from N to 2N; the preconditioned spectrum depends on how much of each point's kernel
+    neighbourhood its blocks hold, not on N."""
+    its = []
+    for n in (1000, 2000):
+        x = np.random.default_rng(n).random((n, 3))
+        b = np.random.default_rng(1).standard_normal((n, 1))
+        K = (-lm.Vi(x).sqdist(lm.Vj(x)) * G3).exp()
+        info: dict = {}
+        K.solve(b, alpha=0.1, eps=1e-6, precond={"block_size": n // 8, "overlap": 0.25},
+                truncate=False, info=info)
+        its.append(info["iterations"])
+    assert its[1] <= its[0] + 1, its
+
+
+def test_info_records_the_schwarz_options_and_auto_thins_the_overlap(monkeypatch):
+    import lazymat.preconditioners as pre
+    import lazymat.solve as solve_module
+
+    monkeypatch.setattr(solve_module, "AUTO_MIN_ROWS", 100)
+    K = (-lm.Vi(X3).sqdist(lm.Vj(X3)) * G3).exp()
+    info: dict = {}
+    K.solve(B3, alpha=0.1, info=info)
+    assert info["options"]["schwarz"] == {"block_size": 256, "overlap": 0.25}
+    need = info["precond_mbytes"] * 1e6
+    monkeypatch.setattr(pre, "MAX_BYTES", 0.9 * need)  # 0.25 does not fit, 0.1 does
+    info = {}
+    a = K.solve(B3, alpha=0.1, eps=1e-9, info=info)
+    assert info["options"]["schwarz"] == {"block_size": 256, "overlap": 0.1}
+    assert info["precond_mbytes"] * 1e6 < 0.9 * need
+    want = np.linalg.solve(gauss3(X3) + 0.1 * np.eye(len(X3)), B3)
+    np.testing.assert_allclose(a, want, atol=1e-7 * np.abs(want).max())
+    info = {}  # the same options given back reproduce the solve
+    K.solve(B3, alpha=0.1, eps=1e-9, precond=dict(block_size=256, overlap=0.1), info=info)
+    assert info["options"]["schwarz"] == {"block_size": 256, "overlap": 0.1}

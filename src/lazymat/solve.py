@@ -49,6 +49,15 @@ AUTO_MIN_ROWS = 2048
 # Share of the residual tolerance left to the block-sparse truncation of a Gaussian K.
 _TRUNCATION_SHARE = 0.25
 _MAX_ROUNDS = 5
+#: A truncated solve runs most CG iterations on a looser block-sparse K, with
+#: ‖K - K_loose‖₂ <= LOOSE_TRUNCATION·alpha, and refines against the tight one: each
+#: refinement shrinks the residual about LOOSE_TRUNCATION-fold (a contraction of
+#: ‖(alpha·Id + K_loose)⁻¹ (K - K_loose)‖ <= LOOSE_TRUNCATION), and a loose matvec keeps
+#: a third to a tenth of the tight one's pairs. None: every iteration on the tight K.
+LOOSE_TRUNCATION: float | None = 0.05
+#: From this many points on: below, the loose K saved less than the timing noise (N = 10⁴
+#: and 2·10⁴ on the benchmark problem: as often slower as faster; 1.3–2× faster from 4·10⁴).
+LOOSE_MIN_ROWS = 32768
 
 
 def _verbose() -> bool:
@@ -156,6 +165,44 @@ def _pcg(op: Callable[[Any], Any], b: Any, tol: float, max_iter: int,
     return x, it, rr, stagnated
 
 
+def _refined_pcg(op: Callable[[Any], Any], loose: Callable[[Any], Any] | None, b: Any,
+                 tol: float, max_iter: int, precond: Callable[[Any], Any] | None,
+                 clock: tuple[float, int], contraction: float) -> tuple[Any, int, int, bool]:
+    """(x, iterations, refinements, stagnated): op(x) = b to |r|² < tol, by iterative
+    refinement: CG on the cheaper ``loose`` operator for each correction, the residual taken
+    with ``op``; plain :func:`_pcg` on op when loose is None, or when a refinement does not
+    shrink the residual (then loose is too far from op)."""
+    if loose is None:
+        x, its, _, stagnated = _pcg(op, b, tol, max_iter, precond, clock)
+        return x, its, 0, stagnated
+    x, r = b * 0, b
+    rr, total, refinements, stagnated = _dot(b, b), 0, 0, False
+    while rr >= tol and rr > 0 and total < max_iter:
+        # Solve each correction about as well as the loose K allows: finer is wasted work.
+        target = max(0.5 * tol, rr * (contraction * contraction))
+        d, its, _, stagnated = _pcg(loose, r, target, max_iter - total, precond,
+                                    (clock[0], clock[1] + total))
+        total += its
+        x_new = x + d
+        (x_new,) = _persist(x_new)
+        (r_new,) = _persist(b - op(x_new))
+        rr_new = _dot(r_new, r_new)
+        refinements += 1
+        if not math.isfinite(rr_new):
+            raise _not_finite("the residual")
+        if rr_new < rr:
+            x, r = x_new, r_new
+        if stagnated or rr_new > 0.5 * rr:  # not contracting: finish on op itself
+            if rr_new >= tol and total < max_iter:
+                d, its, _, stagnated = _pcg(op, r, tol, max_iter - total, precond,
+                                            (clock[0], clock[1] + total))
+                total += its
+                x = x + d
+            break
+        rr = min(rr, rr_new)
+    return x, total, refinements, stagnated
+
+
 def _warn_not_converged(iterations: int, rr: float, tol: float, stacklevel: int,
                         hint: str = "", stagnated: bool = False) -> None:
     how = (f"stopped after {iterations} iterations without progress (stagnation; the best "
@@ -219,22 +266,25 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
         out = matvec(v.to(data_dtype) if is_torch(v) else v.astype(data_dtype))
         return alpha * v + (out.double() if is_torch(out) else out.astype(np.float64))
 
-    op, precond, sort, unsort = exact, None, None, None
+    op, loose, precond, sort, unsort = exact, None, None, None, None
     if system is not None:
         norm_b = math.sqrt(_dot(work, work))
         op = system.operator(budget=_TRUNCATION_SHARE * alpha * math.sqrt(tol) / max(
             norm_b, 1e-300))
+        loose = system.loose_operator()
         precond, sort, unsort = system.precond, system.sort, system.unsort
         if _verbose():
             print(f"[lazymat] solve: {system.summary()}", file=sys.stderr)
     x, r, rr = work * 0, work, _dot(work, work)
-    total, rounds, stagnated = 0, 0, False
+    total, rounds, refinements, stagnated = 0, 0, 0, False
     while rr >= tol and rr > 0 and total < max_iter and rounds < _MAX_ROUNDS:
         rounds += 1
         rhs = r if sort is None else r[sort]
-        d, its, _, stagnated = _pcg(op, rhs, 0.5 * tol, max_iter - total, precond,
-                                    (start, total))
+        d, its, refined, stagnated = _refined_pcg(op, loose, rhs, 0.5 * tol, max_iter - total,
+                                                  precond, (start, total),
+                                                  LOOSE_TRUNCATION or 0.0)
         total += its
+        refinements += refined
         x_new = x + (d if unsort is None else d[unsort])
         x_new, r_new = _persist(x_new, work - exact(x_new))
         rr_new = _dot(r_new, r_new)
@@ -256,8 +306,8 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
                             "or a larger eps." if str(data_dtype).endswith("float32") else "",
                             stagnated=stagnated)
     if info is not None:
-        info.update(iterations=total, rounds=rounds, residual=rr, target=tol,
-                    seconds=time.perf_counter() - start)
+        info.update(iterations=total, rounds=rounds, refinements=refinements, residual=rr,
+                    target=tol, seconds=time.perf_counter() - start)
         # the options as used ("auto" resolved): what reproduces this solve
         info["options"] = {
             "alpha": alpha, "eps": eps, "max_iter": max_iter,
@@ -265,7 +315,12 @@ def _checked_solve(matvec: Callable[[Any], Any], b: Any, alpha: float, eps: floa
             "precond": "schwarz" if system is not None and system.precond is not None else None,
             "truncate": bool(system is not None and system.truncating)}
         if system is not None:
-            info.update(system.describe())
+            described = system.describe()
+            info["options"]["loose_truncation"] = LOOSE_TRUNCATION if loose is not None else None
+            if system.precond is not None:  # the Schwarz options that reproduce it
+                info["options"]["schwarz"] = {"block_size": described["precond_block_size"],
+                                              "overlap": described["precond_overlap"]}
+            info.update(described)
     if _verbose():
         print(f"[lazymat] solve: {total} iterations in {rounds} round(s), |r|^2 = {rr:.3e} "
               f"(target {tol:.1e}, exact K), {time.perf_counter() - start:.2f} s",
@@ -431,11 +486,13 @@ class KernelSystem:
 
     ``precond``: "auto" (Schwarz from n = AUTO_MIN_ROWS on), "schwarz", None, or a dict of
     Schwarz options (``block_size``: points per k-d leaf, default 256; ``overlap``: growth of
-    each block, a fraction of its side, default 0.25; the block inverses are kept in
-    float32). ``truncate``: "auto" (for Gaussian
-    kernels from n = AUTO_MIN_ROWS on), True or False. Truncation is sized so that the
-    dropped entries change the residual by at most a quarter of the tolerance; solves check
-    the residual against the exact K anyway. ``active`` is False when neither applies.
+    each block, a fraction of its side, default 0.25, or 0.1 with "auto" when 0.25 would pass
+    the memory cap; the blocks are kept as float32 packed Cholesky factors). ``truncate``:
+    "auto" (for Gaussian kernels from n = AUTO_MIN_ROWS on), True or False. Truncation is
+    sized so that the dropped entries change the residual by at most a quarter of the
+    tolerance; between refinements CG runs on a looser truncation (``loose_operator``,
+    :data:`LOOSE_TRUNCATION`); solves check the residual against the exact K anyway.
+    ``active`` is False when neither applies.
 
     >>> import numpy as np, lazymat as lm
     >>> x = np.random.rand(3000, 3); b = np.random.rand(3000, 1)
@@ -486,14 +543,18 @@ class KernelSystem:
         self.active = use_pre or use_trunc
         self.precond = self.sort = self.unsort = None
         self.gauss, self.truncating = gauss, use_trunc
-        self._ranges: tuple | None = None
+        self._ranges: dict[float, tuple | None] = {}  # truncation budget -> its ranges
+        self._tight: float | None = None  # the budget of the last operator()
         self._described: dict[str, Any] = {}
         if not self.active:
             return
         points = self.arrays[pos]
         pts = np.asarray(points.detach().cpu().numpy() if is_torch(points) else points,
                          dtype=np.float64)
-        block_size = int(options.get("block_size", 256))
+        block_size = options.get("block_size", 256)
+        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ShapeError(f"the Schwarz option block_size must be an integer >= 1 (points "
+                             f"per k-d leaf), got {block_size!r}")
         perm, coarse = kd_order(pts, block_size)
         if use_trunc:
             # 32 points: the fastest at N = 1e4 and 1e5; bigger past 131072 points, so that
@@ -513,17 +574,26 @@ class KernelSystem:
         self.points = pts[perm]
         self._matvecs: dict[int, plan.Request] = {}
         if use_pre:
-            try:
-                # float32 inverses: half the memory, the same iterations (a preconditioner).
-                self.precond = SchwarzPreconditioner(self._block, self.points, coarse, alpha,
-                                                     like=like, overlap=float(
-                                                         options.get("overlap", 0.25)),
-                                                     single=True)
-            except ShapeError as e:
-                if precond != "auto" or "GB" not in str(e):
-                    raise
-                if _verbose():
-                    print(f"[lazymat] solve: no preconditioner: {e}", file=sys.stderr)
+            # "auto" past the memory cap: a thinner overlap (about a third of the memory at
+            # 10⁶ points, a few more iterations) before no preconditioner at all.
+            overlaps = [float(options.get("overlap", 0.25))]
+            if precond == "auto" and overlaps[0] > 0.1:
+                overlaps.append(0.1)
+            for k, overlap in enumerate(overlaps):
+                try:
+                    # float32 factors: half the memory, the same iterations (a preconditioner).
+                    self.precond = SchwarzPreconditioner(self._block, self.points, coarse,
+                                                         alpha, like=like, overlap=overlap,
+                                                         single=True)
+                    self._described.update(precond_overlap=overlap,
+                                           precond_block_size=int(block_size))
+                    break
+                except ShapeError as e:
+                    if precond != "auto" or "GB" not in str(e):
+                        raise
+                    if _verbose():
+                        print(f"[lazymat] solve: overlap {overlap}: {e}", file=sys.stderr)
+            if self.precond is None:
                 use_pre = False
                 self.active = use_trunc
         if use_pre:
@@ -562,11 +632,17 @@ class KernelSystem:
             return block.expand(len(idx), len(idx)).double()
         return np.broadcast_to(block, (len(idx), len(idx))).astype(np.float64)
 
-    def _truncation(self, budget: float) -> tuple | None:
-        """The ranges that drop the blocks of sorted leaves whose entries sum, over any row,
-        to at most ``budget`` (a bound of ‖K - K̃‖₂); None if nothing can be dropped."""
-        if self._ranges is not None and self._ranges[0] == budget:
-            return self._ranges[1]
+    def _truncation(self, budgets: dict[str, float]) -> dict[str, tuple | None]:
+        """For each ``name: budget``, the ranges that drop the blocks of sorted leaves whose
+        entries sum, over any row, to at most budget (a bound of ‖K - K̃‖₂), or None if
+        nothing can be dropped; the kept share of the pairs goes to ``describe()[name]``.
+        One pass for all budgets: the distance table and its sort are the cost."""
+        todo = {name: b for name, b in budgets.items() if b not in self._ranges}
+        if todo:
+            self._truncate(todo)
+        return {name: self._ranges[b] for name, b in budgets.items()}
+
+    def _truncate(self, budgets: dict[str, float]) -> None:
         start = time.perf_counter()
         gamma, weight, _ = self.gauss
         leaves = self.fine
@@ -580,35 +656,70 @@ class KernelSystem:
             d2[s:s + 256] = (gap * gap).sum(-1)
         # Row I may drop its farthest leaves while their bound w·|J|·exp(-γ·d²) sums to
         # <= budget; it then keeps every leaf up to the distance t_I of its nearest kept one.
-        t = np.empty(C)
+        t = {name: np.empty(C) for name in budgets}
         for s in range(0, C, 256):
             part = d2[s:s + 256]
             order = np.argsort(-part, axis=1, kind="stable")
             far = np.take_along_axis(part, order, 1)
-            bound = weight * sizes[order] * np.exp(-gamma * far)
-            ndrop = (np.cumsum(bound, 1) <= budget).sum(1)
-            t[s:s + 256] = np.where(ndrop < C, far[np.arange(len(part)), np.minimum(
-                ndrop, C - 1)], -1.0)
-        keep = d2 <= np.maximum(t[:, None], t[None])
-        kept = float(sizes @ keep @ sizes) / float(sizes.sum()) ** 2
-        if keep.all():
-            six = None
-        else:
-            runs = np.diff(np.pad(keep.astype(np.int8), ((0, 0), (1, 1))), axis=1)
-            rows, first = np.nonzero(runs == 1)
-            _, last = np.nonzero(runs == -1)
-            red = np.stack([leaves[first, 0], leaves[last - 1, 1]], 1)
-            slices = np.cumsum(np.bincount(rows, minlength=C)).astype(np.int64)
-            six = (leaves, slices, red, leaves, slices, red)
-        self._described.update(kept=kept, truncation_bound=budget, setup_seconds=self._described[
-            "setup_seconds"] + time.perf_counter() - start)
-        self._ranges = (budget, six)
-        return six
+            total = np.cumsum(weight * sizes[order] * np.exp(-gamma * far), 1)
+            for name, budget in budgets.items():
+                ndrop = (total <= budget).sum(1)
+                t[name][s:s + 256] = np.where(ndrop < C, far[np.arange(len(part)), np.minimum(
+                    ndrop, C - 1)], -1.0)
+        for name, budget in budgets.items():
+            keep = d2 <= np.maximum(t[name][:, None], t[name][None])
+            kept = float(sizes @ keep @ sizes) / float(sizes.sum()) ** 2
+            if keep.all():
+                six = None
+            else:
+                runs = np.diff(np.pad(keep.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+                rows, first = np.nonzero(runs == 1)
+                _, last = np.nonzero(runs == -1)
+                red = np.stack([leaves[first, 0], leaves[last - 1, 1]], 1)
+                slices = np.cumsum(np.bincount(rows, minlength=C)).astype(np.int64)
+                six = (leaves, slices, red, leaves, slices, red)
+            self._described.update({name: kept,
+                                    name.replace("kept", "truncation_bound"): budget})
+            self._ranges[budget] = six
+        self._described["setup_seconds"] += time.perf_counter() - start
+
+    def _loose_budget(self, tight: float) -> float | None:
+        if LOOSE_TRUNCATION is not None and not 0 <= LOOSE_TRUNCATION < 1:
+            raise ValueError(f"lazymat.solve.LOOSE_TRUNCATION must be None or in [0, 1) (the "
+                             f"contraction of one refinement), got {LOOSE_TRUNCATION!r}")
+        if (not LOOSE_TRUNCATION or LOOSE_TRUNCATION * self.alpha <= tight
+                or len(self.points) < LOOSE_MIN_ROWS):
+            return None
+        return LOOSE_TRUNCATION * self.alpha
 
     def operator(self, budget: float) -> Callable[[Any], Any]:
         """v ↦ alpha·v + K̃ v on float64 vectors of the sorted points, K̃ the block-sparse K
         (within ``budget``) when truncating, else K."""
-        six = self._truncation(budget) if self.truncating else None
+        six = None
+        if self.truncating:
+            budgets = {"kept": budget}
+            loose = self._loose_budget(budget)
+            if loose is not None:  # computed with the tight one, for loose_operator()
+                budgets["kept_loose"] = loose
+            six = self._truncation(budgets)["kept"]
+        self._tight = budget
+        return self._operator(six)
+
+    def loose_operator(self) -> Callable[[Any], Any] | None:
+        """v ↦ alpha·v + K_loose v, ‖K - K_loose‖₂ <= LOOSE_TRUNCATION·alpha, for the CG
+        iterations between refinements (see :data:`LOOSE_TRUNCATION`); None when not
+        truncating, or when it would keep nearly as many pairs as the last operator()."""
+        if not self.truncating or self._tight is None:
+            return None
+        budget = self._loose_budget(self._tight)
+        if budget is None:
+            return None
+        six = self._truncation({"kept_loose": budget})["kept_loose"]
+        if six is None or self._described["kept_loose"] > 0.7 * self._described["kept"]:
+            return None  # refinements would cost more than the pairs saved
+        return self._operator(six)
+
+    def _operator(self, six: tuple | None) -> Callable[[Any], Any]:
         alpha, data = self.alpha, self.sorted_arrays[0]
 
         def op(v: Any) -> Any:
@@ -636,6 +747,8 @@ class KernelSystem:
                          f"{d['precond_max_block']} points, {d['precond_mbytes']:.0f} MB)")
         if "kept" in d:
             parts.append(f"block-sparse K keeping {100 * d['kept']:.0f} % of the pairs")
+        if "kept_loose" in d:
+            parts.append(f"{100 * d['kept_loose']:.0f} % between refinements")
         return ", ".join(parts) + f"; setup {d.get('setup_seconds', 0):.2f} s"
 
 
