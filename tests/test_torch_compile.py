@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend  # noqa: E402
 
 from lazymat.formula import SqDist, Var, apply  # noqa: E402
+from lazymat.errors import LazymatError  # noqa: E402
 from lazymat.torch import ops  # noqa: E402
 
 SIZES = (40, 56, 72)  # the N of three calls of one compiled function
@@ -307,3 +308,25 @@ def test_eager_calls_do_not_use_the_op(monkeypatch):
     x, y, b = data(SIZES[0])
     close(gauss(x, y, b), gauss_dense(x, y, b))
     assert type(lm.Vi(x)) is lm.LazyTensor
+
+
+def test_key_from_another_process_runs():
+    """A graph reloaded from torch's on-disk caches (inductor's FX graph cache, AOTAutograd's)
+    holds keys registered by the process that compiled it: the key carries its request, so a
+    fresh process runs it (gallery 14 failed this way on its second run)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, lazymat as lm\n"
+            "from lazymat.formula import Var, SqDist\n"
+            "from lazymat.torch import ops\n"
+            "req = lm.plan.Request('Sum', SqDist(Var(0, 1, 0), Var(1, 1, 1)), axis=1)\n"
+            "print(ops.register(req, ['x', 'y'], 'auto'))\n")
+    key = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.strip().splitlines()[-1]
+    assert key.startswith("Sum:") and key not in ops._entries
+    x, y = torch.zeros(2, 1, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64)
+    (out,) = torch.ops.lazymat.reduce(key, [x, y], [-1, -1])
+    close(out, torch.full((2, 1), 3.0, dtype=torch.float64))
+    with pytest.raises(LazymatError, match="is not a key made by"):
+        torch.ops.lazymat.reduce("Sum:garbage", [x, y], [-1, -1])

@@ -3,7 +3,10 @@
 One op, ``lazymat::reduce(str key, Tensor[] args, SymInt[] sizes) -> Tensor[]``, runs every
 reduction kind: ``key`` names a request of a process-wide table (the formula, reduction,
 axis, K, weight and accumulation options, the arguments' names and the backend), registered
-at trace time by :func:`register`; ``sizes`` are (M, N) (-1: from the arrays). The op has
+at trace time by :func:`register`; ``sizes`` are (M, N) (-1: from the arrays). The key also
+*holds* the request (``Sum:`` then the compressed pickle of it), so that a graph compiled
+in another process and loaded from inductor's or AOTAutograd's on-disk caches finds its
+requests: the first call of a key this process has not seen registers it. The op has
 
 - a fake (meta) rule: output shapes, dtypes and devices from the request, with symbolic
   sizes, so a dynamic N does not recompile;
@@ -26,7 +29,9 @@ tensor([3., 3.])
 
 from __future__ import annotations
 
-import itertools
+import base64
+import pickle
+import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -55,7 +60,6 @@ class Entry:
 
 _entries: dict[str, Entry] = {}
 _keys: dict[tuple, str] = {}
-_counter = itertools.count()
 
 
 @torch._dynamo.assume_constant_result
@@ -65,18 +69,34 @@ def register(req: plan.Request, names: Sequence[str], backend: str) -> str:
     key = _keys.get(found)
     if key is None:
         plan.check_request(req)
-        key = _keys[found] = f"{req.reduction}#{next(_counter)}"
-        _entries[key] = Entry(req, autograd.forward_request(req), tuple(names), str(backend))
+        blob = base64.urlsafe_b64encode(zlib.compress(pickle.dumps(found, protocol=4), 9))
+        key = _keys[found] = f"{req.reduction}:{blob.decode('ascii')}"
+        _add(key, *found)
     return key
 
 
+def _add(key: str, req: plan.Request, names: tuple, backend: str) -> Entry:
+    e = _entries[key] = Entry(req, autograd.forward_request(req), names, backend)
+    return e
+
+
 def entry(key: str) -> Entry:
-    """The request registered under ``key``."""
+    """The request registered under ``key``; a key made by another process (a compiled graph
+    from torch's on-disk caches) is registered here on first use."""
     found = _entries.get(key)
-    if found is None:
-        raise LazymatError(f"lazymat::reduce: no request is registered under {key!r} in this "
-                           "process (keys live as long as the process that traced them)")
-    return found
+    if found is not None:
+        return found
+    try:
+        req, names, backend = pickle.loads(zlib.decompress(base64.urlsafe_b64decode(
+            key.split(":", 1)[1].encode("ascii"))))
+        if not isinstance(req, plan.Request):
+            raise TypeError(f"a {type(req).__name__}, not a request")
+    except Exception as exc:  # noqa: BLE001 - any malformed key is the same error
+        raise LazymatError(f"lazymat::reduce: {key[:60]!r} is not a key made by "
+                           f"lazymat.torch.ops.register ({type(exc).__name__}: {exc})") from None
+    plan.check_request(req)
+    _keys[(req, tuple(names), str(backend))] = key
+    return _add(key, req, tuple(names), str(backend))
 
 
 def _sizes(sizes: tuple) -> list:
