@@ -329,18 +329,16 @@ extern "C" void lm_kernel(i64 M, i64 N, i64 nbatch, const i64* offsets, i64 ntas
 """
 
 
-@pytest.fixture
-def emulate(monkeypatch):
-    """Make the CPU backend run the CUDA kernel (blocks of the CPU's lane count of threads,
-    so that its tasks fill whole blocks)."""
+def emulate_with(monkeypatch, source_of, name: str) -> list:
+    """Make the CPU backend load ``source_of(spec)`` (a CUDA kernel under the shim, with its
+    HOST entry point) for every kernel; returns the libraries loaded, whose
+    ``lm_emulation_ok()`` the caller checks at the end."""
     from lazymat.backends import cpu
 
     libs = []
 
     def kernel_for(spec: KernelSpec):
-        block = cpu.LANES[spec.dtype]
-        source = SHIM + cuda.render(spec, name="lm_cuda", block=block) + HOST % {"block": block}
-        lib = load_library(source, name=f"cuda_emulation_{spec.reduction.name}")
+        lib = load_library(source_of(spec), name=f"{name}_{spec.reduction.name}")
         libs.append(lib)
         fn = lib.lm_kernel
         fn.argtypes, fn.restype = cpu.ARGTYPES, None
@@ -348,6 +346,20 @@ def emulate(monkeypatch):
 
     monkeypatch.setattr(cpu, "kernels", {})
     monkeypatch.setattr(cpu, "kernel_for", kernel_for)
+    return libs
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    """Make the CPU backend run the CUDA kernel (blocks of the CPU's lane count of threads,
+    so that its tasks fill whole blocks)."""
+    from lazymat.backends import cpu
+
+    def source_of(spec: KernelSpec) -> str:
+        block = cpu.LANES[spec.dtype]
+        return SHIM + cuda.render(spec, name="lm_cuda", block=block) + HOST % {"block": block}
+
+    libs = emulate_with(monkeypatch, source_of, "cuda_emulation")
     yield
     assert all(lib.lm_emulation_ok() for lib in libs), "OpenMP gave a team of the wrong size"
 

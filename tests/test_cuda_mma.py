@@ -22,12 +22,12 @@ import threading
 
 import numpy as np
 import pytest
-from test_cuda_codegen import HOST, SHIM, _ranges, arg_dims
+from test_cuda_codegen import HOST, SHIM, _ranges, arg_dims, emulate_with
 
 from lazymat import config
 from lazymat.codegen import cuda, cuda_mma
 from lazymat.codegen.cpu import KernelSpec
-from lazymat.compile import compiler_info, load_library, nvrtc
+from lazymat.compile import compiler_info, nvrtc
 from lazymat.formula import Scalprod, SqDist, Var, apply
 from lazymat.plan import Request, run
 from lazymat.reductions import get as get_reduction
@@ -277,8 +277,6 @@ def emulate(monkeypatch):
     one warp per block, its tasks of 32 rows."""
     from lazymat.backends import cpu
 
-    libs = []
-
     class Emulation:
         mode, block = "3xtf32", WARP
 
@@ -288,20 +286,15 @@ def emulate(monkeypatch):
             cpu.kernels.clear()  # the backend's kernels of the other mode
             cpu.LANES["float32"] = block  # tasks of a block's rows
 
-    def kernel_for(spec: KernelSpec):
+    def source_of(spec: KernelSpec) -> str:
         block = Emulation.block
         source = (SHIM + MMA_SHIM + cuda.render(spec, name="lm_cuda", block=block,
                                                 tensor_cores=Emulation.mode)
                   + HOST % {"block": block})
         assert "lm_mma_tf32(mmc" in source
-        lib = load_library(source, name=f"cuda_mma_emulation_{spec.reduction.name}")
-        libs.append(lib)
-        fn = lib.lm_kernel
-        fn.argtypes, fn.restype = cpu.ARGTYPES, None
-        return fn
+        return source
 
-    monkeypatch.setattr(cpu, "kernels", {})
-    monkeypatch.setattr(cpu, "kernel_for", kernel_for)
+    libs = emulate_with(monkeypatch, source_of, "cuda_mma_emulation")
     monkeypatch.setitem(cpu.LANES, "float32", WARP)
     yield Emulation
     assert all(lib.lm_emulation_ok() for lib in libs), "OpenMP gave a team of the wrong size"
