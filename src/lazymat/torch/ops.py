@@ -80,6 +80,12 @@ def _add(key: str, req: plan.Request, names: tuple, backend: str) -> Entry:
     return e
 
 
+def is_registered(key: str) -> bool:
+    """Whether this process's table holds ``key`` (a key made by another process is added on
+    first use)."""
+    return key in _entries
+
+
 def entry(key: str) -> Entry:
     """The request registered under ``key``; a key made by another process (a compiled graph
     from torch's on-disk caches) is registered here on first use."""
