@@ -93,11 +93,12 @@ class Genred:
             raise ShapeError(f"this Genred takes {self._n_args} arrays "
                              f"({', '.join(self._label(p) for p in range(self._n_args))}), "
                              f"got {len(args)}")
-        if type(self)._run is Genred._run and autograd.compiling():
+        own_run = type(self)._run is Genred._run
+        if own_run and autograd.compiling():
             return self._traced(args, backend, ranges, out)
         # Small calls' fast path: numpy arrays of a layout seen before rerun the bound call.
         key = None
-        if ranges is None and out is None and type(self)._run is Genred._run:
+        if ranges is None and out is None and own_run:
             key = plan.layout_key(args)
             if key is not None:
                 key = (key, backend)

@@ -17,7 +17,9 @@ import math
 from collections import OrderedDict
 from typing import Any
 
-from . import autograd, plan
+import numpy as np
+
+from . import autograd, config, plan
 from .arraylib import is_array, is_dask, is_torch, lib_of
 from .errors import DtypeError, ShapeError
 from .formula import I_CAT, J_CAT, OPS, P_CAT, Const, Node, Var, apply, substitute, variables, walk
@@ -27,6 +29,7 @@ _ROLE = {I_CAT: "Vi", J_CAT: "Vj", P_CAT: "Pm"}
 COMPILED: list = []
 _float_uids: dict[float, int] = {}
 _float_counter = itertools.count(1)
+_ndarray, _full = np.ndarray, np.full
 
 
 class _Leaf:
@@ -240,26 +243,45 @@ class LazyTensor:
         if self.is_complex and op not in _COMPLEX_UNARY and not is_complex:
             raise DtypeError(f"{op} is not defined for complex LazyTensors; use .real, .imag, "
                              f".abs(), .angle(), .conj(), .exp() or arithmetic")
-        return type(self)._make(apply(op, self.formula, *params), self._leaves, self.ranges,
+        return type(self)._make(_apply(op, (self.formula,), params), self._leaves, self.ranges,
                                 _COMPLEX_UNARY.get(op, is_complex) if self.is_complex
                                 else is_complex)
 
     def _combine(self, op: str, *others: Any, params: tuple = (), symbol: str | None = None
                  ) -> "LazyTensor":
+        if len(others) == 1 and type(self) is LazyTensor:  # the usual case, made quick
+            other = _as_lazy(others[0])
+            others = (other,)
+            if type(other) is LazyTensor and not (self.is_complex or other.is_complex):
+                leaves = _merged_pair(self._leaves, other._leaves)
+                if leaves is not None:
+                    try:
+                        node = _apply(op, (self.formula, other.formula), params)
+                    except ShapeError as e:
+                        raise ShapeError(f"{symbol or op}: {_describe(self)}, "
+                                         f"{_describe(other)}: {e}") from None
+                    lt = object.__new__(LazyTensor)
+                    lt.formula, lt._leaves, lt.is_complex = node, leaves, False
+                    lt.ranges = self.ranges if self.ranges is not None else other.ranges
+                    return lt
         operands = [self] + [_as_lazy(o) for o in others]
         leaves = _merge_leaves(operands)
         is_complex = any(o.is_complex for o in operands)
-        formulas = [o.formula for o in operands]
+        formulas = tuple([o.formula for o in operands])
         if is_complex:
             op, formulas = _complex_version(op, operands)
         try:
-            node = apply(op, *formulas, *params)
+            node = _apply(op, formulas, params)
         except ShapeError as e:
             described = ", ".join(f"{_describe(o)}" for o in operands)
             raise ShapeError(f"{symbol or op}: {described}: {e}") from None
         ranges = next((o.ranges for o in operands if o.ranges is not None), None)
         # The most derived class wins: 1.0 + jax_lazy_tensor stays a jax LazyTensor.
-        cls = max((_klass(type(o), False) for o in operands), key=lambda c: len(c.__mro__))
+        cls = _klass(type(self), False)
+        for o in operands:
+            other = _klass(type(o), False)
+            if other is not cls and len(other.__mro__) > len(cls.__mro__):
+                cls = other
         return cls._make(node, leaves, ranges, is_complex)
 
     def factorize(self, other: "LazyTensor | None" = None) -> "LazyTensor":
@@ -488,8 +510,6 @@ class LazyTensor:
                 backend: str = "auto", out: Any = None, axis: Any = None, ranges: Any = None,
                 call: bool = True, other: Any = None, opt_arg: Any = None,
                 is_complex: Any = None, **options: Any):
-        from .plan import accumulation_options, check_options
-
         # Small calls' fast path: this LazyTensor reduced the same way before, on numpy
         # arrays whose layout has not changed since: rerun the bound call.
         bound_key = hit = None
@@ -505,7 +525,20 @@ class LazyTensor:
                 outs = hit[0](hit[1])
                 if outs is not None:
                     return outs[0] if len(outs) == 1 else tuple(outs)
-        check_options(name, options)
+        # A LazyTensor built anew for each call (the usual code) finds its bound call among
+        # all reductions of the same renumbered formula on arrays of the same layout.
+        shared = shared_entry = None
+        if bound_key is not None and hit is None:
+            shared = _shared_call(self._leaves, self.formula, bound_key)
+            if shared is not None:
+                shared_entry = _shared_calls.get(shared[0])
+                if shared_entry is not None and shared_entry is not _SEEN:
+                    outs = shared_entry(shared[1])
+                    if outs is not None:
+                        return outs[0] if len(outs) == 1 else tuple(outs)
+                    _shared_calls.pop(shared[0], None)  # bound for another thread count
+                    shared_entry = None
+        plan.check_options(name, options)
         if axis is not None:
             dim = axis
         # pykeops' spellings: other= is the weight, opt_arg= is K; is_complex is implied here
@@ -538,23 +571,28 @@ class LazyTensor:
             raise DtypeError(f"{name} of complex values is not defined: only sums are "
                              f"(take .real, .imag or .abs() first)")
         req = plan.Request(name, formula, axis=dim, K=K, weight=weight_f,
-                           **accumulation_options(options))
+                           **plan.accumulation_options(options))
         sizes = (_rows(leaves, I_CAT), _rows(leaves, J_CAT))
         if backend == "auto" and self.backend is not None:
             backend = self.backend
         like = next(leaf.array for leaf in leaves.values() if leaf.array is not None)
         # Bound on the second such call: a LazyTensor built for one call never pays for it.
-        layout = plan.layout_key(arrays) if hit is _SEEN else None
+        layout = (plan.layout_key(arrays) if hit is _SEEN or shared_entry is _SEEN else None)
         if bound_key is not None and hit is None:
             self.__dict__.setdefault("_bound", {})[bound_key] = _SEEN
+            if shared is not None and shared_entry is None:
+                _shared_calls[shared[0]] = _SEEN
         if layout is not None:  # numpy arrays (no autograd): prepare, run, keep it bound
             prepared = plan.prepare(req, arrays, names=names, backend=backend, sizes=sizes,
                                     like=like)
             outs = plan.execute(prepared)
             rerun = plan.bind(prepared)
             if rerun is not None:
-                plan.remember(self.__dict__.setdefault("_bound", {}), bound_key,
-                              (rerun, arrays, layout))
+                if hit is _SEEN:
+                    plan.remember(self.__dict__.setdefault("_bound", {}), bound_key,
+                                  (rerun, arrays, layout))
+                if shared is not None:
+                    _shared_calls[shared[0]] = rerun
         else:
             outs = self._run(req, arrays, names=names, backend=backend, out=out, sizes=sizes,
                              like=like, ranges=ranges if ranges is not None else self.ranges)
@@ -670,16 +708,18 @@ class LazyTensor:
         vector = len(v.shape) == 1
         vj = Vj(v.reshape(-1, 1) if vector else v)
         _no_symbolic(self, "K @ v")
-        if vj._size(J_CAT) != self._size(J_CAT) and any(
-                leaf.cat == J_CAT for leaf in self._leaves.values()):
-            raise ShapeError(f"K @ v: K has N = {self._size(J_CAT)} columns but v has shape "
+        N = _rows(self._leaves, J_CAT)
+        if N is not None and vj._size(J_CAT) != N:
+            raise ShapeError(f"K @ v: K has N = {N} columns but v has shape "
                              f"{tuple(v.shape)}")
         product = self * vj
         key = ("@", plan.layout_key((v,))) if not kw else None
         seen = self.__dict__.setdefault("_bound", {}).get(key) is _SEEN
+        nb = self.nbatchdims
         if seen:  # the second K @ v of this layout: bind it (the product is new each time)
-            product.__dict__["_bound"] = {("Sum", self.nbatchdims + 1, None, None): _SEEN}
-        result = product.sum(dim=self.nbatchdims + 1, **kw)
+            product.__dict__["_bound"] = {("Sum", nb + 1, None, None): _SEEN}
+        result = (product.sum(dim=nb + 1, **kw) if "axis" in kw
+                  else product._reduce("Sum", nb + 1, **kw))
         if seen:
             self._bind_matmul(product, vj, v, vector)
         elif key is not None and key[1] is not None:
@@ -885,7 +925,12 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
     if isinstance(x, bool) or x is None:
         raise ShapeError(f"cannot make a LazyTensor from {x!r}")
     if isinstance(x, int):
-        return Const(x), {}
+        if type(x) is not int:
+            return Const(x), {}
+        node = _nodes.get(("Const", x))
+        if node is None:
+            node = _nodes[("Const", x)] = Const(x)
+        return node, {}
     if isinstance(x, float):
         # Every Python float is a parameter, integer-valued ones too (2.0 is not folded).
         # Equal floats get one uid (so formulas, and their caches, repeat); the uids are
@@ -935,8 +980,34 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
     dim = int(arr.shape[-1])
     if dim < 1:
         raise ShapeError(f"a variable needs at least one component, got shape {shape}")
-    return Var(id(source), dim, cat), {(id(source), cat): _Leaf(arr, None, cat, source,
-                                                                is_complex)}
+    return _var_node(id(source), dim, cat), {(id(source), cat): _Leaf(arr, None, cat, source,
+                                                                      is_complex)}
+
+
+#: Nodes built by the front end: (op, formulas..., params...) -> node. Formula nodes are
+#: interned weakly; a LazyTensor built anew on every call would rebuild (and re-simplify)
+#: its whole formula each time, this keeps the recent ones.
+_nodes = config.memo("lazy_tensor.nodes", maxsize=4096)
+
+
+def _var_node(uid: int, dim: int, cat: int) -> Node:
+    key = ("Var", uid, dim, cat)
+    node = _nodes.get(key)
+    if node is None:
+        node = _nodes[key] = Var(uid, dim, cat)
+    return node
+
+
+def _apply(op: str, formulas: tuple, params: tuple) -> Node:
+    """``apply(op, *formulas, *params)``, memoized (unhashable params are not)."""
+    key = (op, *formulas, *params)
+    try:
+        node = _nodes.get(key)
+    except TypeError:  # a list parameter
+        return apply(op, *formulas, *params)
+    if node is None:
+        node = _nodes[key] = apply(op, *formulas, *params)
+    return node
 
 
 def _no_symbolic(lazy: LazyTensor, what: str) -> None:
@@ -1113,6 +1184,10 @@ def _complex_version(op: str, operands: list[LazyTensor]) -> tuple[str, list[Nod
 def _as_lazy(x: Any) -> LazyTensor:
     if isinstance(x, LazyTensor):
         return x
+    t = type(x)
+    if (t is int or t is float) and not (COMPILED and autograd.compiling()):
+        node, leaves = _leaf(x, None)  # (what LazyTensor(x) holds, without its checks)
+        return LazyTensor._make(node, leaves)
     if _is_array(x) and len(x.shape) == 2:
         raise ShapeError(f"cannot combine a LazyTensor with a 2-D array of shape "
                          f"{tuple(x.shape)}: wrap it with Vi(...) or Vj(...)")
@@ -1127,6 +1202,47 @@ def _describe(lt: LazyTensor) -> str:
 
 #: A bound-call slot seen once: the next call of that kind binds (plan.bind).
 _SEEN = object()
+
+#: Bound calls shared by all LazyTensors: (renumbered formula, reduction, dim, K, backend,
+#: layout of the arrays) -> ``rerun`` (plan.bind), or _SEEN after the first such call.
+_shared_calls = config.memo("lazy_tensor.shared_calls", maxsize=256)
+
+
+def _shared_call(leaves: dict[tuple[int, int], _Leaf], formula: Node, how: tuple
+                 ) -> tuple[tuple, list] | None:
+    """(key in _shared_calls, arrays by argument position) of a reduction ``how`` = (name,
+    dim, K, backend) of ``formula``, or None when the call cannot be shared: a leaf the
+    formula lost (its rows and batch dims still count), a symbolic leaf, no numpy array.
+
+    The key holds everything the general path's checks and launch depend on: the formula
+    up to the numbering of its variables, the reduction, and each array's shape, strides
+    and dtype (Python floats become 1-element arrays of the data's dtype, their values are
+    read on every call). A call of another layout misses and takes the general path, whose
+    checks raise the usual errors.
+    """
+    f, _, slots = _renumber(formula, None)
+    if len(slots) != len(leaves):
+        return None
+    like = None
+    for leaf in leaves.values():
+        if leaf.array is not None:
+            like = leaf.array
+            break
+    if type(like) is not _ndarray:
+        return None
+    arrays, layout = [], []
+    for slot in slots:
+        leaf = leaves[slot]
+        a = leaf.array
+        if a is None:
+            if leaf.value is None or leaf.complex:
+                return None  # symbolic (or complex): the general path
+            a = _full(1, leaf.value, like.dtype)
+        elif type(a) is not _ndarray:
+            return None
+        arrays.append(a)
+        layout.append((a.shape, a.strides, a.dtype))
+    return (f, *how, tuple(layout)), arrays
 
 
 def _float_uid(value: float, k: int) -> int:
@@ -1155,6 +1271,10 @@ def _merge_leaves(operands: list[LazyTensor]) -> dict[tuple[int, int], _Leaf]:
     """
     if len(operands) == 1:
         return operands[0]._leaves
+    if len(operands) == 2:
+        merged = _merged_pair(operands[0]._leaves, operands[1]._leaves)
+        if merged is not None:
+            return merged
     leaves: dict[int, _Leaf] = {}
     for n, o in enumerate(operands):
         clash = [key for key, leaf in o._leaves.items()
@@ -1170,6 +1290,41 @@ def _merge_leaves(operands: list[LazyTensor]) -> dict[tuple[int, int], _Leaf]:
                              f"must have the same number of rows")
     _batch_shape(leaves)  # raises when the batch dims do not broadcast
     return leaves
+
+
+def _merged_pair(a: dict, b: dict) -> dict | None:
+    """The leaves of two operands when merging them needs no renaming and their M, N and
+    batch dims plainly agree (no batch dims): the usual case, made quick. Else None (the
+    general path renames, checks and raises)."""
+    if not b or b is a:
+        return a
+    if not a:
+        return b
+    for key, leaf in b.items():
+        mine = a.get(key)
+        if mine is not None and mine is not leaf:
+            return None  # equal floats to tell apart, or the same array in two roles
+    merged = {**a, **b}
+    rows = [None, None]
+    for leaf in merged.values():
+        array = leaf.array
+        if array is None:
+            if leaf.symbolic:
+                return None
+            continue
+        shape = array.shape
+        if leaf.cat == P_CAT:
+            if len(shape) != 1:
+                return None
+            continue
+        if len(shape) != 2:
+            return None
+        seen = rows[leaf.cat]
+        if seen is None:
+            rows[leaf.cat] = shape[0]
+        elif seen != shape[0]:
+            return None
+    return merged
 
 
 _bind_memo: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -1251,6 +1406,12 @@ def _renamed_floats(o: LazyTensor, clash: list, taken: dict) -> LazyTensor:
 
 def _batch_shape(leaves: dict[tuple[int, int], _Leaf]) -> tuple[int, ...]:
     """numpy broadcast of the leaves' batch dims (an error names them when they clash)."""
+    for leaf in leaves.values():  # (quick when no leaf has batch dims: the usual case)
+        a = leaf.array
+        if a is not None and len(a.shape) > (1 if leaf.cat == P_CAT else 2):
+            break
+    else:
+        return ()
     shapes = [leaf.batch for leaf in leaves.values() if leaf.batch]
     if not shapes:
         return ()
@@ -1303,6 +1464,11 @@ def _index(i: int, dim: int) -> int:
 def _variable(x: Any, dim: int | None, cat: int) -> LazyTensor:
     if dim is None and autograd.compiling():  # traced.py's checks: no dict lookups (Dynamo)
         return LazyTensor(x, axis=0 if cat == I_CAT else 1)
+    if (dim is None and type(x) is _ndarray and x.ndim == 2 and x.dtype.kind == "f"
+            and x.shape[1]):  # the usual Vi(x) of a real (M, D) array: what _leaf makes
+        uid = id(x)
+        return LazyTensor._make(_var_node(uid, x.shape[1], cat),
+                                {(uid, cat): _Leaf(x, None, cat, x)})
     if dim is not None:
         return _symbolic_lazy(x, dim, cat)
     if isinstance(x, int) and not isinstance(x, bool):
