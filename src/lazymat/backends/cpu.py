@@ -171,11 +171,15 @@ def bind(launch: Launch, result_shapes: list[tuple[int, ...]]) -> Any:
     c_threads = ctypes.c_int(threads)
     empty, recheck = np.empty, pairs >= abi.SMALL_PAIRS  # small calls always run on one thread
     from_buffer, addressof = _c_char.from_buffer, _addressof
+    single = outs[0] if len(outs) == 1 else None
 
     def rerun(arrays: Any) -> list | None:
         if recheck and abi.num_threads(pairs) != threads:
             return None
-        results = [empty(shape, dtype) for shape, dtype in outs]
+        if single is not None:  # (most reductions: one output, one allocation)
+            results = [empty(*single)]
+        else:
+            results = [empty(shape, dtype) for shape, dtype in outs]
         try:  # (_address, inlined: this is the whole cost of a small call besides the kernel)
             inputs = Inputs(*[addressof(from_buffer(a)) for a in arrays])
         except (TypeError, ValueError):  # read-only or empty arrays
