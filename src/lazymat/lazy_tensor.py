@@ -29,7 +29,7 @@ _ROLE = {I_CAT: "Vi", J_CAT: "Vj", P_CAT: "Pm"}
 COMPILED: list = []
 _float_uids: dict[float, int] = {}
 _float_counter = itertools.count(1)
-_ndarray, _full = np.ndarray, np.full
+_ndarray, _np_array = np.ndarray, np.array
 
 
 class _Leaf:
@@ -1237,7 +1237,7 @@ def _shared_call(leaves: dict[tuple[int, int], _Leaf], formula: Node, how: tuple
         if a is None:
             if leaf.value is None or leaf.complex:
                 return None  # symbolic (or complex): the general path
-            a = _full(1, leaf.value, like.dtype)
+            a = _np_array((leaf.value,), like.dtype)
         elif type(a) is not _ndarray:
             return None
         arrays.append(a)
