@@ -922,6 +922,8 @@ def _as_operand_of(K: LazyTensor, v: Any, product: Any) -> Any:
 # ---------------------------------------------------------------------- construction helpers
 
 def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
+    if type(x) is _ndarray and x.dtype.kind == "f":  # real numpy data: straight to its layout
+        return _array_leaf(x, x, x.shape, axis, False)
     if isinstance(x, bool) or x is None:
         raise ShapeError(f"cannot make a LazyTensor from {x!r}")
     if isinstance(x, int):
@@ -949,7 +951,13 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
         x = np.asarray(x, dtype=float)
     if not _is_array(x):
         raise ShapeError(f"cannot make a LazyTensor from a {type(x).__name__}")
-    shape = tuple(int(s) for s in x.shape)
+    return _array_leaf(source, x, tuple(int(s) for s in x.shape), axis, True)
+
+
+def _array_leaf(source: Any, x: Any, shape: tuple[int, ...], axis: int | None,
+                maybe_complex: bool) -> tuple[Node, dict[int, _Leaf]]:
+    """The variable of the array ``x`` made from the user's ``source`` (its id names it):
+    its category from ``axis`` or the pykeops layout of ``shape``."""
     if len(shape) == 0:
         return Var(id(source), 1, P_CAT), {(id(source), P_CAT): _Leaf(x.reshape(1), None, P_CAT,
                                                                       source)}
@@ -974,7 +982,7 @@ def _leaf(x: Any, axis: int | None) -> tuple[Node, dict[int, _Leaf]]:
         else:
             raise ShapeError(f"an array of shape {shape} must be (..., M, 1, D), "
                              f"(..., 1, N, D) or (..., 1, 1, D)")
-    is_complex = _is_complex_array(arr)
+    is_complex = maybe_complex and _is_complex_array(arr)
     if is_complex:
         arr = _interleaved(arr)
     dim = int(arr.shape[-1])
