@@ -177,3 +177,17 @@ def test_torch_tensors_keep_autograd(prepares):
         ref.sum().backward()
         torch.testing.assert_close(out, ref)
         torch.testing.assert_close(xg.grad, xd.grad)
+
+
+def test_pykeops_layouts_and_leaves_the_formula_lost(prepares):
+    rng = np.random.default_rng(8)
+    for _ in range(4):
+        x, y, b = data(rng)
+        x_i, y_j = lm.LazyTensor(x[:, None, :]), lm.LazyTensor(y[None, :, :])
+        got = (-((x_i - y_j) ** 2).sum(-1) / 2).exp() @ b
+        np.testing.assert_allclose(got, dense(x, y, b), rtol=1e-12, atol=1e-12)
+        # x * 0 leaves the formula, its M stays: the output has x's rows
+        lost = (lm.Vi(x).sum() * 0 + lm.Vj(b)).sum(dim=1)
+        np.testing.assert_allclose(lost, np.full((13, 1), b.sum()), rtol=1e-12)
+        with pytest.raises(lm.ShapeError, match="different M"):
+            (lm.Vi(x).sum() * 0 + lm.Vi(x[:5]).sum() * lm.Vj(b)).sum(dim=1)

@@ -61,7 +61,7 @@ class Memo(dict):
             # The oldest eighth goes at once: finding the oldest entry skips the slots of the
             # ones deleted before it, and one at a time that costs microseconds per store.
             for old in list(itertools.islice(iter(self), max(1, self.maxsize // 8))):
-                del self[old]
+                self.pop(old, None)  # (another thread may have dropped it)
         super().__setitem__(key, value)
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
