@@ -159,6 +159,7 @@ def test_thread_count_change_rebinds(prepares, monkeypatch):
     for threads in ["1", "1", "1", "2", "2", "1"]:
         monkeypatch.setenv("LAZYMAT_NUM_THREADS", threads)
         np.testing.assert_allclose(gauss(x, y, b), want, rtol=1e-12)
+    assert prepares[0] >= 4  # each change of the thread count left the bound call
 
 
 def test_torch_tensors_keep_autograd(prepares):
