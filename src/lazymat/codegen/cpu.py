@@ -54,7 +54,7 @@ class CpuTarget(Target):
                 "void** args, void** outs, int threads) {"]
 
     def open_threads(self, kern: Kernel) -> list[str]:
-        lines = ["#pragma omp parallel num_threads(threads)", "{"]
+        lines = ["#pragma omp parallel num_threads(threads) if(threads > 1)", "{"]
         if kern.heap_bytes:  # one block per thread for the large buffers, outside the loop
             lines += [f"  char* lm_heap = (char*)malloc({kern.heap_bytes});",
                       "  if (!lm_heap) __builtin_trap();  // sizes were checked before compiling"]
