@@ -105,6 +105,12 @@ def test_no_split_of_a_term_constant_in_the_reduced_index():
     assert factor_sum([x + e * y * x], "Sum", J_CAT, 3) is None
 
 
+def test_terms_that_cancel_or_vanish():
+    F = e * b
+    _check([F, F * (x - y) - F * (x - y)], _arrays(np.random.default_rng(8)))  # 0, computed
+    assert factor_sum([F, F * x * 0], "Sum", J_CAT, 3) is None  # a constant 0: left whole
+
+
 def test_long_products_of_sums_stay_whole():
     F = e
     for k in range(6):  # (x + y)^6 multiplied out would be 64 terms

@@ -104,6 +104,8 @@ def factor_sum(formulas: Sequence[Node], reduction: str, reduced_cat: int, resul
     for f, terms in zip(formulas, expanded):
         total = None
         for coef, outer, inner in terms:
+            if coef == 0:
+                continue
             column = product(inner)
             part = make("Extract", (result,), (columns[column], column.dim))
             for o in sorted(outer, key=rank):
@@ -111,6 +113,8 @@ def factor_sum(formulas: Sequence[Node], reduction: str, reduced_cat: int, resul
             if coef != 1:
                 part = Const(coef) * part
             total = part if total is None else total + part
+        if total is None:
+            return None  # every term is 0: no row of the reduction to combine
         if total.dim != f.dim:
             total = total * Const(1, f.dim)
         combines.append(total)
