@@ -2,7 +2,10 @@
 
 ``python -m benchmarks.autodiff [--full]``: D = 3, float32, gradient of
 sum(a²) with a = exp(-|x_i - y_j|²/2) @ b, with respect to x, y and b.
-Target (issue 3): forward + backward ≤ 3× forward.
+Target (issue 17): forward + backward ≤ 2.2× forward at M = N = 10⁵ (issue 3's was 3×).
+Two passes over the pairs are the floor (the backward over i needs the output's gradient):
+the forward with Σ_j e b y for ∂x, then Σ_i g e and Σ_i g e x for ∂y and ∂b
+(``autograd.FACTOR_SUMS``), each a little more than a plain forward.
 """
 
 from __future__ import annotations

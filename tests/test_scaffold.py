@@ -140,6 +140,20 @@ def test_inline_depth_is_bounded():
         assert em.body(n)[0].count("lm_sin(") <= MAX_INLINE_DEPTH + 1
 
 
+def test_a_sum_of_few_components_reads_each_value_once():
+    # [e b, e b y]: one loop over the columns folds the 4 components, and e b y is computed
+    # where it is read (no buffer); a Max reads its values as before
+    x, y, b = Var(0, 3, 0), Var(1, 3, 1), Var(2, 1, 1)
+    eb = apply("Exp", -apply("SqDist", x, y)) * b
+    f = make("Concat", (eb, eb * y))
+    dims = ((3, 0), (3, 1), (1, 1))
+    src = cpu.render(KernelSpec(REDUCTIONS["Sum"], f, None, None, "float32", dims))
+    assert "s0 += " in src and "s3 += " in src
+    assert "float t2[" not in src  # t0: the distances, t1: e b
+    src = cpu.render(KernelSpec(REDUCTIONS["Max"], f, None, None, "float32", dims))
+    assert "s3 += " not in src and "float t2[" in src
+
+
 @requires_cxx
 def test_deep_and_long_formulas_compile_and_run():
     """Sin nested 1,000 deep and a sum of 400 Gaussians built in a loop (RecursionError

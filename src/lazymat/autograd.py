@@ -31,10 +31,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from . import plan
-from .arraylib import is_torch
+from .arraylib import is_torch, lib_of
 from .errors import DtypeError, ShapeError
 from .formula import (I_CAT, J_CAT, P_CAT, Const, Node, Var, diff, grad, make, substitute,
                       variables)
+from .formula.evaluate import evaluate_rows
+from .formula.factor import Factored, factor_sum
 
 
 def run(req: plan.Request, arrays: Sequence[Any], *, names: Sequence[str] | None = None,
@@ -207,6 +209,12 @@ def _reduction_function():
 #: sums the forward adds): more columns cost the forward more than the backward pass saved.
 JACOBIAN_COLUMNS = 16
 
+#: Whether Sums of gradients (and the Jacobian sums of a forward) reduce only the factors
+#: that vary with the reduced index, the others applied to the output's rows afterwards
+#: (:func:`lazymat.formula.factor.factor_sum`: Σ_j e_ij (x_i - y_j) = x_i Σ_j e_ij - Σ_j e_ij
+#: y_j, no pair-level difference). False: the formulas are reduced as they are.
+FACTOR_SUMS = True
+
 
 @dataclass
 class _Jacobians:
@@ -214,8 +222,9 @@ class _Jacobians:
     and parameters v that require grad: the first-order backward of those is then G_iᵀ H_i
     (no pass over the data), and only the reduced-index variables need a backward pass.
 
-    ``prepared`` runs Concat(F, ∂F/∂v_1, ...) (E + Σ E·D_k columns); ``positions`` and
-    ``dims`` name the v_k; the forward's H waits in ``pending`` for ``setup_context``.
+    ``prepared`` runs Concat(F, ∂F/∂v_1, ...) (E + Σ E·D_k columns), or the factored
+    columns of ``split`` whose combines give them from the arrays ``inputs``; ``positions``
+    and ``dims`` name the v_k; the forward's H waits in ``pending`` for ``setup_context``.
     """
 
     prepared: plan.Prepared
@@ -223,10 +232,16 @@ class _Jacobians:
     positions: list[int]
     dims: list[int]
     cats: list[int]
+    split: Factored | None = None
+    inputs: tuple = ()
     pending: Any = None
 
     def run(self) -> tuple:
         both, = plan.execute(self.prepared)
+        if self.split is not None:
+            import torch
+
+            both = torch.cat(_combined(self.split, self.inputs, both), -1)
         self.pending = both[..., self.E:]
         return (both[..., :self.E].contiguous(),)
 
@@ -275,9 +290,12 @@ def _forward_jacobians(req: plan.Request, arrays: Sequence[Any],
                 columns.append(grad(Fk, v, one))
     except ShapeError:  # an op without a derivative (BSpline): the backward says so, if asked
         return None
-    extended = plan.reformulate(prepared, replace(req, formula=_concat(columns)))
+    split = (factor_sum(columns, red.name, J_CAT if req.axis == 1 else I_CAT, len(arrays))
+             if FACTOR_SUMS else None)
+    formula = _concat(columns) if split is None else split.columns
+    extended = plan.reformulate(prepared, replace(req, formula=formula))
     return _Jacobians(extended, E, [p for p, _ in chosen], [v.params[1] for _, v in chosen],
-                      [v.params[2] for _, v in chosen])
+                      [v.params[2] for _, v in chosen], split, tuple(arrays))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -340,6 +358,12 @@ def _concat(nodes: list[Node]) -> Node:
     return out
 
 
+def _combined(split: Factored, arrays: Sequence[Any], reduced: Any) -> list[Any]:
+    """The factored formulas' reductions, from their reduced columns (one array per formula,
+    computed on the output's rows)."""
+    return evaluate_rows(split.combines, list(arrays) + [reduced], lib_of(reduced), reduced)
+
+
 def _split_columns(t: Any, dims: list[int]) -> list[Any]:
     out, start = [], 0
     for d in dims:
@@ -372,9 +396,15 @@ def _sum_like_backward(spec: _Spec, arrays, O, G, wanted: list[int]) -> dict[int
         if not group:
             continue
         formulas = [grad(F, v, cF) + (grad(W, v, cW) if W is not None else 0) for _, v in group]
-        req = plan.Request("Sum", _concat(formulas), axis=axis)
+        # The gradient Sum reduces only what varies with the reduced index (factor_sum).
+        split = (factor_sum(formulas, "Sum", J_CAT if axis == 1 else I_CAT, len(all_arrays))
+                 if FACTOR_SUMS else None)
+        req = plan.Request("Sum", _concat(formulas) if split is None else split.columns,
+                           axis=axis)
         g, = spec.run(req, all_arrays, names, _oriented_sizes(spec), _oriented_ranges(spec))
-        for (p, v), part in zip(group, _split_columns(g, [f.dim for f in formulas])):
+        parts = (_split_columns(g, [f.dim for f in formulas]) if split is None
+                 else _combined(split, all_arrays, g))
+        for (p, v), part in zip(group, parts):
             if v.params[2] == P_CAT:
                 part = part.sum(-2)
             result[p] = _shape_like(part, arrays[p])

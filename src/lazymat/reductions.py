@@ -82,6 +82,11 @@ class ReductionDef:
     # index, ∂L/∂x_i = G_iᵀ Σ_j ∂F_ij/∂x_i, so the Jacobian sums of the output-index
     # variables and parameters can be reduced in the forward pass itself (autograd.py).
     jacobian_in_forward: bool = False
+    # ``fuses(dim, scheme, lanes_innermost)``: whether ``c_tile`` folds all ``dim``
+    # components in one loop over the tile's columns, reading each value once (Sum, few
+    # components): the scaffold then computes a formula part that is one elementwise op of
+    # stored values (e_ij b_j * y_j) where the loop reads it, not in a buffer.
+    fuses: Callable[[int, str, bool], bool] | None = None
     selects_with: str | None = None
     needs_log_normalizer: bool = False
 
@@ -133,7 +138,17 @@ def _sum_decl(rc):
     return lines
 
 
+#: The most components a Sum tile folds in one loop (one partial sum each, in registers).
+SUM_FUSED_COMPONENTS = 8
+
+
+def _sum_fuses(dim: int, scheme: str, lanes_innermost: bool) -> bool:
+    return 2 <= dim <= SUM_FUSED_COMPONENTS and scheme == "block" and not lanes_innermost
+
+
 def _sum_tile(rc):
+    if _sum_fuses(rc.D, rc.scheme, rc.lanes_innermost):
+        return _sum_tile_fused(rc)
     # One loop per part of the formula (a concatenation's parts are read where they are,
     # not copied): accumulator row `at + k` takes component k of the part.
     lines = []
@@ -174,6 +189,23 @@ def _sum_tile_part(rc, dim: int, V, row: str) -> list[str]:
             *["    " + s for s in tile("tj")], "  }", "}"]
 
 
+def _sum_tile_fused(rc):
+    # Few components (a gradient's parts, a forward with its Jacobian sums): one loop over
+    # the columns with a partial sum per component, so that each value is read once and a
+    # part computed where it is read (e_ij b_j * y_j) needs no buffer; measured 1.08x a
+    # one-column Sum for [e b, e b y] at D = 3, against 1.3x with a loop per component.
+    names = [f"s{k}" for k in range(rc.D)]
+    terms = [(at + k, V(k)) for at, dim, V in rc.parts() for k in range(dim)]
+    adds = " ".join(f"s{c} += {v};" for c, v in terms)
+    stores = " ".join(f"acc[{c}][l] += s{c};" for c in range(rc.D))
+
+    def tile(count: str) -> list[str]:
+        return _lanes(f"{rc.T} {' = 0, '.join(names)} = 0; "
+                      f"for (int jj = 0; jj < {count}; jj++) {{ {adds} }} {stores}")
+    return ["if (tj == TJ) {", *["  " + s for s in tile("TJ")], "} else {",
+            *["  " + s for s in tile("tj")], "}"]
+
+
 def _sum_store(rc):
     return [_loop("k", rc.D, f"{rc.out(0)}[row * {rc.D} + k] = ({rc.T})acc[k][l];")]
 
@@ -190,7 +222,7 @@ REDUCTIONS["Sum"] = ReductionDef(
     finalize=lambda xp, s: s,
     c_decl=_sum_decl, c_tile=_sum_tile, c_store=_sum_store, c_state_store=_sum_state_store,
     cotangents=lambda F, W, G, O, L: (G, None),
-    tangents=lambda F, W, dF, dW, O, L: dF, jacobian_in_forward=True)
+    tangents=lambda F, W, dF, dW, O, L: dF, jacobian_in_forward=True, fuses=_sum_fuses)
 
 
 # --------------------------------------------------------------------------- Min / Max and arg

@@ -125,7 +125,8 @@ class Emitter:
     at the current pair; the scaffold defines where variables live.
     """
 
-    def __init__(self, roots: list[Node], T: str, var_access: Callable[[Node, str], str]):
+    def __init__(self, roots: list[Node], T: str, var_access: Callable[[Node, str], str],
+                 read_once: bool = False):
         self.T, self.var_access = T, var_access
         self._levels: dict[int, list[Node]] | None = None
         self.nodes: list[Node] = []
@@ -156,6 +157,22 @@ class Emitter:
                 self.virtual.add(id(n))
                 pending += [a for a in n.args if a.op == "Concat"]
         roots_ids |= {id(a) for n in self.nodes if id(n) in self.virtual for a in n.args}
+        # ``read_once``: the reduction reads each component of the first root once per pair
+        # (a Sum). A part of it that is one elementwise op of stored nodes and variables
+        # (e_ij b_j * y_j) is then computed where the sum reads it: no buffer to write and
+        # read back.
+        read_in_place: set[int] = set()
+        if read_once and roots:
+            consumed = {id(a) for n in self.nodes if id(n) not in self.virtual for a in n.args}
+            parts = [roots[0]]
+            while parts:
+                n = parts.pop()
+                if id(n) in self.virtual:
+                    parts += n.args
+                elif (n.op not in ("Var", "Const") and OPS[n.op].elementwise
+                      and n.deps == 3 and id(n) not in consumed
+                      and all(r is not n for r in roots[1:])):
+                    read_in_place.add(id(n))
         self.materialized: dict[int, str] = {}
         # Inlined expressions nest at most MAX_INLINE_DEPTH deep: a longer chain (Sin of Sin
         # ... 1000 deep, a sum of 400 terms) is cut by materialized nodes, so rendering
@@ -168,6 +185,10 @@ class Emitter:
             d = 1 + max((depth[id(a)] for a in n.args), default=0)
             if id(n) in self.virtual:
                 depth[id(n)] = 0
+                continue
+            if id(n) in read_in_place and all(
+                    a.op in ("Var", "Const") or id(a) in self.materialized for a in n.args):
+                depth[id(n)] = d
                 continue
             if (id(n) in roots_ids or not OPS[n.op].elementwise or uses.get(id(n), 0) > 1
                     or consumer_level.get(id(n)) != n.deps or id(n) in broadcast

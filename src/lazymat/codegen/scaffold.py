@@ -349,7 +349,11 @@ class _KernelEmitter(Emitter):
 
     def __init__(self, roots: list[Node], T: str, kernel: Kernel):
         self.kernel = kernel
-        super().__init__(roots, T, self._variable)
+        spec, red = kernel.spec, kernel.spec.reduction
+        read_once = red.fuses is not None and red.fuses(
+            spec.formula.dim, spec.accumulation[1],
+            bool(kernel.target.inner_lanes) and kernel.lanes > 1)
+        super().__init__(roots, T, self._variable, read_once=read_once)
 
     def _variable(self, node: Node, k: str) -> str:
         kern = self.kernel

@@ -69,3 +69,25 @@ def stack_batches(xp: Any, parts: list[Any], batch: tuple[int, ...]) -> Any:
     """One array of shape batch + part shape from the per-batch parts."""
     stacked = xp.concat([xp.expand_dims(p, 0) for p in parts], 0)
     return stacked.reshape(batch + tuple(parts[0].shape))
+
+
+def evaluate_rows(roots: Sequence[Node], arrays: Sequence[Any], xp: Any, like: Any
+                  ) -> list[Any]:
+    """Values of formulas that do not vary with the reduced index, on the output's rows:
+    arrays of shape (..., rows, dim), the batch dims broadcast. A variable of the output index
+    is its array (..., rows, dim), a parameter (..., dim) counts for every row (the combines of
+    :func:`lazymat.formula.factor.factor_sum`: elementwise ops, Sum, Extract and Concat)."""
+    values: dict[int, Any] = {}
+    for r in roots:
+        for node in walk(r):
+            if id(node) in values:
+                continue
+            if node.op == "Var":
+                a = arrays[node.params[0]]
+                v = a[..., None, :] if node.params[2] == P_CAT else a
+            elif node.op == "Const":
+                v = xp.full((1, node.dim), float(node.value), like=like)
+            else:
+                v = OPS[node.op].ref(xp, node.params, *[values[id(a)] for a in node.args])
+            values[id(node)] = v
+    return [values[id(r)] for r in roots]
