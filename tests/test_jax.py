@@ -96,7 +96,7 @@ def test_index_reductions(dtype):
 
 
 def _loss(f):
-    return lambda x, y, b: (f(x, y, b) ** 2).sum()
+    return lambda *args: (f(*args) ** 2).sum()
 
 
 @pytest.mark.parametrize("family", ["Sum", "Sum_axis0", "Min", "KMin", "LogSumExp",
@@ -109,6 +109,33 @@ def test_grad_matches_dense(family):
     want = jax.jit(jax.grad(_loss(dense), argnums))(x, y, b)
     for g, w in zip(got, want):
         close(g, w)
+
+
+@pytest.mark.parametrize("factor", [True, False])
+def test_grad_reduces_only_what_varies_with_the_reduced_index(monkeypatch, factor):
+    """The transpose reduces Σ_i g e and Σ_i g e x for ∂y, ∂b (formula/factor.py, as torch's
+    backward), with batch dims and a parameter; FACTOR_SUMS = False reduces the whole VJP."""
+    from lazymat.jax import primitive
+
+    calls = []
+    monkeypatch.setattr(lazymat.autograd, "FACTOR_SUMS", factor)
+    real = primitive.factor_sum
+    monkeypatch.setattr(primitive, "factor_sum", lambda *a: calls.append(real(*a)) or calls[-1])
+    rng = np.random.default_rng(4)
+    x, y = jnp.asarray(rng.random((2, 5, 3))), jnp.asarray(rng.random((2, 7, 3)))
+    b, s = jnp.asarray(rng.standard_normal((2, 7, 1))), jnp.asarray([0.7])
+
+    def ours(x, y, b, s):
+        return ((-Vi(x).sqdist(Vj(y)) * Pm(s)).exp() * Vj(b)).sum(dim=2)
+
+    def dense(x, y, b, s):
+        return jnp.exp(-sqd(x, y) * s[0]) @ b
+
+    got = jax.grad(_loss(ours), (0, 1, 2, 3))(x, y, b, s)
+    want = jax.grad(_loss(dense), (0, 1, 2, 3))(x, y, b, s)
+    for g, w in zip(got, want):
+        close(g, w)
+    assert any(c is not None for c in calls) == factor
 
 
 def test_grad_float32_and_vjp():

@@ -321,9 +321,10 @@ def test_key_from_another_process_runs():
             "from lazymat.formula import Var, SqDist\n"
             "from lazymat.torch import ops\n"
             "req = lm.plan.Request('Sum', SqDist(Var(0, 1, 0), Var(1, 1, 1)), axis=1)\n"
-            "print(ops.register(req, ['x', 'y'], 'auto'))\n")
+            "print(ops.register(req, ['x of the subprocess', 'y'], 'auto'))\n")
     key = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120).stdout.strip().splitlines()[-1]
+    # (names unique to this test: no earlier test of this worker registered the key)
     assert key.startswith("Sum:") and not ops.is_registered(key)
     x, y = torch.zeros(2, 1, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64)
     (out,) = torch.ops.lazymat.reduce(key, [x, y], [-1, -1])

@@ -39,13 +39,15 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from .. import plan, reductions
+from .. import autograd, plan, reductions
 from ..backends import launch as abi
 from ..backends.base import Launch
 from ..compile import compiler_info
 from ..arraylib import lib_of
 from ..errors import ShapeError
 from ..formula import I_CAT, J_CAT, P_CAT, Node, Var, diff, grad, make, substitute, variables
+from ..formula.evaluate import evaluate_rows
+from ..formula.factor import factor_sum
 from . import ffi
 
 
@@ -547,12 +549,20 @@ def _transpose(cts, *args, call: Call):
         if any(p in linear for p in _by_position(total)):
             raise NotImplementedError("lazymat: a tangent reduction that is not linear in its "
                                       "tangents (please report)")
-        g, = bind(call.with_request(plan.Request("Sum", total, axis=red_axis),
-                                    list(call.names) + ["the output cotangent"]), arrays)
-        start = 0
-        for p, f in zip(group, formulas):
-            part = g[..., start:start + f.dim]
-            start += f.dim
+        # Only the factors that vary with the reduced index are reduced (as torch's backward)
+        split = (factor_sum(formulas, "Sum", J_CAT if red_axis == 1 else I_CAT, len(arrays))
+                 if autograd.FACTOR_SUMS else None)
+        g, = bind(call.with_request(
+            plan.Request("Sum", total if split is None else split.columns, axis=red_axis),
+            list(call.names) + ["the output cotangent"]), arrays)
+        if split is None:
+            parts, start = [], 0
+            for f in formulas:
+                parts.append(g[..., start:start + f.dim])
+                start += f.dim
+        else:
+            parts = evaluate_rows(split.combines, arrays + [g], lib_of(g), g)
+        for p, part in zip(group, parts):
             if by_pos[p].params[2] == P_CAT:
                 part = part.sum(-2)
             shape = tuple(args[p].aval.shape)
