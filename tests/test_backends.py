@@ -171,6 +171,27 @@ def test_cpu_splits_the_columns_of_few_rows(name, dtype, monkeypatch):
 
 
 @needs_cxx
+@pytest.mark.parametrize("python_threads", [False, True])
+def test_column_parts_run_on_openmp_threads_when_the_kernels_have_them(python_threads,
+                                                                       monkeypatch):
+    """The parts of a split share one OpenMP region (Python threads would compete with the
+    OpenMP workers spinning after a region); LAZYMAT_PYTHON_THREADS or no OpenMP: Python
+    threads."""
+    monkeypatch.setenv("LAZYMAT_NUM_THREADS", "2")
+    monkeypatch.setenv("LAZYMAT_PYTHON_THREADS", "1" if python_threads else "")
+    monkeypatch.setattr(cpu, "SPLIT_MIN_COLUMNS", 100)
+    monkeypatch.setattr(launch, "SMALL_PAIRS", 1)
+    regions = []
+    real = cpu.call_parts
+    monkeypatch.setattr(cpu, "call_parts", lambda *a: regions.append(1) or real(*a))
+    arrays = _data(5, 900, "float64", seed=2)[:2]
+    req = Request("Sum", X - Y)
+    _close(run(req, arrays, backend="cpu"), run(req, arrays, backend="reference"), "float64",
+           "split")
+    assert regions == ([] if python_threads or not cpu.threads_inside() else [1])
+
+
+@needs_cxx
 def test_cpu_does_not_split_many_rows(monkeypatch):
     monkeypatch.setenv("LAZYMAT_NUM_THREADS", "2")
     monkeypatch.setattr(cpu, "SPLIT_MIN_COLUMNS", 10)

@@ -225,6 +225,11 @@ def _run_split(launch: Launch, parts: int, lanes: int) -> tuple:
     outs = [[xp.empty(lead + shape, like=like, dtype=stored.array_dtype(kind))
              for kind, shape in shapes] for _ in columns]
 
+    if threads_inside():
+        layouts = [abi.dense_layout(launch.M, launch.N, lanes, c) for c in columns]
+        call_parts(fn, stored, layouts, outs)
+        return abi.merge_parts(launch, outs)
+
     def work(p: int) -> None:
         layout = abi.dense_layout(launch.M, launch.N, lanes, columns[p])
         _call(fn, stored, layout, outs[p], 1)
@@ -248,6 +253,57 @@ def _run_split(launch: Launch, parts: int, lanes: int) -> tuple:
         raise errors[0]
     # The kernel's indices are global: each part reduces its own columns of [0, N).
     return abi.merge_parts(launch, outs)
+
+
+#: Runs the column parts of a split on OpenMP's threads, one kernel call (itself on one
+#: thread) per part. On Python threads the parts would compete with the OpenMP workers that
+#: spin after every parallel region (libgomp's default wait policy): a 64 x 320,000 sum ran
+#: at 0.73x a plain OpenMP loop so, 0.98-1.02x in one region (benchmarks/contention.py).
+PARTS_SOURCE = r"""
+typedef long long i64;
+typedef void (*lm_kernel_t)(i64, i64, i64, const i64*, i64, const i64*, const i64*,
+                            const i64*, void**, void**, int);
+extern "C" void lm_run_parts(void* kernel, int parts, i64 M, i64 N, i64 nbatch,
+                             const i64* offsets, const i64* ntasks, void** tasks,
+                             void** slices, void** redranges, void** args, void** outs,
+                             int nouts) {
+  lm_kernel_t k = (lm_kernel_t)kernel;
+  #pragma omp parallel for num_threads(parts) schedule(dynamic, 1)
+  for (int p = 0; p < parts; p++)
+    k(M, N, nbatch, offsets, ntasks[p], (const i64*)tasks[p], (const i64*)slices[p],
+      (const i64*)redranges[p], args, outs + (i64)p * nouts, 1);
+}
+"""
+
+
+@config.memoize("backends.cpu.parts_launcher", maxsize=None)
+def _parts_launcher() -> Any:
+    from ..compile import load_library
+
+    fn = load_library(PARTS_SOURCE, name="run_parts").lm_run_parts
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_longlong] * 3 + \
+        [ctypes.c_void_p] * 7 + [ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
+def call_parts(fn: Any, launch: Launch, layouts: list[tuple], outs: list[list]) -> None:
+    """One kernel call per column part (``layouts[p]``, into ``outs[p]``), all in one
+    OpenMP region: the parts of a split."""
+    keep: list = []
+    arrays = launch.arrays
+    ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[pointer(a, keep) for a in arrays])
+    offsets = abi.zero_offsets(len(arrays)) if launch.offsets is None else launch.offsets
+    parts, nouts = len(layouts), len(outs[0])
+    ntasks, tasks, slices, redranges = zip(*[layout[:4] for layout in layouts])
+    counts = np.asarray(ntasks, dtype=np.int64)
+    Pointers = ctypes.c_void_p * parts
+    out_ptrs = (ctypes.c_void_p * max(1, parts * nouts))(
+        *[pointer(o, keep) for part in outs for o in part])
+    _parts_launcher()(ctypes.cast(fn, ctypes.c_void_p), parts, launch.M, launch.N,
+                      launch.nbatch, offsets.ctypes.data, counts.ctypes.data,
+                      Pointers(*tasks), Pointers(*slices), Pointers(*redranges), ptrs,
+                      out_ptrs, nouts)
 
 
 def _call(fn: Any, launch: Launch, layout: tuple, outs: list, threads: int,
