@@ -1007,8 +1007,9 @@ def _var_node(uid: int, dim: int, cat: int) -> Node:
 
 
 def _apply(op: str, formulas: tuple, params: tuple) -> Node:
-    """``apply(op, *formulas, *params)``, memoized (unhashable params are not)."""
-    key = (op, *formulas, *params)
+    """``apply(op, *formulas, *params)``, memoized (unhashable params are not). The params'
+    types are part of the key: 1, 1.0 and True are equal dict keys."""
+    key = (op, *formulas, *params, *map(type, params)) if params else (op, *formulas)
     try:
         node = _nodes.get(key)
     except TypeError:  # a list parameter
