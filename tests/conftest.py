@@ -92,6 +92,22 @@ def no_compile(monkeypatch):
 
 # --------------------------------------------------------------------------- conversions
 
+def count_prepares(monkeypatch) -> list[int]:
+    """A one-element list counting the calls that take the general path (plan.prepare:
+    validation, orientation, set-up) from now on."""
+    import lazymat.plan as plan
+
+    calls = [0]
+    real = plan.prepare
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan, "prepare", counting)
+    return calls
+
+
 def to_lib(arr: Any, lib: str = "numpy", dtype: str = "float64") -> Any:
     """numpy array -> numpy or torch (CPU) array of the given float dtype (a copy)."""
     a = np.array(arr, dtype=dtype)

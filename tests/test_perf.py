@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import requires_torch, sqdist
+from conftest import count_prepares, requires_torch, sqdist
 
 from lazymat import Pm, Vi, Vj
 from lazymat.backends import cpu as cpu_backend
@@ -87,21 +87,6 @@ def _dense_gauss(x, y, b):
     return np.exp(-sqdist(x, y) / 2) @ b
 
 
-def _count_prepares(monkeypatch):
-    """How many calls took the general path (plan.prepare: validation, orientation, set-up)."""
-    import lazymat.plan as plan
-
-    calls = [0]
-    real = plan.prepare
-
-    def counting(*a, **k):
-        calls[0] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(plan, "prepare", counting)
-    return calls
-
-
 GAUSS = ("Exp(-SqDist(x,y)/IntCst(2))*b", ["x=Vi(3)", "y=Vj(3)", "b=Vj(1)"])
 
 
@@ -111,7 +96,7 @@ def test_genred_repeated_calls_are_bound_and_correct(monkeypatch, dtype):
 
     rng = np.random.default_rng(1)
     g = Genred(*GAUSS, reduction_op="Sum", axis=1)
-    prepares = _count_prepares(monkeypatch)
+    prepares = count_prepares(monkeypatch)
     tol = 1e-5 if dtype == "float32" else 1e-12
     for _ in range(4):  # new arrays (same layout) each call: the results follow the data
         x, y, b = _gauss_data(rng, dtype=dtype)
@@ -163,7 +148,7 @@ def test_lazytensor_repeated_reductions_are_bound(monkeypatch):
     K = (-Vi(x).sqdist(Vj(y)) / 2.0).exp()
     Kb = K * Vj(b)
     lm.config.clear_all()  # calls an earlier test bound (shared by all LazyTensors) count 0
-    prepares = _count_prepares(monkeypatch)
+    prepares = count_prepares(monkeypatch)
     for _ in range(3):
         np.testing.assert_allclose(Kb.sum(1), _dense_gauss(x, y, b), rtol=1e-12)
         i = Kb.argmin(dim=1)

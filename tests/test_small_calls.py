@@ -5,13 +5,10 @@ Python float values, options, backends, thread counts, autograd."""
 
 import numpy as np
 import pytest
+from conftest import count_prepares, sqdist
 
 import lazymat as lm
 from lazymat import config
-
-
-def sqdist(x, y):
-    return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
 
 
 def dense(x, y, b, s=0.5):
@@ -30,18 +27,8 @@ def data(rng, M=13, N=11, D=3, dtype="float64"):
 @pytest.fixture
 def prepares(monkeypatch):
     """The number of plan.prepare calls (the general path), from a clean slate of memos."""
-    import lazymat.plan as plan
-
     config.clear_all()
-    calls = [0]
-    real = plan.prepare
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(plan, "prepare", counting)
-    return calls
+    return count_prepares(monkeypatch)
 
 
 def tol(dtype):

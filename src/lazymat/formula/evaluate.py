@@ -26,22 +26,29 @@ def evaluate(roots: Sequence[Node], arrays: Sequence[Any], rows: Any, cols: Any,
     """Values of the formulas on a block: arrays of shape (rows, cols, dim), broadcastable
     (a root that does not depend on i has 1 row, ...). ``rows``/``cols`` index the i- and
     j-variables (slices or index arrays)."""
+    def leaf(node: Node) -> Any:
+        if node.op == "Const":
+            return xp.full((1, 1, node.dim), float(node.value), like=like)
+        pos, dim, cat = node.params
+        a = arrays[pos]
+        if cat == I_CAT:
+            return a[rows][:, None, :]
+        if cat == J_CAT:
+            return a[cols][None, :, :]
+        return a.reshape((1, 1, dim))
+    return _values(roots, xp, leaf)
+
+
+def _values(roots: Sequence[Node], xp: Any, leaf: Any) -> list[Any]:
+    """The roots' values by their ops' array rules, ``leaf(node)`` giving those of the
+    variables and constants; a node shared by several roots is computed once."""
     values: dict[int, Any] = {}
     for r in roots:
         for node in walk(r):
             if id(node) in values:
                 continue
-            if node.op == "Var":
-                pos, dim, cat = node.params
-                a = arrays[pos]
-                if cat == I_CAT:
-                    v = a[rows][:, None, :]
-                elif cat == J_CAT:
-                    v = a[cols][None, :, :]
-                else:
-                    v = a.reshape((1, 1, dim))
-            elif node.op == "Const":
-                v = xp.full((1, 1, node.dim), float(node.value), like=like)
+            if node.op in ("Var", "Const"):
+                v = leaf(node)
             else:
                 v = OPS[node.op].ref(xp, node.params, *[values[id(a)] for a in node.args])
             values[id(node)] = v
@@ -77,17 +84,9 @@ def evaluate_rows(roots: Sequence[Node], arrays: Sequence[Any], xp: Any, like: A
     arrays of shape (..., rows, dim), the batch dims broadcast. A variable of the output index
     is its array (..., rows, dim), a parameter (..., dim) counts for every row (the combines of
     :func:`lazymat.formula.factor.factor_sum`: elementwise ops, Sum, Extract and Concat)."""
-    values: dict[int, Any] = {}
-    for r in roots:
-        for node in walk(r):
-            if id(node) in values:
-                continue
-            if node.op == "Var":
-                a = arrays[node.params[0]]
-                v = a[..., None, :] if node.params[2] == P_CAT else a
-            elif node.op == "Const":
-                v = xp.full((1, node.dim), float(node.value), like=like)
-            else:
-                v = OPS[node.op].ref(xp, node.params, *[values[id(a)] for a in node.args])
-            values[id(node)] = v
-    return [values[id(r)] for r in roots]
+    def leaf(node: Node) -> Any:
+        if node.op == "Const":
+            return xp.full((1, node.dim), float(node.value), like=like)
+        a = arrays[node.params[0]]
+        return a[..., None, :] if node.params[2] == P_CAT else a
+    return _values(roots, xp, leaf)
